@@ -1,0 +1,32 @@
+# moerun developer entry points. `make demo` and `make test` are the README's quickstart.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+NP ?= 4
+
+.PHONY: venv demo test test-fast lint clean
+
+venv: $(STAMP)
+
+# Idempotent: re-runs pip only when pyproject.toml changed. torch first (CPU wheel from local
+# disk on these machines, CUDA build on a GPU machine), then the project and its test extra.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH OMP_NUM_THREADS=1 $(BIN)/moerun launch -n $(NP) -- selftest
+
+test: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
+
+lint: venv
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

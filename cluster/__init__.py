@@ -1,0 +1,1 @@
+"""moerun cluster layer."""

@@ -1,0 +1,1 @@
+"""moerun parallel layer."""
