@@ -1,0 +1,187 @@
+"""The Mesh: this rank's process groups for the layout `pp x dp x tp` (+ `ep`, `edp`), created once and
+passed down explicitly (no module-level process-group state).
+
+`cluster.init(...)` reads the launcher's environment, rendezvouses, initialises torch.distributed (NCCL on
+CUDA with device = local rank, gloo on CPU; same code path), learns the node of every rank, builds the
+groups of `cluster.layout.Layout`, and starts the health watchdog.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import warnings
+from datetime import timedelta
+
+from cluster.env import RankInfo
+from cluster.health import Watchdog
+from cluster.layout import DIMS, Layout, LayoutError
+from cluster.rendezvous import connect_store, rendezvous
+
+__all__ = ["Mesh", "init"]
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class Mesh:
+    """Process groups and coordinates of this rank. Use as a context manager (or call `close()`)."""
+
+    def __init__(self, info: RankInfo, layout: Layout, nodes: list[int], groups: dict, device,
+                 backend: str, watchdog: Watchdog | None = None) -> None:
+        self.info, self.layout, self.nodes = info, layout, nodes
+        self.device, self.backend = device, backend
+        self._groups = groups
+        self._watchdog = watchdog
+        self._closed = False
+
+    # --- the Python API contract ---------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.info.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.info.world_size
+
+    def group(self, dim: str):
+        """The torch ProcessGroup of this rank's group along `dim` (tp, pp, dp, ep, edp, world)."""
+        if dim not in DIMS:
+            raise LayoutError(f"unknown mesh dimension {dim!r}; valid: {', '.join(DIMS)}")
+        return self._groups[dim]
+
+    def size(self, dim: str) -> int:
+        return self.layout.size(dim)
+
+    def coord(self, dim: str) -> int:
+        if dim not in DIMS:
+            raise LayoutError(f"unknown mesh dimension {dim!r}; valid: {', '.join(DIMS)}")
+        return self.layout.coords(self.rank)[dim]
+
+    def ranks(self, dim: str) -> list[int]:
+        """Global ranks of this rank's group along `dim`, in group order."""
+        return self.layout.group_of(dim, self.rank)
+
+    def node_of(self, rank: int) -> int:
+        return self.nodes[rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return len(set(self.nodes))
+
+    def describe(self) -> str:
+        c = self.layout.coords(self.rank)
+        return ",".join(f"{d}:{c[d]}/{self.layout.size(d)}" for d in ("pp", "dp", "tp", "ep"))
+
+    # --- lifetime ----------------------------------------------------------------------------------------
+    def fail(self, message: str) -> None:
+        """Tell every rank that this one failed (they stop within a heartbeat and print `message`)."""
+        if self._watchdog is not None:
+            self._watchdog.report_failure(message)
+
+    def first_failure(self) -> str | None:
+        return self._watchdog.failure() if self._watchdog is not None else None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.finish()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or (isinstance(exc, SystemExit) and not exc.code):
+            self.close()
+            return False
+        earlier = None
+        try:
+            earlier = self.first_failure()
+        except Exception:  # noqa: BLE001 - store gone; report our own error below
+            pass
+        if earlier is not None:
+            # A peer failed first; our error is most likely its consequence (a broken collective).
+            sys.stderr.write(f"[moerun] rank {self.rank}: stopping because {earlier}\n")
+        else:
+            what = f"{exc_type.__name__}: {exc}" if not isinstance(exc, SystemExit) else f"exit {exc.code}"
+            self.fail(f"rank {self.rank} ({self.info.hostname}) failed: {what}")
+        sys.stderr.flush()
+        return False
+
+
+def _signal_to_exit(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def default_device_and_backend(info: RankInfo):
+    import torch
+
+    backend = os.environ.get("MOERUN_BACKEND")
+    if torch.cuda.is_available() and backend in (None, "nccl"):
+        device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
+        return device, "nccl"
+    return torch.device("cpu"), backend or "gloo"
+
+
+def init(tp: int = 1, pp: int = 1, ep: int = 1, dp: int = 0, *, timeout_s: float | None = None,
+         watchdog: bool = True, handle_signals: bool = True) -> Mesh:
+    """Join the job the launcher started and return this rank's Mesh (see module docstring)."""
+    import torch
+    import torch.distributed as dist
+
+    info = RankInfo.from_env()
+    layout = Layout(info.world_size, pp=pp, dp=dp, tp=tp, ep=ep)  # validate before any network traffic
+    timeout_s = float(timeout_s or os.environ.get("MOERUN_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+    device, backend = default_device_and_backend(info)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if handle_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _signal_to_exit)
+
+    store, ep_info = rendezvous(info, timeout_s)
+    dist.init_process_group(
+        backend, store=store, rank=info.rank, world_size=info.world_size,
+        timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None,
+    )
+    dog = None
+    if watchdog and info.world_size > 1:
+        dog_store = connect_store(ep_info.addr, ep_info.port, timeout_s=30)
+        dog = Watchdog(dog_store, info.rank, info.world_size, f"{ep_info.addr}:{ep_info.port}").start()
+
+    # Node of every rank, as the launcher / MPI split saw it.
+    mine = torch.tensor([info.node_rank], dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(every, mine)
+    nodes = [int(t.item()) for t in every]
+    layout = Layout(info.world_size, pp=pp, dp=dp, tp=tp, ep=ep,
+                    ranks_per_node=_uniform_ranks_per_node(nodes))
+    if any(len({nodes[r] for r in g}) > 1 for g in layout.groups("tp")):
+        warnings.warn(f"tp={tp} groups span nodes (node map {nodes}); TP traffic will cross the network",
+                      stacklevel=2)
+
+    groups: dict = {"world": dist.group.WORLD}
+    by_members: dict[tuple[int, ...], object] = {}
+    for dim in ("tp", "pp", "dp", "ep", "edp"):
+        members = tuple(layout.group_of(dim, info.rank))
+        if members not in by_members:
+            # Only members create a group (local synchronisation), so this is O(dims) per rank even at
+            # thousands of ranks; every rank creates its groups in the same dim order, so none waits forever.
+            by_members[members] = dist.new_group(list(members), use_local_synchronization=True)
+        groups[dim] = by_members[members]
+    return Mesh(info, layout, nodes, groups, device, backend, dog)
+
+
+def _uniform_ranks_per_node(nodes: list[int]) -> int | None:
+    """k when node i holds exactly ranks [i*k, (i+1)*k); otherwise None (placement is irregular)."""
+    n = len(set(nodes))
+    if len(nodes) % n:
+        return None
+    k = len(nodes) // n
+    return k if all(nodes[r] == r // k for r in range(len(nodes))) else None
