@@ -1,0 +1,252 @@
+"""HF safetensors checkpoints -> DeepseekModel, tensor by tensor.
+
+* Single `model.safetensors` or sharded with `model.safetensors.index.json`; every shard the index names must
+  exist before anything is read. One tensor is in memory at a time (plus its FP8 scale).
+* FP8 e4m3 weights with 128x128 `weight_scale_inv` are dequantized on load (ops.fp8.block_dequantize), then
+  cast to the parameter's dtype (`e_score_correction_bias` stays fp32).
+* Name mapping (see runtime/model.py): per-expert tensors go into slot e of the stacked expert parameters;
+  layer index `num_hidden_layers + k` is MTP module k; the MTP copies of embed_tokens / shared_head.head are
+  skipped (the model shares its own). A checkpoint without MTP weights (transformers writes none) loads with
+  MTP off, and says so once.
+* Missing, unexpected or wrongly shaped tensors, truncated files and missing shards are CheckpointErrors that
+  name the tensor and the file.
+* `select(name, expert, shape) -> Selection | None` lets a parallel loader take only its slice: `name` is the
+  model parameter name, `expert` the checkpoint's global expert id (None for other tensors), `shape` the full
+  checkpoint shape. Return None to skip the tensor (not held by this rank), or a Selection whose `index`
+  (a tuple of slices, read lazily through safetensors' get_slice) and `slot` (the local expert slot) say what
+  to read and where it goes. The model's own (possibly sharded) parameter shapes are what is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ops.fp8 import block_dequantize
+
+log = logging.getLogger("moerun.checkpoint")
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the tensor and the file."""
+
+
+@dataclass
+class Selection:
+    """What part of a checkpoint tensor to read (`index`, slices of the full tensor) and, for an expert
+    tensor, which local slot of the stacked parameter receives it."""
+
+    index: tuple = ()
+    slot: int | None = None
+
+
+Select = Callable[[str, "int | None", tuple], "Selection | None"]
+
+
+@dataclass
+class LoadReport:
+    files: list[str] = field(default_factory=list)
+    tensors_loaded: int = 0
+    tensors_skipped: int = 0
+    mtp_loaded: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def map_name(name: str, num_hidden_layers: int) -> tuple[str, int | None] | None:
+    """Checkpoint tensor name -> (model parameter name, expert id or None); None for tensors to skip."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    m = _LAYER_RE.match(name)
+    if m and int(m.group(1)) >= num_hidden_layers:
+        k, rest = int(m.group(1)) - num_hidden_layers, m.group(2)
+        if rest in _MTP_SHARED:
+            return None
+        em = _EXPERT_RE.match(f"model.layers.0.{rest}")
+        if em:
+            return f"mtp.{k}.mlp.experts.{em.group(3)}", int(em.group(2))
+        return f"mtp.{k}.{rest}", None
+    em = _EXPERT_RE.match(name)
+    if em:
+        return f"{em.group(1)}.{em.group(3)}", int(em.group(2))
+    return name, None
+
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """tensor name -> file path, from the index or by reading each file's header. Checks every shard exists."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.exists(index):
+        with open(index) as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        for fname in sorted(set(weight_map.values())):
+            if not os.path.exists(os.path.join(path, fname)):
+                tensor = next(k for k, v in weight_map.items() if v == fname)
+                raise CheckpointError(f"missing shard {os.path.join(path, fname)} (named by {index} for tensor "
+                                      f"{tensor!r} and others)")
+        return {k: os.path.join(path, v) for k, v in weight_map.items()}
+    files = [os.path.join(path, SINGLE_NAME)] if os.path.exists(os.path.join(path, SINGLE_NAME)) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no {SINGLE_NAME}, {INDEX_NAME} or *.safetensors files")
+    out: dict[str, str] = {}
+    for fp in files:
+        try:
+            with safe_open(fp, framework="pt") as f:
+                for k in f.keys():
+                    out[k] = fp
+        except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
+            raise CheckpointError(f"{fp}: cannot read safetensors header (truncated or corrupt file?): {e}") from None
+    return out
+
+
+def _targets(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All parameters and persistent buffers by name (tied aliases included)."""
+    out = dict(model.named_parameters(remove_duplicate=False))
+    for name, b in model.named_buffers(remove_duplicate=False):
+        mod_name, _, leaf = name.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        if leaf not in mod._non_persistent_buffers_set:
+            out[name] = b
+    return out
+
+
+def load_checkpoint(model: nn.Module, path: str, select: Select | None = None) -> LoadReport:
+    """Fill `model` (a runtime.model.DeepseekModel) from the HF checkpoint directory `path`."""
+    from safetensors import safe_open
+
+    cfg = model.config
+    n_layers = cfg.num_hidden_layers
+    files = checkpoint_files(path)
+    report = LoadReport(files=sorted(set(files.values())))
+    has_mtp = any(_is_mtp(n, n_layers) for n in files)
+    if len(model.mtp) and not has_mtp:
+        msg = (f"{path}: checkpoint has no MTP weights (layer {n_layers}); multi-token prediction is off "
+               "for this model")
+        log.warning(msg)
+        report.notes.append(msg)
+        model.mtp = nn.ModuleList()
+    report.mtp_loaded = bool(len(model.mtp))
+    targets = _targets(model)
+    filled: dict[int, set] = {}  # id(tensor) -> filled slots (None for whole tensor)
+
+    by_file: dict[str, list[str]] = {}
+    for name, fp in files.items():
+        if not name.endswith("weight_scale_inv"):
+            by_file.setdefault(fp, []).append(name)
+
+    unexpected: list[str] = []
+    for fp in sorted(by_file):
+        try:
+            handle = safe_open(fp, framework="pt")
+        except Exception as e:
+            raise CheckpointError(f"{fp}: cannot open (truncated or corrupt file?): {e}") from None
+        with handle as f:
+            present = set(f.keys())
+            for name in sorted(by_file[fp]):
+                if name not in present:
+                    raise CheckpointError(f"tensor {name!r}: the index names {fp}, which does not contain it")
+                mapped = map_name(name, n_layers)
+                if mapped is None:
+                    report.tensors_skipped += 1
+                    continue
+                pname, expert = mapped
+                if pname.startswith("mtp.") and not len(model.mtp):
+                    report.tensors_skipped += 1
+                    continue
+                if pname not in targets:
+                    unexpected.append(f"{name!r} in {fp}")
+                    continue
+                sl = f.get_slice(name)
+                full_shape = tuple(sl.get_shape())
+                sel = Selection((), expert) if select is None else select(pname, expert, full_shape)
+                if sel is None:
+                    report.tensors_skipped += 1
+                    continue
+                dst = targets[pname]
+                if expert is not None:
+                    if sel.slot is None or not 0 <= sel.slot < dst.shape[0]:
+                        raise CheckpointError(f"tensor {name!r} in {fp}: expert {expert} maps to slot {sel.slot}, "
+                                              f"but {pname} holds {dst.shape[0]} experts")
+                    dst_view = dst[sel.slot]
+                else:
+                    dst_view = dst
+                want = tuple(torch.empty(full_shape, device="meta")[sel.index].shape) if sel.index else full_shape
+                if want != tuple(dst_view.shape):
+                    raise CheckpointError(f"tensor {name!r} in {fp}: shape {want} does not match parameter "
+                                          f"{pname}{'' if expert is None else f'[{sel.slot}]'} {tuple(dst_view.shape)}")
+                tensor = _read(f, sl, name, fp, files, sel.index)
+                with torch.no_grad():
+                    dst_view.copy_(tensor)
+                filled.setdefault(id(dst), set()).add(sel.slot if expert is not None else None)
+                report.tensors_loaded += 1
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"unexpected tensors not in the model: {', '.join(unexpected[:5])}{more}")
+    _check_missing(model, targets, filled, path)
+    return report
+
+
+def _is_mtp(name: str, n_layers: int) -> bool:
+    m = _LAYER_RE.match(name)
+    return bool(m) and int(m.group(1)) >= n_layers
+
+
+def _read(f, sl, name: str, fp: str, files: dict[str, str], index: tuple) -> torch.Tensor:
+    from safetensors import safe_open
+
+    try:
+        if sl.get_dtype() in ("F8_E4M3", "F8_E4M3FN"):
+            scale_name = name + "_scale_inv"
+            if scale_name not in files:
+                raise CheckpointError(f"tensor {name!r} in {fp} is float8 but {scale_name!r} is missing")
+            if files[scale_name] == fp:
+                scale = f.get_tensor(scale_name)
+            else:
+                with safe_open(files[scale_name], framework="pt") as g:
+                    scale = g.get_tensor(scale_name)
+            w = block_dequantize(f.get_tensor(name), scale)
+            return w[index] if index else w
+        return sl[index] if index else f.get_tensor(name)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"tensor {name!r} in {fp}: cannot read (truncated or corrupt file?): {e}") from None
+
+
+def _check_missing(model: nn.Module, targets: dict[str, torch.Tensor], filled: dict[int, set], path: str) -> None:
+    missing = []
+    seen: set[int] = set()
+    stacked = {id(m.gate_proj) for m in model.modules() if hasattr(m, "expert_offset")}
+    stacked |= {id(m.up_proj) for m in model.modules() if hasattr(m, "expert_offset")}
+    stacked |= {id(m.down_proj) for m in model.modules() if hasattr(m, "expert_offset")}
+    for name, t in targets.items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        got = filled.get(id(t), set())
+        if id(t) in stacked:
+            lack = [s for s in range(t.shape[0]) if s not in got]
+            if lack:
+                missing.append(f"{name}[experts {lack[:8]}{'...' if len(lack) > 8 else ''}]")
+        elif None not in got:
+            missing.append(name)
+    if missing:
+        more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:8])}{more}")

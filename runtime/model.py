@@ -1,0 +1,429 @@
+"""The DeepSeek-V2/V3 MLA/MoE model as a plain nn.Module tree.
+
+Parameter names equal the HF checkpoint names (`model.layers.3.self_attn.q_b_proj.weight`, ...) except two
+deliberate changes that make loading a name->slice mapping: routed experts are stacked per layer
+(`...mlp.experts.gate_proj` [E, I, H] holds checkpoint tensors `...mlp.experts.{e}.gate_proj.weight`), and
+the MTP module (checkpoint layer index `num_hidden_layers + k`) lives at `mtp.{k}`.
+
+Every linear layer is a module attribute, so tensor parallelism can swap in Column/RowParallelLinear; head
+counts are read from weight shapes, not the config, so a layer with a shard of the heads just works. A
+decoder layer's forward is written as phases (attention; gate; dispatch; experts; combine; shared) that a
+schedule can interleave across micro-batches; the dispatcher is an attribute an EP implementation replaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ops.mla import mla_absorbed, mla_expanded
+from ops.moe import grouped_swiglu, route, sort_by_expert, swiglu
+from ops.norm import RMSNorm
+from ops.rope import apply_rope, inv_freq_and_attention_factor, rope_cos_sin, softmax_scale
+from runtime.config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+class Rotary:
+    """Cos/sin for integer positions (plain tensors, not buffers, so meta-device construction is harmless)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.inv_freq, self.attention_factor = inv_freq_and_attention_factor(
+            cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings)
+        self.interleave = cfg.rope.interleave
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(self.inv_freq, self.attention_factor, positions, dtype)
+
+
+class LatentCache:
+    """Contiguous per-layer MLA cache: latent [B, S_max, kv_lora_rank] and rotated k_pe [B, S_max, dr].
+
+    All rows share one `length` (the serving engine builds its paged cache on the same per-layer layout).
+    """
+
+    def __init__(self, num_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.latent = torch.zeros(num_layers, batch, max_len, kv_lora_rank, dtype=dtype, device=device)
+        self.k_pe = torch.zeros(num_layers, batch, max_len, rope_dim, dtype=dtype, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    def append(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write T new positions for `layer` at [length, length+T); return the layer's filled prefix."""
+        t = latent.shape[1]
+        end = self.length + t
+        if end > self.max_len:
+            raise ValueError(f"latent cache full: {self.length} + {t} tokens > max_len {self.max_len}")
+        self.latent[layer, :, self.length:end] = latent
+        self.k_pe[layer, :, self.length:end] = k_pe
+        return self.latent[layer, :, :end], self.k_pe[layer, :, :end]
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention with HF parameter names; `absorbed` picks the decode form."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, hd = cfg.num_attention_heads, cfg.qk_head_dim
+        self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.kv_lora_rank, self.v_head_dim = cfg.kv_lora_rank, cfg.v_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, h * hd, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * hd, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                            bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.scale = softmax_scale(cfg.rope, cfg.qk_head_dim)
+        self.interleave = cfg.rope.interleave
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B,T,H_model] -> q_nope [B,T,h,dn], rotated q_pe [B,T,h,dr], latent [B,T,r], rotated k_pe [B,T,dr]."""
+        b, t, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, t, -1, self.qk_nope_head_dim + self.qk_rope_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave)
+        k_pe = apply_rope(k_pe, cos, sin, self.interleave)
+        return q_nope, q_pe, latent, k_pe
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
+                layer_idx: int = 0, absorbed: bool = False) -> torch.Tensor:
+        b, t, _ = x.shape
+        q_nope, q_pe, latent, k_pe = self.project(x, cos, sin)
+        offset = 0
+        if cache is not None:
+            offset = cache.length
+            latent, k_pe = cache.append(layer_idx, latent, k_pe)
+        attn = mla_absorbed if absorbed else mla_expanded
+        out = attn(q_nope, q_pe, latent, k_pe, self.kv_b_proj.weight, self.scale, q_offset=offset)
+        return self.o_proj(out.reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP (dense layers and shared experts)."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Gate(nn.Module):
+    """Router: fp32 logits, then `ops.moe.route`. Keeps the last step's load and balance loss for the trainer."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            # Selection-only bias (aux-loss-free balancing); a buffer, updated by the trainer, kept in fp32.
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+        self.aux_loss_coef = 0.0
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_load: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B,T,H] -> (topk_weights [B*T,k] fp32, topk_idx [B*T,k])."""
+        c = self.cfg
+        logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())
+        bias = self.e_score_correction_bias
+        w, idx, scores = route(
+            logits, top_k=c.num_experts_per_tok, scoring=c.scoring_func, topk_method=c.topk_method,
+            n_group=c.n_group, topk_group=c.topk_group, bias=None if bias is None else bias.float(),
+            norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor)
+        with torch.no_grad():
+            self.last_load = torch.bincount(idx.reshape(-1), minlength=c.n_routed_experts)
+        if self.training and self.aux_loss_coef > 0:
+            self.last_aux_loss = self.aux_loss_coef * sequence_balance_loss(scores, idx, x.shape[0], c)
+        else:
+            self.last_aux_loss = None
+        return w, idx
+
+
+def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, batch: int, cfg: ModelConfig) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss sum_i f_i P_i (eqs. 17-20), averaged over sequences."""
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    s = scores.view(batch, -1, e)
+    t = s.shape[1]
+    p = (s / s.sum(-1, keepdim=True)).mean(1)  # [B, E]
+    hits = torch.zeros(batch, e, device=scores.device).scatter_add_(
+        1, idx.view(batch, -1), torch.ones(batch, t * k, device=scores.device))
+    f = hits * (e / (k * t))
+    return (f * p).sum(-1).mean()
+
+
+@dataclass
+class DispatchHandle:
+    """What `combine` needs. `recv_x` rows are sorted by local expert; `tokens_per_expert` [n_local] counts
+    them; `weights` [rows] are their routing weights (applied before combine, which is an unweighted sum)."""
+
+    src: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    weights: torch.Tensor
+    num_tokens: int
+
+
+class LocalDispatcher:
+    """Single-process dispatch: sort (token, slot) pairs by expert; combine scatters them back and sums."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
+                 ) -> tuple[torch.Tensor, DispatchHandle]:
+        k = topk_idx.shape[1]
+        order, counts = sort_by_expert(topk_idx, self.num_experts)
+        src = order // k
+        return x[src], DispatchHandle(src, counts, topk_weights.reshape(-1)[order], x.shape[0])
+
+    def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        out = y.new_zeros(handle.num_tokens, y.shape[-1])
+        return out.index_add_(0, handle.src, y)
+
+
+class GroupedExperts(nn.Module):
+    """Routed experts with stacked weights [n_local, out, in] (nn.Linear layout per expert).
+
+    `expert_offset` is the global id of local expert 0 (0 here; EP sets it). Forward runs the grouped GEMM
+    over rows sorted by expert and applies the routing weights.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+        self.expert_offset = 0
+        self.force_loop = False  # benchmarking / fallback switch
+
+    def forward(self, recv_x: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        y = grouped_swiglu(recv_x, self.gate_proj, self.up_proj, self.down_proj, handle.tokens_per_expert,
+                           self.force_loop)
+        return y * handle.weights[:, None].to(y.dtype)
+
+
+class MoE(nn.Module):
+    """Gate + routed experts + shared experts, with the dispatcher as a swappable attribute."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.mlp_bias)
+                               if cfg.n_shared_experts else None)
+        self.dispatcher = LocalDispatcher(cfg.n_routed_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, idx = self.gate(x)
+        flat = x.reshape(-1, x.shape[-1])
+        recv_x, handle = self.dispatcher.dispatch(flat, idx, weights)
+        y = self.experts(recv_x, handle)
+        out = self.dispatcher.combine(y, handle).view_as(x)
+        return out + self.shared_experts(x) if self.shared_experts is not None else out
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h += attn(norm(h)); h += mlp(norm(h)). The phases are public methods."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoE)
+
+    # --- phases -------------------------------------------------------------------------------------------
+    def attention_phase(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        cache: LatentCache | None = None, cache_layer: int = 0, absorbed: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (h after the attention residual, x = post-attention-normed h, the MLP input)."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, cache_layer, absorbed)
+        return h, self.post_attention_layernorm(h)
+
+    def gate_phase(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mlp.gate(x)
+
+    def dispatch_phase(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor):
+        return self.mlp.dispatcher.dispatch(x.reshape(-1, x.shape[-1]), idx, weights)
+
+    def expert_phase(self, recv_x: torch.Tensor, handle) -> torch.Tensor:
+        return self.mlp.experts(recv_x, handle)
+
+    def combine_phase(self, y: torch.Tensor, handle) -> torch.Tensor:
+        return self.mlp.dispatcher.combine(y, handle)
+
+    def finish_phase(self, h: torch.Tensor, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """h + routed experts + shared experts (the shared MLP can run while the combine is in flight)."""
+        out = routed.view_as(x)
+        if self.mlp.shared_experts is not None:
+            out = out + self.mlp.shared_experts(x)
+        return h + out
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
+                cache_layer: int = 0, absorbed: bool = False) -> torch.Tensor:
+        h, x = self.attention_phase(h, cos, sin, cache, cache_layer, absorbed)
+        if not self.is_moe:
+            return h + self.mlp(x)
+        weights, idx = self.gate_phase(x)
+        recv_x, handle = self.dispatch_phase(x, weights, idx)
+        y = self.expert_phase(recv_x, handle)
+        return self.finish_phase(h, x, self.combine_phase(y, handle))
+
+
+class SharedHead(nn.Module):
+    """The MTP module's own final norm (`shared_head.norm`); its head is the model's lm_head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPLayer(DecoderLayer):
+    """DeepSeek-V3 multi-token prediction module: h' = block(eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)])),
+    logits = lm_head(shared_head.norm(h')) predict t_{i+2}. Concatenation order and the use of the main
+    model's final-normed hidden state follow the vLLM/SGLang readers of the released weights."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__(cfg, layer_idx)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def predict(self, h_prev: torch.Tensor, next_emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> torch.Tensor:
+        """Returns the normed MTP hidden state (apply lm_head for logits)."""
+        h = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h_prev)], dim=-1))
+        return self.shared_head.norm(self(h, cos, sin))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekModel(nn.Module):
+    """Embedding, decoder layers, final norm, LM head, optional MTP. See module docstring for names."""
+
+    def __init__(self, cfg: ModelConfig, mtp: bool = True) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        n_mtp = cfg.num_nextn_predict_layers if mtp else 0
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(n_mtp))
+        self.rotary = Rotary(cfg)
+        self.mtp_loss_coef = 0.3
+
+    # --- building blocks ----------------------------------------------------------------------------------
+    def positions(self, t: int, offset: int = 0, device: torch.device | None = None) -> torch.Tensor:
+        return torch.arange(offset, offset + t, device=device)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None, absorbed: bool = False
+                      ) -> torch.Tensor:
+        """Final-normed hidden states [B,T,H]; with a cache, the tokens sit after `cache.length`."""
+        h = self.model.embed_tokens(input_ids)
+        offset = cache.length if cache is not None else 0
+        cos, sin = self.rotary(self.positions(input_ids.shape[1], offset, input_ids.device), h.dtype)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, cache, i, absorbed)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        return self.model.norm(h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h)
+
+    # --- public API ---------------------------------------------------------------------------------------
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """LongTensor [B,T] -> float32 logits [B,T,V] over the full vocabulary (the Python API contract)."""
+        _check_ids(input_ids, self.config.vocab_size)
+        return self.head(self.hidden_states(input_ids)).float()
+
+    def new_cache(self, batch: int, max_len: int) -> LatentCache:
+        p = self.lm_head.weight
+        c = self.config
+        return LatentCache(len(self.model.layers), batch, max_len, c.kv_lora_rank, c.qk_rope_head_dim, p.dtype,
+                           p.device)
+
+    def decode(self, input_ids: torch.Tensor, cache: LatentCache, absorbed: bool = True) -> torch.Tensor:
+        """Append `input_ids` [B,T] (a prefill chunk or one decode token) to `cache`; logits [B,T,V] fp32."""
+        _check_ids(input_ids, self.config.vocab_size)
+        return self.head(self.hidden_states(input_ids, cache, absorbed)).float()
+
+    def mtp_hidden(self, h: torch.Tensor, input_ids: torch.Tensor, k: int = 0) -> torch.Tensor:
+        """MTP module k on main hidden states h [B,T,H] (final-normed) and the next tokens: [B,T-1,H]."""
+        t = input_ids.shape[1] - 1
+        next_emb = self.model.embed_tokens(input_ids[:, 1:])
+        cos, sin = self.rotary(self.positions(t, 0, input_ids.device), h.dtype)
+        return self.mtp[k].predict(h[:, :t], next_emb, cos, sin)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Without labels: logits [B,T,V]. With labels [B,T] (labels[t] = token after input t; -100 ignored):
+        (loss, parts) where parts["ce"] is the mean token cross-entropy, parts["mtp"] the MTP cross-entropy
+        (predicting labels[t+1] at position t) when MTP modules exist, parts["aux"] the balance loss when
+        gates have aux_loss_coef > 0; loss = ce + mtp_loss_coef * mtp + aux."""
+        _check_ids(input_ids, self.config.vocab_size)
+        h = self.hidden_states(input_ids)
+        logits = self.head(h)
+        if labels is None:
+            return logits
+        v = logits.shape[-1]
+        ce = F.cross_entropy(logits.float().reshape(-1, v), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        parts: dict[str, torch.Tensor] = {"ce": ce}
+        loss = ce
+        if len(self.mtp) and input_ids.shape[1] > 1:
+            mtp_losses = []
+            for k in range(len(self.mtp)):
+                # Module k sees tokens shifted by k+1; depth > 1 chains on the previous module's output.
+                mh = self.mtp_hidden(h, input_ids, k) if k == 0 else self.mtp_hidden(mh, input_ids[:, k:], k)
+                ml = self.head(mh).float()
+                tgt = labels[:, k + 1:]
+                mtp_losses.append(F.cross_entropy(ml.reshape(-1, v), tgt.reshape(-1), ignore_index=IGNORE_INDEX))
+            parts["mtp"] = torch.stack(mtp_losses).mean()
+            loss = loss + self.mtp_loss_coef * parts["mtp"]
+        aux = [m.gate.last_aux_loss for m in self.modules() if isinstance(m, MoE) and m.gate.last_aux_loss is not None]
+        if aux:
+            parts["aux"] = torch.stack(aux).sum()
+            loss = loss + parts["aux"]
+        return loss, parts
+
+
+def _check_ids(input_ids: torch.Tensor, vocab: int) -> None:
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        raise ValueError(f"input_ids out of range [0, {vocab}): min {int(input_ids.min())}, max {int(input_ids.max())}")
