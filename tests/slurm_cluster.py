@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,6 +31,36 @@ NODES = ("n1", "n2")
 CPUS_PER_NODE = 2
 START_DEADLINE_S = 60.0
 DAEMONS = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "sinfo", "squeue", "scontrol")
+
+
+INFO_RE = re.compile(
+    r"rank=(?P<rank>\d+) world=(?P<world>\d+) local_rank=(?P<local_rank>\d+) "
+    r"local_world=(?P<local_world>\d+) node=(?P<node>\d+)/(?P<nodes>\d+) "
+    r"host=(?P<host>\S+) launcher=(?P<launcher>\S+)"
+)
+
+
+def parse_info(text: str) -> list[dict]:
+    """The `moerun info` lines in `text` (one per rank), as dicts with int fields, sorted by rank."""
+    rows = []
+    for m in INFO_RE.finditer(text):
+        row: dict = {k: (v if k in ("host", "launcher") else int(v)) for k, v in m.groupdict().items()}
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+def venv_bin(name: str) -> str:
+    """Absolute path of a console script of the interpreter running the tests (not resolved: venv)."""
+    return str(Path(os.path.abspath(sys.executable)).parent / name)
+
+
+def mpirun_argv(np: int) -> list[str]:
+    """Open MPI's mpirun for `np` local ranks, with the flags root and a 2-core machine need."""
+    exe = venv_bin("mpirun")
+    if not os.path.exists(exe):
+        exe = shutil.which("mpirun") or "mpirun"
+    flags = ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    return [exe, *flags, "-np", str(np)]
 
 
 class SlurmUnavailable(RuntimeError):

@@ -1,0 +1,156 @@
+"""moerun under real Slurm: srun, sbatch scripts from `moerun slurm`, and mpirun inside a batch job.
+
+The cluster is two emulated nodes (n1, n2) on this host (tests/slurm_cluster.py). The node names do not
+resolve, so the jobs get `MOERUN_MASTER_ADDR=127.0.0.1`; one test checks that without it the job fails at
+once with a message naming the address. Without slurm-wlm/munge (or root for the daemons) these skip.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from slurm_cluster import SlurmCluster, mpirun_argv, parse_info, slurm_cluster, venv_bin  # noqa: F401
+
+JOB_ENV = {"MOERUN_MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+            "DEADLINE", "PREEMPTED"}
+
+
+def _job_env() -> dict[str, str]:
+    # The venv's bin first, so the job's mpirun / moerun are this install's.
+    return dict(JOB_ENV, PATH=f"{Path(venv_bin('python')).parent}:{os.environ.get('PATH', '')}")
+
+
+def submit_and_wait(cluster: SlurmCluster, script: Path, deadline_s: float = 180) -> tuple[str, str, str]:
+    """sbatch `script` and poll scontrol until the job ends; return (JobState, ExitCode, job id)."""
+    r = cluster.run(["sbatch", "--parsable", str(script)], env=_job_env(), cwd=script.parent, timeout=60)
+    job_id = r.stdout.strip().split(";")[0]
+    assert job_id.isdigit(), r.stdout
+    deadline = time.monotonic() + deadline_s
+    fields: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        out = cluster.run(["scontrol", "show", "job", "-o", job_id], check=False, timeout=30).stdout
+        fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+        if fields.get("JobState") in TERMINAL:
+            return fields["JobState"], fields.get("ExitCode", "?"), job_id
+        time.sleep(0.5)
+    cluster.run(["scancel", job_id], check=False)
+    raise AssertionError(f"job {job_id} still {fields.get('JobState')} after {deadline_s}s\n{cluster.logs()}")
+
+
+def write_sbatch(where: Path, name: str, *command: str) -> Path:
+    """`moerun slurm --nodes 2 --ntasks-per-node 2 COMMAND` run in `where`; its stdout saved as `name`."""
+    argv = [venv_bin("moerun"), "slurm", "--nodes", "2", "--ntasks-per-node", "2", "--time", "5", *command]
+    gen = subprocess.run(argv, capture_output=True, text=True, cwd=where, timeout=60)
+    assert gen.returncode == 0, gen.stderr
+    script = where / name
+    script.write_text(gen.stdout)
+    return script
+
+
+def check_two_by_two(rows: list[dict], launcher: str) -> None:
+    """Four ranks, two per node, ranks 0-1 on node 0 and 2-3 on node 1 (Slurm's block distribution)."""
+    assert [r["rank"] for r in rows] == [0, 1, 2, 3], rows
+    assert all(r["world"] == 4 and r["nodes"] == 2 and r["local_world"] == 2 for r in rows), rows
+    assert all(r["launcher"] == launcher for r in rows), rows
+    for node in (0, 1):
+        on_node = [r for r in rows if r["node"] == node]
+        assert sorted(r["local_rank"] for r in on_node) == [0, 1], rows
+        assert sorted(r["rank"] for r in on_node) == [2 * node, 2 * node + 1], rows
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(180)
+def test_srun_info_two_nodes(slurm_cluster: SlurmCluster) -> None:  # noqa: F811
+    """`info` needs no rendezvous: each rank reads Slurm's variables (launcher precedence ends at Slurm)."""
+    argv = ["srun", "-N", "2", "-n", "4", venv_bin("moerun"), "info"]
+    r = slurm_cluster.run(argv, env=JOB_ENV, timeout=150)
+    rows = parse_info(r.stdout)
+    check_two_by_two(rows, "slurm")
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(180)
+def test_srun_unresolvable_master_is_a_clear_error(slurm_cluster: SlurmCluster) -> None:  # noqa: F811
+    """selftest rendezvous: rank 0's host is `n1` (first of SLURM_STEP_NODELIST), which does not resolve."""
+    try:
+        socket.getaddrinfo("n1", None)
+        pytest.skip("the name n1 resolves on this machine")
+    except socket.gaierror:
+        pass
+    r = slurm_cluster.run(["srun", "-N", "2", "-n", "2", venv_bin("moerun"), "selftest"], check=False,
+                          env={"OMP_NUM_THREADS": "1"}, timeout=150)
+    assert r.returncode != 0
+    assert "'n1'" in r.stderr and "does not resolve" in r.stderr, r.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_sbatch_selftest_from_moerun_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+    script = write_sbatch(tmp_path, "selftest.sbatch", "--", "selftest")
+    state, code, job_id = submit_and_wait(slurm_cluster, script)
+    out_file = tmp_path / f"moerun-selftest-{job_id}.out"
+    output = out_file.read_text() if out_file.exists() else f"(no {out_file.name})"
+    assert (state, code) == ("COMPLETED", "0:0"), f"{state} {code}\n{output}\n{slurm_cluster.logs()}"
+    assert f"moerun: job {job_id} on 2 node(s): n[1-2]" in output, output
+    assert "selftest passed" in output and "on 4 ranks" in output, output
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_sbatch_failing_rank_fails_the_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+    """--kill-on-bad-exit=1 in the script: one dead rank ends the step, and the job is FAILED."""
+    script = write_sbatch(tmp_path, "fail.sbatch", "--", "selftest", "--fail-rank", "3")
+    state, code, job_id = submit_and_wait(slurm_cluster, script)
+    output = (tmp_path / f"moerun-selftest-{job_id}.out").read_text()
+    assert state == "FAILED" and code != "0:0", f"{state} {code}\n{output}"
+    assert "rank 3" in output, output
+    assert "selftest passed" not in output, output
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+@pytest.mark.timeout(240)
+def test_mpirun_inside_sbatch_beats_inherited_slurm_vars(slurm_cluster: SlurmCluster,  # noqa: F811
+                                                         tmp_path: Path) -> None:
+    """mpirun in a batch job: every rank inherits the batch step's SLURM_PROCID=0; Open MPI's must win."""
+    script = tmp_path / "mpi.sbatch"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"#SBATCH --nodes=1 --ntasks-per-node=2 --output={tmp_path}/mpi-%j.out\n"
+        'echo "batch step: SLURM_PROCID=$SLURM_PROCID SLURM_NTASKS=$SLURM_NTASKS"\n'
+        f"{' '.join(mpirun_argv(4))} {venv_bin('moerun')} info\n"
+    )
+    state, code, job_id = submit_and_wait(slurm_cluster, script)
+    output = (tmp_path / f"mpi-{job_id}.out").read_text()
+    assert (state, code) == ("COMPLETED", "0:0"), f"{state} {code}\n{output}"
+    assert "batch step: SLURM_PROCID=0 SLURM_NTASKS=2" in output, output  # the trap is really there
+    rows = parse_info(output)
+    assert [r["rank"] for r in rows] == [0, 1, 2, 3], output
+    assert all(r["world"] == 4 and r["launcher"] == "openmpi" for r in rows), output
+    assert sorted(r["local_rank"] for r in rows) == [0, 1, 2, 3] and all(r["node"] == 0 for r in rows), output
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(180)
+def test_mpirun_with_inherited_slurm_env_no_cluster() -> None:
+    """The same trap without Slurm installed: each rank gets a batch step's SLURM_* (PROCID=0, NTASKS=1)."""
+    inherited = {
+        "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "1",
+        "SLURM_STEP_NUM_TASKS": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NNODES": "1",
+        "SLURM_STEP_NODELIST": "node01", "SLURM_STEP_TASKS_PER_NODE": "1", "SLURM_TASKS_PER_NODE": "1",
+    }
+    # Set per rank (through `env`), as mpirun's own launch must not see a fake allocation.
+    argv = [*mpirun_argv(4), "env", *(f"{k}={v}" for k, v in inherited.items()), venv_bin("moerun"), "info"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_"))}
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=150, env=dict(env, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = parse_info(r.stdout)
+    assert [row["rank"] for row in rows] == [0, 1, 2, 3], r.stdout
+    assert all(row["world"] == 4 and row["launcher"] == "openmpi" for row in rows), r.stdout
+    assert sorted(row["local_rank"] for row in rows) == [0, 1, 2, 3], r.stdout
