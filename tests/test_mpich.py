@@ -1,0 +1,72 @@
+"""`moerun info` under MPICH's mpiexec (Hydra), which speaks PMI (PMI_RANK, MPI_LOCALRANKID), not Open MPI.
+
+MPICH comes from PyPI's `mpich` wheel installed into a separate virtualenv under ~/.cache/moerun-test/ (or
+$MOERUN_TEST_CACHE), made once and reused; the ranks run the project's own interpreter. When the package
+cannot be installed here (no network, no venv module), the test skips with the reason.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from slurm_cluster import parse_info
+
+CACHE = Path(os.environ.get("MOERUN_TEST_CACHE") or Path.home() / ".cache" / "moerun-test")
+VENV = CACHE / "mpich-venv"
+
+
+def _tail(text: str, n: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-n:])
+
+
+def mpich_mpiexec() -> Path:
+    """Hydra's mpiexec from a private venv with PyPI `mpich`; pytest.skip with the reason if unavailable."""
+    mpiexec = VENV / "bin" / "mpiexec"
+    marker = VENV / ".moerun-mpich-ok"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "mpich-venv.lock", "w") as lock:  # two test runs at once: one installs
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (marker.exists() and mpiexec.exists()):
+            steps = [
+                [sys.executable, "-m", "venv", "--clear", str(VENV)],
+                [str(VENV / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                 "mpich"],
+            ]
+            for argv in steps:
+                try:
+                    r = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                                       stdin=subprocess.DEVNULL)
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    pytest.skip(f"cannot install PyPI mpich ({' '.join(argv[:4])}): {e}")
+                if r.returncode != 0:
+                    why = _tail(r.stdout + r.stderr)
+                    pytest.skip(f"cannot install PyPI mpich ({' '.join(argv[2:5])}): {why}")
+            if not mpiexec.exists():
+                pytest.skip(f"PyPI mpich installed no mpiexec at {mpiexec}")
+            marker.write_text("ok\n")
+    return mpiexec
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(600)
+def test_info_under_mpich_mpiexec() -> None:
+    mpiexec = mpich_mpiexec()
+    version = subprocess.run([str(mpiexec), "--version"], capture_output=True, text=True, timeout=30)
+    assert "HYDRA" in version.stdout.upper(), version.stdout + version.stderr  # really MPICH's launcher
+    foreign = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "PRTE_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(foreign)}
+    env.update(OMP_NUM_THREADS="1")
+    argv = [str(mpiexec), "-n", "4", os.path.abspath(sys.executable), "-m", "launch", "info"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = parse_info(r.stdout)
+    assert [row["rank"] for row in rows] == [0, 1, 2, 3], r.stdout
+    assert all(row["world"] == 4 and row["launcher"] == "mpich" for row in rows), r.stdout
+    # One host: Hydra's MPI_LOCALRANKID / MPI_LOCALNRANKS say all four share node 0.
+    assert sorted(row["local_rank"] for row in rows) == [0, 1, 2, 3], r.stdout
+    assert all(row["local_world"] == 4 and row["node"] == 0 and row["nodes"] == 1 for row in rows), r.stdout
