@@ -250,3 +250,67 @@ def _check_missing(model: nn.Module, targets: dict[str, torch.Tensor], filled: d
     if missing:
         more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:8])}{more}")
+
+
+def hf_state_items(model: nn.Module):
+    """Yield (checkpoint name, tensor) in the HF layout: per-expert tensors, MTP at layer num_hidden_layers+k
+    (with the copies of embed_tokens / shared_head.head that DeepSeek's checkpoints carry)."""
+    n = model.config.num_hidden_layers
+    seen: set[int] = set()
+    for pname, t in _targets(model).items():
+        if pname == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        seen.add(id(t))
+        name = pname
+        if pname.startswith("mtp."):
+            k, rest = pname[4:].split(".", 1)
+            name = f"model.layers.{n + int(k)}.{rest}"
+        m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$", name)
+        if m:
+            for e in range(t.shape[0]):
+                yield f"{m.group(1)}.{e}.{m.group(2)}.weight", t[e]
+        else:
+            yield name, t
+    for k in range(len(model.mtp)):
+        yield f"model.layers.{n + k}.embed_tokens.weight", model.model.embed_tokens.weight
+        yield f"model.layers.{n + k}.shared_head.head.weight", model.lm_head.weight
+
+
+def _fp8_candidate(name: str, t: torch.Tensor) -> bool:
+    """DeepSeek-V3 stores the linear weights of the decoder layers in FP8; norms, router, embeddings, head not."""
+    skip = ("mlp.gate.weight", "embed_tokens.weight", "shared_head.head.weight")
+    return t.dim() == 2 and name.startswith("model.layers.") and not name.endswith(skip) and "norm" not in name
+
+
+def save_hf_checkpoint(model: nn.Module, path: str, max_shard_bytes: int = 1 << 30, fp8: bool = False) -> list[str]:
+    """Write `model` as an HF checkpoint directory (config.json + sharded safetensors + index) that
+    `load_checkpoint` and transformers read. `fp8=True` stores linear weights as float8_e4m3fn with 128x128
+    `weight_scale_inv`, the DeepSeek-V3 release layout. Returns the shard file names."""
+    from safetensors.torch import save_file
+
+    from ops.fp8 import block_quantize
+
+    os.makedirs(path, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in hf_state_items(model):
+        tensors = {name: t.detach().contiguous().cpu()}
+        if fp8 and _fp8_candidate(name, t):
+            q, s = block_quantize(t.detach().float().cpu())
+            tensors = {name: q, name + "_scale_inv": s}
+        nbytes = sum(x.numel() * x.element_size() for x in tensors.values())
+        if size and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1].update({k: v.clone() for k, v in tensors.items()})
+        size += nbytes
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    with open(os.path.join(path, INDEX_NAME), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(model.config.to_hf_dict(), f, indent=1)
+    return names

@@ -18,7 +18,7 @@ import torch
 
 V3_TINY: dict[str, Any] = dict(
     vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+    num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
     n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
     qk_rope_head_dim=8, v_head_dim=12, routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=256,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, num_nextn_predict_layers=1,
@@ -27,7 +27,7 @@ V3_TINY: dict[str, Any] = dict(
 
 V2_TINY: dict[str, Any] = dict(
     vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
+    num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3,
     n_group=4, topk_group=2, topk_method="group_limited_greedy", first_k_dense_replace=1, q_lora_rank=None,
     kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, routed_scaling_factor=1.5,
     max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
