@@ -265,7 +265,9 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     try:
         cluster = start_cluster(root)
     except SlurmUnavailable as e:
-        print(f"slurm cluster unavailable: {e}", file=sys.stderr)
+        # Straight to the real stderr (not captured): CI logs then show why, with the daemons' log tails.
+        print(f"\n[slurm_cluster] real Slurm unavailable, Slurm tests skip: {e}", file=sys.__stderr__,
+              flush=True)
         shutil.rmtree(root, ignore_errors=True)
         pytest.skip(f"real Slurm unavailable: {str(e).splitlines()[0]}")
     try:
