@@ -88,8 +88,11 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
+def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
+        return False
+    align = 16 // x.element_size()  # grouped_mm wants 16-byte aligned row strides
+    if x.shape[1] % align or weight.shape[1] % align:
         return False
     if x.device.type == "cpu":
         return True
@@ -105,7 +108,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: tor
     """
     if x.shape[0] == 0:
         return x.new_zeros(0, weight.shape[1])
-    if not force_loop and _grouped_mm_ok(x):
+    if not force_loop and _grouped_mm_ok(x, weight):
         offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs))
     outs = []

@@ -230,23 +230,35 @@ def _read(f, sl, name: str, fp: str, files: dict[str, str], index: tuple) -> tor
         raise CheckpointError(f"tensor {name!r} in {fp}: cannot read (truncated or corrupt file?): {e}") from None
 
 
+def checkpoint_name(pname: str, num_hidden_layers: int, expert: int | None = None) -> str:
+    """Inverse of `map_name`: the HF checkpoint name of a model parameter (and global expert id)."""
+    if pname.startswith("mtp."):
+        k, rest = pname[4:].split(".", 1)
+        pname = f"model.layers.{num_hidden_layers + int(k)}.{rest}"
+    m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$", pname)
+    if m and expert is not None:
+        return f"{m.group(1)}.{expert}.{m.group(2)}.weight"
+    return pname
+
+
 def _check_missing(model: nn.Module, targets: dict[str, torch.Tensor], filled: dict[int, set], path: str) -> None:
+    n = model.config.num_hidden_layers
+    offsets = {}
+    for m in model.modules():
+        if hasattr(m, "expert_offset"):
+            for t in (m.gate_proj, m.up_proj, m.down_proj):
+                offsets[id(t)] = m.expert_offset
     missing = []
     seen: set[int] = set()
-    stacked = {id(m.gate_proj) for m in model.modules() if hasattr(m, "expert_offset")}
-    stacked |= {id(m.up_proj) for m in model.modules() if hasattr(m, "expert_offset")}
-    stacked |= {id(m.down_proj) for m in model.modules() if hasattr(m, "expert_offset")}
     for name, t in targets.items():
         if id(t) in seen:
             continue
         seen.add(id(t))
         got = filled.get(id(t), set())
-        if id(t) in stacked:
-            lack = [s for s in range(t.shape[0]) if s not in got]
-            if lack:
-                missing.append(f"{name}[experts {lack[:8]}{'...' if len(lack) > 8 else ''}]")
+        if id(t) in offsets:
+            missing += [checkpoint_name(name, n, offsets[id(t)] + s) for s in range(t.shape[0]) if s not in got]
         elif None not in got:
-            missing.append(name)
+            missing.append(checkpoint_name(name, n))
     if missing:
         more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:8])}{more}")
