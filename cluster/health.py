@@ -21,7 +21,7 @@ import time
 __all__ = ["Watchdog", "FAIL_EXIT_CODE"]
 
 FAIL_EXIT_CODE = 1
-_NFAIL, _FAILMSG, _NDONE = "moerun/nfail", "moerun/failmsg", "moerun/ndone"
+_NFAIL, _FAILMSG, _NDONE, _NSEEN = "moerun/nfail", "moerun/failmsg", "moerun/ndone", "moerun/nseen"
 
 
 def _log(msg: str) -> None:
@@ -87,22 +87,38 @@ class Watchdog:
                 return peer
         return None
 
+    def acknowledge_and_linger(self, grace_s: float = 3.0) -> None:
+        """Say we have seen the failure; rank 0, which hosts the store, stays until the others have read
+        the report too (or `grace_s` passed: dead ranks never acknowledge)."""
+        try:
+            with self._lock:
+                self.store.add(_NSEEN, 1)
+            if self.rank != 0:
+                return
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline:
+                with self._lock:
+                    if self.store.add(_NSEEN, 0) >= self.world:
+                        return
+                time.sleep(0.05)
+        except Exception:  # noqa: BLE001 - store gone: nothing left to wait for
+            pass
+
     def _die(self, message: str) -> None:
         _log(f"rank {self.rank}: stopping because {message}")
+        self.acknowledge_and_linger()
         os._exit(FAIL_EXIT_CODE)
 
     def _run(self) -> None:
         hb_key = f"moerun/hb/{self.rank}"
         watched, last_value, last_change = None, -1, time.monotonic()
         while not self._stop.wait(self.interval):
+            reported = None
             try:
                 with self._lock:
                     self.store.add(hb_key, 1)
                     if self.store.add(_NFAIL, 0) > 0:
-                        msg = self.store.get(_FAILMSG).decode(errors="replace")
-                        if self._stop.is_set():
-                            return
-                        self._die(msg)
+                        reported = self.store.get(_FAILMSG).decode(errors="replace")
                     peer = self._neighbour()
                     value = self.store.add(f"moerun/hb/{peer}", 0) if peer is not None else 0
             except Exception as exc:  # noqa: BLE001
@@ -110,6 +126,10 @@ class Watchdog:
                     return
                 self._die(f"the rendezvous store on rank 0 ({self.store_desc}) is gone ({exc}): "
                           f"rank 0 died or was killed")
+            if self._stop.is_set():
+                return
+            if reported is not None:
+                self._die(reported)
             now = time.monotonic()
             if peer != watched or value != last_value:
                 watched, last_value, last_change = peer, value, now

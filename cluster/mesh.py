@@ -9,8 +9,10 @@ groups of `cluster.layout.Layout`, and starts the health watchdog.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
+import time
 import warnings
 from datetime import timedelta
 
@@ -100,11 +102,7 @@ class Mesh:
         if exc is None or (isinstance(exc, SystemExit) and not exc.code):
             self.close()
             return False
-        earlier = None
-        try:
-            earlier = self.first_failure()
-        except Exception:  # noqa: BLE001 - store gone; report our own error below
-            pass
+        earlier = self._wait_for_root_cause(exc)
         if earlier is not None:
             # A peer failed first; our error is most likely its consequence (a broken collective).
             sys.stderr.write(f"[moerun] rank {self.rank}: stopping because {earlier}\n")
@@ -112,7 +110,34 @@ class Mesh:
             what = f"{exc_type.__name__}: {exc}" if not isinstance(exc, SystemExit) else f"exit {exc.code}"
             self.fail(f"rank {self.rank} ({self.info.hostname}) failed: {what}")
         sys.stderr.flush()
+        if self._watchdog is not None:
+            self._watchdog.acknowledge_and_linger()
         return False
+
+
+    def _wait_for_root_cause(self, exc: BaseException) -> str | None:
+        """A failure reported by another rank, if any. A broken collective is usually the echo of a
+        peer's death: then wait (up to the watchdog's dead-after time) for the report naming that peer,
+        rather than blaming ourselves."""
+        wait = self._watchdog.dead_after + 2.0 if self._watchdog and _is_comm_error(exc) else 0.0
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                earlier = self.first_failure()
+            except Exception:  # noqa: BLE001 - store gone: rank 0 died; the watchdog says so
+                earlier = None
+            if earlier is not None or time.monotonic() >= deadline:
+                return earlier
+            time.sleep(0.1)
+
+
+_COMM_ERROR = re.compile(r"connection (closed|reset)|broken pipe|gloo|nccl|timed out|peer", re.IGNORECASE)
+
+
+def _is_comm_error(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    return isinstance(exc, getattr(dist, "DistError", ())) or bool(_COMM_ERROR.search(str(exc)))
 
 
 def _signal_to_exit(signum, frame) -> None:
