@@ -92,13 +92,15 @@ def test_srun_unresolvable_master_is_a_clear_error(slurm_cluster: SlurmCluster) 
 @pytest.mark.slurm
 @pytest.mark.timeout(240)
 def test_sbatch_selftest_from_moerun_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
-    script = write_sbatch(tmp_path, "selftest.sbatch", "--", "selftest")
+    """The config file reaches every rank (absolute path): its tp=2 shows in rank 0's summary line."""
+    (tmp_path / "job.toml").write_text("[parallel]\ntp = 2\n")
+    script = write_sbatch(tmp_path, "selftest.sbatch", "job.toml", "--", "selftest")
     state, code, job_id = submit_and_wait(slurm_cluster, script)
     out_file = tmp_path / f"moerun-selftest-{job_id}.out"
     output = out_file.read_text() if out_file.exists() else f"(no {out_file.name})"
     assert (state, code) == ("COMPLETED", "0:0"), f"{state} {code}\n{output}\n{slurm_cluster.logs()}"
     assert f"moerun: job {job_id} on 2 node(s): n[1-2]" in output, output
-    assert "selftest passed" in output and "on 4 ranks" in output, output
+    assert "selftest passed" in output and "on 4 ranks" in output and "tp=2" in output, output
 
 
 @pytest.mark.slurm
