@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Until training lands, the main job is the mesh bring-up: who is where, then every collective checked.
 demo: venv
-	PATH=$(CURDIR)/$(BIN):$$PATH OMP_NUM_THREADS=1 $(BIN)/moerun launch -n $(NP) -- selftest
+	PATH=$(CURDIR)/$(BIN):$$PATH OMP_NUM_THREADS=1 $(BIN)/moerun launch -n $(NP) -- info --set parallel.tp=2 --set parallel.ep=2
+	PATH=$(CURDIR)/$(BIN):$$PATH OMP_NUM_THREADS=1 $(BIN)/moerun launch -n $(NP) -- selftest --set parallel.tp=2 --set parallel.ep=2
 
 test: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
