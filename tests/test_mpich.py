@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,20 @@ def test_info_under_mpich_mpiexec() -> None:
     # One host: Hydra's MPI_LOCALRANKID / MPI_LOCALNRANKS say all four share node 0.
     assert sorted(row["local_rank"] for row in rows) == [0, 1, 2, 3], r.stdout
     assert all(row["local_world"] == 4 and row["node"] == 0 and row["nodes"] == 1 for row in rows), r.stdout
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(600)
+def test_selftest_under_mpich_with_master_env() -> None:
+    """mpi4py (an Open MPI build) cannot join an MPICH job: rendezvous then goes by MASTER_ADDR/PORT."""
+    mpiexec = mpich_mpiexec()
+    with socket.socket() as s:  # a port free now; the test's own choice, never a fixed number
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    foreign = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "PRTE_", "MASTER_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(foreign)}
+    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    argv = [str(mpiexec), "-n", "2", os.path.abspath(sys.executable), "-m", "launch", "selftest"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "selftest passed" in r.stdout and "on 2 ranks" in r.stdout, r.stdout
