@@ -1,6 +1,7 @@
 """FP8 (float8_e4m3fn) 128x128 block weight quantization, the layout of DeepSeek-V3's HF checkpoints.
 
-A weight W [out, in] is stored as `weight` (e4m3) plus `weight_scale_inv` [ceil(out/128), ceil(in/128)] (fp32);
+A weight W [out, in] is stored as `weight` (e4m3) plus `weight_scale_inv` (fp32)
+[ceil(out/128), ceil(in/128)];
 W = weight * scale_inv broadcast over each 128x128 block.
 """
 
@@ -11,17 +12,22 @@ import torch
 E4M3_MAX = 448.0
 
 
-def block_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = 128,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def block_dequantize(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Dequantize a block-quantized 2-D weight; raises if the scale grid does not cover the weight."""
     if weight.dim() != 2 or scale_inv.dim() != 2:
-        raise ValueError(f"block dequantize needs 2-D weight and scale, got {tuple(weight.shape)}, "
-                         f"{tuple(scale_inv.shape)}")
+        raise ValueError(
+            f"block dequantize needs 2-D weight and scale, got {tuple(weight.shape)}, "
+            f"{tuple(scale_inv.shape)}"
+        )
     out, inp = weight.shape
     need = (-(-out // block), -(-inp // block))
     if tuple(scale_inv.shape) != need:
-        raise ValueError(f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight {(out, inp)} "
-                         f"with {block}x{block} blocks (expected {need})")
+        raise ValueError(
+            f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight {(out, inp)} "
+            f"with {block}x{block} blocks (expected {need})"
+        )
     s = scale_inv.float().repeat_interleave(block, 0)[:out].repeat_interleave(block, 1)[:, :inp]
     return (weight.float() * s).to(dtype)
 

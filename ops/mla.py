@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 
-def split_kv_b(kv_b_weight: torch.Tensor, num_heads: int, qk_nope_head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_kv_b(
+    kv_b_weight: torch.Tensor, num_heads: int, qk_nope_head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """W_UK [H, dn, r] and W_UV [H, dv, r] as views of kv_b_proj.weight [H*(dn+dv), r]."""
     w = kv_b_weight.view(num_heads, -1, kv_b_weight.shape[-1])
     return w[:, :qk_nope_head_dim], w[:, qk_nope_head_dim:]
@@ -46,12 +48,14 @@ def mla_expanded(
     if q_offset == 0 and s == t:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t, s, q_offset, q.device), scale=scale)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_mask(t, s, q_offset, q.device), scale=scale
+        )
     return out.transpose(1, 2)
 
 
 def causal_mask(t: int, s: int, q_offset: int, device: torch.device) -> torch.Tensor:
-    """Boolean [T, S] mask, True where query i (absolute position q_offset+i) may see key j (j <= q_offset+i)."""
+    """Boolean [T, S] mask, True where query i (position q_offset+i) may see key j <= q_offset+i."""
     qpos = torch.arange(t, device=device)[:, None] + q_offset
     return torch.arange(s, device=device)[None, :] <= qpos
 
@@ -81,7 +85,9 @@ def mla_absorbed(
     w_uk, w_uv = split_kv_b(kv_b_weight, h, dn)
     q_lat = absorb_query(q_nope, w_uk)
     # One shared KV head: scores over [c ; k_pe], values are c.
-    scores = (torch.einsum("bthr,bsr->bhts", q_lat, latent) + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * scale
+    scores = (
+        torch.einsum("bthr,bsr->bhts", q_lat, latent) + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)
+    ) * scale
     if mask is None:
         mask = causal_mask(q_nope.shape[1], latent.shape[1], q_offset, latent.device)
     scores = scores.masked_fill(~mask, float("-inf"))

@@ -59,7 +59,9 @@ def route(
     elif topk_method == "greedy":
         weights, idx = torch.topk(scores, k=top_k, dim=-1, sorted=False)
     else:
-        raise ValueError(f"topk_method {topk_method!r} not supported (greedy, group_limited_greedy, noaux_tc)")
+        raise ValueError(
+            f"topk_method {topk_method!r} not supported (greedy, group_limited_greedy, noaux_tc)"
+        )
     return weights * routed_scaling_factor, idx, scores
 
 
@@ -97,11 +99,16 @@ def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type == "cpu":
         return True
     # CUDA grouped_mm is implemented for bf16 on sm90+ (unverified on hardware here).
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return (
+        x.device.type == "cuda"
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor, force_loop: bool = False
-                   ) -> torch.Tensor:
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor, force_loop: bool = False
+) -> torch.Tensor:
     """y[rows of expert e] = x[rows of expert e] @ weight[e].T for x sorted by expert.
 
     x [M, in], weight [E, out, in] (nn.Linear layout, stacked), tokens_per_expert [E] (sum = M).

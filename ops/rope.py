@@ -21,7 +21,7 @@ import torch
 
 @dataclass(frozen=True)
 class RopeSpec:
-    """Rotary settings, normalized from either HF spelling (`rope_scaling`+`rope_theta` or `rope_parameters`)."""
+    """Rotary settings, from either HF spelling (`rope_scaling`+`rope_theta` or `rope_parameters`)."""
 
     theta: float = 10000.0
     rope_type: str = "default"  # "default" | "yarn"
@@ -43,7 +43,9 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
-def inv_freq_and_attention_factor(spec: RopeSpec, dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+def inv_freq_and_attention_factor(
+    spec: RopeSpec, dim: int, max_position_embeddings: int
+) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [dim/2] (fp32, CPU) and the cos/sin multiplier, as transformers computes them."""
     base = float(spec.theta)
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(torch.float) / dim
@@ -57,7 +59,9 @@ def inv_freq_and_attention_factor(spec: RopeSpec, dim: int, max_position_embeddi
     attention_factor = spec.attention_factor
     if attention_factor is None:
         if spec.mscale and spec.mscale_all_dim:
-            attention_factor = float(yarn_mscale(factor, spec.mscale) / yarn_mscale(factor, spec.mscale_all_dim))
+            attention_factor = float(
+                yarn_mscale(factor, spec.mscale) / yarn_mscale(factor, spec.mscale_all_dim)
+            )
         else:
             attention_factor = yarn_mscale(factor)
 

@@ -13,7 +13,9 @@ BUILTINS = {"tiny": builtin_tiny_config}
 def builtin_config(name: str) -> ModelConfig:
     key = name.removeprefix("builtin:")
     if key not in BUILTINS:
-        raise ValueError(f"unknown builtin model {name!r} (known: {', '.join('builtin:' + k for k in BUILTINS)})")
+        raise ValueError(
+            f"unknown builtin model {name!r} (known: {', '.join('builtin:' + k for k in BUILTINS)})"
+        )
     return BUILTINS[key]()
 
 

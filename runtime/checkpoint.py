@@ -85,7 +85,7 @@ def map_name(name: str, num_hidden_layers: int) -> tuple[str, int | None] | None
 
 
 def checkpoint_files(path: str) -> dict[str, str]:
-    """tensor name -> file path, from the index or by reading each file's header. Checks every shard exists."""
+    """tensor name -> file path, from the index or each file's header; checks every shard exists."""
     from safetensors import safe_open
 
     index = os.path.join(path, INDEX_NAME)
@@ -98,11 +98,16 @@ def checkpoint_files(path: str) -> dict[str, str]:
         for fname in sorted(set(weight_map.values())):
             if not os.path.exists(os.path.join(path, fname)):
                 tensor = next(k for k, v in weight_map.items() if v == fname)
-                raise CheckpointError(f"missing shard {os.path.join(path, fname)} (named by {index} for tensor "
-                                      f"{tensor!r} and others)")
+                raise CheckpointError(
+                    f"missing shard {os.path.join(path, fname)} (named by {index} for tensor "
+                    f"{tensor!r} and others)"
+                )
         return {k: os.path.join(path, v) for k, v in weight_map.items()}
-    files = [os.path.join(path, SINGLE_NAME)] if os.path.exists(os.path.join(path, SINGLE_NAME)) else sorted(
-        os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    files = (
+        [os.path.join(path, SINGLE_NAME)]
+        if os.path.exists(os.path.join(path, SINGLE_NAME))
+        else sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    )
     if not files:
         raise CheckpointError(f"{path}: no {SINGLE_NAME}, {INDEX_NAME} or *.safetensors files")
     out: dict[str, str] = {}
@@ -112,7 +117,9 @@ def checkpoint_files(path: str) -> dict[str, str]:
                 for k in f.keys():
                     out[k] = fp
         except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
-            raise CheckpointError(f"{fp}: cannot read safetensors header (truncated or corrupt file?): {e}") from None
+            raise CheckpointError(
+                f"{fp}: cannot read safetensors header (truncated or corrupt file?): {e}"
+            ) from None
     return out
 
 
@@ -137,8 +144,10 @@ def load_checkpoint(model: nn.Module, path: str, select: Select | None = None) -
     report = LoadReport(files=sorted(set(files.values())))
     has_mtp = any(_is_mtp(n, n_layers) for n in files)
     if len(model.mtp) and not has_mtp:
-        msg = (f"{path}: checkpoint has no MTP weights (layer {n_layers}); multi-token prediction is off "
-               "for this model")
+        msg = (
+            f"{path}: checkpoint has no MTP weights (layer {n_layers}); multi-token prediction is off "
+            "for this model"
+        )
         log.warning(msg)
         report.notes.append(msg)
         model.mtp = nn.ModuleList()
@@ -182,15 +191,23 @@ def load_checkpoint(model: nn.Module, path: str, select: Select | None = None) -
                 dst = targets[pname]
                 if expert is not None:
                     if sel.slot is None or not 0 <= sel.slot < dst.shape[0]:
-                        raise CheckpointError(f"tensor {name!r} in {fp}: expert {expert} maps to slot {sel.slot}, "
-                                              f"but {pname} holds {dst.shape[0]} experts")
+                        raise CheckpointError(
+                            f"tensor {name!r} in {fp}: expert {expert} maps to slot {sel.slot}, "
+                            f"but {pname} holds {dst.shape[0]} experts"
+                        )
                     dst_view = dst[sel.slot]
                 else:
                     dst_view = dst
-                want = tuple(torch.empty(full_shape, device="meta")[sel.index].shape) if sel.index else full_shape
+                want = (
+                    tuple(torch.empty(full_shape, device="meta")[sel.index].shape)
+                    if sel.index
+                    else full_shape
+                )
                 if want != tuple(dst_view.shape):
-                    raise CheckpointError(f"tensor {name!r} in {fp}: shape {want} does not match parameter "
-                                          f"{pname}{'' if expert is None else f'[{sel.slot}]'} {tuple(dst_view.shape)}")
+                    raise CheckpointError(
+                        f"tensor {name!r} in {fp}: shape {want} does not match parameter "
+                        f"{pname}{'' if expert is None else f'[{sel.slot}]'} {tuple(dst_view.shape)}"
+                    )
                 tensor = _read(f, sl, name, fp, files, sel.index)
                 with torch.no_grad():
                     dst_view.copy_(tensor)
@@ -227,7 +244,9 @@ def _read(f, sl, name: str, fp: str, files: dict[str, str], index: tuple) -> tor
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"tensor {name!r} in {fp}: cannot read (truncated or corrupt file?): {e}") from None
+        raise CheckpointError(
+            f"tensor {name!r} in {fp}: cannot read (truncated or corrupt file?): {e}"
+        ) from None
 
 
 def checkpoint_name(pname: str, num_hidden_layers: int, expert: int | None = None) -> str:
@@ -241,7 +260,9 @@ def checkpoint_name(pname: str, num_hidden_layers: int, expert: int | None = Non
     return pname
 
 
-def _check_missing(model: nn.Module, targets: dict[str, torch.Tensor], filled: dict[int, set], path: str) -> None:
+def _check_missing(
+    model: nn.Module, targets: dict[str, torch.Tensor], filled: dict[int, set], path: str
+) -> None:
     n = model.config.num_hidden_layers
     offsets = {}
     for m in model.modules():
@@ -256,7 +277,9 @@ def _check_missing(model: nn.Module, targets: dict[str, torch.Tensor], filled: d
         seen.add(id(t))
         got = filled.get(id(t), set())
         if id(t) in offsets:
-            missing += [checkpoint_name(name, n, offsets[id(t)] + s) for s in range(t.shape[0]) if s not in got]
+            missing += [
+                checkpoint_name(name, n, offsets[id(t)] + s) for s in range(t.shape[0]) if s not in got
+            ]
         elif None not in got:
             missing.append(checkpoint_name(name, n))
     if missing:
@@ -289,12 +312,16 @@ def hf_state_items(model: nn.Module):
 
 
 def _fp8_candidate(name: str, t: torch.Tensor) -> bool:
-    """DeepSeek-V3 stores the linear weights of the decoder layers in FP8; norms, router, embeddings, head not."""
+    """Decoder-layer linear weights are FP8 in DeepSeek-V3 (not norms, router, embeddings, head)."""
     skip = ("mlp.gate.weight", "embed_tokens.weight", "shared_head.head.weight")
-    return t.dim() == 2 and name.startswith("model.layers.") and not name.endswith(skip) and "norm" not in name
+    return (
+        t.dim() == 2 and name.startswith("model.layers.") and not name.endswith(skip) and "norm" not in name
+    )
 
 
-def save_hf_checkpoint(model: nn.Module, path: str, max_shard_bytes: int = 1 << 30, fp8: bool = False) -> list[str]:
+def save_hf_checkpoint(
+    model: nn.Module, path: str, max_shard_bytes: int = 1 << 30, fp8: bool = False
+) -> list[str]:
     """Write `model` as an HF checkpoint directory (config.json + sharded safetensors + index) that
     `load_checkpoint` and transformers read. `fp8=True` stores linear weights as float8_e4m3fn with 128x128
     `weight_scale_inv`, the DeepSeek-V3 release layout. Returns the shard file names."""

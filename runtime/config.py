@@ -26,22 +26,68 @@ class ConfigError(ValueError):
 # transformers' class defaults (DeepseekV2Config / DeepseekV3Config), used for fields a file leaves out.
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek_v3": dict(
-        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-        num_hidden_layers=61, num_attention_heads=128, n_shared_experts=1, n_routed_experts=256,
-        routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
-        qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
-        norm_topk_prob=True, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        attention_bias=False, mlp_bias=False, num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1,
-        topk_method="noaux_tc", scoring_func="sigmoid", rope_interleave=True,
+        vocab_size=129280,
+        hidden_size=7168,
+        intermediate_size=18432,
+        moe_intermediate_size=2048,
+        num_hidden_layers=61,
+        num_attention_heads=128,
+        n_shared_experts=1,
+        n_routed_experts=256,
+        routed_scaling_factor=2.5,
+        kv_lora_rank=512,
+        q_lora_rank=1536,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        qk_nope_head_dim=128,
+        n_group=8,
+        topk_group=4,
+        num_experts_per_tok=8,
+        first_k_dense_replace=3,
+        norm_topk_prob=True,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        num_nextn_predict_layers=1,
+        bos_token_id=0,
+        eos_token_id=1,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        rope_interleave=True,
     ),
     "deepseek_v2": dict(
-        vocab_size=102400, hidden_size=4096, intermediate_size=11008, moe_intermediate_size=1407,
-        num_hidden_layers=32, num_attention_heads=32, n_shared_experts=2, n_routed_experts=64,
-        routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
-        qk_nope_head_dim=128, n_group=None, topk_group=None, num_experts_per_tok=None, first_k_dense_replace=0,
-        norm_topk_prob=False, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        attention_bias=False, mlp_bias=False, num_nextn_predict_layers=0, bos_token_id=1, eos_token_id=2,
-        topk_method="greedy", scoring_func="softmax", rope_interleave=True,
+        vocab_size=102400,
+        hidden_size=4096,
+        intermediate_size=11008,
+        moe_intermediate_size=1407,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        n_shared_experts=2,
+        n_routed_experts=64,
+        routed_scaling_factor=1.0,
+        kv_lora_rank=512,
+        q_lora_rank=1536,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        qk_nope_head_dim=128,
+        n_group=None,
+        topk_group=None,
+        num_experts_per_tok=None,
+        first_k_dense_replace=0,
+        norm_topk_prob=False,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        num_nextn_predict_layers=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        topk_method="greedy",
+        scoring_func="softmax",
+        rope_interleave=True,
     ),
 }
 
@@ -88,7 +134,7 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        """Dense MLP below first_k_dense_replace, MoE above (the MTP layer counts as layer num_hidden_layers)."""
+        """Dense MLP below first_k_dense_replace, MoE above (MTP is layer num_hidden_layers)."""
         return self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
 
     def validate(self) -> ModelConfig:
@@ -96,33 +142,74 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"config field {fld!r} = {getattr(self, fld, None)!r}: {why}")
 
-        need(self.model_type in SUPPORTED_MODEL_TYPES, "model_type", f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim"):
+        need(
+            self.model_type in SUPPORTED_MODEL_TYPES,
+            "model_type",
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
+        )
+        for f in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "qk_nope_head_dim",
+        ):
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f, "must be a positive integer")
-        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
-             "q_lora_rank", "must be a positive integer or null")
+        need(
+            self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+            "q_lora_rank",
+            "must be a positive integer or null",
+        )
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (rotary pairs)")
         need(self.first_k_dense_replace >= 0, "first_k_dense_replace", "must be >= 0")
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         if self.n_routed_experts > 0:
-            need(isinstance(self.num_experts_per_tok, int) and 0 < self.num_experts_per_tok <= self.n_routed_experts,
-                 "num_experts_per_tok", f"must be in 1..n_routed_experts ({self.n_routed_experts})")
+            need(
+                isinstance(self.num_experts_per_tok, int)
+                and 0 < self.num_experts_per_tok <= self.n_routed_experts,
+                "num_experts_per_tok",
+                f"must be in 1..n_routed_experts ({self.n_routed_experts})",
+            )
             need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
             need(self.scoring_func in ("softmax", "sigmoid"), "scoring_func", "supported: softmax, sigmoid")
-            need(self.topk_method in ("greedy", "group_limited_greedy", "noaux_tc"), "topk_method",
-                 "supported: greedy, group_limited_greedy, noaux_tc")
+            need(
+                self.topk_method in ("greedy", "group_limited_greedy", "noaux_tc"),
+                "topk_method",
+                "supported: greedy, group_limited_greedy, noaux_tc",
+            )
             if self.topk_method != "greedy":
                 g = self.n_group or 1
-                need(self.n_routed_experts % g == 0, "n_group", f"must divide n_routed_experts ({self.n_routed_experts})")
-                need(self.topk_group is None or 1 <= self.topk_group <= g, "topk_group", f"must be in 1..n_group ({g})")
+                need(
+                    self.n_routed_experts % g == 0,
+                    "n_group",
+                    f"must divide n_routed_experts ({self.n_routed_experts})",
+                )
+                need(
+                    self.topk_group is None or 1 <= self.topk_group <= g,
+                    "topk_group",
+                    f"must be in 1..n_group ({g})",
+                )
                 if self.topk_method == "noaux_tc":
-                    need(self.n_routed_experts // g >= 2 or g == 1, "n_group", "noaux_tc needs >= 2 experts per group")
+                    need(
+                        self.n_routed_experts // g >= 2 or g == 1,
+                        "n_group",
+                        "noaux_tc needs >= 2 experts per group",
+                    )
                 allowed = (self.topk_group or g) * (self.n_routed_experts // g)
-                need(self.num_experts_per_tok <= allowed, "num_experts_per_tok",
-                     f"exceeds the {allowed} experts in topk_group groups")
-        need(self.rope.rope_type in ("default", "yarn"), "rope_scaling", f"rope type {self.rope.rope_type!r} "
-             "not supported (default, yarn)")
+                need(
+                    self.num_experts_per_tok <= allowed,
+                    "num_experts_per_tok",
+                    f"exceeds the {allowed} experts in topk_group groups",
+                )
+        need(
+            self.rope.rope_type in ("default", "yarn"),
+            "rope_scaling",
+            f"rope type {self.rope.rope_type!r} not supported (default, yarn)",
+        )
         return self
 
     @classmethod
@@ -130,8 +217,10 @@ class ModelConfig:
         """Build from a parsed HF config.json (deepseek_v2 / deepseek_v3)."""
         mt = raw.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(f"{source}: config field 'model_type' = {mt!r} is not supported "
-                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+            raise ConfigError(
+                f"{source}: config field 'model_type' = {mt!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
         d = dict(_DEFAULTS[mt])
         d.update({k: v for k, v in raw.items() if k in d or k in _FIELD_NAMES})
         if mt == "deepseek_v3":
@@ -140,8 +229,10 @@ class ModelConfig:
         else:
             d["rope_interleave"] = True  # V2 rotates interleaved pairs (complex form); no switch exists.
             if d.get("scoring_func", "softmax") != "softmax":
-                raise ConfigError(f"{source}: config field 'scoring_func' = {d['scoring_func']!r}: "
-                                  "deepseek_v2 supports softmax")
+                raise ConfigError(
+                    f"{source}: config field 'scoring_func' = {d['scoring_func']!r}: "
+                    "deepseek_v2 supports softmax"
+                )
         moe_freq = raw.get("moe_layer_freq", 1)
         if moe_freq != 1:
             raise ConfigError(f"{source}: config field 'moe_layer_freq' = {moe_freq!r}: only 1 is supported")
@@ -178,11 +269,23 @@ class ModelConfig:
         r = self.rope
         rp: dict[str, Any] = {"rope_type": r.rope_type, "rope_theta": r.theta}
         if r.rope_type == "yarn":
-            rp.update(factor=r.factor, original_max_position_embeddings=r.original_max_position_embeddings,
-                      beta_fast=r.beta_fast, beta_slow=r.beta_slow, mscale=r.mscale, mscale_all_dim=r.mscale_all_dim)
-        d.update(rope_parameters=rp, rope_interleave=r.interleave, hidden_act="silu",
-                 num_key_value_heads=self.num_attention_heads,
-                 architectures=["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"])
+            rp.update(
+                factor=r.factor,
+                original_max_position_embeddings=r.original_max_position_embeddings,
+                beta_fast=r.beta_fast,
+                beta_slow=r.beta_slow,
+                mscale=r.mscale,
+                mscale_all_dim=r.mscale_all_dim,
+            )
+        d.update(
+            rope_parameters=rp,
+            rope_interleave=r.interleave,
+            hidden_act="silu",
+            num_key_value_heads=self.num_attention_heads,
+            architectures=[
+                "DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
+            ],
+        )
         return d
 
 
@@ -203,19 +306,27 @@ def _rope_from_hf(raw: dict[str, Any], interleave: bool, source: str) -> RopeSpe
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     rtype = params.get("rope_type", params.get("type", "default")) or "default"
     if rtype not in ("default", "yarn"):
-        raise ConfigError(f"{source}: config field {fld!r}: rope type {rtype!r} not supported (default, yarn)")
+        raise ConfigError(
+            f"{source}: config field {fld!r}: rope type {rtype!r} not supported (default, yarn)"
+        )
     if rtype == "default":
         return RopeSpec(theta=float(theta), interleave=interleave)
     factor = params.get("factor")
     if factor is not None and (not isinstance(factor, (int, float)) or factor <= 0):
         raise ConfigError(f"{source}: config field '{fld}.factor' = {factor!r}: must be a positive number")
     return RopeSpec(
-        theta=float(theta), rope_type="yarn", factor=None if factor is None else float(factor),
-        original_max_position_embeddings=params.get("original_max_position_embeddings",
-                                                    raw.get("max_position_embeddings")),
-        beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
-        mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
-        attention_factor=params.get("attention_factor"), truncate=bool(params.get("truncate", True)),
+        theta=float(theta),
+        rope_type="yarn",
+        factor=None if factor is None else float(factor),
+        original_max_position_embeddings=params.get(
+            "original_max_position_embeddings", raw.get("max_position_embeddings")
+        ),
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
         interleave=interleave,
     )
 
@@ -226,13 +337,39 @@ def builtin_tiny_config() -> ModelConfig:
     from runtime.tokenizer import ByteTokenizer
 
     return ModelConfig(
-        model_type="deepseek_v3", vocab_size=ByteTokenizer.VOCAB_SIZE, hidden_size=64, intermediate_size=128,
-        moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16, n_shared_experts=1,
-        num_experts_per_tok=4, n_group=4, topk_group=2, topk_method="noaux_tc", scoring_func="sigmoid",
-        norm_topk_prob=True, routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=4096,
-        rope=RopeSpec(theta=10000.0, rope_type="yarn", factor=4.0, original_max_position_embeddings=1024,
-                      mscale=1.0, mscale_all_dim=1.0),
-        num_nextn_predict_layers=1, bos_token_id=ByteTokenizer.BOS, eos_token_id=ByteTokenizer.EOS,
+        model_type="deepseek_v3",
+        vocab_size=ByteTokenizer.VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=1,
+        max_position_embeddings=4096,
+        rope=RopeSpec(
+            theta=10000.0,
+            rope_type="yarn",
+            factor=4.0,
+            original_max_position_embeddings=1024,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+        ),
+        num_nextn_predict_layers=1,
+        bos_token_id=ByteTokenizer.BOS,
+        eos_token_id=ByteTokenizer.EOS,
         pad_token_id=ByteTokenizer.PAD,
     ).validate()

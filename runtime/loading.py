@@ -10,8 +10,13 @@ from runtime.config import ModelConfig
 from runtime.model import DeepseekModel
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                mtp: bool = True, materialize: bool = True) -> DeepseekModel:
+def build_model(
+    cfg: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    mtp: bool = True,
+    materialize: bool = True,
+) -> DeepseekModel:
     """Construct without initializing (meta device, then empty storage), so building a big model is cheap."""
     with torch.device("meta"):
         model = DeepseekModel(cfg, mtp=mtp)
@@ -29,8 +34,15 @@ def _fp32_router_bias(model: torch.nn.Module) -> None:
             m.e_score_correction_bias = b.float()
 
 
-def load_model(path: str, mesh=None, dtype: torch.dtype | str | None = torch.float32, device: str | None = None,
-               seed: int = 0, mtp: bool = True, select=None) -> DeepseekModel:
+def load_model(
+    path: str,
+    mesh=None,
+    dtype: torch.dtype | str | None = torch.float32,
+    device: str | None = None,
+    seed: int = 0,
+    mtp: bool = True,
+    select=None,
+) -> DeepseekModel:
     """Load an HF-format model directory (config.json + safetensors) or `builtin:tiny` (seeded init).
 
     `mesh` is the parallel layout (None: single process, the whole model here). Sharding by mesh is done by
@@ -45,8 +57,10 @@ def load_model(path: str, mesh=None, dtype: torch.dtype | str | None = torch.flo
             raise ValueError("dtype must be one of float32, bfloat16, float16")
     dtype = dtype or torch.float32
     if mesh is not None and any(mesh.size(d) > 1 for d in ("tp", "pp", "ep")):
-        raise NotImplementedError("sharding by mesh (tp/pp/ep > 1) is done by the parallel layer (parallel/); "
-                                  "this loader builds the whole model (mesh=None or tp=pp=ep=1)")
+        raise NotImplementedError(
+            "sharding by mesh (tp/pp/ep > 1) is done by the parallel layer (parallel/); "
+            "this loader builds the whole model (mesh=None or tp=pp=ep=1)"
+        )
     device = device or "cpu"
     if path.startswith("builtin:"):
         cfg = builtin_config(path)
@@ -56,7 +70,9 @@ def load_model(path: str, mesh=None, dtype: torch.dtype | str | None = torch.flo
         _fp32_router_bias(model)
         return model.eval()
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model path {path!r} is not a directory (expected an HF model dir or builtin:tiny)")
+        raise FileNotFoundError(
+            f"model path {path!r} is not a directory (expected an HF model dir or builtin:tiny)"
+        )
     cfg = ModelConfig.from_file(path)
     model = build_model(cfg, dtype, device, mtp=mtp)
     load_checkpoint(model, path, select=select)

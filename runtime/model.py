@@ -33,7 +33,8 @@ class Rotary:
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.inv_freq, self.attention_factor = inv_freq_and_attention_factor(
-            cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings)
+            cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings
+        )
         self.interleave = cfg.rope.interleave
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,21 +47,31 @@ class LatentCache:
     All rows share one `length` (the serving engine builds its paged cache on the same per-layer layout).
     """
 
-    def __init__(self, num_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        max_len: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.latent = torch.zeros(num_layers, batch, max_len, kv_lora_rank, dtype=dtype, device=device)
         self.k_pe = torch.zeros(num_layers, batch, max_len, rope_dim, dtype=dtype, device=device)
         self.length = 0
         self.max_len = max_len
 
-    def append(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write T new positions for `layer` at [length, length+T); return the layer's filled prefix."""
         t = latent.shape[1]
         end = self.length + t
         if end > self.max_len:
             raise ValueError(f"latent cache full: {self.length} + {t} tokens > max_len {self.max_len}")
-        self.latent[layer, :, self.length:end] = latent
-        self.k_pe[layer, :, self.length:end] = k_pe
+        self.latent[layer, :, self.length : end] = latent
+        self.k_pe[layer, :, self.length : end] = k_pe
         return self.latent[layer, :, :end], self.k_pe[layer, :, :end]
 
     def advance(self, t: int) -> None:
@@ -81,17 +92,19 @@ class MLA(nn.Module):
             self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * hd, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-                                            bias=cfg.attention_bias)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias
+        )
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.scale = softmax_scale(cfg.rope, cfg.qk_head_dim)
         self.interleave = cfg.rope.interleave
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B,T,H_model] -> q_nope [B,T,h,dn], rotated q_pe [B,T,h,dr], latent [B,T,r], rotated k_pe [B,T,dr]."""
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B,T,D] -> q_nope [B,T,h,dn], q_pe [B,T,h,dr], latent [B,T,r], k_pe [B,T,dr] (pe rotated)."""
         b, t, _ = x.shape
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(b, t, -1, self.qk_nope_head_dim + self.qk_rope_head_dim)
@@ -102,8 +115,15 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe, cos, sin, self.interleave)
         return q_nope, q_pe, latent, k_pe
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
-                layer_idx: int = 0, absorbed: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None = None,
+        layer_idx: int = 0,
+        absorbed: bool = False,
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         q_nope, q_pe, latent, k_pe = self.project(x, cos, sin)
         offset = 0
@@ -129,7 +149,7 @@ class MLP(nn.Module):
 
 
 class Gate(nn.Module):
-    """Router: fp32 logits, then `ops.moe.route`. Keeps the last step's load and balance loss for the trainer."""
+    """Router: fp32 logits, then `ops.moe.route`. Keeps the last load and balance loss for the trainer."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -137,7 +157,9 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         if cfg.topk_method == "noaux_tc":
             # Selection-only bias (aux-loss-free balancing); a buffer, updated by the trainer, kept in fp32.
-            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+            self.register_buffer(
+                "e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32)
+            )
         else:
             self.e_score_correction_bias = None
         self.aux_loss_coef = 0.0
@@ -150,9 +172,16 @@ class Gate(nn.Module):
         logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())
         bias = self.e_score_correction_bias
         w, idx, scores = route(
-            logits, top_k=c.num_experts_per_tok, scoring=c.scoring_func, topk_method=c.topk_method,
-            n_group=c.n_group, topk_group=c.topk_group, bias=None if bias is None else bias.float(),
-            norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor)
+            logits,
+            top_k=c.num_experts_per_tok,
+            scoring=c.scoring_func,
+            topk_method=c.topk_method,
+            n_group=c.n_group,
+            topk_group=c.topk_group,
+            bias=None if bias is None else bias.float(),
+            norm_topk_prob=c.norm_topk_prob,
+            routed_scaling_factor=c.routed_scaling_factor,
+        )
         with torch.no_grad():
             self.last_load = torch.bincount(idx.reshape(-1), minlength=c.n_routed_experts)
         if self.training and self.aux_loss_coef > 0:
@@ -162,14 +191,17 @@ class Gate(nn.Module):
         return w, idx
 
 
-def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, batch: int, cfg: ModelConfig) -> torch.Tensor:
+def sequence_balance_loss(
+    scores: torch.Tensor, idx: torch.Tensor, batch: int, cfg: ModelConfig
+) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss sum_i f_i P_i (eqs. 17-20), averaged over sequences."""
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     s = scores.view(batch, -1, e)
     t = s.shape[1]
     p = (s / s.sum(-1, keepdim=True)).mean(1)  # [B, E]
     hits = torch.zeros(batch, e, device=scores.device).scatter_add_(
-        1, idx.view(batch, -1), torch.ones(batch, t * k, device=scores.device))
+        1, idx.view(batch, -1), torch.ones(batch, t * k, device=scores.device)
+    )
     f = hits * (e / (k * t))
     return (f * p).sum(-1).mean()
 
@@ -191,8 +223,9 @@ class LocalDispatcher:
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
-                 ) -> tuple[torch.Tensor, DispatchHandle]:
+    def dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, DispatchHandle]:
         k = topk_idx.shape[1]
         order, counts = sort_by_expert(topk_idx, self.num_experts)
         src = order // k
@@ -219,8 +252,9 @@ class GroupedExperts(nn.Module):
         self.force_loop = False  # benchmarking / fallback switch
 
     def forward(self, recv_x: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        y = grouped_swiglu(recv_x, self.gate_proj, self.up_proj, self.down_proj, handle.tokens_per_expert,
-                           self.force_loop)
+        y = grouped_swiglu(
+            recv_x, self.gate_proj, self.up_proj, self.down_proj, handle.tokens_per_expert, self.force_loop
+        )
         return y * handle.weights[:, None].to(y.dtype)
 
 
@@ -231,8 +265,11 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = Gate(cfg)
         self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.mlp_bias)
-                               if cfg.n_shared_experts else None)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.mlp_bias)
+            if cfg.n_shared_experts
+            else None
+        )
         self.dispatcher = LocalDispatcher(cfg.n_routed_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,16 +290,26 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.mlp = (
+            MoE(cfg)
+            if cfg.is_moe_layer(layer_idx)
+            else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        )
 
     @property
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoE)
 
     # --- phases -------------------------------------------------------------------------------------------
-    def attention_phase(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        cache: LatentCache | None = None, cache_layer: int = 0, absorbed: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_phase(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None = None,
+        cache_layer: int = 0,
+        absorbed: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (h after the attention residual, x = post-attention-normed h, the MLP input)."""
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, cache_layer, absorbed)
         return h, self.post_attention_layernorm(h)
@@ -286,8 +333,15 @@ class DecoderLayer(nn.Module):
             out = out + self.mlp.shared_experts(x)
         return h + out
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
-                cache_layer: int = 0, absorbed: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None = None,
+        cache_layer: int = 0,
+        absorbed: bool = False,
+    ) -> torch.Tensor:
         h, x = self.attention_phase(h, cos, sin, cache, cache_layer, absorbed)
         if not self.is_moe:
             return h + self.mlp(x)
@@ -317,8 +371,9 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def predict(self, h_prev: torch.Tensor, next_emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                ) -> torch.Tensor:
+    def predict(
+        self, h_prev: torch.Tensor, next_emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
         """Returns the normed MTP hidden state (apply lm_head for logits)."""
         h = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h_prev)], dim=-1))
         return self.shared_head.norm(self(h, cos, sin))
@@ -351,8 +406,9 @@ class DeepseekModel(nn.Module):
     def positions(self, t: int, offset: int = 0, device: torch.device | None = None) -> torch.Tensor:
         return torch.arange(offset, offset + t, device=device)
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None, absorbed: bool = False
-                      ) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, cache: LatentCache | None = None, absorbed: bool = False
+    ) -> torch.Tensor:
         """Final-normed hidden states [B,T,H]; with a cache, the tokens sit after `cache.length`."""
         h = self.model.embed_tokens(input_ids)
         offset = cache.length if cache is not None else 0
@@ -375,8 +431,9 @@ class DeepseekModel(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> LatentCache:
         p = self.lm_head.weight
         c = self.config
-        return LatentCache(len(self.model.layers), batch, max_len, c.kv_lora_rank, c.qk_rope_head_dim, p.dtype,
-                           p.device)
+        return LatentCache(
+            len(self.model.layers), batch, max_len, c.kv_lora_rank, c.qk_rope_head_dim, p.dtype, p.device
+        )
 
     def decode(self, input_ids: torch.Tensor, cache: LatentCache, absorbed: bool = True) -> torch.Tensor:
         """Append `input_ids` [B,T] (a prefill chunk or one decode token) to `cache`; logits [B,T,V] fp32."""
@@ -390,8 +447,9 @@ class DeepseekModel(nn.Module):
         cos, sin = self.rotary(self.positions(t, 0, input_ids.device), h.dtype)
         return self.mtp[k].predict(h[:, :t], next_emb, cos, sin)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Without labels: logits [B,T,V]. With labels [B,T] (labels[t] = token after input t; -100 ignored):
         (loss, parts) where parts["ce"] is the mean token cross-entropy, parts["mtp"] the MTP cross-entropy
         (predicting labels[t+1] at position t) when MTP modules exist, parts["aux"] the balance loss when
@@ -407,15 +465,22 @@ class DeepseekModel(nn.Module):
         loss = ce
         if len(self.mtp) and input_ids.shape[1] > 1:
             mtp_losses = []
-            for k in range(len(self.mtp)):
+            mh = h
+            for k in range(min(len(self.mtp), input_ids.shape[1] - 1)):
                 # Module k sees tokens shifted by k+1; depth > 1 chains on the previous module's output.
-                mh = self.mtp_hidden(h, input_ids, k) if k == 0 else self.mtp_hidden(mh, input_ids[:, k:], k)
+                mh = self.mtp_hidden(mh, input_ids[:, k:], k)
                 ml = self.head(mh).float()
-                tgt = labels[:, k + 1:]
-                mtp_losses.append(F.cross_entropy(ml.reshape(-1, v), tgt.reshape(-1), ignore_index=IGNORE_INDEX))
+                tgt = labels[:, k + 1 :]
+                mtp_losses.append(
+                    F.cross_entropy(ml.reshape(-1, v), tgt.reshape(-1), ignore_index=IGNORE_INDEX)
+                )
             parts["mtp"] = torch.stack(mtp_losses).mean()
             loss = loss + self.mtp_loss_coef * parts["mtp"]
-        aux = [m.gate.last_aux_loss for m in self.modules() if isinstance(m, MoE) and m.gate.last_aux_loss is not None]
+        aux = [
+            m.gate.last_aux_loss
+            for m in self.modules()
+            if isinstance(m, MoE) and m.gate.last_aux_loss is not None
+        ]
         if aux:
             parts["aux"] = torch.stack(aux).sum()
             loss = loss + parts["aux"]
@@ -424,6 +489,10 @@ class DeepseekModel(nn.Module):
 
 def _check_ids(input_ids: torch.Tensor, vocab: int) -> None:
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}"
+        )
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-        raise ValueError(f"input_ids out of range [0, {vocab}): min {int(input_ids.min())}, max {int(input_ids.max())}")
+        raise ValueError(
+            f"input_ids out of range [0, {vocab}): min {int(input_ids.min())}, max {int(input_ids.max())}"
+        )

@@ -43,7 +43,9 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer as _Tok
         except ImportError as e:  # pragma: no cover - tokenizers ships with transformers
-            raise ImportError("loading tokenizer.json needs the 'tokenizers' package (pip install tokenizers)") from e
+            raise ImportError(
+                "loading tokenizer.json needs the 'tokenizers' package (pip install tokenizers)"
+            ) from e
         self._tok = _Tok.from_file(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id = bos_id, eos_id
@@ -57,12 +59,14 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """`builtin:tiny` (or any builtin:) -> bytes; a model dir with tokenizer.json -> HF tokenizer; else bytes."""
+    """`builtin:tiny` -> bytes; a model dir with tokenizer.json -> HF tokenizer."""
     if path.startswith("builtin:"):
         return ByteTokenizer()
     tj = os.path.join(path, "tokenizer.json")
     if not os.path.exists(tj):
-        raise FileNotFoundError(f"{path}: no tokenizer.json (byte-level tokenization is only for builtin models)")
+        raise FileNotFoundError(
+            f"{path}: no tokenizer.json (byte-level tokenization is only for builtin models)"
+        )
     bos = eos = None
     cfg = os.path.join(path, "config.json")
     if os.path.exists(cfg):

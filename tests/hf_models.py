@@ -17,25 +17,68 @@ from typing import Any
 import torch
 
 V3_TINY: dict[str, Any] = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
-    n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
-    qk_rope_head_dim=8, v_head_dim=12, routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=256,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, num_nextn_predict_layers=1,
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=3,
+    n_group=4,
+    topk_group=2,
+    first_k_dense_replace=1,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    max_position_embeddings=256,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    num_nextn_predict_layers=1,
     tie_word_embeddings=False,
 )
 
 V2_TINY: dict[str, Any] = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3,
-    n_group=4, topk_group=2, topk_method="group_limited_greedy", first_k_dense_replace=1, q_lora_rank=None,
-    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, routed_scaling_factor=1.5,
-    max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=8,
+    n_shared_experts=2,
+    num_experts_per_tok=3,
+    n_group=4,
+    topk_group=2,
+    topk_method="group_limited_greedy",
+    first_k_dense_replace=1,
+    q_lora_rank=None,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    routed_scaling_factor=1.5,
+    max_position_embeddings=256,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     tie_word_embeddings=False,
 )
 
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
-        "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "original_max_position_embeddings": 32,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
 
 
 def hf_config(model_type: str = "deepseek_v3", **overrides: Any):
@@ -73,8 +116,13 @@ def build_hf_model(model_type: str = "deepseek_v3", seed: int = 0, **overrides: 
     return model
 
 
-def make_hf_model(directory: str | os.PathLike, model_type: str = "deepseek_v3", seed: int = 0,
-                  max_shard_size: str = "40KB", **overrides: Any):
+def make_hf_model(
+    directory: str | os.PathLike,
+    model_type: str = "deepseek_v3",
+    seed: int = 0,
+    max_shard_size: str = "40KB",
+    **overrides: Any,
+):
     """Build a random HF model and save it sharded into `directory`; returns (path, model)."""
     model = build_hf_model(model_type, seed, **overrides)
     path = os.fspath(directory)

@@ -7,9 +7,9 @@ import os
 
 import pytest
 import torch
+from hf_models import make_hf_model, random_ids
 
 import runtime
-from hf_models import make_hf_model, random_ids
 from ops.fp8 import block_dequantize, block_quantize
 from runtime.checkpoint import CheckpointError, Selection, load_checkpoint, save_hf_checkpoint
 from runtime.config import ConfigError
@@ -32,7 +32,9 @@ def saved(tiny, tmp_path_factory):
 def test_round_trip_with_mtp(tiny, saved):
     index = json.load(open(os.path.join(saved, "model.safetensors.index.json")))["weight_map"]
     n = tiny.config.num_hidden_layers
-    assert f"model.layers.{n}.eh_proj.weight" in index and "model.layers.1.mlp.experts.3.up_proj.weight" in index
+    assert (
+        f"model.layers.{n}.eh_proj.weight" in index and "model.layers.1.mlp.experts.3.up_proj.weight" in index
+    )
     model = runtime.load_model(saved)
     assert len(model.mtp) == 1
     for (name, a), (_, b) in zip(tiny.state_dict().items(), model.state_dict().items()):
@@ -76,7 +78,7 @@ def test_transformers_checkpoint_turns_mtp_off_once(tmp_path, caplog):
 
 
 def test_select_hook_loads_a_slice(saved, tiny):
-    """What an EP/TP loader does: keep experts 4..7 in local slots 0..3 and the first half of q_b_proj rows."""
+    """As an EP/TP loader would: experts 4..7 into local slots 0..3, the first half of q_b_proj."""
     cfg = tiny.config
     model = build_model(cfg)
     for layer in list(model.model.layers) + list(model.mtp):
@@ -85,8 +87,9 @@ def test_select_hook_loads_a_slice(saved, tiny):
             for nm in ("gate_proj", "up_proj", "down_proj"):
                 setattr(ex, nm, torch.nn.Parameter(torch.empty(4, *getattr(ex, nm).shape[1:])))
         attn = layer.self_attn
-        attn.q_b_proj.weight = torch.nn.Parameter(torch.empty(attn.q_b_proj.weight.shape[0] // 2,
-                                                              attn.q_b_proj.weight.shape[1]))
+        attn.q_b_proj.weight = torch.nn.Parameter(
+            torch.empty(attn.q_b_proj.weight.shape[0] // 2, attn.q_b_proj.weight.shape[1])
+        )
     calls = []
 
     def select(name, expert, shape):
@@ -98,13 +101,18 @@ def test_select_hook_loads_a_slice(saved, tiny):
         return Selection()
 
     load_checkpoint(model, saved, select=select)
-    assert torch.equal(model.model.layers[1].mlp.experts.up_proj, tiny.model.layers[1].mlp.experts.up_proj[4:8])
+    assert torch.equal(
+        model.model.layers[1].mlp.experts.up_proj, tiny.model.layers[1].mlp.experts.up_proj[4:8]
+    )
     half = tiny.model.layers[0].self_attn.q_b_proj.weight.shape[0] // 2
-    assert torch.equal(model.model.layers[0].self_attn.q_b_proj.weight, tiny.model.layers[0].self_attn.q_b_proj.weight[:half])
+    assert torch.equal(
+        model.model.layers[0].self_attn.q_b_proj.weight, tiny.model.layers[0].self_attn.q_b_proj.weight[:half]
+    )
     assert any("experts" in c for c in calls)
 
 
-# --- errors --------------------------------------------------------------------------------------------------
+# --- errors ---
+
 
 def _copy(src: str, dst) -> str:
     import shutil
@@ -159,11 +167,15 @@ def test_missing_and_unexpected_tensor(saved, tmp_path):
     save_file(tensors, fp)
     index["weight_map"]["model.layers.2.mlp.bogus.weight"] = index["weight_map"].pop(name)
     json.dump(index, open(idx_path, "w"))
-    with pytest.raises(CheckpointError, match=r"unexpected.*model\.layers\.2\.mlp\.bogus\.weight.*safetensors"):
+    with pytest.raises(
+        CheckpointError, match=r"unexpected.*model\.layers\.2\.mlp\.bogus\.weight.*safetensors"
+    ):
         runtime.load_model(path)
     del index["weight_map"]["model.layers.2.mlp.bogus.weight"]
     json.dump(index, open(idx_path, "w"))
-    with pytest.raises(CheckpointError, match=r"missing.*model\.layers\.2\.mlp\.experts\.5\.gate_proj\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"missing.*model\.layers\.2\.mlp\.experts\.5\.gate_proj\.weight"
+    ):
         runtime.load_model(path)
 
 

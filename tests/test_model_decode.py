@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_models import YARN, make_hf_model, random_ids
 
 import runtime
-from hf_models import YARN, make_hf_model, random_ids
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +16,9 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def hf_loaded(tmp_path_factory):
-    path, _ = make_hf_model(tmp_path_factory.mktemp("v3dec"), "deepseek_v3", seed=7, q_lora_rank=None,
-                            rope_parameters=YARN)
+    path, _ = make_hf_model(
+        tmp_path_factory.mktemp("v3dec"), "deepseek_v3", seed=7, q_lora_rank=None, rope_parameters=YARN
+    )
     return runtime.load_model(path)
 
 
@@ -44,8 +45,10 @@ def test_incremental_decode_matches_full_forward(model, prefill_absorbed):
     out = [model.decode(ids[:, :prompt], cache, absorbed=prefill_absorbed)]
     assert cache.length == prompt
     for t in range(prompt, prompt + steps - 2):
-        out.append(model.decode(ids[:, t:t + 1], cache, absorbed=True))
-    out.append(model.decode(ids[:, prompt + steps - 2:], cache, absorbed=True))  # a 2-token chunk after decode
+        out.append(model.decode(ids[:, t : t + 1], cache, absorbed=True))
+    out.append(
+        model.decode(ids[:, prompt + steps - 2 :], cache, absorbed=True)
+    )  # a 2-token chunk after decode
     got = torch.cat(out, dim=1)
     assert cache.length == prompt + steps
     assert (got - full).abs().max().item() < 1e-5

@@ -7,9 +7,9 @@ import os
 
 import pytest
 import torch
+from hf_models import YARN, hf_logits, make_hf_model, random_ids
 
 import runtime
-from hf_models import YARN, hf_logits, make_hf_model, random_ids
 
 pytest.importorskip("transformers")
 
@@ -19,8 +19,10 @@ CASES = {
     "v3_no_q_lora_yarn": ("deepseek_v3", {"q_lora_rank": None, "rope_parameters": YARN}),
     "v3_half_split_rope": ("deepseek_v3", {"rope_interleave": False, "norm_topk_prob": False}),
     "v2_group_limited": ("deepseek_v2", {}),
-    "v2_greedy_yarn_q_lora": ("deepseek_v2", {"topk_method": "greedy", "q_lora_rank": 24, "rope_parameters": YARN,
-                                              "first_k_dense_replace": 0}),
+    "v2_greedy_yarn_q_lora": (
+        "deepseek_v2",
+        {"topk_method": "greedy", "q_lora_rank": 24, "rope_parameters": YARN, "first_k_dense_replace": 0},
+    ),
 }
 
 
@@ -60,8 +62,14 @@ def test_groups_really_excluded(pair):
     moe = next(m.mlp for m in model.model.layers if m.is_moe)
     x = torch.randn(256, cfg.hidden_size, generator=torch.Generator().manual_seed(9))
     logits = torch.nn.functional.linear(x.float(), moe.gate.weight.float())
-    kw = dict(top_k=cfg.num_experts_per_tok, scoring=cfg.scoring_func, topk_method=cfg.topk_method,
-              bias=moe.gate.e_score_correction_bias, norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=1.0)
+    kw = dict(
+        top_k=cfg.num_experts_per_tok,
+        scoring=cfg.scoring_func,
+        topk_method=cfg.topk_method,
+        bias=moe.gate.e_score_correction_bias,
+        norm_topk_prob=cfg.norm_topk_prob,
+        routed_scaling_factor=1.0,
+    )
     _, idx_limited, _ = route(logits, n_group=cfg.n_group, topk_group=cfg.topk_group, **kw)
     _, idx_free, _ = route(logits, n_group=cfg.n_group, topk_group=cfg.n_group, **kw)
     assert cfg.topk_group < cfg.n_group

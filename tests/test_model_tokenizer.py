@@ -24,7 +24,10 @@ def test_hf_tokenizer_json(tmp_path):
     tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tk.decoder = tokenizers.decoders.WordPiece()
     tk.save(str(tmp_path / "tokenizer.json"))
-    json.dump({"model_type": "deepseek_v3", "bos_token_id": 0, "eos_token_id": 2}, open(tmp_path / "config.json", "w"))
+    json.dump(
+        {"model_type": "deepseek_v3", "bos_token_id": 0, "eos_token_id": 2},
+        open(tmp_path / "config.json", "w"),
+    )
     tok = load_tokenizer(str(tmp_path))
     assert tok.encode("hello world") == [1, 2]
     assert tok.encode("hello", add_bos=True) == [0, 1] and tok.eos_id == 2

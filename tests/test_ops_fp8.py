@@ -15,7 +15,7 @@ def test_block_round_trip_and_layout():
     q, s = block_quantize(w)
     assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape and s.shape == (3, 2)
     back = block_dequantize(q, s)
-    rel = ((back - w).abs() / w.abs().clamp(min=1e-3))
+    rel = (back - w).abs() / w.abs().clamp(min=1e-3)
     assert rel[128:, 128:].median() < 0.05 and (back - w)[128:, 128:].abs().max() < 0.2
     assert not torch.equal(back, w)
 

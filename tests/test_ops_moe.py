@@ -13,8 +13,9 @@ pytest.importorskip("transformers")
 def _hf_router(model_type: str, **kw):
     from hf_models import hf_config
 
-    cfg = hf_config(model_type, hidden_size=16, n_routed_experts=16, n_group=4, topk_group=2,
-                    num_experts_per_tok=4, **kw)
+    cfg = hf_config(
+        model_type, hidden_size=16, n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4, **kw
+    )
     if model_type == "deepseek_v3":
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter as R
     else:
@@ -33,20 +34,31 @@ def _canon(w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return w.gather(-1, order), idx.gather(-1, order)
 
 
-@pytest.mark.parametrize("model_type,kw", [
-    ("deepseek_v3", {"norm_topk_prob": True}), ("deepseek_v3", {"norm_topk_prob": False}),
-    ("deepseek_v2", {"topk_method": "group_limited_greedy"}), ("deepseek_v2", {"topk_method": "greedy"}),
-])
+@pytest.mark.parametrize(
+    "model_type,kw",
+    [
+        ("deepseek_v3", {"norm_topk_prob": True}),
+        ("deepseek_v3", {"norm_topk_prob": False}),
+        ("deepseek_v2", {"topk_method": "group_limited_greedy"}),
+        ("deepseek_v2", {"topk_method": "greedy"}),
+    ],
+)
 def test_route_matches_transformers(model_type, kw):
     cfg, r = _hf_router(model_type, **kw)
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
     logits, ref_w, ref_idx = r(x)
     method = "noaux_tc" if model_type == "deepseek_v3" else cfg.topk_method
     w, idx, _ = route(
-        logits, top_k=4, scoring="sigmoid" if model_type == "deepseek_v3" else "softmax",
-        topk_method=method, n_group=4, topk_group=2,
-        bias=getattr(r, "e_score_correction_bias", None), norm_topk_prob=cfg.norm_topk_prob,
-        routed_scaling_factor=cfg.routed_scaling_factor)
+        logits,
+        top_k=4,
+        scoring="sigmoid" if model_type == "deepseek_v3" else "softmax",
+        topk_method=method,
+        n_group=4,
+        topk_group=2,
+        bias=getattr(r, "e_score_correction_bias", None),
+        norm_topk_prob=cfg.norm_topk_prob,
+        routed_scaling_factor=cfg.routed_scaling_factor,
+    )
     w, idx = _canon(w, idx)
     ref_w, ref_idx = _canon(ref_w, ref_idx)
     assert torch.equal(idx, ref_idx)
@@ -62,8 +74,15 @@ def test_bias_only_selects():
     logits = torch.randn(32, 8, generator=torch.Generator().manual_seed(2))
     bias = torch.zeros(8)
     bias[3] = 10.0
-    kw = dict(top_k=2, scoring="sigmoid", topk_method="noaux_tc", n_group=1, topk_group=1, norm_topk_prob=False,
-              routed_scaling_factor=1.0)
+    kw = dict(
+        top_k=2,
+        scoring="sigmoid",
+        topk_method="noaux_tc",
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+    )
     w, idx, scores = route(logits, bias=bias, **kw)
     assert (idx == 3).any(-1).all()
     assert torch.allclose(w, logits.sigmoid().gather(1, idx))
@@ -77,7 +96,7 @@ def test_grouped_linear_with_empty_experts_and_grads(force_loop, dim_in, dim_out
     w = torch.randn(5, dim_out, dim_in, generator=g, requires_grad=True)
     y = grouped_linear(x, w, counts, force_loop=force_loop)
     starts = torch.cumsum(counts, 0) - counts
-    ref = torch.cat([x[s:s + c] @ w[e].T for e, (s, c) in enumerate(zip(starts.tolist(), counts.tolist()))])
+    ref = torch.cat([x[s : s + c] @ w[e].T for e, (s, c) in enumerate(zip(starts.tolist(), counts.tolist()))])
     assert torch.allclose(y, ref, atol=1e-6)
     y.sum().backward()  # a stride-0 gradient, which grouped_mm's backward alone rejects
     gx, gw = x.grad.clone(), w.grad.clone()
@@ -92,8 +111,11 @@ def test_grouped_swiglu_sorted_rows():
     order, counts = sort_by_expert(idx, 6)
     assert torch.equal(idx.reshape(-1)[order], idx.reshape(-1).sort().values)
     x = torch.randn(40, 8, generator=g)
-    gp, up, dp = (torch.randn(6, 4, 8, generator=g), torch.randn(6, 4, 8, generator=g),
-                  torch.randn(6, 8, 4, generator=g))
+    gp, up, dp = (
+        torch.randn(6, 4, 8, generator=g),
+        torch.randn(6, 4, 8, generator=g),
+        torch.randn(6, 8, 4, generator=g),
+    )
     a = grouped_swiglu(x, gp, up, dp, counts)
     b = grouped_swiglu(x, gp, up, dp, counts, force_loop=True)
     assert torch.allclose(a, b, atol=1e-5)

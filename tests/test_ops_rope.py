@@ -10,13 +10,32 @@ from ops.rope import RopeSpec, apply_rope, inv_freq_and_attention_factor, rope_c
 tf = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("params", [
-    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
-     "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
-    {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 8.0, "original_max_position_embeddings": 64,
-     "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1},
-    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+        {
+            "rope_type": "yarn",
+            "rope_theta": 50000.0,
+            "factor": 8.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128},
+    ],
+)
 def test_yarn_matches_transformers(params):
     from transformers import DeepseekV3Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -25,9 +44,14 @@ def test_yarn_matches_transformers(params):
     cfg = DeepseekV3Config(qk_rope_head_dim=64, max_position_embeddings=163840, rope_parameters=dict(params))
     ref_inv, ref_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg)
     p = dict(params)
-    spec = RopeSpec(theta=p["rope_theta"], rope_type="yarn", factor=p["factor"],
-                    original_max_position_embeddings=p["original_max_position_embeddings"],
-                    mscale=p.get("mscale"), mscale_all_dim=p.get("mscale_all_dim"))
+    spec = RopeSpec(
+        theta=p["rope_theta"],
+        rope_type="yarn",
+        factor=p["factor"],
+        original_max_position_embeddings=p["original_max_position_embeddings"],
+        mscale=p.get("mscale"),
+        mscale_all_dim=p.get("mscale_all_dim"),
+    )
     inv, factor = inv_freq_and_attention_factor(spec, 64, 163840)
     assert torch.allclose(inv, ref_inv, rtol=1e-6, atol=0)
     assert factor == pytest.approx(ref_factor)
