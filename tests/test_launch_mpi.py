@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launchers import ROOT, base_env, mpirun, moerun, parse_info
+from tests.launchers import ROOT, base_env, moerun, mpirun, parse_info
 
 pytestmark = pytest.mark.mpi
 
