@@ -206,7 +206,10 @@ class SlurmCluster:
 
     def _wait_idle(self) -> None:
         def idle() -> bool:
-            r = self.run(["sinfo", "-h", "-N", "-o", "%N %t"], timeout=10, check=False)
+            try:
+                r = self.run(["sinfo", "-h", "-N", "-o", "%N %t"], timeout=10, check=False)
+            except subprocess.TimeoutExpired:
+                return False
             states = dict(line.split() for line in r.stdout.splitlines() if len(line.split()) == 2)
             return all(states.get(n) == "idle" for n in self.nodes)
 
@@ -232,7 +235,10 @@ class SlurmCluster:
 
     # ---------------------------------------------------------------- stop
     def stop(self) -> None:
-        # Compute daemons first, then the controller, then munge; each by its own PID.
+        # Jobs a failed test left behind first (their slurmstepd would outlive slurmd), then compute
+        # daemons, the controller, and munge; each daemon by its own PID.
+        if self.procs.get("slurmctld") is not None and self.procs["slurmctld"].poll() is None:
+            self._cancel_all_jobs()
         order = [n for n in self.procs if n.startswith("slurmd")] + ["slurmctld", "munged"]
         for name in order:
             proc = self.procs.get(name)
@@ -246,11 +252,29 @@ class SlurmCluster:
                 proc.wait(timeout=5)
 
 
+    def _cancel_all_jobs(self, deadline_s: float = 20.0) -> None:
+        try:
+            jobs = self.run(["squeue", "-h", "-o", "%i"], timeout=10, check=False).stdout.split()
+            if not jobs:
+                return
+            self.run(["scancel", *jobs], timeout=10, check=False)
+            deadline = time.monotonic() + deadline_s
+            while time.monotonic() < deadline:
+                if not self.run(["squeue", "-h", "-o", "%i"], timeout=10, check=False).stdout.split():
+                    return
+                time.sleep(0.2)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+
 def start_cluster(root: Path) -> SlurmCluster:
     """Start the cluster under `root`; on failure stop what started and raise SlurmUnavailable."""
     cluster = SlurmCluster(root)
     try:
         cluster.start()
+    except OSError as e:  # a daemon that cannot be executed, a directory that cannot be made
+        cluster.stop()
+        raise SlurmUnavailable(f"cannot start the daemons: {e}\n{cluster.logs()}") from e
     except BaseException:
         cluster.stop()
         raise
