@@ -106,6 +106,8 @@ def test_zb1p_bubble_within_formula(pp, costs):
     for chunks in (pp, 2 * pp + 1, 4 * pp):
         zb = simulate(build("zb1p", pp, chunks), costs)
         assert zb.worst_bubble <= bubble_formula("zb1p", pp, costs) + 1e-9
+        # with W <= F <= B - W our ZB-H1 meets the formula exactly, not just under it
+        assert zb.worst_bubble == pytest.approx(bubble_formula("zb1p", pp, costs), abs=1e-9)
         one = simulate(build("1f1b", pp, chunks), costs)
         assert zb.worst_bubble < one.worst_bubble  # deferring W pays whenever w > 0
 
@@ -120,6 +122,21 @@ def test_dualpipe_bubbles_within_formula(stages, costs):
             formula = bubble_formula(kind, ranks, costs)
             assert formula == pytest.approx((stages / 2 - 1) * (costs.duration(FB) + costs.b - 3 * costs.w))
             assert res.worst_bubble <= formula + 1e-9
+
+
+def test_formulas_hold_for_random_costs_of_transformer_shape():
+    """Random costs with W <= F <= B - W and max(F, B) <= F&B <= F + B, random sizes (docs/pipeline.md)."""
+    rng = random.Random(7)
+    for _ in range(30):
+        f = rng.uniform(0.5, 3)
+        w = f * rng.uniform(0, 1)
+        b = w + f * rng.uniform(1, 3)
+        c = Costs(f=f, b=b, w=w, fb=rng.uniform(max(f, b), f + b))
+        for kind in ("1f1b", "zb1p", "dualpipe", "dualpipev"):
+            ranks = rng.choice([2, 4]) if kind == "dualpipev" else rng.choice([4, 8])
+            chunks = 2 * ranks + 2 * rng.randrange(4)
+            res = simulate(build(kind, ranks, chunks), c, check=False)
+            assert res.worst_bubble <= bubble_formula(kind, ranks, c) + 1e-9, (kind, ranks, chunks, c)
 
 
 def test_dualpipe_beats_1f1b_at_same_stages():

@@ -76,12 +76,16 @@ def _fmt(x: float) -> str:
 
 def result_dict(res, formula: float | None) -> dict:
     s = res.schedule
+
+    def num(x: float | None) -> float | None:  # drop float noise such as 62.800000000000026
+        return None if x is None else round(x, 9)
+
     return {
         "kind": s.kind, "pp": s.pp, "chunks": s.chunks, "costs": res.costs.as_dict(),
-        "makespan": res.makespan,
-        "ranks": [{"rank": r.rank, "busy": r.busy, "bubble": r.bubble, "peak_activations": r.peak_activations}
-                  for r in res.ranks],
-        "bubble_formula": formula,
+        "makespan": num(res.makespan),
+        "ranks": [{"rank": r.rank, "busy": num(r.busy), "bubble": num(r.bubble),
+                   "peak_activations": r.peak_activations} for r in res.ranks],
+        "bubble_formula": num(formula),
     }
 
 
