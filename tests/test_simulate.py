@@ -37,7 +37,7 @@ def _reference_times(s, costs):
 
     @cache
     def end(r: int, i: int) -> float:
-        return start(r, i) + costs.duration(order[(r, i)].kind)
+        return start(r, i) + costs.action_time(order[(r, i)])
 
     @cache
     def start(r: int, i: int) -> float:
@@ -169,6 +169,31 @@ def test_exposed_all_to_all_is_hidden_only_inside_fb():
     n_f = sum(1 for a in s.compute_actions(0) if a.kind == F)
     n_b = sum(1 for a in s.compute_actions(0) if a.kind in (B, BI))
     assert a2a.ranks[0].busy == pytest.approx(base.ranks[0].busy + 0.5 * (n_f + n_b))
+
+
+def test_stage_scale():
+    s = build("dualpipev", 2, 6)
+    base = simulate(s, Costs(f=1, b=2, w=1, fb=2.5, comm=0.3))
+    double = simulate(s, Costs(f=2, b=4, w=2, fb=5, comm=0.6))
+    scaled = simulate(s, Costs(f=1, b=2, w=1, fb=2.5, comm=0.6, stage_scale=(2, 2, 2, 2)))
+    assert scaled.makespan == pytest.approx(double.makespan) == pytest.approx(2 * base.makespan)
+    # a heavier last stage (rank 0's chunk 1): rank 0 gets busier by exactly the extra time of that stage
+    heavy = simulate(s, Costs(f=1, b=2, w=1, fb=2.5, stage_scale=(1, 1, 1, 1.5)))
+    plain = simulate(s, Costs(f=1, b=2, w=1, fb=2.5))
+    extra = 0.0
+    for a in s.compute_actions(0):
+        c = Costs(f=1, b=2, w=1, fb=2.5)
+        if a.kind == FB:
+            extra += c.duration(FB) * (0.5 * ((a.stage == 3) + (a.b_stage == 3)) * 0.5)
+        elif a.stage == 3:
+            extra += c.duration(a.kind) * 0.5
+    assert extra > 0
+    assert heavy.ranks[0].busy == pytest.approx(plain.ranks[0].busy + extra)
+    assert heavy.ranks[1].busy == pytest.approx(plain.ranks[1].busy)
+    with pytest.raises(ScheduleError, match="stage_scale has 2 entries"):
+        simulate(s, Costs(stage_scale=(1, 1)))
+    with pytest.raises(ScheduleError, match="stage_scale must hold finite numbers > 0"):
+        Costs(stage_scale=(1, 0))
 
 
 def test_costs_validation():

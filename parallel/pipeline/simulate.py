@@ -8,7 +8,8 @@ Stable API (the layout planner calls it to predict step time)::
     res.makespan, res.worst_bubble, res.ranks[r].busy / .bubble / .peak_activations, res.chrome_trace()
 
 Costs are in any one time unit (the Chrome trace writes 1 unit as 1 ms). New cost fields are added only with
-defaults, so `Costs(f=.., b=.., w=.., fb=.., comm=..)` keeps working.
+defaults, so `Costs(f=.., b=.., w=.., fb=.., comm=..)` keeps working. `stage_scale` (one factor per stage)
+models uneven stages, such as a first stage with the embedding or a last one with head, loss and MTP.
 
 Model. Every rank runs its actions in order, one at a time. A compute action occupies its rank for its cost:
 F = f + a2a_f, B = b + a2a_b, I = b - w + a2a_b, W = w, FB = fb (defaults to F + B: no overlap gain).
@@ -46,11 +47,20 @@ class Costs:
     comm: float = 0.0
     a2a_f: float = 0.0  # exposed all-to-all time of a standalone F (hidden inside an FB)
     a2a_b: float = 0.0  # exposed all-to-all time of a standalone B or I
+    # Per-stage multiplier of compute time (e.g. the embedding or head stage is heavier); an FB is scaled by
+    # the mean of its two stages' factors. None: all stages cost the same.
+    stage_scale: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.stage_scale is not None:
+            scale = tuple(self.stage_scale)
+            if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0
+                   for x in scale):
+                raise ScheduleError(f"stage_scale must hold finite numbers > 0, got {self.stage_scale!r}")
+            object.__setattr__(self, "stage_scale", scale)
         for f_ in fields(self):
             v = getattr(self, f_.name)
-            if v is None and f_.name == "fb":
+            if f_.name == "stage_scale" or (v is None and f_.name == "fb"):
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ScheduleError(f"cost {f_.name} must be a finite number >= 0, got {v!r}")
@@ -59,7 +69,19 @@ class Costs:
 
     @classmethod
     def names(cls) -> list[str]:
-        return [f_.name for f_ in fields(cls)]
+        """The scalar cost fields (what `moerun schedule --cost` accepts)."""
+        return [f_.name for f_ in fields(cls) if f_.name != "stage_scale"]
+
+    def action_time(self, action) -> float:
+        """Rank time of one compute action, with its stage's scale factor."""
+        d = self.duration(action.kind)
+        if self.stage_scale is None:
+            return d
+        n = len(self.stage_scale)
+        stages = [action.stage] + ([action.b_stage] if action.kind == FB else [])
+        if any(s >= n for s in stages):
+            raise ScheduleError(f"stage_scale has {n} entries; the schedule has a stage {max(stages)}")
+        return d * sum(self.stage_scale[s] for s in stages) / len(stages)
 
     def duration(self, kind: str) -> float:
         """Rank time of one compute action of `kind`."""
@@ -78,6 +100,10 @@ class Costs:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["fb"] = self.duration(FB)
+        if self.stage_scale is None:
+            del d["stage_scale"]
+        else:
+            d["stage_scale"] = list(self.stage_scale)
         return d
 
 
@@ -152,7 +178,7 @@ def simulate(schedule: Schedule, costs: Costs | None = None, check: bool = True)
                         break
                     clock[r] = max(clock[r], arrival[key])
                 else:
-                    d = costs.duration(a.kind)
+                    d = costs.action_time(a)
                     start = clock[r]
                     clock[r] += d
                     busy[r] += d
