@@ -85,6 +85,12 @@ def test_trace_and_png_files(capsys, tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 200_000
 
 
+def test_unwritable_output_is_a_clear_error(capsys, tmp_path):
+    rc, _, err = _run(capsys, "--kind", "1f1b", "--pp", "2", "--chunks", "2", "--trace",
+                      str(tmp_path / "no" / "such" / "dir" / "t.json"))
+    assert rc == 2 and "cannot write" in err and "t.json" in err
+
+
 def test_command_does_not_import_torch():
     code = ("import sys; from launch.cli import main; "
             "rc = main(['schedule', '--kind', 'dualpipe', '--pp', '4', '--chunks', '8', '--json']); "

@@ -101,18 +101,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"moerun schedule: error: {e}", file=sys.stderr)
         return 2
     formula = bubble_formula(args.kind, args.pp, costs)
-    if args.trace:
-        from parallel.pipeline.trace import write_chrome_trace
+    try:
+        if args.trace:
+            from parallel.pipeline.trace import write_chrome_trace
 
-        write_chrome_trace(res, args.trace)
-    if args.png:
-        try:
+            write_chrome_trace(res, args.trace)
+        if args.png:
             from parallel.pipeline.trace import render_png
 
             render_png(res, args.png)
-        except ImportError as e:
-            print(f"moerun schedule: error: --png needs matplotlib ({e})", file=sys.stderr)
-            return 2
+    except ImportError as e:
+        print(f"moerun schedule: error: --png needs matplotlib ({e})", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"moerun schedule: error: cannot write {e.filename or 'output'}: {e.strerror or e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(result_dict(res, formula)))
         return 0
