@@ -1,0 +1,176 @@
+"""`moerun plan`: rank parallel layouts by predicted memory and step time; `moerun plan experts`: placement.
+
+No torch: the planner is pure Python + numpy, so this runs on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "rank parallel layouts by predicted memory and step time"
+DESCRIPTION = """\
+Rank parallel layouts (tp, pp, ep, dp, micro-batches, schedule, recompute) of an MLA/MoE model on a cluster
+by predicted step time, keeping those that fit in GPU memory. The cost model and every constant's source
+are in docs/tuning.md. Step time comes from the same pipeline simulator as `moerun schedule`.
+
+  moerun plan --model deepseek-v3 --nodes 256 --gpus-per-node 8 --gpu h800
+  moerun plan --model deepseek-v3 --nodes 256 --gpus-per-node 8 --gpu h800 --layout pp=16,ep=64,tp=1 --json
+  moerun plan --model path/to/config.json --nodes 4 --gpus-per-node 8 --gpu h100 --top 5
+
+Expert placement for serving with redundant experts (loads: .npy of shape (experts,) or (layers, experts)):
+
+  moerun plan experts --load loads.npy --gpus 32 --nodes 4 --redundant 32 --groups 8 [--json] [--out P.json]
+"""
+
+
+def _number(text: str) -> float:
+    """1e12, 14.8T, 500B, 2M -> float."""
+    t = text.strip().upper()
+    mult = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+    try:
+        if t and t[-1] in mult:
+            return float(t[:-1]) * mult[t[-1]]
+        return float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (examples: 1e12, 14.8T, 500B)") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", nargs="?", choices=("layouts", "experts"), default="layouts",
+                   help="layouts (default) or experts (placement with redundant experts)")
+    g = p.add_argument_group("layouts")
+    g.add_argument("--model", help="deepseek-v3 | deepseek-v2 | deepseek-v2-lite | kimi-k2 | path to config.json")
+    g.add_argument("--nodes", type=int, help="number of nodes")
+    g.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    g.add_argument("--gpu", default="h800", help="h800 | h100 | h200 (default h800)")
+    g.add_argument("--tokens", type=_number, default=1e12,
+                   help="training tokens, for total GPU-hours and days (default 1e12; 14.8T works)")
+    g.add_argument("--layout", help="fix some fields, search the rest: pp=16,ep=64,tp=1[,dp=,schedule=,mbs=,"
+                                    "recompute=]")
+    g.add_argument("--top", type=int, default=10, help="how many layouts to show (default 10)")
+    g.add_argument("--seq-len", type=int, default=4096, help="sequence length (default 4096, as DeepSeek-V3)")
+    g.add_argument("--global-batch", type=int, default=15360,
+                   help="sequences per optimizer step (default 15360, where V3's batch schedule ends)")
+    g.add_argument("--precision", choices=("fp8", "bf16"), default="fp8", help="GEMM precision (default fp8)")
+    g.add_argument("--load-imbalance", type=float, default=1.0,
+                   help="max/mean routed tokens per GPU (default 1.0 = balanced)")
+    g.add_argument("--reserve-gb", type=float, default=4.0,
+                   help="memory kept for CUDA context, comm buffers, fragmentation (default 4)")
+    g.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e = p.add_argument_group("experts")
+    e.add_argument("--load", help=".npy with per-expert loads, shape (experts,) or (layers, experts)")
+    e.add_argument("--gpus", type=int, help="GPUs serving the experts")
+    e.add_argument("--redundant", type=int, default=0, help="extra expert slots for replicas (default 0)")
+    e.add_argument("--groups", type=int, default=1, help="expert groups to keep within a node (default 1)")
+    e.add_argument("--out", help="write the placement JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.what == "experts":
+            return _run_experts(args)
+        return _run_layouts(args)
+    except ValueError as e:
+        print(f"moerun plan: error: {e}", file=sys.stderr)
+        return 2
+
+
+# --------------------------------------------------------------------------------------------- layouts
+
+def _run_layouts(args: argparse.Namespace) -> int:
+    from parallel.planner.costmodel import Setup
+    from parallel.planner.hardware import get_gpu
+    from parallel.planner.models import load_model
+    from parallel.planner.search import Planner, parse_layout
+
+    if not args.model or not args.nodes:
+        raise ValueError("--model and --nodes are required (see moerun plan --help)")
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
+    model = load_model(args.model)
+    gpu = get_gpu(args.gpu)
+    setup = Setup(seq_len=args.seq_len, global_batch=args.global_batch, precision=args.precision,
+                  gpus_per_node=args.gpus_per_node, reserve_gb=args.reserve_gb, load_imbalance=args.load_imbalance)
+    planner = Planner(model, gpu, args.nodes, args.gpus_per_node, setup, tokens=args.tokens)
+    fixed = parse_layout(args.layout) if args.layout else {}
+    res = planner.search(fixed, top=args.top, include_unfit=bool(fixed))
+    evs = res["evaluations"]
+    rows = [ev.as_dict(planner.world, planner.s, model, gpu, args.tokens) for ev in evs]
+    fitting = [r for r in rows if r["fits"]]
+    best = fitting[0] if fitting else (rows[0] if rows else None)
+    out = {
+        "model": model.name, "gpu": gpu.name, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
+        "world": planner.world, "tokens": args.tokens,
+        "setup": {"seq_len": setup.seq_len, "global_batch": setup.global_batch, "precision": setup.precision,
+                  "load_imbalance": setup.load_imbalance, "reserve_gb": setup.reserve_gb},
+        "layout_filter": fixed, "candidates": res["candidates"], "fit_memory": res["fit_memory"],
+        "elapsed_s": round(res["elapsed_s"], 3), "layouts": rows, "best": best,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0 if best else 1
+    if not rows:
+        why = "no layout matches --layout" if fixed else "no layout fits in memory"
+        print(f"moerun plan: {why} ({res['candidates']} candidates)", file=sys.stderr)
+        return 1
+    _print_table(out)
+    return 0
+
+
+def _print_table(out: dict) -> None:
+    print(f"{out['model']} on {out['nodes']} x {out['gpus_per_node']} {out['gpu']} ({out['world']} GPUs), "
+          f"seq {out['setup']['seq_len']}, batch {out['setup']['global_batch']} seqs, {out['setup']['precision']}; "
+          f"{out['candidates']} layouts, {out['fit_memory']} fit in memory ({out['elapsed_s']:.2f} s)")
+    head = ("#", "tp", "pp", "ep", "dp", "schedule", "mb", "mbs", "recompute", "mem GB", "step s", "bubble",
+            "tok/s", "MFU", "GPU-h/1T")
+    fmt = "{:>2} {:>3} {:>3} {:>4} {:>5} {:<9} {:>4} {:>3} {:<9} {:>6} {:>7} {:>6} {:>10} {:>5} {:>9}"
+    print(fmt.format(*head))
+    for i, r in enumerate(out["layouts"], 1):
+        mem = f"{r['memory_gb_per_gpu']:.1f}" + ("" if r["fits"] else "!")
+        print(fmt.format(i, r["tp"], r["pp"], r["ep"], r["dp"], r["schedule"], r["microbatches"],
+                         r["micro_batch_sequences"], r["recompute"], mem, f"{r['step_time_s']:.2f}",
+                         f"{100 * r['bubble_fraction']:.1f}%", f"{r['tokens_per_s']:.3g}", f"{r['mfu']:.2f}",
+                         f"{r['gpu_hours_per_trillion_tokens']:,.0f}"))
+    b = out["best"]
+    if b:
+        print(f"best: tp{b['tp']} pp{b['pp']} ep{b['ep']} dp{b['dp']} {b['schedule']}, "
+              f"{b['gpu_hours_per_trillion_tokens']:,.0f} GPU-hours per trillion tokens, "
+              f"{b['gpu_hours_total']:,.0f} GPU-hours / {b['days_total']} days for {out['tokens']:.3g} tokens")
+    if any(not r["fits"] for r in out["layouts"]):
+        print("! does not fit in GPU memory")
+    print("MFU against the BF16 dense peak; mb = micro-batches per step, mbs = sequences per micro-batch")
+
+
+# --------------------------------------------------------------------------------------------- experts
+
+def _run_experts(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from parallel.planner.placement import place
+
+    if not args.load or not args.gpus:
+        raise ValueError("plan experts needs --load FILE.npy and --gpus G")
+    try:
+        load = np.load(args.load, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--load {args.load}: cannot read a .npy array ({e})") from None
+    nodes = args.nodes or 1
+    layers = place(load, args.gpus, args.redundant, nodes, args.groups)
+    out = {"gpus": args.gpus, "nodes": nodes, "redundant": args.redundant, "groups": args.groups,
+           "layers": [lp.as_dict() for lp in layers]}
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            json.dump(out, fh)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{len(layers)} layer(s), {load.shape[-1]} experts on {args.gpus} GPUs / {nodes} node(s), "
+          f"{args.redundant} redundant slots, {args.groups} group(s)")
+    print(f"{'layer':>5} {'max/mean before':>16} {'after':>8}")
+    for i, lp in enumerate(layers):
+        print(f"{i:>5} {lp.before_max_over_mean:>16.3f} {lp.after_max_over_mean:>8.3f}")
+    if args.out:
+        print(f"placement written to {args.out}")
+    return 0

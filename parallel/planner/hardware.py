@@ -1,0 +1,166 @@
+"""Hardware table: peak figures from NVIDIA's datasheets, achievable figures from public measurements.
+
+Every constant carries its source next to it. Nothing here was fitted to the number the planner is checked
+against (DeepSeek-V3's 180K H800 GPU-hours per trillion tokens); docs/tuning.md lists them again.
+
+Sources (short names used below):
+- [NV-H100] NVIDIA H100 Tensor Core GPU datasheet (SXM5 column): BF16 989 TFLOPS and FP8 1979 TFLOPS dense
+  (the datasheet's figures are "with sparsity", i.e. 2x these), 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s.
+- [NV-H200] NVIDIA H200 datasheet (SXM): same tensor-core peaks as H100 SXM, 141 GB HBM3e at 4.8 TB/s,
+  NVLink 900 GB/s.
+- [V3] DeepSeek-V3 technical report (arXiv 2412.19437) and ../shared/REFERENCE.md: the H800 is the H100 SXM
+  with NVLink cut to 400 GB/s (160 GB/s achievable within a node), 8 x 400 Gb/s InfiniBand per node
+  (50 GB/s per GPU); 20 of the 132 SMs are given to communication during training.
+- [DeepEP] deepseek-ai/DeepEP README, normal kernels on H800 (4096 tokens, hidden 7168, top-8, FP8 dispatch,
+  BF16 combine): intranode EP8 153 GB/s dispatch / 158 GB/s combine (NVLink); internode EP16/32/64
+  43/58/51 GB/s (RDMA bytes per second per GPU).
+- [DeepGEMM] deepseek-ai/DeepGEMM README, first release (2025-02, H800, NVCC 12.8), FP8 GEMMs with 1x128 /
+  128x128 fine-grained scaling at M=4096 (dense) and the contiguous grouped layout (MoE). The later
+  2025-04 kernels reach up to 1550 TFLOPS; we keep the first-release figures, the nearer in time to the
+  V3 training run.
+- [FA3] FlashAttention-3 paper (Shah et al., arXiv 2407.08608) and its H100 benchmark: BF16 forward at
+  head dim 128, seqlen 4096 ~590 TFLOPS (pytorch/benchmark commit ff65cb6, same kernel); the paper quotes
+  up to 740 TFLOPS (75% utilisation) for FP16 forward and a backward 1.5-1.75x faster than FA2's ~35%
+  utilisation, which puts the backward near 0.45-0.5 of peak; we take 0.45.
+- [FlashMLA] deepseek-ai/FlashMLA README: up to 3000 GB/s in the memory-bound configuration on H800
+  (0.9 of 3.35 TB/s): the achievable HBM fraction for memory-bound kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GPU:
+    """Peak and achievable figures of one accelerator and its links (per GPU, one direction)."""
+
+    name: str
+    sms: int                    # streaming multiprocessors
+    bf16_tflops: float          # dense peak
+    fp8_tflops: float           # dense peak
+    hbm_gb: float               # memory size, GB (1e9 bytes)
+    hbm_tbps: float             # peak HBM bandwidth, TB/s
+    nvlink_gbps: float          # achievable intra-node all-to-all bandwidth per GPU, GB/s
+    ib_gbps: float              # InfiniBand line rate per GPU, GB/s
+    ep_internode_gbps: tuple[tuple[int, float], ...]  # (EP size, achievable RDMA GB/s per GPU) [DeepEP]
+
+
+GPUS: dict[str, GPU] = {
+    "h800": GPU(
+        name="h800",
+        sms=132,                 # [V3] "20 of 132 SMs"
+        bf16_tflops=989.4,       # [NV-H100]: the H800 keeps the H100 SXM tensor cores
+        fp8_tflops=1978.9,       # [NV-H100]
+        hbm_gb=80.0,             # [NV-H100]
+        hbm_tbps=3.35,           # [NV-H100]
+        nvlink_gbps=153.0,       # [DeepEP] intranode EP8 dispatch 153 GB/s (combine 158) over the 400 GB/s NVLink
+        ib_gbps=50.0,            # [V3] 400 Gb/s InfiniBand per GPU
+        ep_internode_gbps=((16, 43.0), (32, 58.0), (64, 51.0)),  # [DeepEP] normal kernels, RDMA
+    ),
+    "h100": GPU(
+        name="h100",
+        sms=132,                 # [NV-H100]
+        bf16_tflops=989.4,       # [NV-H100]
+        fp8_tflops=1978.9,       # [NV-H100]
+        hbm_gb=80.0,             # [NV-H100]
+        hbm_tbps=3.35,           # [NV-H100]
+        # [DeepEP] measured 153 GB/s on H800's 400 GB/s NVLink (0.77 of its 200 GB/s per direction); the same
+        # fraction of H100's 450 GB/s per direction (900 GB/s bidirectional, [NV-H100]) -- derived, not measured.
+        nvlink_gbps=153.0 * 450.0 / 200.0,
+        ib_gbps=50.0,            # typical 400 Gb/s NDR NIC per GPU (same NICs as [V3])
+        ep_internode_gbps=((16, 43.0), (32, 58.0), (64, 51.0)),  # [DeepEP] H800 figures: same NICs
+    ),
+    "h200": GPU(
+        name="h200",
+        sms=132,                 # [NV-H200]
+        bf16_tflops=989.4,       # [NV-H200]
+        fp8_tflops=1978.9,       # [NV-H200]
+        hbm_gb=141.0,            # [NV-H200]
+        hbm_tbps=4.8,            # [NV-H200]
+        nvlink_gbps=153.0 * 450.0 / 200.0,  # as h100 (derived)
+        ib_gbps=50.0,
+        ep_internode_gbps=((16, 43.0), (32, 58.0), (64, 51.0)),  # [DeepEP]
+    ),
+}
+
+# ------------------------------------------------------------------------------------ achievable figures
+
+COMM_SMS = 20            # [V3] SMs reserved for all-to-all (and forwarding) while training with DualPipe
+HBM_EFFICIENCY = 3000.0 / 3350.0   # [FlashMLA] achievable fraction of HBM bandwidth for memory-bound kernels
+ATTN_FWD_EFFICIENCY = 590.0 / 989.4  # [FA3] BF16 forward, head dim 128, seqlen 4096, H100
+ATTN_BWD_EFFICIENCY = 0.45           # [FA3] backward, ~1.6x FA2's 35% utilisation (see module docstring)
+BF16_GEMM_EFFICIENCY = 0.75          # [FA3] "75% utilisation" of BF16 tensor cores on H100 as the attainable
+                                     # fraction for well-shaped BF16 GEMMs (no direct cuBLAS figure in sources)
+P2P_LATENCY_S = 10e-6                # one point-to-point message over InfiniBand, order of magnitude
+
+# [DeepGEMM] first release, H800: normal (dense) GEMMs, (N, K) -> {M: TFLOPS}.
+DEEPGEMM_DENSE: dict[tuple[int, int], dict[int, float]] = {
+    (2112, 7168): {64: 206.0, 128: 352.0, 4096: 1058.0},   # MLA q_a + kv_a down-projections (fused)
+    (24576, 1536): {64: 289.0, 128: 535.0, 4096: 990.0},   # MLA q_b up-projection
+    (32768, 512): {64: 219.0, 128: 358.0, 4096: 590.0},    # MLA kv_b up-projection
+    (7168, 16384): {64: 336.0, 128: 645.0, 4096: 1358.0},  # MLA output projection
+    (4096, 7168): {64: 287.0, 128: 533.0, 4096: 1304.0},   # expert gate+up
+    (7168, 2048): {64: 295.0, 128: 510.0, 4096: 1025.0},   # expert down
+}
+# [DeepGEMM] first release, H800: contiguous grouped GEMMs (4 groups x M 8192 per group), (N, K) -> TFLOPS.
+DEEPGEMM_GROUPED: dict[tuple[int, int], float] = {
+    (4096, 7168): 1297.0,   # gate+up
+    (7168, 2048): 1099.0,   # down
+}
+
+
+def _nearest(table, n: int, k: int):
+    return min(table, key=lambda nk: (math.log(nk[0] / n)) ** 2 + (math.log(nk[1] / k)) ** 2)
+
+
+def _m_factor(row: dict[int, float], m: float) -> float:
+    """Fraction of the M=4096 figure reached at M=m: log-linear between measured rows, 1 above 4096."""
+    ms = sorted(row)
+    if m >= ms[-1]:
+        return 1.0
+    if m <= ms[0]:
+        return row[ms[0]] / row[ms[-1]] * m / ms[0]
+    for lo, hi in zip(ms, ms[1:], strict=False):
+        if lo <= m <= hi:
+            t = math.log(m / lo) / math.log(hi / lo)
+            return (row[lo] + t * (row[hi] - row[lo])) / row[ms[-1]]
+    return 1.0
+
+
+def fp8_gemm_tflops(gpu: GPU, m: float, n: int, k: int, grouped: bool = False) -> float:
+    """Achievable FP8 TFLOPS of an M x K x N GEMM (M per group when grouped), from [DeepGEMM].
+
+    The entry with the nearest (N, K) in log space is used (models whose shapes differ from DeepSeek-V3's
+    get the figure of the closest measured shape: a documented approximation); M below 4096 scales by the
+    measured M=64/128 rows. Scaled by this GPU's FP8 peak relative to the H800's (same SMs on all three).
+    """
+    row = DEEPGEMM_DENSE[_nearest(DEEPGEMM_DENSE, n, k)]
+    if grouped:
+        base = DEEPGEMM_GROUPED[_nearest(DEEPGEMM_GROUPED, n, k)]
+    else:
+        base = row[4096]
+    return base * _m_factor(row, m) * gpu.fp8_tflops / GPUS["h800"].fp8_tflops
+
+
+def bf16_gemm_tflops(gpu: GPU, m: float, n: int, k: int) -> float:
+    """Achievable BF16 TFLOPS: BF16_GEMM_EFFICIENCY of peak, with the same M scaling as the FP8 table."""
+    row = DEEPGEMM_DENSE[_nearest(DEEPGEMM_DENSE, n, k)]
+    return gpu.bf16_tflops * BF16_GEMM_EFFICIENCY * _m_factor(row, m)
+
+
+def ep_bandwidth_gbps(gpu: GPU, ep: int, gpus_per_node: int) -> tuple[float, bool]:
+    """Achievable all-to-all bandwidth per GPU for an EP group of `ep` ranks, and whether it crosses nodes."""
+    if ep <= gpus_per_node:
+        return gpu.nvlink_gbps, False
+    table = gpu.ep_internode_gbps
+    best = min(table, key=lambda e: abs(math.log(e[0] / ep)))
+    return best[1], True
+
+
+def get_gpu(name: str) -> GPU:
+    try:
+        return GPUS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown gpu {name!r}; known: {', '.join(GPUS)}") from None
