@@ -188,8 +188,7 @@ def build_script(
     ]
     if gpus_per_node:
         lines += [
-            "# GPUs per node. Every rank sees all of its node's GPUs and picks its own by local rank,",
-            "# so do not add --gpus-per-task / --gpu-bind here.",
+            "# GPUs per node. Every rank sees all of its node's GPUs and takes cuda:<local rank>.",
             f"#SBATCH --gpus-per-node={gpus_per_node}",
         ]
     if partition:
