@@ -114,9 +114,25 @@ def _openmpi(env: Mapping[str, str]) -> RankInfo:
     ))
 
 
+def _slurm_describes_this_step(env: Mapping[str, str], rank: int, world: int) -> RankInfo | None:
+    """Slurm's view when it is about these very ranks (srun --mpi=pmi2 sets PMI_* and no local-rank
+    variables), not inherited from an outer step (mpiexec inside sbatch)."""
+    if "SLURM_PROCID" not in env:
+        return None
+    try:
+        s = _slurm(env)
+    except ValueError:
+        return None
+    return s if (s.rank, s.world_size) == (rank, world) else None
+
+
 def _mpich(env: Mapping[str, str]) -> RankInfo:
     world = _int(env, "PMI_SIZE")
     rank = _int(env, "PMI_RANK")
+    s = None if "MPI_LOCALRANKID" in env else _slurm_describes_this_step(env, rank, world)
+    if s is not None:
+        return _check(RankInfo(rank, world, s.local_rank, s.local_world_size, s.node_rank, s.num_nodes,
+                               _host(), "mpich"))
     local_size = _int(env, "MPI_LOCALNRANKS", default=world)
     return _check(RankInfo(
         rank=rank, world_size=world,

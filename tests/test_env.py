@@ -110,3 +110,10 @@ def test_no_way_to_rendezvous_is_clear_error(monkeypatch):
     i = RankInfo(1, 4, 1, 4, 0, 1, "h", "mpich")
     with pytest.raises(RendezvousError, match="MASTER_ADDR"):
         find_endpoint(i, {})
+
+
+def test_srun_pmi2_placement_comes_from_the_same_steps_slurm_variables():
+    env = {"PMI_RANK": "3", "PMI_SIZE": "4", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_NODEID": "1",
+           "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+    i = info(env)
+    assert (i.launcher, i.local_rank, i.local_world_size, i.node_rank, i.num_nodes) == ("mpich", 1, 2, 1, 2)

@@ -161,9 +161,6 @@ def test_mpirun_with_inherited_slurm_env_no_cluster() -> None:
 
 @pytest.mark.slurm
 @pytest.mark.timeout(180)
-@pytest.mark.xfail(strict=False, reason="cluster/env.py: srun --mpi=pmi2 sets PMI_RANK/PMI_SIZE but not "
-                   "MPI_LOCALRANKID/MPI_LOCALNRANKS, so the mpich reader puts all ranks on one node; "
-                   "see docs/launching.md")
 def test_srun_mpi_pmi2_placement(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
     """`srun --mpi=pmi2`: MPICH-style PMI variables, with the placement only in Slurm's variables.
 
