@@ -166,14 +166,36 @@ def test_validator_rejects_missing_transfer():
     _rejects(s, r"rank 1: F2@s1 runs before the activation of stage 0 mb 2 is on this rank")
 
 
+def test_p2p_order_is_the_senders_order():
+    for kind, pp, chunks in CASES:
+        s = build(kind, pp, chunks)
+        for src in range(pp):
+            for dst in range(pp):
+                sent = [(a.what, a.stage, a.mb) for a in s.ranks[src] if a.kind == SEND and a.peer == dst]
+                got = [(a.what, a.stage, a.mb) for a in s.ranks[dst] if a.kind == RECV and a.peer == src]
+                assert sent == got, (kind, pp, chunks, src, dst)
+
+
+def test_validator_rejects_receives_out_of_order():
+    s = build("1f1b", 2, 4)
+
+    def swap(acts):  # rank 1 receives mb 1's activation before mb 0's
+        i = _index(acts, lambda a: a.kind == RECV and a.mb == 0)
+        j = _index(acts, lambda a: a.kind == RECV and a.mb == 1)
+        acts[i], acts[j] = acts[j], acts[i]
+
+    _rejects(_edit(s, 1, swap), r"p2p order rank 0->1: message 0 is sent as act of stage 0 mb 0 but received "
+                                r"as act of stage 0 mb 1")
+
+
 def test_validator_rejects_deadlock():
     s = build("1f1b", 2, 4)
 
-    def late_send(acts):  # rank 0 keeps mb 0's activation until after it waits for mb 0's gradient
-        acts.append(acts.pop(_index(acts, lambda a: a.kind == SEND and a.mb == 0)))
+    def early_wait(acts):  # rank 0 waits for mb 0's gradient before it sends mb 0's activation
+        acts.insert(1, acts.pop(_index(acts, lambda a: a.kind == RECV and a.mb == 0)))
 
-    _rejects(_edit(s, 0, late_send), r"deadlock: rank 0 waits at action \d+ \(RECV grad s1 mb0 <- r1\), "
-                                     r"rank 1 waits at action 0 \(RECV act s0 mb0 <- r0\)")
+    _rejects(_edit(s, 0, early_wait), r"deadlock: rank 0 waits at action 1 \(RECV grad s1 mb0 <- r1\), "
+                                      r"rank 1 waits at action 0 \(RECV act s0 mb0 <- r0\)")
 
 
 def test_validator_rejects_action_on_wrong_rank():

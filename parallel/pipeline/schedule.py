@@ -21,8 +21,10 @@ Action kinds
 - SEND / RECV: p2p of `what` ("act": output of `stage`'s forward, consumed by stage+1; "grad": input gradient
   made by `stage`'s backward, consumed by stage-1) for micro-batch `mb`, to / from rank `peer`.
   Semantics the validator, simulator and executor share: SEND is asynchronous (an isend whose handle is
-  waited at the end of the step); RECV blocks until the data has arrived. The builders put RECVs right before
-  the compute that needs them and SENDs right after the compute that produced the data.
+  waited at the end of the step); RECV blocks until the data has arrived. Messages between two ranks are
+  matched in posting order (NCCL has no tags), so a rank's RECVs from a peer come in the order of that peer's
+  SENDs to it. The builders put SENDs right after the compute that produced the data and RECVs right before
+  the compute that needs them, hoisted earlier where that order requires it.
 """
 
 from __future__ import annotations
@@ -157,8 +159,57 @@ def _assemble(kind: str, pp: int, chunks: int, num_stages: int, routes, directio
             out.extend(pre)
             out.append(a)
             out.extend(post)
-        ranks.append(tuple(out))
-    return Schedule(kind, pp, chunks, num_stages, tuple(ranks), tuple(routes), tuple(directions), meta or {})
+        ranks.append(out)
+    ranks = _order_receives(ranks)
+    return Schedule(kind, pp, chunks, num_stages, tuple(tuple(acts) for acts in ranks), tuple(routes),
+                    tuple(directions), meta or {})
+
+
+def _p2p_key(a: Action) -> tuple[str, int, int]:
+    return (a.what, a.stage, a.mb)
+
+
+def _order_receives(ranks: list[list[Action]]) -> list[list[Action]]:
+    """Hoist RECVs so that each rank receives from a peer in the order that peer sends to it.
+
+    p2p messages between two ranks are matched in posting order (NCCL has no tags; tag-0 gloo likewise),
+    so a receiver must post them in the sender's order. When a rank would first receive a message its peer
+    sends later, the peer's earlier messages are received just before it. This never adds waiting (the
+    earlier messages are sent first, so they arrive no later) and cannot deadlock for the same reason.
+    """
+    order: dict[tuple[int, int], list[tuple]] = {}
+    for src, acts in enumerate(ranks):
+        for a in acts:
+            if a.kind == SEND:
+                order.setdefault((src, a.peer), []).append(_p2p_key(a))
+    out = []
+    for dst, acts in enumerate(ranks):
+        pending = {pair: 0 for pair in order if pair[1] == dst}  # next index expected from each peer
+        recv_of = {(a.peer, _p2p_key(a)): a for a in acts if a.kind == RECV}
+        done: set = set()
+        new: list[Action] = []
+        for a in acts:
+            if a.kind != RECV:
+                new.append(a)
+                continue
+            key = (a.peer, _p2p_key(a))
+            if key in done:
+                continue  # already hoisted
+            seq = order.get((a.peer, dst), [])
+            while pending.get((a.peer, dst), 0) < len(seq):
+                nxt = (a.peer, seq[pending[(a.peer, dst)]])
+                pending[(a.peer, dst)] += 1
+                if nxt not in recv_of:
+                    break  # no receive for it at all: the validator will report the unmatched SEND
+                new.append(recv_of[nxt])
+                done.add(nxt)
+                if nxt == key:
+                    break
+            if key not in done:  # a receive nobody sends: keep it, the validator reports it
+                new.append(a)
+                done.add(key)
+        out.append(new)
+    return out
 
 
 # -------------------------------------------------------------------------------------------- builders

@@ -92,6 +92,18 @@ def _check_matching(s: Schedule) -> list[str]:
             src, dst, what, st, m = key
             problems.append(f"{what} of stage {st} mb {m} rank {src}->{dst}: "
                             f"{sends[key]} SEND, {recvs[key]} RECV (need one each)")
+    if problems:
+        return problems
+    # p2p messages between two ranks are matched in posting order: the receiver must follow the sender's
+    for src in range(s.pp):
+        for dst in range(s.pp):
+            sent = [(a.what, a.stage, a.mb) for a in s.ranks[src] if a.kind == SEND and a.peer == dst]
+            got = [(a.what, a.stage, a.mb) for a in s.ranks[dst] if a.kind == RECV and a.peer == src]
+            for i, (x, y) in enumerate(zip(sent, got)):
+                if x != y:
+                    problems.append(f"p2p order rank {src}->{dst}: message {i} is sent as {x[0]} of stage "
+                                    f"{x[1]} mb {x[2]} but received as {y[0]} of stage {y[1]} mb {y[2]}")
+                    break
     return problems
 
 
