@@ -149,6 +149,16 @@ class CostModel:
             tf = fp8_gemm_tflops(self.gpu, tokens, n, k, grouped=grouped)
         return 2.0 * tokens * n * k / (tf * 1e12 * self._sm(par))
 
+    def _fdw(self, tokens: float, n: int, k: int, par: Par, grouped: bool = False,
+             bf16: bool = False) -> tuple[float, float, float]:
+        """Seconds of the forward, input-gradient and weight-gradient GEMMs of a (tokens x k) @ (k x n)
+        projection, each looked up at its own shape: dgrad is tokens x n -> k, wgrad is n x tokens -> k
+        (the MoE weight gradient is K-grouped: looked up as a dense GEMM with K = tokens per expert)."""
+        f = self._gemm(tokens, n, k, par, grouped, bf16)
+        d = self._gemm(tokens, k, n, par, grouped, bf16)
+        w = self._gemm(n, k, int(max(tokens, 1)), par, False, bf16) * tokens / max(tokens, 1)
+        return f, d, w
+
     def _requant(self, tokens: float, n: int, k: int, par: Par) -> float:
         """Backward FP8 re-quantisation: V3's report names it (read, dequantise, transpose, re-quantise into
         128x1 tiles for the weight gradient). Per GEMM: the input activation (k wide) read and written again
@@ -184,7 +194,10 @@ class CostModel:
             up = [(T, H * (m.qk_nope + m.v_head), m.kv_lora_rank)]
         gemms += up
         gemms.append((T, h, H * m.v_head))  # output projection
-        g_f = sum(self._gemm(t, n, k, par) for t, n, k in gemms)
+        fdw = [self._fdw(t, n, k, par) for t, n, k in gemms]
+        g_f = sum(x[0] for x in fdw)
+        g_d = sum(x[1] for x in fdw)
+        g_w = sum(x[2] for x in fdw)
         flops = sum(2.0 * t * n * k for t, n, k in gemms)
         a_f, a_b, a_flops = self._attn_core(T, par)
         # element-wise bytes per token (forward): norms with fused FP8 cast, latent norms, rope, output cast,
@@ -196,8 +209,8 @@ class CostModel:
         recompute = 0.0
         if par.recompute == "selective":  # V3: RMSNorms and MLA up-projections are recomputed in backward
             recompute = sum(self._gemm(t, n, k, par) for t, n, k in up) + self._mem(T * (3 * h / tp), par)
-        u.w = g_f
-        u.b = 2 * g_f + a_b + 2 * mem_f + recompute + sum(self._requant(t, n, k, par) for t, n, k in gemms)
+        u.w = g_w
+        u.b = g_d + g_w + a_b + 2 * mem_f + recompute + sum(self._requant(t, n, k, par) for t, n, k in gemms)
         u.params_dense = attention_params(m) / tp
         u.model_flops = 3 * (flops + a_flops)
         u.act_bytes = T * self._attn_act_per_token(par)
@@ -223,7 +236,8 @@ class CostModel:
         """(fwd gemm s, fwd flops, elementwise fwd s) of `count` SwiGLU experts of `width` on T tokens each."""
         h = self.m.hidden
         wd = width / par.tp if tp_split else width
-        g = count * (self._gemm(T, 2 * wd, h, par, grouped) + self._gemm(T, h, wd, par, grouped))
+        up, down = self._fdw(T, int(2 * wd), h, par, grouped), self._fdw(T, h, int(wd), par, grouped)
+        g = tuple(count * (a + b) for a, b in zip(up, down, strict=True))
         flops = count * 2.0 * T * 3 * h * wd
         mem = self._mem(count * T * 5 * wd, par)  # SwiGLU: read 2w BF16, write w FP8 (+ scales)
         return g, flops, mem
@@ -272,14 +286,15 @@ class CostModel:
             tok_ep = T / tp  # sequence-parallel: each tp rank dispatches its share of the tokens
             routed_rows = tok_ep * m.topk * self.s.load_imbalance  # expert rows computed on this GPU
             per_expert = routed_rows * par.ep / m.n_routed
-            g_r = (m.n_routed / par.ep) * (self._gemm(per_expert, 2 * m.moe_intermediate, h, par, True)
-                                           + self._gemm(per_expert, h, m.moe_intermediate, par, True))
+            up = self._fdw(per_expert, 2 * m.moe_intermediate, h, par, True)
+            down = self._fdw(per_expert, h, m.moe_intermediate, par, True)
+            g_r = tuple((m.n_routed / par.ep) * (a + b) for a, b in zip(up, down, strict=True))
             fl_r = 2.0 * routed_rows * 3 * h * m.moe_intermediate / self.s.load_imbalance
             mem_r = self._mem(routed_rows * 5 * m.moe_intermediate, par)
             g_s, fl_s, mem_s = self._ffn(T, m.moe_intermediate, m.n_shared, par, False, True)
-            g_gate = self._gemm(tok_ep, m.n_routed, h, par, bf16=True)
+            g_gate = self._fdw(tok_ep, m.n_routed, h, par, bf16=True)
             fl_gate = 2.0 * tok_ep * m.n_routed * h
-            g = g_r + g_s + g_gate
+            g = tuple(a + b + c for a, b, c in zip(g_r, g_s, g_gate, strict=True))
             mem = mem_r + mem_s + mem_common + self._mem(tok_ep * 8 * m.n_routed, par)
             requant = self._requant(routed_rows, 2 * m.moe_intermediate, h, par) + \
                 self._requant(routed_rows, h, m.moe_intermediate, par) + \
@@ -300,9 +315,9 @@ class CostModel:
             u.params_dense += expert_params(m, m.intermediate) / tp
             u.model_flops += 3 * fl
             u.act_bytes += self._dense_act(T, par)
-        u.f += g + mem
-        u.w += g
-        u.b += 2 * g + 2 * mem + requant
+        u.f += g[0] + mem
+        u.w += g[2]
+        u.b += g[1] + g[2] + 2 * mem + requant
         if par.recompute == "full":  # the whole forward again, all-to-all included
             u.b += u.f
             u.a2a_b += u.a2a_f
@@ -344,10 +359,10 @@ class CostModel:
         m, T = self.m, float(par.mbs * self.s.seq_len)
         V = m.vocab / par.tp
         u = UnitCost("head")
-        g = self._gemm(T, int(V), m.hidden, par, bf16=True)
+        g = self._fdw(T, int(V), m.hidden, par, bf16=True)
         logits_bytes = T * V * 4.0
         mem = self._mem(T * 3 * m.hidden + 3 * logits_bytes, par)  # norm; softmax / loss over the logits
-        u.f, u.w, u.b = g + mem, g, 2 * g + 2 * mem
+        u.f, u.w, u.b = g[0] + mem, g[2], g[1] + g[2] + 2 * mem
         u.model_flops = 3 * 2.0 * T * V * m.hidden
         u.params_dense = 0.0 if shares_weights else V * m.hidden
         u.act_bytes = T * 2 * m.hidden
@@ -358,8 +373,8 @@ class CostModel:
         """One multi-token-prediction module: two norms, a 2h->h projection, one layer, the shared head."""
         m, T = self.m, float(par.mbs * self.s.seq_len)
         u = UnitCost("mtp")
-        g = self._gemm(T, m.hidden, 2 * m.hidden, par, bf16=True)
-        u.f, u.w, u.b = g, g, 2 * g
+        g = self._fdw(T, m.hidden, 2 * m.hidden, par, bf16=True)
+        u.f, u.w, u.b = g[0], g[2], g[1] + g[2]
         u.params_dense = 2 * m.hidden * m.hidden + 3 * m.hidden
         u.model_flops = 3 * 2.0 * T * 2 * m.hidden * m.hidden
         u.add(self.layer(m.moe_layers > 0, par))

@@ -48,7 +48,8 @@ class ModelSpec:
         if self.moe_layers and (self.n_routed <= 0 or not 0 < self.topk <= self.n_routed):
             raise ValueError(f"model {self.name}: need n_routed_experts > 0 and 0 < num_experts_per_tok <= it")
         if self.n_group < 1 or not 1 <= self.topk_group <= self.n_group:
-            raise ValueError(f"model {self.name}: need 1 <= topk_group <= n_group, got {self.topk_group}/{self.n_group}")
+            raise ValueError(f"model {self.name}: need 1 <= topk_group <= n_group, "
+                             f"got {self.topk_group}/{self.n_group}")
         return self
 
 

@@ -6,7 +6,8 @@ of them, so each replica carries load/c), then pack the replicas onto GPUs so th
 is as small as possible.
 
 - Replication: R times, give one more replica to the expert with the largest load per replica (this is
-  optimal for minimising the largest replica load).
+  optimal for minimising the largest replica load), then move single replicas between experts while that
+  lowers the packed maximum.
 - Packing: longest-processing-time first (heaviest replica to the least-loaded GPU that still has a free
   slot and does not hold that expert yet), then a local search that moves or swaps replicas between the
   most-loaded GPU and the others while that lowers the maximum.
@@ -18,6 +19,8 @@ is as small as possible.
 from __future__ import annotations
 
 import heapq
+import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,7 +72,27 @@ def pack(items: list[tuple[float, int]], bins: int, cap: int, iters: int = 200) 
     if len(items) != bins * cap:
         raise ValueError(f"{len(items)} replicas for {bins} GPUs x {cap} slots")
     order = sorted(items, key=lambda x: -x[0])
+    best = None
+    bound = max(sum(w for w, _ in items) / bins, order[0][0])
+    for start in ("lpt", "snake"):
+        if best is not None and best[0] <= 1.001 * bound:
+            break
+        content = _initial(order, bins, cap, start)
+        content = _improve(content, iters)
+        top = max(sum(w for w, _ in b) for b in content)
+        if best is None or top < best[0] - 1e-12:
+            best = (top, content)
+    return best[1]
+
+
+def _initial(order: list[tuple[float, int]], bins: int, cap: int, start: str) -> list[list[tuple[float, int]]]:
+    """LPT (heaviest item to the lightest bin with room, avoiding a second copy of an expert) or snake order."""
     content: list[list[tuple[float, int]]] = [[] for _ in range(bins)]
+    if start == "snake":
+        for i, it in enumerate(order):
+            rnd, pos = divmod(i, bins)
+            content[pos if rnd % 2 == 0 else bins - 1 - pos].append(it)
+        return content
     weight = [0.0] * bins
     for w, e in order:
         free = [b for b in range(bins) if len(content[b]) < cap]
@@ -77,6 +100,11 @@ def pack(items: list[tuple[float, int]], bins: int, cap: int, iters: int = 200) 
         b = min(fresh, key=lambda i: (weight[i], i))
         content[b].append((w, e))
         weight[b] += w
+    return content
+
+
+def _improve(content: list[list[tuple[float, int]]], iters: int) -> list[list[tuple[float, int]]]:
+    weight = [sum(w for w, _ in b) for b in content]
     # local search: swap an item of the heaviest bin with a lighter item elsewhere while the maximum drops
     for _ in range(iters):
         W = np.array([[x[0] for x in c] for c in content])          # bins x cap
@@ -96,6 +124,61 @@ def pack(items: list[tuple[float, int]], bins: int, cap: int, iters: int = 200) 
     return content
 
 
+def _pack_counts(load: np.ndarray, counts: list[int], bins: int, cap: int):
+    items = [(float(load[i]) / c, i) for i, c in enumerate(counts) for _ in range(c)]
+    packed = pack(items, bins, cap)
+    return packed, max(sum(w for w, _ in b) for b in packed)
+
+
+def _replicate_and_pack(load: np.ndarray, extra: int, bins: int, cap: int, rounds: int = 8):
+    """Replica counts and packing, improved together: start from `replicate`, then move one replica from a
+    replicated expert to another expert while that lowers the packed maximum (the counts that minimise the
+    largest replica are not always the ones that pack best: a cold expert's two half-size replicas can fill
+    gaps). Small layers try every move; large ones the experts of the heaviest GPU and the coldest ones."""
+    counts = replicate(load, extra)
+    packed, best = _pack_counts(load, counts, bins, cap)
+    E = len(load)
+    if math.comb(E + extra - 1, extra) <= 400:  # few ways to hand out the extra slots: try them all
+        for cuts in itertools.combinations(range(E + extra - 1), extra):
+            trial = [1] * E
+            for j, c in enumerate(cuts):  # stars and bars: extra replica j goes to expert c - j
+                trial[c - j] += 1
+            if max(load[i] / trial[i] for i in range(E)) >= best:
+                continue
+            tp, tm = _pack_counts(load, trial, bins, cap)
+            if tm < best - 1e-12:
+                counts, packed, best = trial, tp, tm
+        return counts, packed
+    for _ in range(rounds):
+        if best <= 1.001 * max(float(load.sum()) / bins, max(load[i] / counts[i] for i in range(E))):
+            break  # at the lower bound (mean load, or the largest replica) already
+        hi = max(packed, key=lambda b: sum(w for w, _ in b))
+        if len(load) <= 32:  # small: try every move
+            takers = list(range(len(load)))
+            givers = [e for e, c in enumerate(counts) if c > 1]
+        else:  # experts on the heaviest GPU, and the coldest experts (their replicas make small fillers)
+            on_hi = sorted({e for _, e in hi}, key=lambda e: -load[e] / counts[e])[:3]
+            takers = on_hi + [int(e) for e in np.argsort(load)[:2] if int(e) not in on_hi]
+            givers = sorted((e for e, c in enumerate(counts) if c > 1), key=lambda e: load[e] / counts[e])[:3]
+        moved = False
+        for b in takers:
+            for a in givers:
+                if a == b:
+                    continue
+                trial = list(counts)
+                trial[a] -= 1
+                trial[b] += 1
+                tp, tm = _pack_counts(load, trial, bins, cap)
+                if tm < best - 1e-12:
+                    counts, packed, best, moved = trial, tp, tm, True
+                    break
+            if moved:
+                break
+        if not moved:
+            break
+    return counts, packed
+
+
 def place_layer(load, gpus: int, redundant: int = 0, nodes: int = 1, groups: int = 1) -> LayerPlacement:
     """Placement of one layer's experts; see the module docstring."""
     load = np.asarray(load, dtype=float)
@@ -105,7 +188,8 @@ def place_layer(load, gpus: int, redundant: int = 0, nodes: int = 1, groups: int
         raise ValueError("expert loads must be finite and >= 0")
     E = len(load)
     if gpus < 1 or redundant < 0 or nodes < 1 or groups < 1:
-        raise ValueError(f"need gpus, nodes, groups >= 1 and redundant >= 0, got {gpus}, {nodes}, {groups}, {redundant}")
+        raise ValueError(f"need gpus, nodes, groups >= 1 and redundant >= 0, "
+                         f"got {gpus}, {nodes}, {groups}, {redundant}")
     if (E + redundant) % gpus:
         raise ValueError(f"{E} experts + {redundant} redundant slots do not fill {gpus} GPUs evenly")
     if gpus % nodes:
@@ -126,12 +210,11 @@ def place_layer(load, gpus: int, redundant: int = 0, nodes: int = 1, groups: int
     replicas = [0] * E
     for experts in node_experts:
         sub = load[experts]
-        counts = replicate(sub, redundant // nodes)
-        items = [(float(sub[i]) / counts[i], experts[i]) for i in range(len(experts)) for _ in range(counts[i])]
+        counts, bins = _replicate_and_pack(sub, redundant // nodes, gpn, cap)
         for i, c in enumerate(counts):
             replicas[experts[i]] = c
-        for b in pack(items, gpn, cap):
-            slots.append(sorted(e for _, e in b))
+        for b in bins:
+            slots.append(sorted(experts[e] for _, e in b))
     gpu_load = [sum(load[e] / replicas[e] for e in s) for s in slots]
     before = max_over_mean(contiguous_load(load, gpus)) if E % gpus == 0 else float("nan")
     return LayerPlacement(slots, replicas, gpu_load, before, max_over_mean(gpu_load))
