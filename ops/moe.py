@@ -59,9 +59,7 @@ def route(
     elif topk_method == "greedy":
         weights, idx = torch.topk(scores, k=top_k, dim=-1, sorted=False)
     else:
-        raise ValueError(
-            f"topk_method {topk_method!r} not supported (greedy, group_limited_greedy, noaux_tc)"
-        )
+        raise ValueError(f"topk_method {topk_method!r} not supported (greedy, group_limited_greedy, noaux_tc)")
     return weights * routed_scaling_factor, idx, scores
 
 
@@ -99,11 +97,7 @@ def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type == "cpu":
         return True
     # CUDA grouped_mm is implemented for bf16 on sm90+ (unverified on hardware here).
-    return (
-        x.device.type == "cuda"
-        and x.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(x.device)[0] >= 9
-    )
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def grouped_linear(
@@ -118,14 +112,43 @@ def grouped_linear(
     if not force_loop and _grouped_mm_ok(x, weight):
         offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs))
-    outs = []
-    counts = tokens_per_expert.tolist()
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            outs.append(F.linear(x[start : start + c], weight[e]))
-            start += c
-    return torch.cat(outs, dim=0)
+    return _SegmentLinear.apply(x, weight, tuple(tokens_per_expert.tolist()))
+
+
+class _SegmentLinear(torch.autograd.Function):
+    """Fallback grouped GEMM: one matmul per non-empty segment, writing into preallocated outputs.
+
+    Autograd through `weight[e]` slices would allocate a full [E, out, in] zero gradient per expert (O(E^2)
+    memory traffic); this backward fills one gradient tensor segment by segment instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:  # noqa: D102
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                torch.mm(x[start : start + c], weight[e].t(), out=out[start : start + c])
+                start += c
+        ctx.save_for_backward(x, weight)
+        ctx.counts = counts
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # noqa: D102
+        x, weight = ctx.saved_tensors
+        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        gw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        start = 0
+        for e, c in enumerate(ctx.counts):
+            if c:
+                seg = g[start : start + c]
+                if gx is not None:
+                    torch.mm(seg, weight[e], out=gx[start : start + c])
+                if gw is not None:
+                    torch.mm(seg.t(), x[start : start + c], out=gw[e])
+                start += c
+        return gx, gw, None
 
 
 def grouped_swiglu(
