@@ -107,9 +107,14 @@ def _check_matching(s: Schedule) -> list[str]:
     return problems
 
 
-def _walk(s: Schedule) -> list[str]:
-    """Run all programs with blocking RECVs; report dependency violations and deadlock."""
+def _walk(s: Schedule, rendezvous: bool = False) -> list[str]:
+    """Run all programs with blocking RECVs; report dependency violations and deadlock.
+
+    rendezvous=True models NCCL: each run of adjacent SEND/RECV actions is one batch_isend_irecv group that
+    completes only once the peers have posted the matching halves of all its messages.
+    """
     pc = [0] * s.pp
+    posted: set = set()  # (kind, src, dst, what, stage, mb) of posted p2p halves (rendezvous mode)
     have: list[set] = [set() for _ in range(s.pp)]  # (what, stage, mb) present on a rank
     done: list[set] = [set() for _ in range(s.pp)]  # (kind, stage, mb) computed on a rank
     sent: set = set()
@@ -158,6 +163,25 @@ def _walk(s: Schedule) -> list[str]:
             acts = s.ranks[r]
             while pc[r] < len(acts):
                 a = acts[pc[r]]
+                if rendezvous and a.kind in (SEND, RECV):
+                    end = pc[r]
+                    while end < len(acts) and acts[end].kind in (SEND, RECV):
+                        end += 1
+                    group = acts[pc[r]:end]
+                    halves = [(g.kind, *((r, g.peer) if g.kind == SEND else (g.peer, r)), g.what, g.stage, g.mb)
+                              for g in group]
+                    posted.update(halves)
+                    other = {SEND: RECV, RECV: SEND}
+                    if not all((other[h[0]], *h[1:]) in posted for h in halves):
+                        break
+                    for g in group:
+                        if g.kind == SEND and not run(r, g):
+                            return problems
+                        if g.kind == RECV:
+                            have[r].add((g.what, g.stage, g.mb))
+                    pc[r] = end
+                    progress = True
+                    continue
                 if a.kind == RECV:
                     key = (a.peer, r, a.what, a.stage, a.mb)
                     if key not in sent:
@@ -174,7 +198,13 @@ def _walk(s: Schedule) -> list[str]:
     return problems
 
 
-def validate(schedule: Schedule) -> None:
-    """Raise ScheduleError naming what is wrong, or return None for a valid schedule."""
+def validate(schedule: Schedule, rendezvous: bool = False) -> None:
+    """Raise ScheduleError naming what is wrong, or return None for a valid schedule.
+
+    rendezvous=True also proves freedom from deadlock when every run of adjacent SEND/RECV actions is posted
+    as one batch_isend_irecv whose sends complete only when the peer posts the receive (NCCL's behaviour).
+    """
     for check in (_check_shape, _check_complete, _check_matching, _walk):
         _fail(check(schedule), schedule)
+    if rendezvous:
+        _fail(_walk(schedule, rendezvous=True), schedule)
