@@ -18,16 +18,12 @@ def tiny():
 
 def test_builtin_tiny_shape_and_determinism(tiny):
     cfg = tiny.config
-    assert (
-        cfg.model_type == "deepseek_v3" and cfg.first_k_dense_replace == 1 and 8 <= cfg.n_routed_experts <= 16
-    )
+    assert cfg.model_type == "deepseek_v3" and cfg.first_k_dense_replace == 1 and 8 <= cfg.n_routed_experts <= 16
     assert cfg.topk_group < cfg.n_group and len(tiny.mtp) == 1 and cfg.vocab_size >= 256
     assert not tiny.model.layers[0].is_moe and all(layer.is_moe for layer in tiny.model.layers[1:])
     again = runtime.load_model("builtin:tiny")
     other = runtime.load_model("builtin:tiny", seed=1)
-    for (n, a), (_, b), (_, c) in zip(
-        tiny.named_parameters(), again.named_parameters(), other.named_parameters()
-    ):
+    for (n, a), (_, b), (_, c) in zip(tiny.named_parameters(), again.named_parameters(), other.named_parameters()):
         assert torch.equal(a, b), n
         if "norm" not in n:
             assert not torch.equal(a, c), n
@@ -46,9 +42,7 @@ def test_forward_loss_parts(tiny):
     with torch.no_grad():
         h = tiny.hidden_states(ids)
         mtp_logits = tiny.head(tiny.mtp_hidden(h, ids))
-    mtp_ce = F.cross_entropy(
-        mtp_logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
+    mtp_ce = F.cross_entropy(mtp_logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(parts["mtp"], mtp_ce, atol=1e-6)
     assert torch.allclose(loss, ce + tiny.mtp_loss_coef * mtp_ce, atol=1e-6)
     assert "aux" not in parts
@@ -116,3 +110,13 @@ def test_bfloat16_load_runs():
     assert m.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     out = m.logits(random_ids(1, 5, m.config.vocab_size, 0))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_import_runtime_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, runtime; assert callable(runtime.load_model); assert 'torch' not in sys.modules"
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parent.parent)
+    )
