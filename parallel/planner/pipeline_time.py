@@ -7,7 +7,7 @@ model. Two things keep hundreds of layouts under a few seconds:
 - Scale invariance: the simulator is linear in its costs, so results are cached per (kind, pp, chunks,
   costs / f rounded to 3 significant digits) and rescaled by f.
 - Steady-state extrapolation: for many micro-batches, the schedule is simulated at two small valid chunk
-  counts M1 < M2 (M1 = the schedule's minimum, at least pp, made even; M2 = M1 + 4); makespan and the worst
+  counts M1 < M2 (M1 = the schedule's minimum, at least 2*pp, made even; M2 = M1 + 4); makespan and the worst
   rank's bubble are extended linearly to M (every added pair of micro-batches adds the same steady-state
   work in 1F1B, ZB1P, DualPipe and DualPipeV). The test suite checks this against a full simulation.
 """
@@ -81,7 +81,7 @@ def pipeline_time(kind: str, pp: int, chunks: int, f: float, b: float, w: float,
         raise PipelineError(f"forward cost must be > 0, got {f}")
     key = (_round3(b / f), _round3(min(w, b) / f), None if fb is None else _round3(fb / f), _round3(comm / f),
            _round3(a2a_f / f), _round3(a2a_b / f))
-    m1 = max(min_chunks(kind, pp), pp, 2)  # 1F1B / ZB1P reach their steady state at pp micro-batches
+    m1 = max(min_chunks(kind, pp), 2 * pp)  # past every schedule's warm-up: the steady state
     m1 += m1 % 2
     m2 = m1 + 4
     if exact or chunks <= m2:

@@ -1,0 +1,201 @@
+"""Layout planner: model shapes, cost model, stage balancing, simulator extrapolation, search, `moerun plan`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from launch.cli import main as cli_main
+from parallel.planner.costmodel import CostModel, Par, Setup, param_counts
+from parallel.planner.hardware import fp8_gemm_tflops, get_gpu
+from parallel.planner.models import BUILTIN, from_hf_config, load_model
+from parallel.planner.pipeline_time import pipeline_time
+from parallel.planner.search import Layout, Planner, parse_layout, partition, rank_stages
+
+V3 = BUILTIN["deepseek-v3"]
+H800 = get_gpu("h800")
+
+# Published sizes (model cards / papers): total and activated parameters, main model without MTP.
+PUBLISHED = {"deepseek-v3": (671e9, 37e9), "deepseek-v2": (236e9, 21e9), "deepseek-v2-lite": (15.7e9, 2.4e9),
+             "kimi-k2": (1.04e12, 32e9)}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_counts_match_published_sizes(name):
+    pc = param_counts(BUILTIN[name])
+    total, active = PUBLISHED[name]
+    assert pc["total"] == pytest.approx(total, rel=0.02)
+    assert pc["active"] == pytest.approx(active, rel=0.12)  # "activated" conventions differ on embeddings
+
+
+def test_hf_config_round_trip(tmp_path):
+    cfg = {"model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61, "num_attention_heads": 128,
+           "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+           "v_head_dim": 128, "intermediate_size": 18432, "moe_intermediate_size": 2048, "n_routed_experts": 256,
+           "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "vocab_size": 129280,
+           "first_k_dense_replace": 3, "num_nextn_predict_layers": 1, "tie_word_embeddings": False}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    spec = load_model(str(tmp_path))
+    for f in ("hidden", "layers", "dense_layers", "heads", "q_lora_rank", "n_routed", "topk", "n_group",
+              "topk_group", "vocab", "mtp_layers", "moe_intermediate", "intermediate"):
+        assert getattr(spec, f) == getattr(V3, f), f
+    with pytest.raises(ValueError, match="kv_lora_rank"):
+        from_hf_config({k: v for k, v in cfg.items() if k != "kv_lora_rank"})
+    with pytest.raises(ValueError, match="neither built in"):
+        load_model(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="unknown gpu"):
+        get_gpu("a100")
+
+
+def test_cost_model_directions():
+    cm = CostModel(V3, H800)
+    base = Par(tp=1, ep=64, mbs=1, recompute="selective", overlap=True)
+    moe = cm.layer(True, base)
+    # recompute trades memory for time
+    full = cm.layer(True, Par(tp=1, ep=64, mbs=1, recompute="full", overlap=True))
+    none = cm.layer(True, Par(tp=1, ep=64, mbs=1, recompute="none", overlap=True))
+    assert full.act_bytes < moe.act_bytes < none.act_bytes
+    assert full.b > moe.b > none.b
+    # more EP ranks hold fewer experts; TP splits attention
+    assert cm.layer(True, Par(tp=1, ep=128)).params_expert == pytest.approx(moe.params_expert / 2)
+    assert cm.layer(True, Par(tp=2, ep=64)).params_dense < moe.params_dense
+    # FP8 GEMMs are faster than BF16 ones; giving SMs to communication slows compute
+    bf16 = CostModel(V3, H800, Setup(precision="bf16")).layer(True, base)
+    assert bf16.f > moe.f
+    assert cm.layer(True, Par(tp=1, ep=64, overlap=False)).f < moe.f
+    # DeepGEMM figures: smaller M runs at lower throughput
+    assert fp8_gemm_tflops(H800, 128, 4096, 7168) < fp8_gemm_tflops(H800, 4096, 4096, 7168)
+
+
+def test_node_limited_routing_bounds_infiniband_copies():
+    cm = CostModel(V3, H800)
+    t64, info64 = cm.ep_alltoall(4096, Par(ep=64))
+    assert info64["ep_internode"] and 0 < info64["ep_copies_per_token"] <= V3.topk_group
+    t8, info8 = cm.ep_alltoall(4096, Par(ep=8))
+    assert not info8["ep_internode"] and t8 < t64
+    # without group-limited routing the same EP group sends more copies across nodes
+    free = CostModel(BUILTIN["deepseek-v3"].__class__(**{**V3.__dict__, "n_group": 1, "topk_group": 1}), H800)
+    assert free.ep_alltoall(4096, Par(ep=64))[1]["ep_copies_per_token"] > info64["ep_copies_per_token"]
+
+
+@pytest.mark.parametrize("kind,pp", [("1f1b", 4), ("zb1p", 4), ("dualpipe", 4), ("dualpipev", 2)])
+def test_extrapolated_pipeline_time_matches_full_simulation(kind, pp):
+    args = dict(f=1.0, b=2.3, w=0.8, fb=3.0 if kind.startswith("dual") else None, comm=0.05, a2a_f=0.7, a2a_b=0.7)
+    chunks = 40
+    fast = pipeline_time(kind, pp, chunks, **args)
+    exact = pipeline_time(kind, pp, chunks, exact=True, **args)
+    assert fast.simulated_chunks != exact.simulated_chunks  # really extrapolated
+    assert fast.makespan == pytest.approx(exact.makespan, rel=0.01)
+    assert fast.bubble == pytest.approx(exact.bubble, rel=0.05, abs=0.05)
+    # the simulator is linear in its costs
+    scaled = pipeline_time(kind, pp, chunks, **{k: (v * 3 if v is not None else None) for k, v in args.items()})
+    assert scaled.makespan == pytest.approx(3 * fast.makespan, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind,pp", [("1f1b", 8), ("dualpipe", 8), ("dualpipev", 4)])
+def test_partition_balances_ranks(kind, pp):
+    counts = partition(0.1, 4.2, 1.0, 61, kind, pp)
+    n_stages = 2 * pp if kind == "dualpipev" else pp
+    assert len(counts) == n_stages and sum(counts) == 61
+    extra = [0.1] + [0.0] * (n_stages - 2) + [4.2]
+    loads = [sum(counts[s] + extra[s] for s in ss) for ss in rank_stages(kind, pp)]
+    assert max(loads) - min(loads) <= 1.0 + 4.2  # within one layer, unless the tail alone is heavier
+    assert max(loads) <= (61 + 4.3) * len(rank_stages(kind, pp)[0]) / n_stages + 1.0
+    assert counts[-1] < max(counts)  # the stage with head + MTP gets fewer layers
+
+
+def test_deepseek_v3_layout_and_search():
+    planner = Planner(V3, H800, nodes=256, gpus_per_node=8)
+    ev = planner.evaluate(Layout(tp=1, pp=16, ep=64, dp=128, schedule="dualpipe", mbs=1, recompute="selective"))
+    d = ev.as_dict(planner.world, planner.s, V3, H800, 1e12)
+    assert ev.microbatches == 15360 // 128
+    assert d["fits"] and d["memory_gb_per_gpu"] <= 80
+    assert 0 < d["bubble_fraction"] < 0.3
+    tok_step = 15360 * 4096
+    assert d["gpu_hours_per_trillion_tokens"] == pytest.approx(2048 * ev.step_time_s / 3600 * 1e12 / tok_step,
+                                                               rel=1e-3)
+    # DualPipe keeps two copies of a rank's stages; 1F1B one
+    one = planner.evaluate(Layout(1, 16, 64, 128, "1f1b", 1, "selective"))
+    assert ev.memory["weights"] > 1.5 * one.memory["weights"]
+    # exposed all-to-all: the non-overlapping schedule is slower per micro-batch
+    assert one.step_time_s > ev.step_time_s
+    res = planner.search({"pp": 16, "ep": 64, "tp": 1}, top=3)
+    assert res["evaluations"][0].step_time_s <= ev.step_time_s + 1e-9
+    best = planner.search(top=3)["evaluations"][0]
+    assert best.fits and best.step_time_s <= ev.step_time_s + 1e-9
+
+
+def test_layout_errors():
+    planner = Planner(V3, H800, nodes=2, gpus_per_node=8)
+    with pytest.raises(ValueError, match="ep=3"):
+        planner.evaluate(Layout(1, 1, 3, 16, "1f1b", 1, "selective"))
+    with pytest.raises(ValueError, match="tp\\*pp\\*dp"):
+        planner.evaluate(Layout(1, 2, 8, 16, "1f1b", 1, "selective"))
+    with pytest.raises(ValueError, match="unknown"):
+        parse_layout("pp=2,foo=3")
+    with pytest.raises(ValueError, match="expected int"):
+        parse_layout("pp=two")
+
+
+def _run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_cli_json_fields():
+    rc, out, _ = _run_cli(["plan", "--model", "deepseek-v2-lite", "--nodes", "2", "--gpus-per-node", "8",
+                           "--gpu", "h100", "--global-batch", "512", "--json", "--top", "3"])
+    assert rc == 0
+    doc = json.loads(out)
+    keys = {"tp", "pp", "ep", "dp", "schedule", "microbatches", "memory_gb_per_gpu", "step_time_s", "tokens_per_s",
+            "mfu", "bubble_fraction", "gpu_hours_per_trillion_tokens"}
+    assert doc["layouts"] and all(keys <= set(r) for r in doc["layouts"])
+    assert doc["best"] == doc["layouts"][0] and doc["best"]["fits"]
+    times = [r["step_time_s"] for r in doc["layouts"]]
+    assert times == sorted(times)
+
+
+def test_cli_errors_and_table():
+    rc, _, err = _run_cli(["plan", "--model", "gpt-9", "--nodes", "1"])
+    assert rc == 2 and "neither built in" in err
+    rc, _, err = _run_cli(["plan", "--model", "deepseek-v3", "--nodes", "1", "--layout", "pp=2,zz=1"])
+    assert rc == 2 and "zz" in err
+    rc, out, _ = _run_cli(["plan", "--model", "deepseek-v2-lite", "--nodes", "1", "--gpu", "h200",
+                           "--global-batch", "256", "--top", "2"])
+    assert rc == 0 and "best:" in out and "GPU-h/1T" in out
+
+
+def test_cli_experts(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "load.npy"
+    np.save(path, rng.lognormal(0, 1.5, size=(3, 64)))
+    placement = tmp_path / "p.json"
+    rc, out, _ = _run_cli(["plan", "experts", "--load", str(path), "--gpus", "8", "--nodes", "2",
+                           "--redundant", "8", "--groups", "4", "--json", "--out", str(placement)])
+    assert rc == 0
+    doc = json.loads(out)
+    assert len(doc["layers"]) == 3 and json.loads(placement.read_text()) == doc
+    for layer in doc["layers"]:
+        assert layer["max_over_mean_after"] < layer["max_over_mean_before"]
+        assert sum(len(s) for s in layer["slots"]) == 64 + 8
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"not numpy")
+    rc, _, err = _run_cli(["plan", "experts", "--load", str(bad), "--gpus", "8"])
+    assert rc == 2 and "cannot read" in err
+
+
+def test_plan_imports_no_torch():
+    code = ("import sys; from launch.cli import main; "
+            "rc = main(['plan', '--model', 'deepseek-v2-lite', '--nodes', '1', '--global-batch', '64', '--top', '1',"
+            " '--json']); assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
