@@ -24,6 +24,15 @@ COSTS = [
 ]
 
 
+@cache
+def _built(kind: str, pp: int, chunks: int):
+    return build(kind, pp, chunks)  # validated once here; the loops below simulate with check=False
+
+
+def _sim(kind: str, pp: int, chunks: int, costs: Costs):
+    return simulate(_built(kind, pp, chunks), costs, check=False)
+
+
 def _reference_times(s, costs):
     """Earliest start of every compute action as a longest path in the dependency DAG (no event loop):
     an action starts when the previous action of its rank has ended and its inputs have arrived."""
@@ -95,7 +104,7 @@ def test_gpipe_closed_form_with_latency(pp):
 @pytest.mark.parametrize("costs", COSTS)
 def test_1f1b_bubble_equals_formula(pp, costs):
     for chunks in (pp, 2 * pp + 1, 4 * pp):
-        res = simulate(build("1f1b", pp, chunks), costs)
+        res = _sim("1f1b", pp, chunks, costs)
         assert res.worst_bubble == pytest.approx(bubble_formula("1f1b", pp, costs), abs=1e-9)
         assert res.worst_bubble == pytest.approx((pp - 1) * (costs.f + costs.b), abs=1e-9)
 
@@ -104,11 +113,11 @@ def test_1f1b_bubble_equals_formula(pp, costs):
 @pytest.mark.parametrize("costs", COSTS)
 def test_zb1p_bubble_within_formula(pp, costs):
     for chunks in (pp, 2 * pp + 1, 4 * pp):
-        zb = simulate(build("zb1p", pp, chunks), costs)
+        zb = _sim("zb1p", pp, chunks, costs)
         assert zb.worst_bubble <= bubble_formula("zb1p", pp, costs) + 1e-9
         # with W <= F <= B - W our ZB-H1 meets the formula exactly, not just under it
         assert zb.worst_bubble == pytest.approx(bubble_formula("zb1p", pp, costs), abs=1e-9)
-        one = simulate(build("1f1b", pp, chunks), costs)
+        one = _sim("1f1b", pp, chunks, costs)
         assert zb.worst_bubble < one.worst_bubble  # deferring W pays whenever w > 0
 
 
@@ -118,7 +127,7 @@ def test_dualpipe_bubbles_within_formula(stages, costs):
     """DualPipe with PP ranks and DualPipeV with PP/2 ranks (both PP stages) against (PP/2-1)(F&B+B-3W)."""
     for kind, ranks in (("dualpipe", stages), ("dualpipev", stages // 2)):
         for chunks in (2 * ranks, 2 * ranks + 2, 4 * ranks):
-            res = simulate(build(kind, ranks, chunks), costs)
+            res = _sim(kind, ranks, chunks, costs)
             formula = bubble_formula(kind, ranks, costs)
             assert formula == pytest.approx((stages / 2 - 1) * (costs.duration(FB) + costs.b - 3 * costs.w))
             assert res.worst_bubble <= formula + 1e-9
@@ -135,7 +144,7 @@ def test_formulas_hold_for_random_costs_of_transformer_shape():
         for kind in ("1f1b", "zb1p", "dualpipe", "dualpipev"):
             ranks = rng.choice([2, 4]) if kind == "dualpipev" else rng.choice([4, 8])
             chunks = 2 * ranks + 2 * rng.randrange(4)
-            res = simulate(build(kind, ranks, chunks), c, check=False)
+            res = _sim(kind, ranks, chunks, c)
             assert res.worst_bubble <= bubble_formula(kind, ranks, c) + 1e-9, (kind, ranks, chunks, c)
 
 
