@@ -11,7 +11,7 @@ is as small as possible.
 - Packing: longest-processing-time first (heaviest replica to the least-loaded GPU that still has a free
   slot and does not hold that expert yet), then a local search that moves or swaps replicas between the
   most-loaded GPU and the others while that lowers the maximum.
-- Node-aware (groups K, nodes N): expert groups (DeepSeek's routing groups) are first packed onto nodes
+- Node-aware (groups K > 1, nodes N > 1): expert groups (DeepSeek's routing groups) are first packed onto nodes
   by LPT with an equal number of groups per node, so tokens that group-limited routing sends to a node stay
   within it; then each node replicates and packs its own experts with R / N redundant slots.
 """
@@ -48,11 +48,10 @@ def max_over_mean(gpu_load) -> float:
 
 
 def contiguous_load(load: np.ndarray, gpus: int) -> np.ndarray:
-    """Per-GPU load when expert e lives on GPU e // (E / G), the layout without any balancing."""
-    e = len(load)
-    if e % gpus:
-        raise ValueError(f"{e} experts do not split evenly over {gpus} GPUs")
-    return np.asarray(load, dtype=float).reshape(gpus, e // gpus).sum(axis=1)
+    """Per-GPU load of the layout without any balancing: experts in order, in G contiguous runs as equal as
+    possible (expert e on GPU e // (E / G) when G divides E; with more GPUs than experts some hold none)."""
+    a = np.asarray(load, dtype=float)
+    return np.array([part.sum() for part in np.array_split(a, gpus)])
 
 
 def replicate(load: np.ndarray, extra: int) -> list[int]:
@@ -194,29 +193,31 @@ def place_layer(load, gpus: int, redundant: int = 0, nodes: int = 1, groups: int
         raise ValueError(f"{E} experts + {redundant} redundant slots do not fill {gpus} GPUs evenly")
     if gpus % nodes:
         raise ValueError(f"{gpus} GPUs do not split evenly over {nodes} nodes")
-    if nodes > 1 and (groups % nodes or E % groups or redundant % nodes):
+    node_aware = nodes > 1 and groups > 1
+    if node_aware and (groups % nodes or E % groups or redundant % nodes):
         raise ValueError(f"node-aware placement needs groups ({groups}) and redundant slots ({redundant}) "
                          f"divisible by nodes ({nodes}) and experts ({E}) by groups")
     cap = (E + redundant) // gpus
-    if nodes == 1:
+    if not node_aware:  # one pool: GPUs are interchangeable
         node_experts = [list(range(E))]
     else:
         size = E // groups
         gload = [(float(load[g * size:(g + 1) * size].sum()), g) for g in range(groups)]
         packed = pack(gload, nodes, groups // nodes)
         node_experts = [sorted(e for _, g in node for e in range(g * size, (g + 1) * size)) for node in packed]
-    gpn = gpus // nodes
+    gpn = gpus // len(node_experts)
+    redundant_per = redundant // len(node_experts)
     slots: list[list[int]] = []
     replicas = [0] * E
     for experts in node_experts:
         sub = load[experts]
-        counts, bins = _replicate_and_pack(sub, redundant // nodes, gpn, cap)
+        counts, bins = _replicate_and_pack(sub, redundant_per, gpn, cap)
         for i, c in enumerate(counts):
             replicas[experts[i]] = c
         for b in bins:
             slots.append(sorted(experts[e] for _, e in b))
     gpu_load = [sum(load[e] / replicas[e] for e in s) for s in slots]
-    before = max_over_mean(contiguous_load(load, gpus)) if E % gpus == 0 else float("nan")
+    before = max_over_mean(contiguous_load(load, gpus))
     return LayerPlacement(slots, replicas, gpu_load, before, max_over_mean(gpu_load))
 
 
