@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from parallel.pipeline import ScheduleError, build, phase_steps, validate
+from parallel.pipeline import ScheduleError, build, forward_only, phase_steps, validate
 from parallel.pipeline.schedule import BI, FB, RECV, SEND, B, F, W
 
 # REFERENCE.md, DualPipe section: per-rank step counts of DualPipe, 8 ranks, 20 chunks, eight phases.
@@ -66,6 +66,36 @@ def test_placement():
     # stages 2 and 3 meet on rank 2: no p2p between them
     assert not any(a.kind in (SEND, RECV) and {a.stage, a.stage + (1 if a.what == "act" else -1)} == {2, 3}
                    for acts in v.ranks for a in acts)
+
+
+def test_placement_helpers():
+    d = build("dualpipe", 4, 8)
+    assert d.copies(1) == [(1, 0), (2, 1)]  # stage 1: rank 1's chunk 0 and rank 2's chunk 1
+    assert d.microbatches_entering(0) == [0, 1, 2, 3] and d.microbatches_entering(3) == [4, 5, 6, 7]
+    assert d.microbatches_ending(3) == [0, 1, 2, 3] and d.microbatches_ending(0) == [4, 5, 6, 7]
+    v = build("dualpipev", 2, 4)
+    assert v.microbatches_entering(0) == v.microbatches_ending(0) == [0, 1, 2, 3]
+    assert v.copies(3) == [(0, 1)]
+    one = build("1f1b", 3, 2)
+    assert one.microbatches_entering(0) == [0, 1] and one.microbatches_ending(2) == [0, 1]
+
+
+@pytest.mark.parametrize("kind,pp,chunks", [("1f1b", 4, 8), ("zb1p", 4, 8), ("dualpipe", 4, 8),
+                                            ("dualpipev", 3, 7), ("gpipe", 2, 3)])
+def test_forward_only(kind, pp, chunks):
+    full = build(kind, pp, chunks)
+    fwd = forward_only(full)
+    validate(fwd)
+    assert fwd.forward_only and not full.forward_only
+    for r in range(pp):
+        kinds = {a.kind for a in fwd.ranks[r]}
+        assert kinds <= {F, SEND, RECV}
+        assert all(a.what == "act" for a in fwd.ranks[r] if a.kind in (SEND, RECV))
+        # the same forwards, in the same order
+        assert [(a.stage, a.mb) for a in fwd.ranks[r] if a.kind == F] == [
+            (a.stage, a.mb) for a in full.compute_actions(r) if a.kind in (F, FB)]
+    with pytest.raises(ScheduleError, match="backward work in a forward-only schedule"):
+        validate(dataclasses.replace(full, meta={"forward_only": True}))
 
 
 def test_dualpipe_overlaps_forward_with_backward():

@@ -164,6 +164,16 @@ def test_peak_activations_match_readme(pp):
     assert simulate(build("gpipe", pp, chunks)).peak_activations == chunks
 
 
+def test_forward_only_simulation():
+    from parallel.pipeline import forward_only
+
+    pp, m, c = 4, 6, Costs(f=1.5, b=2, w=1, comm=0.25)
+    res = simulate(forward_only(build("1f1b", pp, m)), c)
+    assert res.makespan == pytest.approx((m + pp - 1) * c.f + (pp - 1) * c.comm)  # a plain forward pipeline
+    assert res.peak_activations == 1
+    assert all(r.busy == pytest.approx(m * c.f) for r in res.ranks)
+
+
 def test_latency_never_shortens_a_step():
     for kind, pp, m in (("1f1b", 4, 8), ("zb1p", 4, 8), ("dualpipe", 4, 8), ("dualpipev", 4, 8)):
         s = build(kind, pp, m)

@@ -15,6 +15,7 @@ from .schedule import (
     build,
     dualpipe,
     dualpipev,
+    forward_only,
     gpipe,
     one_f_one_b,
     phase_steps,
@@ -25,6 +26,6 @@ from .validate import validate
 
 __all__ = [
     "BUILDERS", "SCHEDULE_KINDS", "Action", "Costs", "RankStats", "Schedule", "ScheduleError", "SimResult",
-    "Span", "bubble_formula", "build", "dualpipe", "dualpipev", "gpipe", "one_f_one_b", "phase_steps",
+    "Span", "bubble_formula", "build", "dualpipe", "dualpipev", "forward_only", "gpipe", "one_f_one_b", "phase_steps",
     "simulate", "validate", "zb1p",
 ]

@@ -30,7 +30,7 @@ Action kinds
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 F, B, BI, W, FB, SEND, RECV = "F", "B", "I", "W", "FB", "SEND", "RECV"  # BI: the "I" kind
 COMPUTE_KINDS = (F, B, BI, W, FB)
@@ -105,6 +105,22 @@ class Schedule:
                 if r == rank:
                     held[c] = stage
         return dict(sorted(held.items()))
+
+    def copies(self, stage: int) -> list[tuple[int, int]]:
+        """Every (rank, chunk) holding `stage`: two for DualPipe, whose copies' gradients must be summed."""
+        return sorted({route[stage] for route in self.routes})
+
+    def microbatches_entering(self, rank: int) -> list[int]:
+        """Micro-batches whose inputs this rank feeds in (stage 0 runs here)."""
+        return [m for m in range(self.chunks) if self.rank_of(0, m) == rank]
+
+    def microbatches_ending(self, rank: int) -> list[int]:
+        """Micro-batches whose last stage (head, loss) runs on this rank."""
+        return [m for m in range(self.chunks) if self.rank_of(self.num_stages - 1, m) == rank]
+
+    @property
+    def forward_only(self) -> bool:
+        return bool(self.meta.get("forward_only"))
 
     def compute_actions(self, rank: int) -> list[Action]:
         return [a for a in self.ranks[rank] if a.kind in COMPUTE_KINDS]
@@ -378,6 +394,24 @@ def dualpipev(pp: int, chunks: int) -> Schedule:
 
 
 BUILDERS = {"gpipe": gpipe, "1f1b": one_f_one_b, "zb1p": zb1p, "dualpipe": dualpipe, "dualpipev": dualpipev}
+
+
+def forward_only(schedule: Schedule) -> Schedule:
+    """The same schedule without backward work, for inference through the pipeline (e.g. logits under pp).
+
+    Forwards keep their order and placement; an FB becomes its F; B, I, W and gradient transfers go.
+    """
+    ranks = []
+    for acts in schedule.ranks:
+        out = []
+        for a in acts:
+            if a.kind == F or (a.kind in (SEND, RECV) and a.what == ACT):
+                out.append(a)
+            elif a.kind == FB:
+                out.append(Action(F, a.stage, a.mb, a.chunk, phase=a.phase))
+        ranks.append(tuple(out))
+    meta = dict(schedule.meta, forward_only=True)
+    return replace(schedule, ranks=tuple(ranks), meta=meta)
 
 
 def build(kind: str, pp: int, chunks: int, check: bool = True) -> Schedule:

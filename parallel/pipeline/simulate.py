@@ -25,7 +25,7 @@ exactly `makespan - M(F+B)` on every rank. We report the worst (largest) rank's 
 Peak activations: the largest number of (stage, micro-batch) activation sets a rank holds at once; one is
 taken when a forward starts and released when its full backward (B) ends, or, when the backward is split,
 when its W ends (W still needs the layer inputs). Within an FB the forward's set is taken before the
-backward's is released.
+backward's is released. A forward-only schedule releases each set when its forward ends.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def simulate(schedule: Schedule, costs: Costs | None = None, check: bool = True)
                     if a.kind in (F, FB):
                         live[r] += 1
                         peak[r] = max(peak[r], live[r])
-                    if a.kind in (B, W, FB):
+                    if a.kind in (B, W, FB) or schedule.forward_only:  # inference keeps nothing for later
                         live[r] -= 1
                     spans.append(Span(r, start, clock[r], a))
                 pc[r] += 1

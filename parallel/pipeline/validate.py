@@ -65,7 +65,10 @@ def _check_complete(s: Schedule) -> list[str]:
             nf, nb, ni, nw = (counts[(k, st, m)] for k in (F, B, BI, W))
             if nf != 1:
                 problems.append(f"stage {st} mb {m}: {nf} forwards (need exactly 1)")
-            if not ((nb, ni, nw) == (1, 0, 0) or (nb, ni, nw) == (0, 1, 1)):
+            if s.forward_only:
+                if nb + ni + nw:
+                    problems.append(f"stage {st} mb {m}: backward work in a forward-only schedule")
+            elif not ((nb, ni, nw) == (1, 0, 0) or (nb, ni, nw) == (0, 1, 1)):
                 problems.append(f"stage {st} mb {m}: {nb} B, {ni} I, {nw} W (need one B, or one I and one W)")
     return problems
 
