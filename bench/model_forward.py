@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--expert-loop", action="store_true", help="also time moerun with the per-expert loop")
     p.add_argument("--moe-only", action="store_true", help="time only the MoE layer, not the whole model")
+    p.add_argument(
+        "--hf-experts",
+        default=None,
+        help="transformers experts implementation (default: its own "
+        "choice, grouped_mm in 5.23; 'eager' is its per-expert loop)",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -75,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         hf.save_pretrained(d)
         ours = runtime.load_model(d, dtype=dtype, device=args.device)
     hf = hf.to(device=args.device, dtype=dtype)
+    if args.hf_experts:
+        hf.set_experts_implementation(args.hf_experts)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     ids = ids.to(args.device)
     labels = ids.roll(-1, 1)
@@ -119,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             tb.append(timed(fb))
         return tokens / min(ta), tokens / min(tb)  # best of N: robust to other load on a shared machine
 
-    print(f"device={args.device} dtype={args.dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(
+        f"device={args.device} dtype={args.dtype} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"HF experts={hf.config._experts_implementation}"
+    )
     print(
         f"model: hidden={h} layers={args.layers} heads={args.heads} experts={args.experts} top-k={args.topk} "
         f"moe_inter={args.moe_inter} vocab={args.vocab}; batch={args.batch} seq={args.seq}; "

@@ -38,6 +38,8 @@ class Rotary:
         self.interleave = cfg.rope.interleave
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
         return rope_cos_sin(self.inv_freq, self.attention_factor, positions, dtype)
 
 
