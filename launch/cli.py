@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "selftest": ("launch.commands.selftest", "check and time collectives on every group of the mesh"),
     "launch": ("launch.commands.launch_local", "run a subcommand on N local ranks through mpirun"),
     "slurm": ("launch.commands.slurm", "print an sbatch script that runs a subcommand with srun"),
+    "train": ("launch.commands.train", "train the model from a job config (TOML + --set)"),
+    "ckpt": ("launch.commands.ckpt", "inspect checkpoints and export them to Hugging Face format"),
     "serve": ("launch.commands.serve", "serve the model over ZeroMQ (msgpack), optionally training too"),
     "client": ("launch.commands.client", "talk to a running server: generate, health, info, metrics, abort"),
     "schedule": ("launch.commands.schedule", "build and simulate a pipeline schedule (bubbles, timeline)"),
