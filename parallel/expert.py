@@ -47,24 +47,29 @@ def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Pr
 
 
 class _AllToAll(torch.autograd.Function):
-    """Uneven all_to_all_single on rows; backward is the reverse all-to-all. May run async: the output
-    buffer is returned at once and `works` receives the pending work to wait on before reading it."""
+    """Uneven all_to_all_single of one or more row-aligned tensors as ONE autograd node; backward is the
+    reverse all-to-all of their gradients, in the same order. One node matters: if tokens and weights had
+    separate nodes, a rank whose expert rows are empty (so one output gets no gradient) would skip one
+    collective and pair its peers' transfers wrongly. Missing gradients are materialised as zeros, so the
+    node's collectives run on every rank. May run async: the outputs are returned at once and `works`
+    receives the pending works to wait on before reading them."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, works):
+    def forward(ctx, out_splits, in_splits, group, works, *xs):
         ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        return _a2a(x, out_splits, in_splits, group, works)
+        return tuple(_a2a(x, out_splits, in_splits, group, works) for x in xs)
 
     @staticmethod
-    def backward(ctx, g):
-        return _a2a(g, ctx.in_splits, ctx.out_splits, ctx.group, None), None, None, None, None
+    def backward(ctx, *grads):
+        back = tuple(_a2a(g, ctx.in_splits, ctx.out_splits, ctx.group, None) for g in grads)
+        return (None, None, None, None, *back)
 
 
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup,
-                works: list | None) -> torch.Tensor:
-    if x.requires_grad:
-        return _AllToAll.apply(x, out_splits, in_splits, group, works)
-    return _a2a(x, out_splits, in_splits, group, works)
+def _all_to_all(xs: list[torch.Tensor], out_splits: list[int], in_splits: list[int], group: ProcessGroup,
+                works: list | None) -> tuple[torch.Tensor, ...]:
+    if any(x.requires_grad for x in xs) and torch.is_grad_enabled():
+        return _AllToAll.apply(out_splits, in_splits, group, works, *xs)
+    return tuple(_a2a(x, out_splits, in_splits, group, works) for x in xs)
 
 
 @dataclass(eq=False)
@@ -94,6 +99,11 @@ class DispatchHandle:
     @property
     def num_recv_tokens(self) -> int:
         return sum(self.recv_counts)
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        """Alias of recv_weights (the runtime model's experts read `handle.weights`)."""
+        return self.recv_weights
 
     def wait(self) -> torch.Tensor:
         """Finish the token transfer; return recv_x [R, H] grouped contiguous per local expert."""
@@ -134,6 +144,13 @@ class CombineHandle:
         return self._result
 
 
+def experts_per_rank(num_experts: int, ep: int) -> int:
+    """E / ep, or a clear error: experts are placed in equal contiguous blocks per EP rank."""
+    if num_experts % ep != 0:
+        raise ValueError(f"num_experts={num_experts} is not divisible by the EP size {ep}")
+    return num_experts // ep
+
+
 def _check_inputs(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
                   ep: int) -> int:
     if x.dim() != 2:
@@ -145,11 +162,10 @@ def _check_inputs(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.T
                          f"topk_idx {tuple(topk_idx.shape)}")
     if topk_idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"topk_idx must be an integer tensor, got {topk_idx.dtype}")
-    if num_experts % ep != 0:
-        raise ValueError(f"num_experts={num_experts} is not divisible by the EP size {ep}")
+    epr = experts_per_rank(num_experts, ep)
     if topk_idx.numel() and (int(topk_idx.max()) >= num_experts or int(topk_idx.min()) < -1):
         raise ValueError(f"topk_idx values must lie in [-1, {num_experts}) (-1 = no expert)")
-    return num_experts // ep
+    return epr
 
 
 def _apply_capacity(topk_idx: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
@@ -204,9 +220,9 @@ def dispatch_async(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.
                             expert_counts=expert_counts, num_dropped=int(dropped.sum()),
                             dropped_per_expert=dropped_per_expert)
     works = handle._works
-    handle._recv_idx = _all_to_all(send_idx, recv_counts, send_counts, group, works)
-    handle._recv_w = _all_to_all(send_w, recv_counts, send_counts, group, works)
-    handle._recv_x = _all_to_all(x.index_select(0, send_token_idx), recv_counts, send_counts, group, works)
+    (handle._recv_idx,) = _all_to_all([send_idx], recv_counts, send_counts, group, works)
+    handle._recv_x, handle._recv_w = _all_to_all([x.index_select(0, send_token_idx), send_w], recv_counts,
+                                                 send_counts, group, works)
     return handle
 
 
@@ -224,9 +240,13 @@ def combine_async(y: torch.Tensor, handle: DispatchHandle) -> CombineHandle:
     if y.shape[0] != handle.recv_rows.shape[0]:
         raise ValueError(f"combine expects {handle.recv_rows.shape[0]} rows (one per dispatched "
                          f"(token, expert) pair), got {y.shape[0]}")
+    if y.shape[0] == 0 and torch.is_grad_enabled() and handle._result.requires_grad:
+        # nothing reached this rank's experts, and an empty expert output may be cut off from the graph;
+        # keep the dispatch node reachable so its backward all-to-all runs here as on every other rank
+        y = y + handle._result.sum() * 0
     per_token = y.new_zeros((handle.num_recv_tokens, *y.shape[1:])).index_add(0, handle.recv_rows, y)
     works: list = []
-    back = _all_to_all(per_token, handle.send_counts, handle.recv_counts, handle.group, works)
+    (back,) = _all_to_all([per_token], handle.send_counts, handle.recv_counts, handle.group, works)
     return CombineHandle(works, back, handle)
 
 

@@ -124,6 +124,19 @@ class _ScatterToTP(torch.autograd.Function):
         return _all_gather(g, ctx.dim, ctx.group), None, None
 
 
+class _ScatterRowsToTP(torch.autograd.Function):
+    """Several tensors split along dim 0 as one node (one ordered set of all-gathers in backward)."""
+
+    @staticmethod
+    def forward(ctx, group, *xs):
+        ctx.group = group
+        return tuple(_split(x, 0, group) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *(_all_gather(g, 0, ctx.group) for g in grads))
+
+
 class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group):
@@ -173,6 +186,14 @@ def reduce_from_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
 def scatter_to_tp(x: torch.Tensor, group: ProcessGroup | None, dim: int = -1) -> torch.Tensor:
     """Keep this rank's chunk of `dim` (default last); backward all-gathers."""
     return _ScatterToTP.apply(x, dim, group) if _size(group) > 1 else x
+
+
+def scatter_rows_to_tp(xs: list[torch.Tensor], group: ProcessGroup | None) -> tuple[torch.Tensor, ...]:
+    """This rank's dim-0 chunk of each tensor (e.g. tokens and their routing weights), as one autograd node
+    whose backward all-gathers the gradients in a fixed order on every rank."""
+    if _size(group) == 1:
+        return tuple(xs)
+    return _ScatterRowsToTP.apply(group, *xs)
 
 
 def gather_from_tp(x: torch.Tensor, group: ProcessGroup | None, dim: int = -1) -> torch.Tensor:
