@@ -364,6 +364,17 @@ class Planner:
             n_fit += fits
             if fits or include_unfit:
                 staged.append((self.lower_bound(lay, info[2], info[3]), lay, info))
+        # dominance: of the same layout with different recompute, the one recomputing least that fits is
+        # never slower; drop the others before simulating
+        order = {rc: i for i, rc in enumerate(("none", "selective", "full"))}
+        keep: dict = {}
+        for item in staged:
+            lay = item[1]
+            key = (lay.tp, lay.pp, lay.ep, lay.dp, lay.schedule, lay.mbs)
+            if key not in keep or order[lay.recompute] < order[keep[key][1].recompute]:
+                keep[key] = item
+        if not include_unfit:
+            staged = list(keep.values())
         staged.sort(key=lambda x: x[0])
         best: list[Evaluation] = []
         for lb, lay, info in staged:
