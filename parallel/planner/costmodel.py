@@ -203,7 +203,7 @@ class CostModel:
         # element-wise bytes per token (forward): norms with fused FP8 cast, latent norms, rope, output cast,
         # residual add; the backward moves about twice as much.
         per_tok = 3 * h / tp + 4 * (m.q_lora_rank + m.kv_lora_rank) + 4 * (H + 1) * m.qk_rope + \
-            3 * H * m.v_head + 6 * h / tp
+            4 * H * qk + 3 * H * m.v_head + 6 * h / tp  # (+ k assembled from k_nope and the shared k_rope)
         mem_f = self._mem(T * per_tok, par)
         u.f = g_f + a_f + mem_f
         recompute = 0.0
@@ -281,7 +281,7 @@ class CostModel:
         u = UnitCost("moe" if moe else "dense")
         att = self._attention(T, par)
         u.add(att)
-        mem_common = self._mem(T * (3 * h + 6 * h) / tp, par)  # MLP-side norm + cast, residual add
+        mem_common = self._mem(T * (3 * h + 6 * h + 4 * h) / tp, par)  # norm + cast, residual add, BF16 copy
         if moe:
             tok_ep = T / tp  # sequence-parallel: each tp rank dispatches its share of the tokens
             routed_rows = tok_ep * m.topk * self.s.load_imbalance  # expert rows computed on this GPU
@@ -290,7 +290,9 @@ class CostModel:
             down = self._fdw(per_expert, h, m.moe_intermediate, par, True)
             g_r = tuple((m.n_routed / par.ep) * (a + b) for a, b in zip(up, down, strict=True))
             fl_r = 2.0 * routed_rows * 3 * h * m.moe_intermediate / self.s.load_imbalance
-            mem_r = self._mem(routed_rows * 5 * m.moe_intermediate, par)
+            # SwiGLU of every routed row, and the permutation of rows to / from the expert-contiguous
+            # layout of the grouped GEMM (FP8 in, BF16 out, each read and written once)
+            mem_r = self._mem(routed_rows * (5 * m.moe_intermediate + 2 * h + 4 * h), par)
             g_s, fl_s, mem_s = self._ffn(T, m.moe_intermediate, m.n_shared, par, False, True)
             g_gate = self._fdw(tok_ep, m.n_routed, h, par, bf16=True)
             fl_gate = 2.0 * tok_ep * m.n_routed * h

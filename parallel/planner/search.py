@@ -118,9 +118,12 @@ def rank_stages(kind: str, pp: int) -> list[list[int]]:
     return [[r] for r in range(pp)]
 
 
-def _weight(row) -> float:
-    """What the stage balancer equalises: compute, TP collectives and half the all-to-all of F and B."""
-    return float(row[F_] + row[B_] + row[TF] + row[TB] + 0.5 * (row[AF] + row[AB]))
+def _weight(row, overlap: bool) -> float:
+    """What the stage balancer equalises: a micro-batch's time on the rank. With F&B overlap the all-to-all
+    hides behind compute (counted only where it exceeds it); without, it adds up."""
+    comp = row[F_] + row[B_]
+    comm = row[AF] + row[AB]
+    return float((max(comp, comm) if overlap else comp + comm) + row[TF] + row[TB])
 
 
 def unit_matrix(units: list[UnitCost]) -> np.ndarray:
@@ -224,7 +227,7 @@ class Planner:
             units = self.cm.units(par)
             U = unit_matrix(units)
             n = self.m.layers
-            w = [_weight(r) for r in U]
+            w = [_weight(r, par.overlap) for r in U]
             ep_bytes = max((u.detail.get("ep_bytes_per_token", 0.0) for u in units), default=0.0)
             self._units[par] = (U, w[0], sum(w[1 + n:]), sum(w[1:1 + n]) / max(1, n), ep_bytes)
         return self._units[par]
@@ -274,7 +277,7 @@ class Planner:
     def sim_costs(self, lay: Layout, S: np.ndarray, held: np.ndarray) -> dict:
         """The simulator's per-action costs (seconds): the per-stage-visit average of the bottleneck rank."""
         avg = S[held, TIME].mean(axis=1)           # ranks x time fields
-        wt = avg[:, F_] + avg[:, B_] + avg[:, TF] + avg[:, TB] + 0.5 * (avg[:, AF] + avg[:, AB])
+        wt = [_weight(row, lay.schedule in OVERLAP_KINDS) for row in avg]
         a = avg[int(np.argmax(wt))]
         act = self.s.seq_len * lay.mbs * 2 * self.m.hidden / lay.tp
         bw = self.gpu.ib_gbps if lay.dp * lay.tp >= self.G else self.gpu.nvlink_gbps
