@@ -331,7 +331,7 @@ class Planner:
     # -------------------------------------------------------------------------------------- search
     def candidates(self, fixed: dict | None = None) -> list[Layout]:
         fixed = fixed or {}
-        m, W, G = self.m, self.world, self.G
+        W, G = self.world, self.G
         out = []
         for tp in (1, 2, 4, 8):
             if tp > G or W % tp:
@@ -350,7 +350,6 @@ class Planner:
                                     continue
                                 if self.check(lay) is None:
                                     out.append(lay)
-        del m
         return out
 
     def search(self, fixed: dict | None = None, top: int = 10, include_unfit: bool = False) -> dict:
