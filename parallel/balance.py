@@ -81,12 +81,20 @@ class ExpertBalancer:
 
     def record(self, layer: int, topk_idx: torch.Tensor, microbatch: Hashable | None = None) -> None:
         """Count one forward's routing for `layer`. Ignored inside backward (recompute)."""
+        if _in_backward():
+            return
+        self.record_counts(layer, expert_load(topk_idx.detach(), self.num_experts), microbatch)
+
+    def record_counts(self, layer: int, counts: torch.Tensor, microbatch: Hashable | None = None) -> None:
+        """Like `record`, from precomputed [E] counts (e.g. the runtime Gate's `last_load`)."""
         if not 0 <= layer < len(self.biases):
             raise IndexError(f"layer {layer} out of range for {len(self.biases)} MoE layers")
+        if counts.shape != (self.num_experts,):
+            raise ValueError(f"counts must have shape ({self.num_experts},), got {tuple(counts.shape)}")
         if _in_backward():
             return
         key = next(self._anon) if microbatch is None else ("mb", microbatch)
-        self._records[(layer, key)] = expert_load(topk_idx.detach(), self.num_experts).cpu()
+        self._records[(layer, key)] = counts.detach().long().cpu()
 
     def pending_loads(self) -> torch.Tensor:
         """[L, E] int64 loads recorded on this rank since the last step (not yet reduced)."""

@@ -59,6 +59,8 @@ def test_gradient_accumulation_and_recompute_count_once() -> None:
     bal.record(1, _idx([2, 0, 0, 0, 0, 0]), microbatch=7)
     bal.record(1, _idx([0, 1, 0, 0, 0, 0]), microbatch=8)
     assert bal.pending_loads()[1].tolist() == [2, 1, 0, 0, 0, 0]
+    bal.record_counts(1, torch.tensor([0, 0, 5, 0, 0, 0]))
+    assert bal.pending_loads()[1].tolist() == [2, 1, 5, 0, 0, 0]
     loads = bal.step()
     assert torch.equal(loads[0], expected)
 
@@ -103,6 +105,8 @@ def test_bad_arguments() -> None:
         ExpertBalancer([torch.zeros(4), torch.zeros(5)], 0.1)
     with pytest.raises(IndexError, match="layer 3"):
         ExpertBalancer([torch.zeros(4)], 0.1).record(3, torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="counts must have shape"):
+        ExpertBalancer([torch.zeros(4)], 0.1).record_counts(0, torch.zeros(5))
     with pytest.raises(ValueError, match="B,T,E"):
         sequence_balance_loss(torch.rand(3, E), torch.zeros(3, 2, dtype=torch.long), 0.1)
 
