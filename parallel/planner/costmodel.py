@@ -326,8 +326,16 @@ class CostModel:
         if tp > 1:
             u.tp_f += 2 * self._tp_collective(T, par)
             u.tp_b += 2 * self._tp_collective(T, par)
+        self._accumulate(u, u.params_dense + u.params_expert, par)
         self._cache[key] = u
         return u
+
+    def _accumulate(self, u: UnitCost, params: float, par: Par) -> None:
+        """Every micro-batch's weight gradient is added into the FP32 gradient buffer (V3 keeps gradients in
+        FP32 for accumulation): read and write 4 bytes per parameter instead of writing a 2-byte output."""
+        t = self._mem(params * 6.0, par)
+        u.w += t
+        u.b += t
 
     def _moe_act(self, T: float, tok_ep: float, rows: float, par: Par) -> float:
         m, h, mi = self.m, self.m.hidden, self.m.moe_intermediate
@@ -367,6 +375,7 @@ class CostModel:
         u.f, u.w, u.b = g[0] + mem, g[2], g[1] + g[2] + 2 * mem
         u.model_flops = 3 * 2.0 * T * V * m.hidden
         u.params_dense = 0.0 if shares_weights else V * m.hidden
+        self._accumulate(u, V * m.hidden, par)  # the MTP head shares the weights but adds its own gradient
         u.act_bytes = T * 2 * m.hidden
         u.transient_bytes = T * V * 6.0  # BF16 logits and their FP32 softmax
         return u
@@ -378,6 +387,7 @@ class CostModel:
         g = self._fdw(T, m.hidden, 2 * m.hidden, par, bf16=True)
         u.f, u.w, u.b = g[0], g[2], g[1] + g[2]
         u.params_dense = 2 * m.hidden * m.hidden + 3 * m.hidden
+        self._accumulate(u, u.params_dense, par)
         u.model_flops = 3 * 2.0 * T * 2 * m.hidden * m.hidden
         u.add(self.layer(m.moe_layers > 0, par))
         u.add(self.head(par, shares_weights=True))
