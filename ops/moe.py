@@ -173,3 +173,20 @@ def sort_by_expert(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tens
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts)
     return order, counts
+
+
+def sequence_balance_loss(
+    scores: torch.Tensor, idx: torch.Tensor, batch: int, num_experts: int, top_k: int
+) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss sum_i f_i P_i (report eqs. 17-20), averaged over sequences.
+
+    scores [B*T, E] unbiased gate scores, idx [B*T, k] chosen experts; f_i = E/(k T) * hits of expert i in the
+    sequence, P_i = mean over the sequence of the normalized scores.
+    """
+    e, k = num_experts, top_k
+    s = scores.view(batch, -1, e)
+    t = s.shape[1]
+    p = (s / s.sum(-1, keepdim=True)).mean(1)
+    ones = torch.ones(batch, t * k, device=scores.device)
+    hits = torch.zeros(batch, e, device=scores.device).scatter_add_(1, idx.view(batch, -1), ones)
+    return (hits * (e / (k * t)) * p).sum(-1).mean()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ops.mla import mla_absorbed, mla_expanded
-from ops.moe import grouped_swiglu, route, sort_by_expert, swiglu
+from ops.moe import grouped_swiglu, route, sequence_balance_loss, sort_by_expert, swiglu
 from ops.norm import RMSNorm
 from ops.rope import apply_rope, inv_freq_and_attention_factor, rope_cos_sin, softmax_scale
 from runtime.config import ModelConfig
@@ -64,9 +64,7 @@ class LatentCache:
         self.length = 0
         self.max_len = max_len
 
-    def append(
-        self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write T new positions for `layer` at [length, length+T); return the layer's filled prefix."""
         t = latent.shape[1]
         end = self.length + t
@@ -159,14 +157,22 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         if cfg.topk_method == "noaux_tc":
             # Selection-only bias (aux-loss-free balancing); a buffer, updated by the trainer, kept in fp32.
-            self.register_buffer(
-                "e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32)
-            )
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
         self.aux_loss_coef = 0.0
         self.last_aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
+
+    def _apply(self, fn, recurse: bool = True):
+        # Keep the selection bias in fp32 through model.to(bfloat16) (as HF's _keep_in_fp32_modules does):
+        # tiny bias differences flip expert choices. Device moves and to_empty still apply.
+        bias = self._buffers.get("e_score_correction_bias")
+        out = super()._apply(fn, recurse)
+        new = self._buffers.get("e_score_correction_bias")
+        if bias is not None and new is not None and new.dtype != torch.float32:
+            self._buffers["e_score_correction_bias"] = bias.to(device=new.device, dtype=torch.float32)
+        return out
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B,T,H] -> (topk_weights [B*T,k] fp32, topk_idx [B*T,k])."""
@@ -187,25 +193,12 @@ class Gate(nn.Module):
         with torch.no_grad():
             self.last_load = torch.bincount(idx.reshape(-1), minlength=c.n_routed_experts)
         if self.training and self.aux_loss_coef > 0:
-            self.last_aux_loss = self.aux_loss_coef * sequence_balance_loss(scores, idx, x.shape[0], c)
+            self.last_aux_loss = self.aux_loss_coef * sequence_balance_loss(
+                scores, idx, x.shape[0], c.n_routed_experts, c.num_experts_per_tok
+            )
         else:
             self.last_aux_loss = None
         return w, idx
-
-
-def sequence_balance_loss(
-    scores: torch.Tensor, idx: torch.Tensor, batch: int, cfg: ModelConfig
-) -> torch.Tensor:
-    """DeepSeek-V3's sequence-wise balance loss sum_i f_i P_i (eqs. 17-20), averaged over sequences."""
-    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    s = scores.view(batch, -1, e)
-    t = s.shape[1]
-    p = (s / s.sum(-1, keepdim=True)).mean(1)  # [B, E]
-    hits = torch.zeros(batch, e, device=scores.device).scatter_add_(
-        1, idx.view(batch, -1), torch.ones(batch, t * k, device=scores.device)
-    )
-    f = hits * (e / (k * t))
-    return (f * p).sum(-1).mean()
 
 
 @dataclass
@@ -293,9 +286,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = MLA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = (
-            MoE(cfg)
-            if cfg.is_moe_layer(layer_idx)
-            else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+            MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
         )
 
     @property
@@ -473,16 +464,10 @@ class DeepseekModel(nn.Module):
                 mh = self.mtp_hidden(mh, input_ids[:, k:], k)
                 ml = self.head(mh).float()
                 tgt = labels[:, k + 1 :]
-                mtp_losses.append(
-                    F.cross_entropy(ml.reshape(-1, v), tgt.reshape(-1), ignore_index=IGNORE_INDEX)
-                )
+                mtp_losses.append(F.cross_entropy(ml.reshape(-1, v), tgt.reshape(-1), ignore_index=IGNORE_INDEX))
             parts["mtp"] = torch.stack(mtp_losses).mean()
             loss = loss + self.mtp_loss_coef * parts["mtp"]
-        aux = [
-            m.gate.last_aux_loss
-            for m in self.modules()
-            if isinstance(m, MoE) and m.gate.last_aux_loss is not None
-        ]
+        aux = [m.gate.last_aux_loss for m in self.modules() if isinstance(m, MoE) and m.gate.last_aux_loss is not None]
         if aux:
             parts["aux"] = torch.stack(aux).sum()
             loss = loss + parts["aux"]
@@ -491,10 +476,6 @@ class DeepseekModel(nn.Module):
 
 def _check_ids(input_ids: torch.Tensor, vocab: int) -> None:
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
-            f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}"
-        )
+        raise ValueError(f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-        raise ValueError(
-            f"input_ids out of range [0, {vocab}): min {int(input_ids.min())}, max {int(input_ids.max())}"
-        )
+        raise ValueError(f"input_ids out of range [0, {vocab}): min {int(input_ids.min())}, max {int(input_ids.max())}")

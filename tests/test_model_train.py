@@ -104,6 +104,18 @@ def test_bad_input_ids(tiny):
         tiny.logits(torch.tensor([1, 2]))
 
 
+def test_router_bias_stays_fp32_through_to_bfloat16():
+    m = runtime.load_model("builtin:tiny")
+    gate = m.model.layers[1].mlp.gate
+    with torch.no_grad():
+        gate.e_score_correction_bias.copy_(torch.linspace(-1, 1, gate.e_score_correction_bias.numel()) / 3)
+    before = gate.e_score_correction_bias.clone()
+    m.to(torch.bfloat16)
+    assert gate.weight.dtype == torch.bfloat16 and gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(gate.e_score_correction_bias, before)
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in m.state_dict()
+
+
 def test_bfloat16_load_runs():
     m = runtime.load_model("builtin:tiny", dtype=torch.bfloat16)
     assert m.lm_head.weight.dtype == torch.bfloat16

@@ -119,3 +119,16 @@ def test_grouped_swiglu_sorted_rows():
     a = grouped_swiglu(x, gp, up, dp, counts)
     b = grouped_swiglu(x, gp, up, dp, counts, force_loop=True)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_sequence_balance_loss_is_one_when_balanced_and_larger_when_not():
+    from ops.moe import sequence_balance_loss
+
+    e, k, t = 8, 2, 8
+    scores = torch.rand(t, e, generator=torch.Generator().manual_seed(5)) + 0.1
+    balanced = torch.arange(t * k).view(t, k) % e  # every expert chosen exactly t*k/e times
+    assert sequence_balance_loss(scores, balanced, 1, e, k).item() == pytest.approx(1.0, abs=1e-6)
+    skewed = torch.tensor([[0, 1]] * t)
+    peaked = scores.clone()
+    peaked[:, :2] += 5.0  # the router also prefers experts 0 and 1
+    assert sequence_balance_loss(peaked, skewed, 1, e, k).item() > 2.0
