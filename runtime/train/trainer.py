@@ -1,0 +1,278 @@
+"""The step-level trainer: `Trainer(config, mesh).train_step(batch) -> metrics`, and `fit()` for a whole run.
+
+One optimizer step: forward/backward over this rank's micro-batches (gradients of the step's mean token
+loss), TP partial-gradient and data-parallel reductions (parallel.shard), a global gradient norm that
+counts every parameter once across tp/pp/ep/dp, clipping, the ZeRO-1 AdamW update, and the aux-loss-free
+bias update (parallel.balance) from the step's expert loads. Every layout computes the same numbers up to
+float reassociation; the parity tests hold it to that.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.balance import ExpertBalancer
+from parallel.shard import (
+    all_reduce_data_parallel_grads,
+    all_reduce_partial_grads,
+    parallelize,
+    shard_marks,
+    sharded_select,
+)
+from runtime.train import checkpoint as ckpt
+from runtime.train.data import TokenData
+from runtime.train.metrics import MetricsFile, peak_memory_bytes, print_summary, progress_line
+from runtime.train.optim import ZeroAdamW, clip_coefficient, global_grad_norm, lr_at
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _group(mesh, dim: str):
+    return mesh.group(dim) if mesh is not None and mesh.size(dim) > 1 else None
+
+
+def _coord(mesh, dim: str) -> int:
+    return mesh.coord(dim) if mesh is not None else 0
+
+
+def _size(mesh, dim: str) -> int:
+    return mesh.size(dim) if mesh is not None else 1
+
+
+def build_train_model(path: str, mesh, dtype: torch.dtype, mtp: bool, seed: int = 0,
+                      device: torch.device | str = "cpu") -> nn.Module:
+    """The model for this rank: `builtin:NAME` or an HF dir (a training checkpoint is one), TP/EP-sharded by
+    `mesh`; sharded loading reads only this rank's slices and experts."""
+    from runtime.checkpoint import load_checkpoint
+    from runtime.config import ModelConfig
+    from runtime.loading import build_model, load_model
+
+    tp_group, ep_group = _group(mesh, "tp"), _group(mesh, "ep")
+    if tp_group is None and ep_group is None:
+        return load_model(path, dtype=dtype, device=str(device), seed=seed, mtp=mtp)
+    if path.startswith("builtin:"):
+        model = load_model(path, dtype=torch.float32, device=str(device), seed=seed, mtp=mtp)
+        parallelize(model, tp_group, ep_group)
+    else:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model path {path!r} is not a directory (HF model dir or builtin:tiny)")
+        model = build_model(ModelConfig.from_file(path), torch.float32, device, mtp=mtp, materialize=False)
+        parallelize(model, tp_group, ep_group)
+        model = model.to_empty(device=device)
+        with torch.no_grad():
+            for m in model.modules():
+                b = getattr(m, "e_score_correction_bias", None)
+                if isinstance(b, torch.Tensor):
+                    b.zero_()
+        load_checkpoint(model, path, select=sharded_select(model))
+    model = model.to(dtype)
+    for m in model.modules():  # the router bias stays fp32 (selection is sensitive to it)
+        b = getattr(m, "e_score_correction_bias", None)
+        if isinstance(b, torch.Tensor) and b.dtype != torch.float32:
+            m.e_score_correction_bias = b.float()
+    return model
+
+
+class Trainer:
+    """Owns this rank's model shard, optimizer, balancer and data view. `mesh=None` is a single process."""
+
+    def __init__(self, config: dict, mesh=None, resume_from: str | None = None,
+                 log=None) -> None:
+        self.config, self.mesh = config, mesh
+        tr, data, par = config["train"], config["data"], config["parallel"]
+        self.rank = mesh.rank if mesh is not None else 0
+        self.log = log or (lambda msg: print(msg, flush=True) if self.rank == 0 else None)
+        if _size(mesh, "pp") > 1:
+            raise NotImplementedError("parallel.pp > 1: the pipeline executor is not wired into the trainer "
+                                      "yet (see docs/training.md)")
+        self.device = mesh.device if mesh is not None else torch.device("cpu")
+        self.dtype = DTYPES[config["model"]["dtype"]]
+        torch.manual_seed(tr["seed"])
+        self.tp_group, self.ep_group = _group(mesh, "tp"), _group(mesh, "ep")
+        self.dp_group, self.edp_group = _group(mesh, "dp"), _group(mesh, "edp")
+        self.world_group = _group(mesh, "world")
+        self.dp, self.dp_rank = _size(mesh, "dp"), _coord(mesh, "dp")
+
+        self.resume_from = resume_from
+        mtp = tr["mtp_loss_coef"] > 0
+        path = resume_from or config["model"]["path"]
+        self.model = build_train_model(path, mesh, self.dtype, mtp, tr["seed"], self.device)
+        if tr.get("fp8"):
+            from ops.fp8_train import convert_to_fp8_training
+
+            convert_to_fp8_training(self.model)
+        self.model.mtp_loss_coef = tr["mtp_loss_coef"]
+        self.gates = [m for m in self.model.modules() if hasattr(m, "e_score_correction_bias")
+                      and hasattr(m, "aux_loss_coef")]
+        for g in self.gates:
+            g.aux_loss_coef = tr["aux_loss_coef"]
+        self.marks = shard_marks(self.model)
+        self.optimizer = ZeroAdamW(
+            self.model.named_parameters(), lr=tr["lr"], betas=tr["betas"], eps=tr["eps"],
+            weight_decay=tr["weight_decay"], dp_group=self.dp_group, edp_group=self.edp_group,
+            expert=lambda n: self.marks.get(n, {}).get("ep_offset") is not None,
+        )
+        biases = [g.e_score_correction_bias for g in self.gates if g.e_score_correction_bias is not None]
+        self.balancer = ExpertBalancer(biases, tr["bias_update_rate"], self.dp_group) if biases else None
+        if self.balancer is not None:
+            for i, g in enumerate(g for g in self.gates if g.e_score_correction_bias is not None):
+                g.register_forward_hook(self._record_hook(i))
+        self.microbatches = max(1, par["microbatches"])
+        self.step = 0
+        self.data = TokenData(data["path"], data["seq_len"], tr["global_batch"], data["shuffle"], tr["seed"])
+        if tr["global_batch"] % self.dp:
+            raise ValueError(f"train.global_batch = {tr['global_batch']} must be divisible by dp = {self.dp}")
+        if resume_from is not None:
+            self._load_state(resume_from)
+
+    # --- one step --------------------------------------------------------------------------------------
+    def _record_hook(self, layer: int):
+        def hook(module, args, output):
+            if module.training:
+                self.balancer.record(layer, output[1])
+
+        return hook
+
+    def _counted(self, name: str) -> bool:
+        """Whether this rank's copy of `name` enters the global gradient norm (each parameter once)."""
+        info = self.marks.get(name, {})
+        if info.get("ep_offset") is not None:
+            return _coord(self.mesh, "edp") == 0
+        return self.dp_rank == 0 and (info.get("tp_dim") is not None or _coord(self.mesh, "tp") == 0)
+
+    def _split(self, n: int) -> list[slice]:
+        m = self.microbatches
+        while n % m:
+            m -= 1
+        per = n // m
+        return [slice(i * per, (i + 1) * per) for i in range(m)]
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+        """One optimizer step on this data-parallel rank's share `(inputs, labels)` [B/dp, T]."""
+        t0 = time.perf_counter()
+        inputs, labels = (x.to(self.device) for x in batch)
+        self.model.train()
+        for p in self.model.parameters():
+            p.grad = None
+        parts_sum: dict[str, float] = {}
+        chunks = self._split(inputs.shape[0])
+        for sl in chunks:
+            loss, parts = self.model(inputs[sl], labels[sl])
+            (loss / len(chunks)).backward()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / len(chunks)
+        all_reduce_partial_grads(self.model, self.tp_group)
+        all_reduce_data_parallel_grads(self.model, self.dp_group, self.edp_group)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        norm = global_grad_norm((p.grad for n, p in named if self._counted(n)), self.world_group, self.device)
+        lr = lr_at(self.step, self.config["train"]["lr"], self.config["train"]["min_lr"],
+                   self.config["train"]["warmup_steps"], self.config["train"]["steps"])
+        self.optimizer.step(lr, clip_coefficient(norm, self.config["train"]["grad_clip"]))
+        loads = self.balancer.step() if self.balancer is not None else None
+        losses = self._mean_over_dp(parts_sum)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        tokens = self.data.global_batch * self.data.seq_len
+        m: dict[str, Any] = {"step": self.step, "loss": losses.pop("ce"), "lr": lr, "grad_norm": norm,
+                             "tokens_per_s": tokens / dt, "time_s": dt}
+        m.update(losses)
+        if loads is not None:
+            m["expert_load_max_mean"] = float(ExpertBalancer.imbalance(loads).mean())
+        return m
+
+    def _mean_over_dp(self, parts: dict[str, float]) -> dict[str, float]:
+        keys = sorted(parts)
+        if self.dp_group is None:
+            return dict(parts)
+        t = torch.tensor([parts[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.dp_group)
+        return {k: float(v) / self.dp for k, v in zip(keys, t.tolist())}
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        m = self.mesh
+        layout = {d: _size(m, d) for d in ("pp", "dp", "tp", "ep")}
+        layout["world"] = m.world_size if m is not None else 1
+        layout["schedule"] = self.config["parallel"]["schedule"]
+        d = self.data
+        return {
+            "optimizer_steps": self.optimizer.steps,
+            "layout": layout,
+            "data": {"path": d.path, "seq_len": d.seq_len, "global_batch": d.global_batch,
+                     "shuffle": d.shuffle, "seed": d.seed, "next_step": self.step,
+                     "windows_consumed": self.step * d.global_batch},
+            "rng": ckpt.rng_state(),
+            "config_hash": ckpt.config_hash(self.config),
+            "config": self.config,
+            "model_dtype": self.config["model"]["dtype"],
+        }
+
+    def save(self) -> str:
+        state = self.optimizer.full_state()
+        return ckpt.save_checkpoint(
+            self.config["train"]["out"], self.step, params=list(self.model.named_parameters()),
+            buffers=list(self.model.named_buffers()), marks=self.marks, optim_state=state,
+            model_config=self.model.config, manifest=self.manifest(), mesh=self.mesh)
+
+    def _load_state(self, path: str) -> None:
+        manifest = ckpt.read_manifest(path)
+        if manifest["config_hash"] != ckpt.config_hash(self.config):
+            self.log(f"warning: {path} was written with a different model/data/train config "
+                     f"(hash {manifest['config_hash']} != {ckpt.config_hash(self.config)}); continuing")
+        shapes = {n: p.shape for n, p in self.model.named_parameters()}
+        reader = ckpt.OptimizerStateReader(path, self.marks, shapes)
+        self.optimizer.load_state(lambda n, k: reader(n, k).to(self.device), manifest["optimizer_steps"])
+        self.step = int(manifest["data"]["next_step"])
+        ckpt.set_rng_state(manifest.get("rng", {}))
+        was = manifest["layout"]
+        self.log(f"resumed from {path} at step {self.step} (written at pp={was['pp']} dp={was['dp']} "
+                 f"tp={was['tp']} ep={was['ep']})")
+
+    # --- a whole run -----------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        tr = self.config["train"]
+        total, out = tr["steps"], tr["out"]
+        metrics = MetricsFile(out, self.step) if self.rank == 0 else None
+        first_step, t_start, n_done = self.step + 1, time.perf_counter(), 0
+        first_loss = last_loss = float("nan")
+        die_after = os.environ.get("MOERUN_TEST_EXIT_AFTER_STEP")
+        while self.step < total:
+            batch = self.data.batch(self.step, self.dp_rank, self.dp)
+            m = self.train_step(batch)
+            n_done += 1
+            last_loss = m["loss"]
+            if n_done == 1:
+                first_loss = m["loss"]
+            if metrics is not None:
+                metrics.write(m)
+                elapsed = time.perf_counter() - t_start
+                self.log(progress_line(m, total, elapsed / n_done * (total - self.step)))
+            if tr["save_every"] and (self.step % tr["save_every"] == 0 or self.step == total):
+                path = self.save()
+                self.log(f"saved checkpoint {path}")
+            if die_after is not None and self.step == int(die_after):
+                sys.stdout.flush()
+                os._exit(19)  # test hook: a kill right after this step (and its checkpoint, if any)
+        elapsed = time.perf_counter() - t_start
+        tokens = n_done * self.data.global_batch * self.data.seq_len
+        summary = {"steps": n_done, "first_step": first_step, "last_step": self.step, "tokens": tokens,
+                   "time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+                   "first_loss": first_loss, "last_loss": last_loss,
+                   "peak_memory_bytes": peak_memory_bytes(self.device)}
+        if self.rank == 0 and n_done:
+            print_summary(summary)
+        return summary
+
+
+def resume_path(config: dict) -> str | None:
+    """The checkpoint a run with this config continues from (None: a fresh start)."""
+    if not config["train"]["resume"]:
+        return None
+    return ckpt.latest_checkpoint(config["train"]["out"])
