@@ -169,6 +169,8 @@ def test_cli_errors_and_table():
     assert rc == 2 and "neither built in" in err
     rc, _, err = _run_cli(["plan", "--model", "deepseek-v3", "--nodes", "1", "--layout", "pp=2,zz=1"])
     assert rc == 2 and "zz" in err
+    rc, _, err = _run_cli(["plan", "--model", "deepseek-v3", "--nodes", "2", "--layout", "pp=2,ep=3"])
+    assert rc == 1 and "ep=3 must divide" in err
     rc, out, _ = _run_cli(["plan", "--model", "deepseek-v2-lite", "--nodes", "1", "--gpu", "h200",
                            "--global-batch", "256", "--top", "2"])
     assert rc == 0 and "best:" in out and "GPU-h/1T" in out

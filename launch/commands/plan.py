@@ -112,11 +112,27 @@ def _run_layouts(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0 if best else 1
     if not rows:
-        why = "no layout matches --layout" if fixed else "no layout fits in memory"
+        why = "no layout fits in memory"
+        if fixed:
+            why = "no valid layout matches --layout"
+            reason = _why_not(planner, fixed)
+            if reason:
+                why += f": {reason}"
         print(f"moerun plan: {why} ({res['candidates']} candidates)", file=sys.stderr)
         return 1
     _print_table(out)
     return 0
+
+
+def _why_not(planner, fixed: dict) -> str | None:
+    """The reason a layout built from the fixed fields (defaults for the rest) cannot run."""
+    from parallel.planner.search import Layout
+
+    tp, pp = fixed.get("tp", 1), fixed.get("pp", 1)
+    dp = fixed.get("dp", planner.world // max(1, tp * pp))
+    sched = fixed.get("schedule", "1f1b" if pp == 1 else "dualpipe")
+    lay = Layout(tp, pp, fixed.get("ep", 1), dp, sched, fixed.get("mbs", 1), fixed.get("recompute", "selective"))
+    return planner.check(lay)
 
 
 def _print_table(out: dict) -> None:
