@@ -173,11 +173,13 @@ def _apply_capacity(topk_idx: torch.Tensor, num_experts: int, capacity_factor: f
     n, k = topk_idx.shape
     capacity = math.ceil(capacity_factor * n * k / num_experts)
     flat = topk_idx.reshape(-1)
-    valid = flat >= 0
-    one_hot = torch.zeros(flat.numel(), num_experts, dtype=torch.long, device=flat.device)
-    one_hot[valid.nonzero(as_tuple=True)[0], flat[valid]] = 1
-    position = one_hot.cumsum(0).gather(1, flat.clamp(min=0).unsqueeze(1)).squeeze(1)  # 1-based
-    keep = valid & (position <= capacity)
+    order = torch.sort(flat, stable=True).indices              # pairs grouped by expert, token order kept
+    sorted_ids = flat[order]
+    counts = torch.bincount(sorted_ids + 1, minlength=num_experts + 1)   # slot 0 counts the -1 pairs
+    start = torch.cumsum(counts, 0) - counts
+    position = torch.empty_like(flat)
+    position[order] = torch.arange(flat.numel(), device=flat.device) - start[sorted_ids + 1]
+    keep = (flat >= 0) & (position < capacity)
     return torch.where(keep, flat, torch.full_like(flat, -1)).view(n, k)
 
 
