@@ -320,12 +320,13 @@ class CostModel:
         u.f += g[0] + mem
         u.w += g[2]
         u.b += g[1] + g[2] + 2 * mem + requant
-        if par.recompute == "full":  # the whole forward again, all-to-all included
-            u.b += u.f
-            u.a2a_b += u.a2a_f
         if tp > 1:
             u.tp_f += 2 * self._tp_collective(T, par)
             u.tp_b += 2 * self._tp_collective(T, par)
+        if par.recompute == "full":  # the whole forward again, all-to-all and TP collectives included
+            u.b += u.f
+            u.a2a_b += u.a2a_f
+            u.tp_b += u.tp_f
         self._accumulate(u, u.params_dense + u.params_expert, par)
         self._cache[key] = u
         return u

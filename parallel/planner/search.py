@@ -330,17 +330,19 @@ class Planner:
 
     # -------------------------------------------------------------------------------------- search
     def candidates(self, fixed: dict | None = None) -> list[Layout]:
+        """tp in {1,2,4,8}, pp in {1,2,4,...,32} (or the fixed values), every ep dividing dp*tp (check() then
+        keeps those dividing the experts), and all schedules, micro-batch sizes and recompute policies."""
         fixed = fixed or {}
         W, G = self.world, self.G
         out = []
-        for tp in (1, 2, 4, 8):
-            if tp > G or W % tp:
+        for tp in ([fixed["tp"]] if "tp" in fixed else [1, 2, 4, 8]):
+            if tp < 1 or tp > G or W % tp:
                 continue
-            for pp in (1, 2, 4, 8, 16, 32):
-                if (W // tp) % pp:
+            for pp in ([fixed["pp"]] if "pp" in fixed else [1, 2, 4, 8, 16, 32]):
+                if pp < 1 or (W // tp) % pp:
                     continue
                 dp = W // (tp * pp)
-                eps = [e for e in _pow2_upto(dp * tp) if (dp * tp) % e == 0]
+                eps = [e for e in range(1, dp * tp + 1) if (dp * tp) % e == 0]
                 for ep in eps:
                     for sched in (("1f1b",) if pp == 1 else SIM_KINDS):
                         for mbs in (1, 2, 4):
@@ -400,14 +402,6 @@ class Planner:
             m1 = 2 * lay.pp
             cache[key] = pipeline_time(lay.schedule, lay.pp, m1, 1.0, 2.0, 1.0, 2.0, 0.0).peak_activations
         return cache[key]
-
-
-def _pow2_upto(n: int) -> list[int]:
-    out, e = [], 1
-    while e <= n:
-        out.append(e)
-        e *= 2
-    return out
 
 
 def parse_layout(text: str) -> dict:
