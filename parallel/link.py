@@ -1,0 +1,106 @@
+"""Emulated interconnect: delay every EP all-to-all by bytes / bandwidth + latency, off the compute thread.
+
+`parallel.emulate_link = {bandwidth_gbps, latency_us}` (both 0: off) makes "how much all-to-all time does
+the schedule hide" a number on any machine, however fast its real transport (gloo over loopback here).
+
+Model: the link is one FIFO server with its own clock. A transfer of n bytes issued at time t arrives at
+    arrival = max(t, arrival of the previous transfer) + n / (bandwidth_gbps * 1e9 / 8) + latency_us * 1e-6
+and its work handle's `wait()` returns no earlier than that (and no earlier than the real transfer). The
+delay elapses while the issuing thread computes, exactly like a transfer handled by a communication
+thread; only the part not yet elapsed when someone waits is exposed. That waiting is what the bench
+measures. `bandwidth_gbps` is in gigabits per second (network convention: 400 Gbps InfiniBand = 50 GB/s).
+
+n is the larger of the bytes this rank sends to and receives from *other* ranks (rows to itself never
+cross a link). The small blocking count exchange at the start of a dispatch is not delayed.
+
+It wraps work handles rather than the collective, so parallel/expert.py stays untouched:
+`link.wrap_works(handle._works, nbytes)` for a `DispatchHandle` / `CombineHandle`, `link.wrap(work, n)`
+for a single work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class DelayedWork:
+    """A work handle whose wait() also waits until the emulated arrival time."""
+
+    def __init__(self, work: Any, arrival: float, link: EmulatedLink) -> None:
+        self.work, self.arrival, self.link = work, arrival, link
+
+    def wait(self, *args: Any) -> bool:
+        if self.work is not None:
+            self.work.wait(*args)
+        left = self.arrival - time.perf_counter()
+        if left > 0:
+            self.link.exposed_s += left
+            time.sleep(left)
+        return True
+
+    def is_completed(self) -> bool:
+        return (self.work is None or self.work.is_completed()) and time.perf_counter() >= self.arrival
+
+
+@dataclass
+class EmulatedLink:
+    """A FIFO link with `bandwidth_gbps` (gigabits/s, 0 = infinite) and `latency_us` per transfer."""
+
+    bandwidth_gbps: float = 0.0
+    latency_us: float = 0.0
+    busy_until: float = 0.0
+    total_s: float = field(default=0.0)     # emulated transfer time issued (the t_comm of the bench)
+    exposed_s: float = field(default=0.0)   # time spent sleeping in wait() (delay not hidden by compute)
+    transfers: int = 0
+    bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bandwidth_gbps < 0 or self.latency_us < 0:
+            raise ValueError(f"emulate_link needs bandwidth_gbps >= 0 and latency_us >= 0, got "
+                             f"{self.bandwidth_gbps}, {self.latency_us}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, float] | None) -> EmulatedLink | None:
+        """The `parallel.emulate_link` table -> a link, or None when it is off (both values 0)."""
+        if not cfg:
+            return None
+        unknown = set(cfg) - {"bandwidth_gbps", "latency_us"}
+        if unknown:
+            raise ValueError(f"unknown parallel.emulate_link keys {sorted(unknown)}; "
+                             "valid: bandwidth_gbps, latency_us")
+        link = cls(float(cfg.get("bandwidth_gbps", 0)), float(cfg.get("latency_us", 0)))
+        return link if link.enabled else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.bandwidth_gbps > 0 or self.latency_us > 0
+
+    def duration(self, nbytes: int) -> float:
+        bw = self.bandwidth_gbps * 1e9 / 8
+        return (nbytes / bw if bw > 0 else 0.0) + self.latency_us * 1e-6
+
+    def issue(self, nbytes: int) -> float:
+        """Book a transfer of `nbytes` issued now; returns its arrival time (perf_counter clock)."""
+        d = self.duration(nbytes)
+        start = max(time.perf_counter(), self.busy_until)
+        self.busy_until = start + d
+        self.total_s += d
+        self.transfers += 1
+        self.bytes += int(nbytes)
+        return self.busy_until
+
+    def wrap(self, work: Any, nbytes: int) -> DelayedWork:
+        return DelayedWork(work, self.issue(nbytes), self)
+
+    def wrap_works(self, works: list, nbytes: int) -> None:
+        """Delay a handle's pending works (a list of (work, buffer) pairs, as parallel.expert keeps them)
+        as ONE transfer of `nbytes`: all of them complete at its arrival."""
+        arrival = self.issue(nbytes)
+        works[:] = [(DelayedWork(w, arrival, self), buf) for w, buf in works]
+
+    def reset_counters(self) -> None:
+        self.total_s = self.exposed_s = 0.0
+        self.transfers = self.bytes = 0

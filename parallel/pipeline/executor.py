@@ -1,0 +1,186 @@
+"""The pipeline executor: runs a schedule's action lists on real stages.
+
+    stages = build_stages(model, schedule, mesh.coord("pp"))          # {chunk: PipelineStage}
+    ex = PipelineExecutor(stages, schedule, mesh, link=EmulatedLink.from_config(cfg))
+    loss = ex.run_step([(input_ids, labels), ...])                   # one (ids, labels) per micro-batch
+    # gradients are now accumulated in the stage modules' .grad; loss (a 0-dim tensor) on every pp rank
+
+Every pipeline rank walks `schedule.ranks[pp_rank]` in order:
+- RECV: `irecv` from the peer into a buffer of the activation shape [B, T, H] and wait for it (a RECV blocks).
+- SEND: `isend` of the tensor the matching compute left in the outbox; handles are waited at step end.
+- F / B / I / W / FB on the local chunk, phase by phase (parallel/pipeline/overlap.py). FB runs its forward
+  and backward interleaved so that each one's all-to-all is in flight while the other computes.
+- Where consecutive stages sit on one rank (DualPipeV's turn) the activation / gradient is handed over
+  locally, no message.
+
+Loss: the step's loss is the mean token cross-entropy over all tokens of all micro-batches (labels -100
+ignored), plus the mean over micro-batches of the gates' auxiliary losses when they are on. Micro-batch m's
+loss term is sum(CE_m) / total_tokens + aux_m / M, so gradients equal those of the whole batch in one piece
+whatever the micro-batch split. After the step every pipeline rank has `last_losses[m]` (each term, summed
+over the stages by one all-reduce over pp) and `run_step` returns their sum.
+
+Gradients accumulate into `.grad` (call `zero_grad` between steps yourself). For DualPipe the two copies
+of every stage are summed at the end of the step, so both hold the full gradient.
+
+p2p ordering: messages between two ranks are matched in posting order (NCCL has no tags; gloo tag 0
+likewise) and activations and gradients have the same shape, so a mis-ordered pair would be silent. The
+builders order every rank's RECVs from a peer as that peer's SENDs (the validator checks it), and the
+executor posts exactly in action order. Sends never block on gloo. On NCCL a send may wait until its peer
+posts the receive; the executor then checks `validate(schedule, rendezvous=True)` and refuses schedules that
+could hang (DualPipe(V) as built today) with a clear error, instead of hanging (see docs/pipeline.md).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .overlap import run, run_pair, stage_backward, stage_forward, stage_weight_backward
+from .schedule import ACT, BI, FB, GRAD, RECV, SEND, Action, B, F, Schedule, ScheduleError, W
+from .stages import PipelineStage, sum_mirrored_grads
+from .validate import validate
+
+IGNORE_INDEX = -100
+
+
+class PipelineExecutor:
+    """Runs one training step of `schedule` on this rank's stages. See the module docstring.
+
+    `mesh` is a cluster Mesh (its "pp" group is used), or pass `pp_group` / `pp_ranks` / `pp_rank` directly.
+    """
+
+    def __init__(self, stages: dict[int, PipelineStage], schedule: Schedule, mesh=None, *, pp_group=None,
+                 pp_ranks: list[int] | None = None, pp_rank: int | None = None, link=None,
+                 backend: str | None = None) -> None:
+        if mesh is not None:
+            pp_group, pp_ranks, pp_rank = mesh.group("pp"), mesh.ranks("pp"), mesh.coord("pp")
+            backend = backend or mesh.backend
+        if pp_ranks is None or pp_rank is None:
+            raise ValueError("PipelineExecutor needs a mesh, or pp_group, pp_ranks and pp_rank")
+        if len(pp_ranks) != schedule.pp:
+            raise ScheduleError(f"schedule is for pp={schedule.pp} ranks but the pp group has {len(pp_ranks)}")
+        held = schedule.stages_of(pp_rank)
+        got = {c: s.stage for c, s in stages.items()}
+        if got != held:
+            raise ScheduleError(f"pp rank {pp_rank} must hold stages {held} (chunk: stage) under "
+                                f"{schedule.kind}, got {got}")
+        backend = backend or (dist.get_backend(pp_group) if dist.is_initialized() else "gloo")
+        if backend == "nccl":
+            validate(schedule, rendezvous=True)  # a send may wait for its receive: refuse what could hang
+        self.stages, self.schedule, self.link = stages, schedule, link
+        self.pp_group, self.pp_ranks, self.pp_rank = pp_group, pp_ranks, pp_rank
+        self.actions = schedule.ranks[pp_rank]
+        self.last_losses: dict[int, torch.Tensor] = {}
+        self._params = {c: [p for p in s.parameters() if p.requires_grad] for c, s in stages.items()}
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _peer(self, a: Action) -> int:
+        return self.pp_ranks[a.peer]
+
+    def _forward(self, a_stage: int, mb: int, chunk: int):
+        stage = self.stages[chunk]
+        x = self.mbs[mb][0] if stage.is_first else self.box.pop((ACT, a_stage - 1, mb))
+        out, tape = yield from stage_forward(stage, x, self.mbs[mb][1] if stage.is_last else None,
+                                             self.total_tokens, 1.0 / len(self.mbs), self.link)
+        self.tapes[(a_stage, mb)] = tape
+        for node in tape:  # auxiliary (balance) losses of this stage's gates, weighted 1/M
+            for aux in getattr(node, "aux", ()):
+                self.mb_losses[mb] += aux.detach().double() / len(self.mbs)
+        if stage.is_last:
+            self.mb_losses[mb] += out.detach().double()
+            self.outputs[(a_stage, mb)] = out
+        else:
+            self.box[(ACT, a_stage, mb)] = out.detach()
+        return None
+
+    def _backward(self, a_stage: int, mb: int, chunk: int, split: bool):
+        stage = self.stages[chunk]
+        if stage.is_last:
+            grad = torch.ones_like(self.outputs.pop((a_stage, mb)))
+        else:
+            grad = self.box.pop((GRAD, a_stage + 1, mb))
+        tape = self.tapes[(a_stage, mb)] if split else self.tapes.pop((a_stage, mb))
+        g_in = yield from stage_backward(tape, grad, split)
+        if split:
+            self.deferred.append((a_stage, mb, chunk))
+        if not stage.is_first:
+            if g_in is None:
+                raise RuntimeError(f"stage {a_stage} mb {mb}: backward produced no input gradient")
+            self.box[(GRAD, a_stage, mb)] = g_in
+        return None
+
+    def _weights(self, a: Action) -> None:
+        if not self.deferred or self.deferred[0] != (a.stage, a.mb, a.chunk):
+            raise ScheduleError(f"W for stage {a.stage} mb {a.mb} but the oldest deferred weight gradient is "
+                                f"{self.deferred[0] if self.deferred else None}")
+        self.deferred.popleft()
+        stage_weight_backward(self.tapes.pop((a.stage, a.mb)), self._params[a.chunk])
+
+    # ---------------------------------------------------------------------------------------------- step
+    def run_step(self, microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Run one step over `microbatches` (every pp rank passes the same list); returns the step loss."""
+        sched = self.schedule
+        if len(microbatches) != sched.chunks:
+            raise ValueError(f"{sched.kind} schedule built for {sched.chunks} micro-batches, got "
+                             f"{len(microbatches)}")
+        shapes = {tuple(ids.shape) for ids, _ in microbatches}
+        if len(shapes) != 1 or any(tuple(lab.shape) != tuple(ids.shape) for ids, lab in microbatches):
+            raise ValueError(f"all micro-batches need the same [B, T] shape for inputs and labels, got {shapes}")
+        any_stage = next(iter(self.stages.values()))
+        params = list(any_stage.parameters())
+        dtype = params[0].dtype if params else torch.float32
+        hidden = _hidden_size(self.stages)
+        act_shape = (*next(iter(shapes)), hidden)
+        self.mbs = list(microbatches)
+        self.total_tokens = max(1, int(sum(int((lab != IGNORE_INDEX).sum()) for _, lab in microbatches)))
+        self.box: dict = {}
+        self.tapes: dict = {}
+        self.outputs: dict = {}
+        self.deferred: deque = deque()
+        self.mb_losses = torch.zeros(len(self.mbs), dtype=torch.float64)
+        sends: list = []
+
+        for a in self.actions:
+            if a.kind == RECV:
+                buf = torch.empty(act_shape, dtype=dtype)
+                dist.irecv(buf, self._peer(a), group=self.pp_group).wait()
+                self.box[(a.what, a.stage, a.mb)] = buf
+            elif a.kind == SEND:
+                t = self.box.pop((a.what, a.stage, a.mb)).contiguous()
+                sends.append((dist.isend(t, self._peer(a), group=self.pp_group), t))
+            elif a.kind == F:
+                run(self._forward(a.stage, a.mb, a.chunk))
+            elif a.kind in (B, BI):
+                run(self._backward(a.stage, a.mb, a.chunk, split=a.kind == BI))
+            elif a.kind == W:
+                self._weights(a)
+            elif a.kind == FB:
+                run_pair(self._forward(a.stage, a.mb, a.chunk),
+                         self._backward(a.b_stage, a.b_mb, a.b_chunk, split=False))
+            else:
+                raise ScheduleError(f"unknown action kind {a.kind!r}")
+        for work, _ in sends:
+            work.wait()
+        leftovers = list(self.box) + list(self.tapes) + list(self.deferred)
+        if leftovers:
+            raise RuntimeError(f"pipeline step ended with unconsumed work on pp rank {self.pp_rank}: "
+                               f"{leftovers[:6]}")
+        sum_mirrored_grads(self.stages, sched, self.pp_rank, self.pp_group, self.pp_ranks)
+        if len(self.pp_ranks) > 1:
+            dist.all_reduce(self.mb_losses, group=self.pp_group)
+        self.last_losses = {m: v.float() for m, v in enumerate(self.mb_losses)}
+        return self.mb_losses.sum().float()
+
+
+def _hidden_size(stages: dict[int, PipelineStage]) -> int:
+    for s in stages.values():
+        if s.embed_tokens is not None:
+            return s.embed_tokens.weight.shape[1]
+        if s.norm is not None:
+            return s.norm.weight.shape[0]
+        for layer in s.layers.values():
+            return layer.input_layernorm.weight.shape[0]
+    raise ValueError("cannot tell the hidden size: a stage with no embedding, layers or head")

@@ -1,0 +1,339 @@
+"""A pipeline stage's forward and backward as phases, so one micro-batch's all-to-all hides behind another's
+compute (DualPipe's overlapped F&B).
+
+A stage's forward is cut at every expert-parallel all-to-all into *compute segments* and *comm nodes*:
+
+    [embed] attention+gate | dispatch | experts | combine | shared experts+residual, next attention+gate | ...
+
+Each compute segment runs under autograd on detached copies of its inputs (its "leaves"), so its backward
+is one `torch.autograd.backward` that stops at the segment boundary. Comm nodes are not autograd nodes:
+their backward is written out (dispatch's backward is a combine-like reverse all-to-all, combine's backward
+a dispatch-like one) and is started asynchronously like the forward ones. So forward and backward are both
+sequences "compute, start a transfer, (anything), wait for it, compute, ...", written as Python generators
+that `yield` right after starting a transfer. `run(gen)` drives one to the end (plain F or B: each transfer
+is waited at once and fully exposed); `run_pair(f, b)` alternates two, so while the forward's dispatch
+travels the backward computes, and the other way round: each one's all-to-all is in flight while the
+other computes. On CPU the transfers progress in gloo's own threads (and the emulated link's clock,
+parallel/link.py); on GPU they would need the all-to-alls on a side stream (unverified on hardware).
+
+Layers whose dispatcher is not an expert-parallel one (dense layers, `LocalDispatcher`) are plain compute.
+The same code path runs for F, B, I/W and FB, so the parity tests of the executor cover it all.
+
+Split backward (zero-bubble I / W): I computes the gradients of each segment's leaves only (autograd
+skips weight-gradient GEMMs it does not need) and keeps the segment graphs; W then runs each segment's
+backward again restricted to the parameters. Numerically exact; W re-runs part of the input-gradient path
+inside each segment (autograd has no cheaper split), so I + W costs somewhat more than B here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parallel import expert as ep_ops
+
+IGNORE_INDEX = -100
+Phases = Generator[None, None, object]
+
+
+def _diff(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+class Segment:
+    """Compute on detached leaves: fn(*leaves) -> (outputs, aux scalars). Backward stops at the leaves."""
+
+    def __init__(self, fn: Callable, inputs: tuple, aux_scale: float) -> None:
+        self.leaves = tuple(x.detach().requires_grad_() if _diff(x) else x for x in inputs)
+        with torch.enable_grad():
+            outs, aux = fn(*self.leaves)
+        self.outs, self.aux, self.aux_scale = tuple(outs), list(aux), aux_scale
+        self.deferred: tuple[list, list] | None = None
+
+    def _targets(self, grads: tuple) -> tuple[list, list]:
+        outs, gs = [], []
+        for o, g in zip(self.outs, grads, strict=True):
+            if g is not None and _diff(o) and o.requires_grad:
+                outs.append(o)
+                gs.append(g)
+        for a in self.aux:
+            outs.append(a)
+            gs.append(torch.full_like(a, self.aux_scale))
+        return outs, gs
+
+    def backward(self, grads: tuple, split: bool = False) -> tuple:
+        """Gradients of the leaves (None where not differentiable). split=True: parameters later (W)."""
+        outs, gs = self._targets(grads)
+        diff = [i for i, leaf in enumerate(self.leaves) if _diff(leaf)]
+        result: list = [None] * len(self.leaves)
+        if not outs:
+            return tuple(result)
+        if not split:
+            torch.autograd.backward(outs, gs)
+            for i in diff:
+                result[i] = self.leaves[i].grad
+            return tuple(result)
+        if diff:
+            got = torch.autograd.grad(outs, [self.leaves[i] for i in diff], gs, retain_graph=True,
+                                      allow_unused=True)
+            for i, g in zip(diff, got, strict=True):
+                result[i] = g
+        self.deferred = (outs, gs)
+        return tuple(result)
+
+    def backward_weights(self, params: list[torch.nn.Parameter]) -> None:
+        if self.deferred is None:
+            return
+        outs, gs = self.deferred
+        self.deferred = None
+        if params:
+            torch.autograd.backward(outs, gs, inputs=params)
+
+
+def _a2a_async(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> tuple:
+    x = x.contiguous()
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True)
+    return out, (work, x)
+
+
+def _off_rank_bytes(send_counts: list[int], recv_counts: list[int], me: int, row_bytes: int) -> int:
+    return max(sum(send_counts) - send_counts[me], sum(recv_counts) - recv_counts[me]) * row_bytes
+
+
+class _Rows:
+    """The two fields GroupedExperts reads from a dispatch handle, with weights that carry autograd."""
+
+    def __init__(self, tokens_per_expert: torch.Tensor, weights: torch.Tensor) -> None:
+        self.tokens_per_expert, self.weights = tokens_per_expert, weights
+
+
+class DispatchNode:
+    """state (h, x, w, idx) -> (h, x, recv_x, recv_w); backward sends row gradients back to their tokens."""
+
+    def __init__(self, dispatcher, link) -> None:
+        self.group, self.num_experts = dispatcher.ep_group, dispatcher.num_experts
+        self.capacity_factor, self.link = dispatcher.capacity_factor, link
+        self.me = dist.get_rank(self.group)
+
+    def start(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
+        self.x_shape, self.w_dtype, self.k = x.shape, w.dtype, idx.shape[1]
+        flat = x.detach().reshape(-1, x.shape[-1])
+        self.handle = ep_ops.dispatch_async(flat, idx, w.detach(), self.group, self.num_experts,
+                                            self.capacity_factor)
+        if self.link is not None:
+            h = self.handle
+            row = flat.shape[1] * flat.element_size() + self.k * (8 + 4)
+            self.link.wrap_works(h._works, _off_rank_bytes(h.send_counts, h.recv_counts, self.me, row))
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        recv = self.handle.wait()
+        return recv, self.handle.recv_weights
+
+    def start_backward(self, grads: tuple) -> None:
+        g_h, g_x, g_recv, g_rw = grads
+        h, hidden = self.handle, self.x_shape[-1]
+        tok = h.num_recv_tokens
+        dtype = g_x.dtype if g_x is not None else torch.float32
+        g_tok = torch.zeros(tok, hidden, dtype=dtype)
+        if g_recv is not None:
+            g_tok.index_add_(0, h.recv_rows, g_recv.to(dtype))
+        # the slot of each grouped row, recomputed as DispatchHandle.wait() orders them
+        rows, slots = (h._recv_idx >= 0).nonzero(as_tuple=True)
+        order = torch.sort(h._recv_idx[rows, slots], stable=True).indices
+        g_wtok = torch.zeros(tok, self.k, dtype=self.w_dtype)
+        if g_rw is not None:
+            g_wtok.index_put_((rows[order], slots[order]), g_rw.to(self.w_dtype), accumulate=True)
+        self.saved = (g_h, g_x)
+        self.back_x, wx = _a2a_async(g_tok, h.send_counts, h.recv_counts, self.group)
+        self.back_w, ww = _a2a_async(g_wtok, h.send_counts, h.recv_counts, self.group)
+        self.works = [wx, ww]
+        if self.link is not None:
+            row = hidden * g_tok.element_size() + self.k * g_wtok.element_size()
+            self.link.wrap_works(self.works, _off_rank_bytes(h.recv_counts, h.send_counts, self.me, row))
+
+    def finish_backward(self) -> tuple:
+        for work, _ in self.works:
+            work.wait()
+        h, (g_h, g_x) = self.handle, self.saved
+        n = h.num_tokens
+        g_xd = torch.zeros(n, self.x_shape[-1], dtype=self.back_x.dtype).index_add_(
+            0, h.send_token_idx, self.back_x).view(self.x_shape)
+        g_w = torch.zeros(n, self.k, dtype=self.w_dtype).index_add_(0, h.send_token_idx, self.back_w)
+        self.works = self.back_x = self.back_w = self.saved = None
+        return (g_h, g_xd if g_x is None else g_x + g_xd, g_w, None)
+
+
+class CombineNode:
+    """state (h, x, y) -> (h, x, routed [N, H]); backward sends token gradients out to the expert rows."""
+
+    def __init__(self, dnode: DispatchNode, link) -> None:
+        self.d, self.link = dnode, link
+
+    def start(self, y: torch.Tensor) -> None:
+        self.ch = ep_ops.combine_async(y.detach(), self.d.handle)
+        if self.link is not None:
+            h = self.d.handle
+            self.link.wrap_works(self.ch._works, _off_rank_bytes(
+                h.recv_counts, h.send_counts, self.d.me, y.shape[-1] * y.element_size()))
+
+    def finish(self) -> torch.Tensor:
+        out = self.ch.wait()
+        self.ch = None
+        return out
+
+    def start_backward(self, grads: tuple) -> None:
+        g_h, g_x, g_routed = grads
+        h = self.d.handle
+        self.saved = (g_h, g_x)
+        send = g_routed.reshape(-1, g_routed.shape[-1]).index_select(0, h.send_token_idx)
+        self.back, work = _a2a_async(send, h.recv_counts, h.send_counts, self.d.group)
+        self.works = [work]
+        if self.link is not None:
+            self.link.wrap_works(self.works, _off_rank_bytes(
+                h.send_counts, h.recv_counts, self.d.me, send.shape[-1] * send.element_size()))
+
+    def finish_backward(self) -> tuple:
+        for work, _ in self.works:
+            work.wait()
+        g_y = self.back.index_select(0, self.d.handle.recv_rows)
+        g_h, g_x = self.saved
+        self.works = self.back = self.saved = None
+        return (g_h, g_x, g_y)
+
+
+def is_ep_dispatcher(dispatcher: object) -> bool:
+    """True for parallel.shard's EPDispatcher (the phase engine drives its all-to-alls itself)."""
+    if not hasattr(dispatcher, "ep_group"):
+        return False
+    if getattr(dispatcher, "tp_group", None) is not None:
+        raise NotImplementedError("the pipeline executor does not yet run EP dispatch with tp > 1 "
+                                  "(tokens split over TP before dispatch); use tp=1 with pp x ep")
+    return True
+
+
+def stage_forward(stage, x: torch.Tensor, labels: torch.Tensor | None, loss_scale: float,
+                  aux_scale: float, link=None) -> Phases:
+    """Generator: the forward of `stage` on x (input_ids on the first stage, hidden states elsewhere).
+
+    Returns (output, tape): hidden states, or on the last stage the loss sum(CE over tokens) / loss_scale.
+    Yields right after starting each all-to-all.
+    """
+    tape: list = []
+    state: tuple = (x,)
+    pending: list[Callable] = []
+    t = x.shape[1]
+    dtype = next(stage.parameters()).dtype if any(True for _ in stage.parameters()) else torch.float32
+    cos, sin = stage.rope(t, x.device, dtype)
+
+    def flush() -> None:
+        nonlocal state
+        if not pending:
+            return
+        fns = list(pending)
+        pending.clear()
+
+        def fn(*s):
+            aux: list = []
+            for f in fns:
+                s, a = f(*s)
+                aux += a
+            return s, aux
+
+        seg = Segment(fn, state, aux_scale)
+        tape.append(seg)
+        state = seg.outs
+
+    def aux_of(layer) -> list:
+        gate = getattr(layer.mlp, "gate", None)
+        a = getattr(gate, "last_aux_loss", None)
+        return [a] if a is not None else []
+
+    if stage.is_first:
+        pending.append(lambda ids: ((stage.embed_tokens(ids),), []))
+    for layer in stage.layers.values():
+        if not (layer.is_moe and is_ep_dispatcher(layer.mlp.dispatcher)):
+            pending.append(lambda h, layer=layer: ((layer(h, cos, sin),), aux_of(layer)))
+            continue
+
+        def attention_gate(h, layer=layer):
+            h1, xn = layer.attention_phase(h, cos, sin)
+            w, idx = layer.gate_phase(xn)
+            return (h1, xn, w, idx), aux_of(layer)
+
+        pending.append(attention_gate)
+        flush()
+        dnode = DispatchNode(layer.mlp.dispatcher, link)
+        dnode.start(state[1], state[3], state[2])
+        yield
+        recv, recv_w = dnode.finish()
+        tape.append(dnode)
+        state = (state[0], state[1], recv, recv_w)
+        tpe = dnode.handle.tokens_per_expert
+        pending.append(lambda h1, xn, r, rw, layer=layer, tpe=tpe:
+                       ((h1, xn, layer.expert_phase(r, _Rows(tpe, rw))), []))
+        flush()
+        cnode = CombineNode(dnode, link)
+        cnode.start(state[2])
+        yield
+        routed = cnode.finish()
+        tape.append(cnode)
+        state = (state[0], state[1], routed)
+        pending.append(lambda h1, xn, r, layer=layer: ((layer.finish_phase(h1, xn, r),), []))
+    if stage.is_last:
+        def head(h):
+            logits = stage.lm_head(stage.norm(h)).float()
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                 ignore_index=IGNORE_INDEX, reduction="sum")
+            return (ce / loss_scale,), []
+
+        pending.append(head)
+    flush()
+    return state[0], tape
+
+
+def stage_backward(tape: list, grad_out: torch.Tensor, split: bool = False) -> Phases:
+    """Generator: backward through a forward's tape; returns the gradient of the stage input (or None)."""
+    grads: tuple = (grad_out,)
+    for node in reversed(tape):
+        if isinstance(node, Segment):
+            grads = node.backward(grads, split)
+        else:
+            node.start_backward(grads)
+            yield
+            grads = node.finish_backward()
+    return grads[0]
+
+
+def stage_weight_backward(tape: list, params: list[torch.nn.Parameter]) -> None:
+    """The deferred W of a split backward: parameter gradients of every segment."""
+    for node in reversed(tape):
+        if isinstance(node, Segment):
+            node.backward_weights(params)
+
+
+def run(gen: Phases):
+    """Drive one phase generator to the end (each transfer waited at once)."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def run_pair(first: Phases, second: Phases) -> tuple:
+    """Alternate two phase generators: each resumes (and waits for its transfer) after the other has
+    computed up to its next transfer. Returns both results."""
+    gens = {0: first, 1: second}
+    results: list = [None, None]
+    while gens:
+        for i in list(gens):
+            try:
+                next(gens[i])
+            except StopIteration as stop:
+                results[i] = stop.value
+                del gens[i]
+    return results[0], results[1]

@@ -1,0 +1,129 @@
+"""Split a DeepSeek model into pipeline stages, and sum the gradients of DualPipe's mirrored copies.
+
+Stage s of S holds a contiguous slice of the decoder layers; stage 0 also holds the token embedding, stage
+S-1 the final norm and the LM head (the loss is computed there). Layers are balanced: every stage gets
+L // S layers and the remainder goes to interior stages first (the end stages also carry embedding / head).
+A stage *references* the submodules of the model it was cut from, so parameter objects and names survive:
+`stage.full_named_parameters()` yields the model's own names (`model.layers.3.mlp.gate.weight`, ...).
+
+Works by attribute names of runtime.model's DeepseekModel (`model.embed_tokens`, `model.layers`,
+`model.norm`, `lm_head`, `rotary`, `mtp`) without importing runtime (dependencies point runtime -> parallel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .schedule import Schedule, ScheduleError
+
+
+def layer_split(num_layers: int, num_stages: int) -> list[range]:
+    """Layer ranges of each stage: L // S each, the L % S extra layers on interior stages first.
+
+    Stages may be empty when L < S (an empty interior stage passes activations through unchanged)."""
+    if num_stages < 1 or num_layers < 0:
+        raise ValueError(f"need num_stages >= 1 and num_layers >= 0, got {num_stages}, {num_layers}")
+    counts = [num_layers // num_stages] * num_stages
+    order = list(range(1, num_stages - 1)) + [num_stages - 1, 0] if num_stages > 2 else list(range(num_stages))
+    for i in range(num_layers % num_stages):
+        counts[order[i]] += 1
+    out, start = [], 0
+    for c in counts:
+        out.append(range(start, start + c))
+        start += c
+    return out
+
+
+class PipelineStage(nn.Module):
+    """One pipeline stage: [embedding] + decoder layers [first, last) + [final norm + LM head].
+
+    `forward(x)` is the plain (non-overlapped) forward: x is input_ids [B,T] on the first stage, hidden
+    states [B,T,H] elsewhere; returns hidden states, or normed-and-projected logits on the last stage. The
+    executor runs the same computation phase by phase (parallel/pipeline/overlap.py).
+    """
+
+    def __init__(self, model: nn.Module, stage: int, num_stages: int, layers: range) -> None:
+        super().__init__()
+        if len(getattr(model, "mtp", ())):
+            raise ValueError("pipeline stages do not support MTP modules yet (the MTP block needs the "
+                             "embedding on the last stage); build the model with mtp=False")
+        if num_stages > 1 and model.lm_head.weight is model.model.embed_tokens.weight:
+            raise ValueError("pipeline stages do not support tied embeddings (tie_word_embeddings=True)")
+        self.stage, self.num_stages = stage, num_stages
+        self.is_first, self.is_last = stage == 0, stage == num_stages - 1
+        self.layer_ids = list(layers)
+        self.embed_tokens = model.model.embed_tokens if self.is_first else None
+        self.layers = nn.ModuleDict({str(i): model.model.layers[i] for i in layers})
+        self.norm = model.model.norm if self.is_last else None
+        self.lm_head = model.lm_head if self.is_last else None
+        self.rotary = model.rotary  # plain object, not a module: no parameters
+
+    def rope(self, t: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(torch.arange(t, device=device), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(x) if self.is_first else x
+        cos, sin = self.rope(h.shape[1], h.device, h.dtype)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        if self.is_last:
+            h = self.lm_head(self.norm(h))
+        return h
+
+    def full_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters under the names they have in the whole model (checkpoint names)."""
+        prefix = {"embed_tokens": "model.embed_tokens", "layers": "model.layers", "norm": "model.norm",
+                  "lm_head": "lm_head"}
+        for name, p in self.named_parameters():
+            head, rest = name.split(".", 1)
+            yield f"{prefix[head]}.{rest}", p
+
+
+def build_stages(model: nn.Module, schedule: Schedule, pp_rank: int) -> dict[int, PipelineStage]:
+    """{chunk: stage module} that pipeline rank `pp_rank` holds under `schedule` (DualPipe(V): two)."""
+    if not 0 <= pp_rank < schedule.pp:
+        raise ScheduleError(f"pp_rank {pp_rank} out of range for a {schedule.pp}-rank schedule")
+    split = layer_split(len(model.model.layers), schedule.num_stages)
+    return {c: PipelineStage(model, s, schedule.num_stages, split[s])
+            for c, s in schedule.stages_of(pp_rank).items()}
+
+
+def _flat_grads(stage: nn.Module) -> torch.Tensor:
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in stage.parameters()]
+    if not parts:
+        return torch.zeros(0)
+    return torch.cat(parts)
+
+
+def sum_mirrored_grads(stages: dict[int, PipelineStage], schedule: Schedule, pp_rank: int,
+                       pp_group: dist.ProcessGroup, pp_ranks: list[int]) -> None:
+    """DualPipe: make both copies of every stage hold the sum of their gradients.
+
+    Rank r's chunk 0 (stage r) and rank P-1-r's chunk 1 are the same stage; each rank sends both chunks'
+    flattened gradients to its mirror and adds what it receives (chunk 0 gets the mirror's chunk 1 and vice
+    versa). Both copies end bit-identical (a + b == b + a). No-op for schedules with one copy per stage.
+    """
+    if schedule.kind != "dualpipe":
+        return
+    peer = pp_ranks[schedule.pp - 1 - pp_rank]
+    mine = [_flat_grads(stages[0]), _flat_grads(stages[1])]
+    peer_c0 = torch.empty_like(mine[1])  # the mirror's chunk 0 is the stage of my chunk 1, and vice versa
+    peer_c1 = torch.empty_like(mine[0])
+    ops = [dist.P2POp(dist.isend, mine[0], peer, pp_group), dist.P2POp(dist.isend, mine[1], peer, pp_group),
+           dist.P2POp(dist.irecv, peer_c0, peer, pp_group), dist.P2POp(dist.irecv, peer_c1, peer, pp_group)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    for chunk, incoming in ((0, peer_c1), (1, peer_c0)):
+        offset = 0
+        for p in stages[chunk].parameters():
+            n = p.numel()
+            add = incoming[offset:offset + n].view_as(p)
+            if p.grad is None:
+                p.grad = add.clone()
+            else:
+                p.grad.add_(add)
+            offset += n
