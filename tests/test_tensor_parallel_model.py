@@ -64,6 +64,13 @@ def _reference(path: str):
     return ref, ids, labels, ref_logits, ref_loss
 
 
+@torch.no_grad()
+def _decode(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The serving path: prefill 5 tokens, then one decode step, over the latent cache (absorbed MLA)."""
+    cache = model.new_cache(ids.shape[0], 16)
+    return [model.decode(ids[:, :5], cache), model.decode(ids[:, 5:6], cache)]
+
+
 def check_layout(rank: int, path: str, tp: int, ep: int, tp_group, ep_group, dp_group, edp_group,
                  ref=None) -> None:
     """Sharded model == single-process model (logits, loss, every gathered gradient) on this layout."""
@@ -76,6 +83,8 @@ def check_layout(rank: int, path: str, tp: int, ep: int, tp_group, ep_group, dp_
     logits = model.logits(ids)
     assert logits.shape == ref_logits.shape, where
     torch.testing.assert_close(logits, ref_logits, **TOL, msg=lambda m: f"logits {where}: {m}")
+    for a, b in zip(_decode(model, ids), _decode(ref, ids), strict=True):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"decode {where}: {m}")
     loss, _ = model(ids, labels)
     torch.testing.assert_close(loss, ref_loss, **TOL)
     loss.backward()
