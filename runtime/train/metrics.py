@@ -64,7 +64,8 @@ def peak_memory_bytes(device=None) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def print_summary(summary: dict[str, Any], stream: TextIO = sys.stdout) -> None:
+def print_summary(summary: dict[str, Any], stream: TextIO | None = None) -> None:
+    stream = stream or sys.stdout
     gib = summary["peak_memory_bytes"] / 2**30
     stream.write(
         f"done: {summary['steps']} steps ({summary['first_step']}..{summary['last_step']}), "
