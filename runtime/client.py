@@ -1,0 +1,219 @@
+"""Client library for the moerun ZeroMQ server: blocking `Client` and `AsyncClient` (asyncio).
+
+    with Client("tcp://127.0.0.1:5555") as c:
+        done = c.generate(prompt_ids=[1, 2, 3], max_tokens=8)          # the `done` map
+        for msg in c.stream(prompt="Hello", max_tokens=32):            # `token` maps, then the `done` map
+            print(msg["ids"])
+
+One DEALER socket per client; many requests may be in flight on it at once (replies are routed to the
+right request by id). Errors come back as `ServerError(code, message)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+__all__ = ["Client", "AsyncClient", "ServerError"]
+
+
+class ServerError(RuntimeError):
+    def __init__(self, code: str, message: str, reply: dict | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.reply = code, message, reply or {}
+
+
+def _pack(msg: dict) -> bytes:
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def _unpack(frame: bytes) -> dict:
+    return msgpack.unpackb(frame, raw=False)
+
+
+def _generate_msg(rid: str, prompt: str | None, prompt_ids: list[int] | None, stream: bool, **params: Any) -> dict:
+    msg: dict[str, Any] = {"op": "generate", "id": rid, "stream": stream, **params}
+    if prompt is not None:
+        msg["prompt"] = prompt
+    if prompt_ids is not None:
+        msg["prompt_ids"] = list(prompt_ids)
+    return msg
+
+
+def _raise_if_error(reply: dict) -> dict:
+    if reply.get("op") == "error":
+        raise ServerError(reply.get("code", "internal"), reply.get("message", ""), reply)
+    return reply
+
+
+class Client:
+    """Blocking client. `timeout` (seconds, None = wait forever) bounds each wait for a reply."""
+
+    def __init__(self, address: str, timeout: float | None = 60.0, context: zmq.Context | None = None) -> None:
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.timeout = timeout
+        self._ids = itertools.count()
+        self._prefix = f"c{os.getpid()}-{id(self):x}-"
+        self._inbox: dict[str, deque] = defaultdict(deque)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+    def new_id(self) -> str:
+        return f"{self._prefix}{next(self._ids)}"
+
+    def send(self, msg: dict) -> None:
+        self.sock.send(_pack(msg))
+
+    def recv(self, rid: str | None) -> dict:
+        """Next reply for `rid` (replies for other ids are kept for their own callers)."""
+        box = self._inbox.get(rid)
+        if box:
+            return box.popleft()
+        while True:
+            if self.timeout is not None and not self.sock.poll(int(self.timeout * 1000)):
+                raise TimeoutError(f"no reply for request {rid!r} within {self.timeout} s")
+            reply = _unpack(self.sock.recv())
+            got = reply.get("id")
+            if got == rid:
+                return reply
+            self._inbox[got].append(reply)
+
+    def request(self, op: str, **fields: Any) -> dict:
+        rid = fields.pop("id", None) or self.new_id()
+        self.send({"op": op, "id": rid, **fields})
+        return _raise_if_error(self.recv(rid))
+
+    def health(self) -> dict:
+        return self.request("health")
+
+    def info(self) -> dict:
+        return self.request("info")
+
+    def metrics(self) -> dict:
+        return self.request("metrics")
+
+    def submit(self, prompt: str | None = None, prompt_ids: list[int] | None = None, *, stream: bool = False,
+               rid: str | None = None, **params: Any) -> str:
+        """Send a generate request without waiting; returns its id (read replies with `recv(id)`)."""
+        rid = rid or self.new_id()
+        self.send(_generate_msg(rid, prompt, prompt_ids, stream, **params))
+        return rid
+
+    def generate(self, prompt: str | None = None, prompt_ids: list[int] | None = None, **params: Any) -> dict:
+        """Generate and return the `done` map (ids, finish_reason, usage, logprobs if asked)."""
+        rid = self.submit(prompt, prompt_ids, stream=False, **params)
+        return _raise_if_error(self.recv(rid))
+
+    def stream(self, prompt: str | None = None, prompt_ids: list[int] | None = None, *, rid: str | None = None,
+               **params: Any) -> Iterator[dict]:
+        """Yield `token` maps as they arrive, then the `done` map."""
+        rid = self.submit(prompt, prompt_ids, stream=True, rid=rid, **params)
+        while True:
+            reply = _raise_if_error(self.recv(rid))
+            yield reply
+            if reply.get("op") == "done":
+                return
+
+    def abort(self, rid: str) -> None:
+        """Ask the server to end request `rid`; its `done` (finish_reason "abort") goes to its reader."""
+        self.send({"op": "abort", "id": rid})
+
+
+class AsyncClient:
+    """asyncio client: one reader task routes replies to per-request queues."""
+
+    def __init__(self, address: str, context: zmq.asyncio.Context | None = None) -> None:
+        self.ctx = context or zmq.asyncio.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self._ids = itertools.count()
+        self._prefix = f"a{os.getpid()}-{id(self):x}-"
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self.sock.close(0)
+
+    def _queue(self, rid: str) -> asyncio.Queue:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        return self._queues.setdefault(rid, asyncio.Queue())
+
+    async def _read(self) -> None:
+        while True:
+            reply = _unpack(await self.sock.recv())
+            q = self._queues.get(reply.get("id"))
+            if q is not None:
+                q.put_nowait(reply)
+
+    async def _call(self, msg: dict) -> dict:
+        q = self._queue(msg["id"])
+        try:
+            await self.sock.send(_pack(msg))
+            return _raise_if_error(await q.get())
+        finally:
+            self._queues.pop(msg["id"], None)
+
+    def new_id(self) -> str:
+        return f"{self._prefix}{next(self._ids)}"
+
+    async def request(self, op: str, **fields: Any) -> dict:
+        rid = fields.pop("id", None) or self.new_id()
+        return await self._call({"op": op, "id": rid, **fields})
+
+    async def health(self) -> dict:
+        return await self.request("health")
+
+    async def info(self) -> dict:
+        return await self.request("info")
+
+    async def metrics(self) -> dict:
+        return await self.request("metrics")
+
+    async def generate(self, prompt: str | None = None, prompt_ids: list[int] | None = None, **params: Any
+                       ) -> dict:
+        return await self._call(_generate_msg(self.new_id(), prompt, prompt_ids, False, **params))
+
+    async def stream(self, prompt: str | None = None, prompt_ids: list[int] | None = None, *,
+                     rid: str | None = None, **params: Any) -> AsyncIterator[dict]:
+        rid = rid or self.new_id()
+        q = self._queue(rid)
+        try:
+            await self.sock.send(_pack(_generate_msg(rid, prompt, prompt_ids, True, **params)))
+            while True:
+                reply = _raise_if_error(await q.get())
+                yield reply
+                if reply.get("op") == "done":
+                    return
+        finally:
+            self._queues.pop(rid, None)
+
+    async def abort(self, rid: str) -> None:
+        await self.sock.send(_pack({"op": "abort", "id": rid}))
