@@ -105,10 +105,40 @@ def check_layout(rank: int, path: str, tp: int, ep: int, tp_group, ep_group, dp_
         assert report.tensors_skipped > 0, "each rank must skip the other ranks' experts"
 
 
+def check_builtin_with_mtp(rank: int, tp: int, ep: int, tp_group, ep_group, dp_group, edp_group) -> None:
+    """builtin:tiny (with an MTP module) parallelized from the materialized full model (the slicing path):
+    loss incl. the MTP term and all gradients match."""
+    import copy
+
+    from hf_models import random_ids
+
+    from parallel.shard import all_reduce_data_parallel_grads, all_reduce_partial_grads, gather_full, parallelize
+    from runtime.loading import load_model
+
+    ref = load_model("builtin:tiny")
+    assert len(ref.mtp) == 1
+    model = parallelize(copy.deepcopy(ref), tp_group, ep_group)
+    ids = random_ids(2, 6, ref.config.vocab_size, seed=5)
+    labels = ids.roll(-1, 1)
+    labels[:, -1] = -100
+    (ref_loss, ref_parts), (loss, parts) = ref(ids, labels), model(ids, labels)
+    torch.testing.assert_close(parts["mtp"], ref_parts["mtp"], **TOL)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    ref_loss.backward()
+    loss.backward()
+    all_reduce_partial_grads(model, tp_group)
+    all_reduce_data_parallel_grads(model, dp_group, edp_group)
+    for name, g in gather_full(model, tp_group, ep_group, grads=True).items():
+        want = dict(ref.named_parameters())[name].grad
+        torch.testing.assert_close(g, want, **TOL, msg=lambda m, n=name: f"builtin grad {n} tp={tp} ep={ep}: {m}")
+
+
 def _model_worker(rank: int, world: int, path: str, layouts: list[tuple[int, int]]) -> None:
     ref = _reference(path)
     for tp, ep in layouts:
-        check_layout(rank, path, tp, ep, *_groups(rank, world, tp, ep), ref=ref)
+        groups = _groups(rank, world, tp, ep)
+        check_layout(rank, path, tp, ep, *groups, ref=ref)
+        check_builtin_with_mtp(rank, tp, ep, *groups)
 
 
 @pytest.fixture(scope="module")
