@@ -94,6 +94,7 @@ class DispatchHandle:
     tokens_per_expert: torch.Tensor | None = None   # [E/ep] grouped rows per local expert
     recv_weights: torch.Tensor | None = None        # [R] routing weight of each grouped row (autograd)
     recv_expert: torch.Tensor | None = None         # [R] local expert of each grouped row
+    tp_tokens: int | None = None                    # set by shard.EPDispatcher: tokens before the TP split
     _result: torch.Tensor | None = field(default=None, repr=False)
 
     @property
