@@ -1,0 +1,119 @@
+"""Checkpoints: exact resume after a kill, a kill in the middle of writing, HF export (transformers loads it
+with the same logits), optimizer state round trip, `moerun ckpt`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from launchers import base_env, moerun
+from train_helpers import hf_tiny, tiny_config
+
+from runtime.train import checkpoint as ckpt
+from runtime.train.metrics import read_metrics
+from runtime.train.trainer import Trainer, resume_path
+
+
+def _toml(cfg: dict, path) -> str:
+    lines = []
+    for sec, body in cfg.items():
+        lines.append(f"[{sec}]")
+        for k, v in body.items():
+            if isinstance(v, dict):
+                v = "{ " + ", ".join(f"{a} = {json.dumps(b)}" for a, b in v.items()) + " }"
+            else:
+                v = json.dumps(v)
+            lines.append(f"{k} = {v}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.timeout(240)
+def test_kill_and_torn_checkpoint_resume_exactly(tmp_path):
+    ref_cfg = tiny_config(tmp_path / "ref", save_every=5, aux_loss_coef=1e-3, bias_update_rate=1e-3,
+                          mtp_loss_coef=0.3)
+    Trainer(ref_cfg).fit()
+    ref = {r["step"]: r["loss"] for r in read_metrics(ref_cfg["train"]["out"])}
+
+    cfg = dict(ref_cfg, train=dict(ref_cfg["train"], out=str(tmp_path / "run")))
+    toml = _toml(cfg, tmp_path / "job.toml")
+    out = cfg["train"]["out"]
+    # 1. killed right after step 7 (the step-5 checkpoint exists; steps 6, 7 are lost)
+    r = moerun(["train", toml], env=base_env(MOERUN_TEST_EXIT_AFTER_STEP="7"))
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert ckpt.latest_checkpoint(out).endswith("step-5")
+    # 2. resumed, and killed in the middle of writing the step-10 checkpoint
+    r = moerun(["train", toml], env=base_env(MOERUN_TEST_CRASH_IN_CKPT="10"))
+    assert r.returncode != 0 and "resumed from" in r.stdout, r.stdout + r.stderr
+    root = os.path.join(out, "ckpt")
+    assert os.path.isdir(os.path.join(root, ".tmp-step-10")) and not os.path.exists(os.path.join(root, "step-10"))
+    assert open(os.path.join(root, "latest")).read().strip() == "step-5"
+    assert ckpt.latest_checkpoint(out).endswith("step-5")
+    # 3. resumed again: from step 5, steps 6..10 equal the uninterrupted run
+    r = moerun(["train", toml])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resumed from" in r.stdout and "step-5" in r.stdout
+    rows = read_metrics(out)
+    assert [x["step"] for x in rows] == list(range(1, 11))
+    for x in rows:
+        assert abs(x["loss"] - ref[x["step"]]) <= 1e-6 * abs(ref[x["step"]]), (x["step"], x["loss"], ref)
+    assert ckpt.latest_checkpoint(out).endswith("step-10")
+    assert not os.path.exists(os.path.join(root, ".tmp-step-10"))
+
+
+def test_resume_restores_optimizer_and_biases(tmp_path):
+    cfg = tiny_config(tmp_path, steps=3, save_every=3, bias_update_rate=1e-2)
+    a = Trainer(cfg)
+    a.fit()
+    path = resume_path(cfg)
+    manifest = ckpt.read_manifest(path)
+    assert manifest["step"] == 3 and manifest["data"]["next_step"] == 3
+    assert manifest["layout"] == {"pp": 1, "dp": 1, "tp": 1, "ep": 1, "world": 1, "schedule": "1f1b"}
+    b = Trainer(cfg, resume_from=path)
+    assert b.step == 3 and b.optimizer.steps == 3
+    for x, y in zip(a.optimizer.buckets, b.optimizer.buckets):
+        for kind in ckpt.OPT_KINDS:
+            assert torch.equal(getattr(x, kind), getattr(y, kind))
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(p, q), n
+    for g, h in zip(a.gates, b.gates):
+        assert torch.equal(g.e_score_correction_bias, h.e_score_correction_bias)
+        assert float(g.e_score_correction_bias.abs().max()) > 0
+
+
+@pytest.mark.parametrize("model", ["hf", "builtin"])
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path, model):
+    from transformers import AutoModelForCausalLM
+
+    path = hf_tiny(tmp_path / "hf")[0] if model == "hf" else "builtin:tiny"
+    cfg = tiny_config(tmp_path / "run", model=path, steps=2, save_every=2, mtp_loss_coef=0.3,
+                      bias_update_rate=1e-2)
+    if model == "hf":
+        from train_helpers import token_file
+
+        cfg["data"]["path"] = token_file(tmp_path, 96)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    r = moerun(["ckpt", "export", cfg["train"]["out"], "--out", str(tmp_path / "export")])
+    assert r.returncode == 0, r.stderr
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), attn_implementation="eager").eval()
+    ids = torch.randint(0, trainer.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = trainer.model.eval().logits(ids)
+        theirs = hf(input_ids=ids, use_cache=False).logits.float()
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    import runtime
+
+    again = runtime.load_model(str(tmp_path / "export"))
+    torch.testing.assert_close(again.logits(ids), ours, atol=1e-6, rtol=1e-6)
+
+
+def test_ckpt_cli_info_and_errors(tmp_path):
+    cfg = tiny_config(tmp_path, steps=1, save_every=1)
+    Trainer(cfg).fit()
+    r = moerun(["ckpt", "info", str(tmp_path)])
+    assert r.returncode == 0 and '"step": 1' in r.stdout, r.stderr
+    r = moerun(["ckpt", "export", str(tmp_path / "nothing")])
+    assert r.returncode != 0 and "no complete checkpoint" in r.stderr
