@@ -152,13 +152,14 @@ _MIXED: dict[type, type] = {}
 
 
 def convert_to_fp8_training(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
-    """Switch a built model to the FP8 recipe in place; returns the names of the converted modules.
+    """Switch a built model to the FP8 recipe in place; returns the names of its FP8 modules.
 
     Plain `nn.Linear` layers become `Fp8Linear` and grouped-expert modules get `Fp8GroupedExpertsMixin`, by
     changing the module's class: parameters, state-dict names, hooks and any optimizer already holding the
-    parameters are untouched. Modules whose name equals or ends with an entry of `skip` stay as they are
-    (the LM head by default; the embedding, router and norms are not linear layers). Subclasses of
-    nn.Linear (e.g. tensor-parallel layers with their own communication) are left alone.
+    parameters are untouched, and converting twice is harmless. Modules whose name equals or ends with an
+    entry of `skip` stay as they are (the LM head by default; the embedding, router and norms are not linear
+    layers). Subclasses of nn.Linear (e.g. tensor-parallel layers with their own communication) are left
+    alone.
     """
     converted = []
     for name, m in model.named_modules():
@@ -166,14 +167,13 @@ def convert_to_fp8_training(model: nn.Module, skip: tuple[str, ...] = ("lm_head"
             continue
         if type(m) is nn.Linear:
             m.__class__ = Fp8Linear
-            converted.append(name)
         elif _is_grouped_experts(m) and not isinstance(m, Fp8GroupedExpertsMixin):
             cls = type(m)
             if cls not in _MIXED:
                 _MIXED[cls] = type(f"Fp8{cls.__name__}", (Fp8GroupedExpertsMixin, cls), {})
             m.__class__ = _MIXED[cls]
+        if isinstance(m, (Fp8Linear, Fp8GroupedExpertsMixin)):
             converted.append(name)
     if not converted:
         raise ValueError("convert_to_fp8_training found no nn.Linear or grouped-expert modules to convert")
     return converted
-
