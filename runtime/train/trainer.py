@@ -89,9 +89,6 @@ class Trainer:
         tr, data, par = config["train"], config["data"], config["parallel"]
         self.rank = mesh.rank if mesh is not None else 0
         self.log = log or (lambda msg: print(msg, flush=True) if self.rank == 0 else None)
-        if _size(mesh, "pp") > 1:
-            raise NotImplementedError("parallel.pp > 1: the pipeline executor is not wired into the trainer "
-                                      "yet (see docs/training.md)")
         self.device = mesh.device if mesh is not None else torch.device("cpu")
         self.dtype = DTYPES[config["model"]["dtype"]]
         torch.manual_seed(tr["seed"])
@@ -101,7 +98,11 @@ class Trainer:
         self.dp, self.dp_rank = _size(mesh, "dp"), _coord(mesh, "dp")
 
         self.resume_from = resume_from
-        mtp = tr["mtp_loss_coef"] > 0
+        self.pp = _size(mesh, "pp")
+        mtp = tr["mtp_loss_coef"] > 0 and self.pp == 1
+        if tr["mtp_loss_coef"] > 0 and self.pp > 1:
+            self.log("note: MTP is off under pipeline parallelism (the pipeline stages do not carry the MTP "
+                     "module yet); train.mtp_loss_coef is ignored")
         path = resume_from or config["model"]["path"]
         self.model = build_train_model(path, mesh, self.dtype, mtp, tr["seed"], self.device)
         if tr.get("fp8"):
@@ -114,17 +115,21 @@ class Trainer:
         for g in self.gates:
             g.aux_loss_coef = tr["aux_loss_coef"]
         self.marks = shard_marks(self.model)
+        self.microbatches = max(1, par["microbatches"])
+        self.stages, self.executor = {}, None
+        if self.pp > 1:
+            self._build_pipeline(par)
+        self.gates = [g for g in self.gates if self._holds_module(g)]
         self.optimizer = ZeroAdamW(
-            self.model.named_parameters(), lr=tr["lr"], betas=tr["betas"], eps=tr["eps"],
+            self.named_parameters(), lr=tr["lr"], betas=tr["betas"], eps=tr["eps"],
             weight_decay=tr["weight_decay"], dp_group=self.dp_group, edp_group=self.edp_group,
             expert=lambda n: self.marks.get(n, {}).get("ep_offset") is not None,
         )
         biases = [g.e_score_correction_bias for g in self.gates if g.e_score_correction_bias is not None]
         self.balancer = ExpertBalancer(biases, tr["bias_update_rate"], self.dp_group) if biases else None
-        if self.balancer is not None:
-            for i, g in enumerate(g for g in self.gates if g.e_score_correction_bias is not None):
-                g.register_forward_hook(self._record_hook(i))
-        self.microbatches = max(1, par["microbatches"])
+        self._aux_seen = 0.0
+        for i, g in enumerate(g for g in self.gates if g.e_score_correction_bias is not None):
+            g.register_forward_hook(self._record_hook(i))
         self.step = 0
         self.data = TokenData(data["path"], data["seq_len"], tr["global_batch"], data["shuffle"], tr["seed"])
         if tr["global_batch"] % self.dp:
@@ -132,23 +137,65 @@ class Trainer:
         if resume_from is not None:
             self._load_state(resume_from)
 
+    # --- what this rank holds -------------------------------------------------------------------------
+    def _build_pipeline(self, par: dict) -> None:
+        from parallel.link import EmulatedLink
+        from parallel.pipeline import build
+        from parallel.pipeline.executor import PipelineExecutor
+        from parallel.pipeline.stages import build_stages
+
+        self.schedule = build(par["schedule"], self.pp, self.microbatches)
+        self.stages = build_stages(self.model, self.schedule, self.mesh.coord("pp"))
+        self.executor = PipelineExecutor(self.stages, self.schedule, self.mesh,
+                                         link=EmulatedLink.from_config(par["emulate_link"]))
+
+    def _holds_module(self, module: nn.Module) -> bool:
+        if not self.stages:
+            return True
+        return any(module is m for s in self.stages.values() for m in s.modules())
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """This rank's parameters under their whole-model names (the pipeline stages it holds)."""
+        if not self.stages:
+            return list(self.model.named_parameters())
+        held = {id(p) for s in self.stages.values() for p in s.parameters()}
+        return [(n, p) for n, p in self.model.named_parameters() if id(p) in held]
+
+    def named_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        if not self.stages:
+            return list(self.model.named_buffers())
+        held = {id(b) for s in self.stages.values() for b in s.buffers()}
+        return [(n, b) for n, b in self.model.named_buffers() if id(b) in held]
+
     # --- one step --------------------------------------------------------------------------------------
     def _record_hook(self, layer: int):
         def hook(module, args, output):
-            if module.training:
+            if module.training and self.balancer is not None:
                 self.balancer.record(layer, output[1])
+            if module.training and module.last_aux_loss is not None:
+                self._aux_seen += float(module.last_aux_loss.detach())
 
         return hook
 
     def _counted(self, name: str) -> bool:
         """Whether this rank's copy of `name` enters the global gradient norm (each parameter once)."""
         info = self.marks.get(name, {})
+        if self.stages and self.schedule.kind == "dualpipe" and not self._in_chunk0(name):
+            return False  # DualPipe holds every stage twice; count the copy that is chunk 0 somewhere
         if info.get("ep_offset") is not None:
             return _coord(self.mesh, "edp") == 0
         return self.dp_rank == 0 and (info.get("tp_dim") is not None or _coord(self.mesh, "tp") == 0)
 
+    def _in_chunk0(self, name: str) -> bool:
+        if not hasattr(self, "_chunk0"):
+            self._chunk0 = {n for n, _ in self.stages[0].full_named_parameters()}
+        return name in self._chunk0
+
     def _split(self, n: int) -> list[slice]:
         m = self.microbatches
+        if self.pp > 1 and n % m:
+            raise ValueError(f"the pipeline needs train.global_batch / dp = {n} sequences to split into "
+                             f"parallel.microbatches = {m} equal micro-batches")
         while n % m:
             m -= 1
         per = n // m
@@ -159,18 +206,16 @@ class Trainer:
         t0 = time.perf_counter()
         inputs, labels = (x.to(self.device) for x in batch)
         self.model.train()
+        named = self.named_parameters()
         for p in self.model.parameters():
             p.grad = None
-        parts_sum: dict[str, float] = {}
         chunks = self._split(inputs.shape[0])
-        for sl in chunks:
-            loss, parts = self.model(inputs[sl], labels[sl])
-            (loss / len(chunks)).backward()
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / len(chunks)
+        parts_sum = self._forward_backward(inputs, labels, chunks)
+        for _, p in named:  # every held parameter takes part in the reductions, used or not
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         all_reduce_partial_grads(self.model, self.tp_group)
         all_reduce_data_parallel_grads(self.model, self.dp_group, self.edp_group)
-        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
         norm = global_grad_norm((p.grad for n, p in named if self._counted(n)), self.world_group, self.device)
         lr = lr_at(self.step, self.config["train"]["lr"], self.config["train"]["min_lr"],
                    self.config["train"]["warmup_steps"], self.config["train"]["steps"])
@@ -186,6 +231,27 @@ class Trainer:
         if loads is not None:
             m["expert_load_max_mean"] = float(ExpertBalancer.imbalance(loads).mean())
         return m
+
+    def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor,
+                          chunks: list[slice]) -> dict[str, float]:
+        """Gradients of this rank's share of the step loss; returns the loss parts (ce, mtp, aux) averaged
+        over its micro-batches."""
+        self._aux_seen = 0.0
+        if self.executor is None:
+            parts_sum: dict[str, float] = {}
+            for sl in chunks:
+                loss, parts = self.model(inputs[sl], labels[sl])
+                (loss / len(chunks)).backward()
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / len(chunks)
+            return parts_sum
+        total = float(self.executor.run_step([(inputs[sl], labels[sl]) for sl in chunks]))
+        out = {"ce": total}
+        if any(g.aux_loss_coef > 0 for g in self.gates) or self.config["train"]["aux_loss_coef"] > 0:
+            aux = torch.tensor([self._aux_seen / len(chunks)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(aux, group=self.mesh.group("pp"))
+            out = {"ce": total - float(aux), "aux": float(aux)}
+        return out
 
     def _mean_over_dp(self, parts: dict[str, float]) -> dict[str, float]:
         keys = sorted(parts)
@@ -217,8 +283,8 @@ class Trainer:
     def save(self) -> str:
         state = self.optimizer.full_state()
         return ckpt.save_checkpoint(
-            self.config["train"]["out"], self.step, params=list(self.model.named_parameters()),
-            buffers=list(self.model.named_buffers()), marks=self.marks, optim_state=state,
+            self.config["train"]["out"], self.step, params=self.named_parameters(),
+            buffers=self.named_buffers(), marks=self.marks, optim_state=state,
             model_config=self.model.config, manifest=self.manifest(), mesh=self.mesh)
 
     def _load_state(self, path: str) -> None:
@@ -226,7 +292,7 @@ class Trainer:
         if manifest["config_hash"] != ckpt.config_hash(self.config):
             self.log(f"warning: {path} was written with a different model/data/train config "
                      f"(hash {manifest['config_hash']} != {ckpt.config_hash(self.config)}); continuing")
-        shapes = {n: p.shape for n, p in self.model.named_parameters()}
+        shapes = {n: p.shape for n, p in self.named_parameters()}
         reader = ckpt.OptimizerStateReader(path, self.marks, shapes)
         self.optimizer.load_state(lambda n, k: reader(n, k).to(self.device), manifest["optimizer_steps"])
         self.step = int(manifest["data"]["next_step"])
