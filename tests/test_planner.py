@@ -16,7 +16,7 @@ from parallel.planner.costmodel import CostModel, Par, Setup, param_counts
 from parallel.planner.hardware import fp8_gemm_tflops, get_gpu
 from parallel.planner.models import BUILTIN, from_hf_config, load_model
 from parallel.planner.pipeline_time import pipeline_time
-from parallel.planner.search import Layout, Planner, parse_layout, partition, rank_stages
+from parallel.planner.search import Layout, Planner, parse_layout, partition, ramp_seconds, rank_stages
 
 V3 = BUILTIN["deepseek-v3"]
 H800 = get_gpu("h800")
@@ -74,6 +74,42 @@ def test_cost_model_directions():
     assert fp8_gemm_tflops(H800, 128, 4096, 7168) < fp8_gemm_tflops(H800, 4096, 4096, 7168)
 
 
+def test_selective_recompute_pays_norms_and_swiglu():
+    """V3 3.3.3: selective recompute re-runs every RMSNorm, the MLA up-projections and the MoE SwiGLU output;
+    its backward costs more than keeping everything by at least those GEMMs and element-wise passes."""
+    cm = CostModel(V3, H800)
+    sel = cm.layer(True, Par(tp=1, ep=64, recompute="selective"))
+    none = cm.layer(True, Par(tp=1, ep=64, recompute="none"))
+    T = 4096.0
+    up = cm._gemm(T, V3.heads * 192, V3.q_lora_rank, Par()) + cm._gemm(T, V3.heads * 256, V3.kv_lora_rank, Par())
+    rows = T * V3.topk
+    elementwise = cm._mem(2 * T * 3 * V3.hidden + 3 * (rows + T) * V3.moe_intermediate, Par())
+    assert sel.b - none.b == pytest.approx(up + elementwise, rel=1e-6)
+    assert sel.f == pytest.approx(none.f)
+
+
+def test_batch_ramp_matches_step_by_step_reference():
+    """The closed form against a plain loop over optimizer steps with the batch read off the linear ramp."""
+    s = Setup(seq_len=4096, global_batch=15360, batch_ramp_start=3072, batch_ramp_tokens=469e9)
+    step, per_seq, tokens = 16.5, 0.00092, 1e12
+    t, x = 0.0, 0.0
+    while x < tokens:
+        b = s.global_batch if x >= s.batch_ramp_tokens else \
+            s.batch_ramp_start + (s.global_batch - s.batch_ramp_start) * x / s.batch_ramp_tokens
+        b = max(1, round(b))
+        t += step - per_seq * (s.global_batch - b)
+        x += b * s.seq_len
+    assert ramp_seconds(step, per_seq, s, tokens) == pytest.approx(t, rel=2e-3)
+    flat = Setup(batch_ramp_tokens=0)
+    steady = step * tokens / (15360 * 4096)
+    assert ramp_seconds(step, per_seq, flat, tokens) == pytest.approx(steady)
+    # the ramp costs extra only through the per-step fixed part, and is diluted over longer runs
+    assert ramp_seconds(step, step / 15360, s, tokens) == pytest.approx(steady)
+    extra_1t = ramp_seconds(step, per_seq, s, 1e12) / steady - 1
+    extra_15t = ramp_seconds(step, per_seq, s, 14.8e12) / (14.8 * steady) - 1
+    assert extra_1t > 0.01 and 0 < extra_15t < extra_1t / 10
+
+
 def test_node_limited_routing_bounds_infiniband_copies():
     cm = CostModel(V3, H800)
     t64, info64 = cm.ep_alltoall(4096, Par(ep=64))
@@ -121,6 +157,9 @@ def test_deepseek_v3_layout_and_search():
     tok_step = 15360 * 4096
     assert d["gpu_hours_per_trillion_tokens"] == pytest.approx(2048 * ev.step_time_s / 3600 * 1e12 / tok_step,
                                                                rel=1e-3)
+    # the per-sequence slope is the DualPipe F&B pace of the bottleneck rank, spread over dp sequences
+    assert ev.per_sequence_s * 128 == pytest.approx(ev.costs["fb"], rel=0.05)
+    assert d["gpu_hours_per_trillion_tokens_avg"] > d["gpu_hours_per_trillion_tokens"]  # the batch ramp
     # DualPipe keeps two copies of a rank's stages; 1F1B one
     one = planner.evaluate(Layout(1, 16, 64, 128, "1f1b", 1, "selective"))
     assert ev.memory["weights"] > 1.5 * one.memory["weights"]
@@ -160,6 +199,15 @@ def test_cli_json_fields():
             "mfu", "bubble_fraction", "gpu_hours_per_trillion_tokens"}
     assert doc["layouts"] and all(keys <= set(r) for r in doc["layouts"])
     assert doc["best"] == doc["layouts"][0] and doc["best"]["fits"]
+    # the default ramp starts at 3072 sequences, above this batch of 512: no ramp; an explicit one costs more
+    flat = doc["best"]
+    assert flat["gpu_hours_per_trillion_tokens_avg"] == pytest.approx(flat["gpu_hours_per_trillion_tokens"],
+                                                                      rel=1e-3)
+    rc, out2, _ = _run_cli(["plan", "--model", "deepseek-v2-lite", "--nodes", "2", "--gpus-per-node", "8",
+                            "--gpu", "h100", "--global-batch", "512", "--json", "--top", "3",
+                            "--batch-ramp", "128,469B"])
+    ramped = json.loads(out2)["best"]
+    assert rc == 0 and ramped["gpu_hours_per_trillion_tokens_avg"] > flat["gpu_hours_per_trillion_tokens_avg"]
     times = [r["step_time_s"] for r in doc["layouts"]]
     assert times == sorted(times)
 
@@ -169,6 +217,8 @@ def test_cli_errors_and_table():
     assert rc == 2 and "neither built in" in err
     rc, _, err = _run_cli(["plan", "--model", "deepseek-v3", "--nodes", "1", "--layout", "pp=2,zz=1"])
     assert rc == 2 and "zz" in err
+    rc, _, err = _run_cli(["plan", "--model", "deepseek-v3", "--nodes", "1", "--batch-ramp", "3072"])
+    assert rc == 2 and "--batch-ramp" in err
     rc, _, err = _run_cli(["plan", "--model", "deepseek-v3", "--nodes", "2", "--layout", "pp=2,ep=3"])
     assert rc == 1 and "ep=3 must divide" in err
     rc, out, _ = _run_cli(["plan", "--model", "deepseek-v2-lite", "--nodes", "1", "--gpu", "h200",

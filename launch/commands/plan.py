@@ -53,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=int, default=4096, help="sequence length (default 4096, as DeepSeek-V3)")
     g.add_argument("--global-batch", type=int, default=15360,
                    help="sequences per optimizer step (default 15360, where V3's batch schedule ends)")
+    g.add_argument("--batch-ramp", default="3072,469B",
+                   help="START,TOKENS: the batch grows linearly from START sequences to --global-batch over "
+                        "TOKENS tokens (default 3072,469B as DeepSeek-V3; 'none' = off); affects only the "
+                        "totals over --tokens, not the steady-state GPU-hours per trillion tokens")
     g.add_argument("--precision", choices=("fp8", "bf16"), default="fp8", help="GEMM precision (default fp8)")
     g.add_argument("--load-imbalance", type=float, default=1.0,
                    help="max/mean routed tokens per GPU (default 1.0 = balanced)")
@@ -91,8 +95,10 @@ def _run_layouts(args: argparse.Namespace) -> int:
         raise ValueError(f"--top must be >= 1, got {args.top}")
     model = load_model(args.model)
     gpu = get_gpu(args.gpu)
+    ramp_start, ramp_tokens = _batch_ramp(args.batch_ramp, args.global_batch)
     setup = Setup(seq_len=args.seq_len, global_batch=args.global_batch, precision=args.precision,
-                  gpus_per_node=args.gpus_per_node, reserve_gb=args.reserve_gb, load_imbalance=args.load_imbalance)
+                  gpus_per_node=args.gpus_per_node, reserve_gb=args.reserve_gb, load_imbalance=args.load_imbalance,
+                  batch_ramp_start=ramp_start, batch_ramp_tokens=ramp_tokens)
     planner = Planner(model, gpu, args.nodes, args.gpus_per_node, setup, tokens=args.tokens)
     fixed = parse_layout(args.layout) if args.layout else {}
     res = planner.search(fixed, top=args.top, include_unfit=bool(fixed))
@@ -104,7 +110,8 @@ def _run_layouts(args: argparse.Namespace) -> int:
         "model": model.name, "gpu": gpu.name, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
         "world": planner.world, "tokens": args.tokens,
         "setup": {"seq_len": setup.seq_len, "global_batch": setup.global_batch, "precision": setup.precision,
-                  "load_imbalance": setup.load_imbalance, "reserve_gb": setup.reserve_gb},
+                  "load_imbalance": setup.load_imbalance, "reserve_gb": setup.reserve_gb,
+                  "batch_ramp": {"start": setup.batch_ramp_start, "tokens": setup.batch_ramp_tokens}},
         "layout_filter": fixed, "candidates": res["candidates"], "fit_memory": res["fit_memory"],
         "elapsed_s": round(res["elapsed_s"], 3), "layouts": rows, "best": best,
     }
@@ -122,6 +129,23 @@ def _run_layouts(args: argparse.Namespace) -> int:
         return 1
     _print_table(out)
     return 0
+
+
+def _batch_ramp(text: str, global_batch: int) -> tuple[int, float]:
+    """'3072,469B' -> (3072, 469e9); 'none' -> no ramp."""
+    if text.strip().lower() in ("none", "off", "0"):
+        return global_batch, 0.0
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2:
+        raise ValueError(f"--batch-ramp {text!r}: expected START,TOKENS (e.g. 3072,469B) or none")
+    try:
+        start = int(parts[0])
+        tokens = _number(parts[1])
+    except (ValueError, argparse.ArgumentTypeError):
+        raise ValueError(f"--batch-ramp {text!r}: START must be an integer, TOKENS a number (469B)") from None
+    if start < 1 or tokens < 0:
+        raise ValueError(f"--batch-ramp {text!r}: need START >= 1 and TOKENS >= 0")
+    return start, tokens
 
 
 def _why_not(planner, fixed: dict) -> str | None:
@@ -153,7 +177,8 @@ def _print_table(out: dict) -> None:
     if b:
         print(f"best: tp{b['tp']} pp{b['pp']} ep{b['ep']} dp{b['dp']} {b['schedule']}, "
               f"{b['gpu_hours_per_trillion_tokens']:,.0f} GPU-hours per trillion tokens, "
-              f"{b['gpu_hours_total']:,.0f} GPU-hours / {b['days_total']} days for {out['tokens']:.3g} tokens")
+              f"{b['gpu_hours_total']:,.0f} GPU-hours / {b['days_total']} days for {out['tokens']:.3g} tokens"
+              f" (batch ramp included)")
     if any(not r["fits"] for r in out["layouts"]):
         print("! does not fit in GPU memory")
     print("MFU against the BF16 dense peak; mb = micro-batches per step, mbs = sequences per micro-batch")

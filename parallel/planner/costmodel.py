@@ -41,6 +41,11 @@ class Setup:
     gpus_per_node: int = 8
     reserve_gb: float = 4.0        # CUDA context, NCCL / DeepEP buffers, allocator slack (assumption)
     load_imbalance: float = 1.0    # max/mean routed tokens per GPU (1.0: balanced, as aux-loss-free aims)
+    # V3 report 4.2: "the batch size is gradually increased from 3072 to 15360 in the training of the first
+    # 469B tokens, and then keeps 15360". The shape of the increase is not published: linear in tokens is
+    # assumed. Used only for totals over --tokens (batch_ramp_tokens=0 turns it off).
+    batch_ramp_start: int = 3072   # sequences per step at the start of training
+    batch_ramp_tokens: float = 469e9
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -48,6 +53,9 @@ class Setup:
         for f in ("seq_len", "global_batch", "gpus_per_node"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.batch_ramp_start < 1 or self.batch_ramp_tokens < 0:
+            raise ValueError(f"batch ramp needs start >= 1 sequence and tokens >= 0, got "
+                             f"{self.batch_ramp_start}, {self.batch_ramp_tokens}")
         if self.load_imbalance < 1.0:
             raise ValueError(f"load_imbalance is max/mean and must be >= 1, got {self.load_imbalance}")
 
@@ -302,6 +310,7 @@ class CostModel:
                 self._requant(routed_rows, h, m.moe_intermediate, par) + \
                 m.n_shared * (self._requant(T, 2 * m.moe_intermediate / tp, h, par)
                               + self._requant(T, h, m.moe_intermediate / tp, par))
+            swiglu_rows = routed_rows * m.moe_intermediate + m.n_shared * T * m.moe_intermediate / tp
             a2a, info = self.ep_alltoall(tok_ep, par)
             u.a2a_f = u.a2a_b = a2a
             u.detail.update(info)
@@ -314,12 +323,18 @@ class CostModel:
             mem = mem_d + mem_common
             requant = self._requant(T, 2 * m.intermediate / tp, h, par) + \
                 self._requant(T, h, m.intermediate / tp, par)
+            swiglu_rows = T * m.intermediate / tp
             u.params_dense += expert_params(m, m.intermediate) / tp
             u.model_flops += 3 * fl
             u.act_bytes += self._dense_act(T, par)
         u.f += g[0] + mem
         u.w += g[2]
         u.b += g[1] + g[2] + 2 * mem + requant
+        if par.recompute == "selective":
+            # V3 report 3.3.3: "we recompute all RMSNorm operations" (the attention's is in _attention; this
+            # is the MLP's: read BF16, write FP8 + scales), and "we cache the inputs of the SwiGLU operator and
+            # recompute its output in the backward pass" (read the FP8 2w input, write the FP8 w output)
+            u.b += self._mem(T * 3 * h / tp + 3 * swiglu_rows, par)
         if tp > 1:
             u.tp_f += 2 * self._tp_collective(T, par)
             u.tp_b += 2 * self._tp_collective(T, par)

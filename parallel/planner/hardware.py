@@ -18,10 +18,12 @@ Sources (short names used below):
   128x128 fine-grained scaling at M=4096 (dense) and the contiguous grouped layout (MoE). The later
   2025-04 kernels reach up to 1550 TFLOPS; we keep the first-release figures, the nearer in time to the
   V3 training run.
-- [FA3] FlashAttention-3 paper (Shah et al., arXiv 2407.08608) and its H100 benchmark: BF16 forward at
-  head dim 128, seqlen 4096 ~590 TFLOPS (pytorch/benchmark commit ff65cb6, same kernel); the paper quotes
-  up to 740 TFLOPS (75% utilisation) for FP16 forward and a backward 1.5-1.75x faster than FA2's ~35%
-  utilisation, which puts the backward near 0.45-0.5 of peak; we take 0.45.
+- [FA3] FlashAttention-3 paper (Shah et al., arXiv 2407.08608), Fig. 5-6, H100 SXM5, head dim 128, seqlen
+  4k (B*S = 16k, H*D = 2048): forward with causal mask 579 TFLOPS, forward without 638, backward (measured
+  without mask only) 542. Training attention is causal, so the forward takes the causal 579 and the
+  backward 542 x 579/638 = 492 (the forward's causal/non-causal ratio applied: derived, not measured).
+  (Before the audit the forward used 590 from pytorch/benchmark ff65cb6, a run without causal mask, and the
+  backward an estimate of 0.45 of peak.)
 - [FlashMLA] deepseek-ai/FlashMLA README: up to 3000 GB/s in the memory-bound configuration on H800
   (0.9 of 3.35 TB/s): the achievable HBM fraction for memory-bound kernels.
 """
@@ -89,8 +91,9 @@ GPUS: dict[str, GPU] = {
 
 COMM_SMS = 20            # [V3] SMs reserved for all-to-all (and forwarding) while training with DualPipe
 HBM_EFFICIENCY = 3000.0 / 3350.0   # [FlashMLA] achievable fraction of HBM bandwidth for memory-bound kernels
-ATTN_FWD_EFFICIENCY = 590.0 / 989.4  # [FA3] BF16 forward, head dim 128, seqlen 4096, H100
-ATTN_BWD_EFFICIENCY = 0.45           # [FA3] backward, ~1.6x FA2's 35% utilisation (see module docstring)
+ATTN_FWD_EFFICIENCY = 579.0 / 989.4  # [FA3] Fig. 5, forward with causal mask, head dim 128, seqlen 4k, H100
+ATTN_BWD_EFFICIENCY = 542.0 * (579.0 / 638.0) / 989.4  # [FA3] Fig. 6 backward (no mask) x the forward's
+                                     # causal / non-causal ratio (Fig. 5): 492 TFLOPS, derived
 BF16_GEMM_EFFICIENCY = 0.75          # [FA3] "75% utilisation" of BF16 tensor cores on H100 as the attainable
                                      # fraction for well-shaped BF16 GEMMs (no direct cuBLAS figure in sources)
 P2P_LATENCY_S = 10e-6                # one point-to-point message over InfiniBand, order of magnitude

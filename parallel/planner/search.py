@@ -56,12 +56,16 @@ class Evaluation:
     costs: dict = field(default_factory=dict)
     ep_bytes_per_token: float = 0.0
     simulated_chunks: tuple[int, ...] = ()
+    per_sequence_s: float = 0.0   # step time added by each further sequence of the global batch
+
 
     def as_dict(self, world: int, setup: Setup, model: ModelSpec, gpu: GPU, tokens: float) -> dict:
         lay = self.layout
         tok_step = setup.global_batch * setup.seq_len
         tps = tok_step / self.step_time_s if self.step_time_s < math.inf else 0.0
         gh = world * self.step_time_s / 3600.0 * 1e12 / tok_step if tps else math.inf
+        total_s = ramp_seconds(self.step_time_s, self.per_sequence_s, setup, tokens) if tps else math.inf
+        gh_total = world * total_s / 3600.0
         flops_tok = model_flops_per_token(model, setup.seq_len)
         return {
             "tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "dp": lay.dp, "edp": max(1, lay.dp * lay.tp // lay.ep),
@@ -77,8 +81,9 @@ class Evaluation:
             "mfu_fp8_peak": round(flops_tok * tps / (world * gpu.fp8_tflops * 1e12), 4),
             "bubble_fraction": round(self.bubble_fraction, 4),
             "gpu_hours_per_trillion_tokens": round(gh, 0),
-            "gpu_hours_total": round(gh * tokens / 1e12, 0),
-            "days_total": round(gh * tokens / 1e12 / world / 24.0, 2),
+            "gpu_hours_total": round(gh_total, 0),
+            "gpu_hours_per_trillion_tokens_avg": round(gh_total * 1e12 / tokens, 0) if tokens > 0 else None,
+            "days_total": round(total_s / 86400.0, 2),
             "stage_layers": self.stage_layers,
             "per_microbatch_costs_ms": {k: round(v * 1e3, 3) for k, v in self.costs.items()},
             "ep_bytes_per_token_per_layer": round(self.ep_bytes_per_token, 0),
@@ -98,6 +103,26 @@ def model_flops_per_token(m: ModelSpec, seq_len: int) -> float:
         mtp_unit = m.mtp_layers * (per_layer + 2 * m.hidden * m.hidden + m.vocab * m.hidden)
         attn *= (m.layers + m.mtp_layers) / m.layers
     return 6.0 * (matmul + mtp_unit) + 3.0 * attn
+
+
+def ramp_seconds(step_s: float, per_seq_s: float, setup: Setup, tokens: float) -> float:
+    """Wall seconds for `tokens` training tokens when the batch ramps linearly (in tokens) from
+    setup.batch_ramp_start to setup.global_batch over setup.batch_ramp_tokens, then stays.
+
+    A step of B sequences takes fixed + per_seq_s * B, fixed = the step's bubble, ZeRO-1 sync and optimizer
+    (step_s - per_seq_s * global_batch), so a token costs fixed / (B * seq) + per_seq_s / seq: smaller batches
+    pay the fixed part over fewer tokens. Closed form of the integral over the linear ramp. Below the batch
+    the layout accepts (e.g. fewer than 2*pp DualPipe micro-batches) the same line is extended: what the real
+    run did there is not published."""
+    S, B1 = setup.seq_len, setup.global_batch
+    B0, R = min(setup.batch_ramp_start, B1), setup.batch_ramp_tokens
+    fixed = max(0.0, step_s - per_seq_s * B1)
+    inv_b = tokens / B1  # integral of dx / B(x) over the tokens
+    if R > 0 and B0 < B1:
+        x = min(tokens, R)
+        b_x = B0 + (B1 - B0) * x / R
+        inv_b = R / (B1 - B0) * math.log(b_x / B0) + max(0.0, tokens - R) / B1
+    return per_seq_s * tokens / S + fixed * inv_b / S
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -313,6 +338,7 @@ class Planner:
         c = self.sim_costs(lay, S, held)
         if lay.pp == 1:
             makespan, bubble, peak, sims = mb * (c["f"] + c["b"] + c["a2a_f"] + c["a2a_b"]), 0.0, 1, ()
+            per_seq = makespan / mb / (lay.dp * lay.mbs)
         else:
             try:
                 pr = pipeline_time(lay.schedule, lay.pp, mb, c["f"], c["b"], c["w"], c.get("fb"), c["comm"],
@@ -320,13 +346,22 @@ class Planner:
             except PipelineError as e:
                 raise ValueError(f"layout {lay.label()}: {e}") from None
             makespan, bubble, peak, sims = pr.makespan, pr.bubble, pr.peak_activations, pr.simulated_chunks
+        per_seq = self._per_sequence(lay, mb, c, makespan)
         mem_gb, mem = self.memory(lay, S, held, peak)
         sync, opt = self._sync(lay, S, held)
         return Evaluation(
             layout=lay, microbatches=mb, fits=mem_gb <= self.gpu.hbm_gb, memory_gb=mem_gb, memory=mem,
             step_time_s=makespan + sync + opt, makespan_s=makespan,
             bubble_fraction=bubble / makespan if makespan else 0.0, dp_sync_s=sync, optimizer_s=opt,
-            stage_layers=counts, costs=c, ep_bytes_per_token=self._unit_rows(par)[4], simulated_chunks=sims)
+            stage_layers=counts, costs=c, ep_bytes_per_token=self._unit_rows(par)[4], simulated_chunks=sims,
+            per_sequence_s=per_seq)
+
+    def _per_sequence(self, lay: Layout, mb: int, c: dict, makespan: float) -> float:
+        """Makespan added per sequence of the global batch: the schedule's steady-state slope, from the
+        simulator at mb + 2 micro-batches (valid for every schedule when mb is)."""
+        pr = pipeline_time(lay.schedule, lay.pp, mb + 2, c["f"], c["b"], c["w"], c.get("fb"), c["comm"],
+                           c["a2a_f"], c["a2a_b"])
+        return max(0.0, pr.makespan - makespan) / 2 / (lay.dp * lay.mbs)
 
     # -------------------------------------------------------------------------------------- search
     def candidates(self, fixed: dict | None = None) -> list[Layout]:
