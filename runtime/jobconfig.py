@@ -43,12 +43,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "serve": {
         "bind": "tcp://127.0.0.1:5555", "max_batch": 64, "max_queue": 1024,
         "max_model_len": 4096, "max_prefill_tokens": 2048, "page_size": 64, "kv_cache_tokens": 0,
+        "pin_weights": False,
     },
+    # The shared train/serve scheduler (docs/scheduler.md): which kind of step runs when both have work.
+    "scheduler": {"policy": "serve_first", "share": 0.5, "max_train_microsteps": 8},
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "parallel.schedule": ("1f1b", "zb1p", "dualpipe", "dualpipev", "gpipe"),
+    "scheduler.policy": ("serve_first", "time_share", "train_first"),
 }
 
 

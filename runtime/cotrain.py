@@ -1,0 +1,219 @@
+"""Training as schedulable steps on the serving model: `TrainWork` wraps a `runtime.train.Trainer`.
+
+The Trainer's `train_step` runs a whole optimizer step at once; the shared scheduler needs finer steps it
+can interleave with serving: micro-steps (forward + backward of one micro-batch, gradients accumulate) and
+optimizer steps. `TrainWork` keeps a FIFO of such items from two sources:
+- the config's training job (`[train]`/`[data]`): optimizer step s is the Trainer's micro-batches of
+  `data.batch(s)` followed by one optimizer step, enqueued only when nothing else is accumulating;
+- `train` ops (RL rollouts, SFT batches) over ZeroMQ: one micro-step each, plus an optimizer step when
+  the op asks for one (`optimizer_step`, default true).
+The optimizer step repeats Trainer.train_step's second half (TP/DP gradient reductions, global norm, clip,
+ZeRO-1 AdamW, bias update), then bumps the weight version. Gradients of k accumulated `train` ops are
+averaged (each op's loss is a token mean over its own loss mask).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from runtime.rl import RLBatch, batch_loss
+from runtime.scheduler import Kind
+
+__all__ = ["TrainItem", "TrainWork"]
+
+LOSS_CODES = {"ce": 0, "grpo": 1}
+
+
+@dataclass
+class TrainItem:
+    kind: Kind
+    source: str = "job"  # "job" | "rl"
+    step: int = 0  # job: the optimizer step whose data this is
+    micro: int = 0
+    micros: int = 1
+    batch: RLBatch | None = None
+    on_done: Callable[[dict], None] | None = None  # rl: called with the op's result after its last step
+    result: dict = field(default_factory=dict)
+
+    def header(self) -> tuple[int, ...]:
+        if self.kind == Kind.OPTIM:
+            return (0 if self.source == "job" else 1,)
+        if self.source == "job":
+            return (0, self.step, self.micro, self.micros)
+        b = self.batch
+        return (1, b.input_ids.shape[0], b.input_ids.shape[1], LOSS_CODES[b.loss],
+                int(b.advantages is not None), int(b.old_logprobs is not None))
+
+
+class TrainWork:
+    """The training side of the shared scheduler, on every rank (the driver fills the queue)."""
+
+    def __init__(self, trainer, job_steps: int = 0, clip_eps: float = 0.2) -> None:
+        self.trainer = trainer
+        self.model = trainer.model
+        self.queue: deque[TrainItem] = deque()
+        self.weights = None  # set by the Scheduler
+        self.job_left = job_steps
+        self.clip_eps = clip_eps
+        self.pending_rl = 0  # train ops accumulated since the last optimizer step
+        self.pending_micro = 0
+        self.last: dict[str, Any] = {}
+        self.current: TrainItem | None = None  # the item being run (answered with an error if it fails)
+        self.tokens_total = 0
+        self.job_steps_done = 0
+        self._t0 = time.perf_counter()
+
+    # --- queue ----------------------------------------------------------------------------------------
+    def submit(self, batch: RLBatch, optimizer_step: bool = True,
+               on_done: Callable[[dict], None] | None = None) -> None:
+        """Queue one `train` op: a micro-step (and an optimizer step if asked); `on_done(result)` after."""
+        micro = TrainItem(Kind.TRAIN_MICRO, "rl", batch=batch, on_done=None if optimizer_step else on_done)
+        self.queue.append(micro)
+        if optimizer_step:
+            self.queue.append(TrainItem(Kind.OPTIM, "rl", on_done=on_done, result=micro.result))
+
+    def _fill_from_job(self) -> None:
+        if self.queue or self.job_left <= 0 or self.pending_micro:
+            return
+        t = self.trainer
+        inputs, _ = t.data.batch(t.step, t.dp_rank, t.dp)
+        n = len(t._split(inputs.shape[0]))
+        for i in range(n):
+            self.queue.append(TrainItem(Kind.TRAIN_MICRO, "job", step=t.step, micro=i, micros=n))
+        self.queue.append(TrainItem(Kind.OPTIM, "job", step=t.step))
+        self.job_left -= 1
+
+    def next_kind(self) -> Kind | None:
+        self._fill_from_job()
+        return self.queue[0].kind if self.queue else None
+
+    def peek(self) -> TrainItem:
+        return self.queue[0]
+
+    def pop(self) -> TrainItem:
+        return self.queue.popleft()
+
+    def has_work(self) -> bool:
+        return self.next_kind() is not None
+
+    def fail_all(self, message: str) -> None:
+        """After a failed step: drop the accumulated gradients and answer every queued op with an error."""
+        items = ([self.current] if self.current is not None else []) + list(self.queue)
+        self.current = None
+        for item in items:
+            if item.on_done is not None:
+                item.on_done({"error": message})
+        self.queue.clear()
+        for p in self.model.parameters():
+            p.grad = None
+        self.pending_rl = self.pending_micro = 0
+
+    # --- payload for the other ranks --------------------------------------------------------------------
+    def broadcast_payload(self, item: TrainItem, bcast: Callable) -> None:
+        if item.source != "rl":
+            return  # job batches: every rank reads its own data share
+        b = item.batch
+        dev = self.trainer.device
+        bcast(b.input_ids.to(dev))
+        bcast(b.loss_mask.to(dev))
+        if b.advantages is not None:
+            bcast(b.advantages.to(dev))
+        if b.old_logprobs is not None:
+            bcast(b.old_logprobs.to(dev))
+
+    def receive_payload(self, head: list[int], bcast: Callable, device) -> TrainItem:
+        if head[0] == 0:
+            return TrainItem(Kind.TRAIN_MICRO, "job", step=head[1], micro=head[2], micros=head[3])
+        rows, cols, loss, has_adv, has_old = head[1:6]
+        ids = bcast(torch.zeros(rows, cols, dtype=torch.int64, device=device))
+        mask = bcast(torch.zeros(rows, cols, dtype=torch.float32, device=device))
+        adv = bcast(torch.zeros(rows, dtype=torch.float32, device=device)) if has_adv else None
+        old = bcast(torch.zeros(rows, cols, dtype=torch.float32, device=device)) if has_old else None
+        name = {v: k for k, v in LOSS_CODES.items()}[loss]
+        return TrainItem(Kind.TRAIN_MICRO, "rl", batch=RLBatch(ids, mask, adv, old, name))
+
+    def receive_optim(self, head: list[int]) -> TrainItem:
+        """The other ranks' copy of an optimizer step (its source sets the learning-rate rule)."""
+        return TrainItem(Kind.OPTIM, "job" if head[0] == 0 else "rl")
+
+    # --- steps ----------------------------------------------------------------------------------------
+    def run_micro(self, item: TrainItem) -> None:
+        t = self.trainer
+        self.current = item
+        self.model.train()
+        if item.source == "job":
+            inputs, labels = (x.to(t.device) for x in t.data.batch(item.step, t.dp_rank, t.dp))
+            sl = t._split(inputs.shape[0])[item.micro]
+            loss, parts = self.model(inputs[sl], labels[sl])
+            (loss / item.micros).backward()
+            ce, tokens = float(parts["ce"].detach()), int(labels[sl].numel())
+            stats: dict[str, float] = {}
+        else:
+            b = item.batch
+            b = RLBatch(b.input_ids.to(t.device), b.loss_mask.to(t.device), b.advantages, b.old_logprobs, b.loss)
+            loss, stats = batch_loss(self.model, b, self.clip_eps)
+            aux = [m.last_aux_loss for m in self.model.modules()
+                   if getattr(m, "last_aux_loss", None) is not None]
+            (loss + (torch.stack(aux).sum() if aux else 0.0)).backward()
+            ce, tokens = float(loss.detach()), b.tokens
+            self.pending_rl += 1
+        self.pending_micro += 1
+        self.tokens_total += tokens
+        item.result.update(loss=ce, tokens=tokens, **stats)
+        self.last = {"loss": ce, "source": item.source}
+        self.current = None
+        if item.on_done is not None:  # a train op without an optimizer step
+            item.on_done(self._result(item.result))
+
+    def run_optim(self, item: TrainItem | None) -> None:
+        """Reduce, clip and apply the accumulated gradients; bump the weight version on every rank."""
+        from parallel.shard import all_reduce_data_parallel_grads, all_reduce_partial_grads
+        from runtime.train.optim import clip_coefficient, global_grad_norm, lr_at
+
+        t, tr = self.trainer, self.trainer.config["train"]
+        self.current = item
+        if self.pending_rl > 1:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(self.pending_rl)
+        all_reduce_partial_grads(self.model, t.tp_group)
+        all_reduce_data_parallel_grads(self.model, t.dp_group, t.edp_group)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        norm = global_grad_norm((p.grad for n, p in named if t._counted(n)), t.world_group, t.device)
+        job = item is None or item.source == "job"
+        min_lr = tr["min_lr"] if job else tr["lr"]  # train ops: constant train.lr after warmup
+        lr = lr_at(t.step, tr["lr"], min_lr, tr["warmup_steps"], tr["steps"])
+        t.optimizer.step(lr, clip_coefficient(norm, tr["grad_clip"]))
+        if t.balancer is not None:
+            t.balancer.step()
+        t.step += 1
+        for p in self.model.parameters():
+            p.grad = None
+        self.pending_rl = self.pending_micro = 0
+        if item is not None and item.source == "job":
+            self.job_steps_done += 1
+        version = self.weights.bump() if self.weights is not None else t.step
+        self.last.update(step=t.step, grad_norm=norm, lr=lr, weight_version=version)
+        self.current = None
+        if item is not None and item.on_done is not None:
+            item.on_done(self._result(item.result))
+
+    def _result(self, r: dict) -> dict:
+        v = self.weights.version if self.weights is not None else self.trainer.step
+        return {"step": self.trainer.step, "loss": r.get("loss", 0.0), "weight_version": v,
+                "tokens": r.get("tokens", 0), **{k: r[k] for k in ("clip_frac", "kl") if k in r}}
+
+    def summary(self) -> dict[str, float]:
+        dt = max(1e-9, time.perf_counter() - self._t0)
+        out = {"optimizer_steps": self.trainer.step, "job_steps": self.job_steps_done,
+               "tokens_total": self.tokens_total, "queue": len(self.queue),
+               "steps_per_s": round(self.trainer.step / dt, 4)}
+        if "loss" in self.last:
+            out["loss"] = self.last["loss"]
+        return out

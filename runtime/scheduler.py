@@ -1,0 +1,283 @@
+"""The shared scheduler: one loop on the driver rank decides, step by step, what every rank runs next.
+
+Kinds of step: a serving step (one engine batch), a training micro-step (forward + backward of one
+micro-batch), an optimizer step (gradient reductions, clip, AdamW, weight version + 1). The driver
+decides with a `Policy`, broadcasts a small fixed-size int64 header over the world group (no pickle), then
+any payload as int64/fp32 tensors (a serving step's `StepPlan`, an RL batch), and all ranks run the step,
+so their collectives (EP all-to-all, gradient all-reduce) line up. Preemption happens only at step
+boundaries: a serving request that arrives during a training micro-step waits for that step to end.
+
+Policies (with both kinds of work pending; otherwise whichever has work runs):
+- `serve_first`: serving always; training fills the gaps when no request is waiting or running.
+- `time_share`: a fraction `share` of the steps trains (a credit counter, exact over any window).
+- `train_first`: training always, but at most `max_train_microsteps` training steps in a row while
+  requests wait, so serving never starves.
+`max_train_microsteps` also bounds consecutive training steps under `time_share`.
+
+This module imports torch only inside functions: the policy logic is plain Python.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+__all__ = ["Kind", "POLICIES", "SchedulerConfig", "Policy", "Scheduler", "HEADER_LEN", "scheduler_config"]
+
+POLICIES = ("serve_first", "time_share", "train_first")
+HEADER_LEN = 8
+
+
+class Kind(IntEnum):
+    IDLE = 0
+    SERVE = 1
+    TRAIN_MICRO = 2
+    OPTIM = 3
+    STOP = 4
+
+
+@dataclass
+class SchedulerConfig:
+    policy: str = "serve_first"
+    share: float = 0.5  # time_share: fraction of contested steps that train
+    max_train_microsteps: int = 8  # training steps in a row at most while serving has work
+
+    def validate(self) -> SchedulerConfig:
+        if self.policy not in POLICIES:
+            raise ValueError(f"scheduler.policy = {self.policy!r} is not one of: {', '.join(POLICIES)}")
+        if not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"scheduler.share must be in [0, 1], got {self.share}")
+        if self.max_train_microsteps < 1:
+            raise ValueError(f"scheduler.max_train_microsteps must be >= 1, got {self.max_train_microsteps}")
+        return self
+
+
+def scheduler_config(config: dict) -> SchedulerConfig:
+    """The `[scheduler]` section of a job config (runtime.jobconfig) as a validated SchedulerConfig."""
+    s = config.get("scheduler", {})
+    return SchedulerConfig(s.get("policy", "serve_first"), float(s.get("share", 0.5)),
+                           int(s.get("max_train_microsteps", 8))).validate()
+
+
+class Policy:
+    """Pure decision logic: `decide(serve_ready, train_ready) -> Kind` (SERVE, TRAIN or IDLE).
+
+    TRAIN stands for the training queue's next step (micro or optimizer); the caller maps it."""
+
+    TRAIN = Kind.TRAIN_MICRO
+
+    def __init__(self, cfg: SchedulerConfig) -> None:
+        self.cfg = cfg.validate()
+        self.run = 0  # consecutive training steps while serving had work
+        self.credit = 0.0
+
+    def decide(self, serve_ready: bool, train_ready: bool) -> Kind:
+        if not train_ready:
+            self.run = 0
+            return Kind.SERVE if serve_ready else Kind.IDLE
+        if not serve_ready:
+            self.run = 0
+            return self.TRAIN
+        c = self.cfg
+        if self.run >= c.max_train_microsteps or c.policy == "serve_first":
+            train = False
+        elif c.policy == "train_first":
+            train = True
+        else:  # time_share
+            self.credit += c.share
+            train = self.credit >= 1.0 - 1e-9
+            if train:
+                self.credit -= 1.0
+        self.run = self.run + 1 if train else 0
+        return self.TRAIN if train else Kind.SERVE
+
+
+@dataclass
+class StepStats:
+    """Counts and wall time per kind of step, for the metrics op and the bench."""
+
+    counts: dict[str, int] = field(default_factory=lambda: {k.name.lower(): 0 for k in Kind})
+    seconds: dict[str, float] = field(default_factory=lambda: {k.name.lower(): 0.0 for k in Kind})
+
+    def add(self, kind: Kind, dt: float) -> None:
+        self.counts[kind.name.lower()] += 1
+        self.seconds[kind.name.lower()] += dt
+
+
+# --- wire format of one plan -------------------------------------------------------------------------------
+# header: [kind, a, b, c, d, e, f, g]. SERVE: a = payload length (0: the engine had nothing to run).
+# TRAIN_MICRO: a = source (0 job, 1 rl), job: b = optimizer step index, c = micro index, d = micros;
+# rl: b = rows, c = columns, d = loss (0 ce, 1 grpo), e = has advantages, f = has old_logprobs.
+PLAN_FIELDS = ("ids", "positions", "slots", "starts", "lens", "offsets")
+
+
+def encode_step_plan(plan) -> list[int]:
+    """A serving StepPlan as one flat int list (lengths first), for a single int64 broadcast."""
+    n_tok, n_seg = len(plan.ids), len(plan.starts)
+    out = [n_tok, n_seg]
+    for name in PLAN_FIELDS:
+        out.extend(getattr(plan, name))
+    out.extend(int(w) for w in plan.want_logits)
+    out.extend(len(p) for p in plan.pages)
+    for p in plan.pages:
+        out.extend(p)
+    return out
+
+
+def decode_step_plan(flat: list[int]):
+    from runtime.serve.forward import StepPlan
+
+    n_tok, n_seg = flat[0], flat[1]
+    pos = 2
+    vals: dict[str, Any] = {}
+    for name in PLAN_FIELDS:
+        n = n_tok if name in ("ids", "positions", "slots") else n_seg
+        vals[name] = flat[pos : pos + n]
+        pos += n
+    vals["want_logits"] = [bool(w) for w in flat[pos : pos + n_seg]]
+    pos += n_seg
+    counts = flat[pos : pos + n_seg]
+    pos += n_seg
+    pages = []
+    for c in counts:
+        pages.append(flat[pos : pos + c])
+        pos += c
+    return StepPlan(pages=pages, **vals)
+
+
+class Scheduler:
+    """Drives `engine` (runtime.serve.Engine) and `work` (runtime.cotrain.TrainWork, or None) on every rank.
+
+    Driver (`is_driver`): call `step()` in a loop; it returns (kind, serving outputs). Other ranks: call
+    `follow()` until it returns False. `group` is the world group (None: a single process)."""
+
+    def __init__(self, engine, work=None, cfg: SchedulerConfig | None = None, weights=None, *, group=None,
+                 src: int = 0, rank: int = 0, device=None) -> None:
+        from runtime.weights import WeightVersions
+
+        self.engine, self.work = engine, work
+        self.policy = Policy(cfg or SchedulerConfig())
+        self.weights = weights or WeightVersions(engine)
+        if work is not None:
+            work.weights = self.weights
+        self.group, self.src, self.rank = group, src, rank
+        self.device = device
+        self.is_driver = group is None or rank == src
+        self.stats = StepStats()
+        self._plan_sent = False
+        if group is not None and engine is not None and self.is_driver:
+            engine.plan_hook = self._send_plan
+
+    # --- broadcast ------------------------------------------------------------------------------------
+    def _bcast(self, t):
+        import torch.distributed as dist
+
+        if self.group is not None:
+            dist.broadcast(t, src=self.src, group=self.group)
+        return t
+
+    def _header(self, kind: Kind, *args: int) -> list[int]:
+        import torch
+
+        vals = [int(kind), *args] + [0] * (HEADER_LEN - 1 - len(args))
+        t = torch.tensor(vals, dtype=torch.int64, device=self.device)
+        return self._bcast(t).tolist()
+
+    def _send_plan(self, plan) -> None:
+        import torch
+
+        flat = encode_step_plan(plan)
+        self._bcast(torch.tensor([len(flat)], dtype=torch.int64, device=self.device))
+        self._bcast(torch.tensor(flat, dtype=torch.int64, device=self.device))
+        self._plan_sent = True
+
+    # --- driver ---------------------------------------------------------------------------------------
+    def _train_ready(self) -> Kind | None:
+        if self.work is None:
+            return None
+        kind = self.work.next_kind()
+        if kind == Kind.OPTIM and not self.weights.update_allowed():
+            return None  # pinned: serving drains first
+        return kind
+
+    def step(self) -> tuple[Kind, list]:
+        """Decide, broadcast and run one step; (kind, serving outputs). IDLE runs nothing on any rank."""
+        train_kind = self._train_ready()
+        kind = self.policy.decide(self.engine.has_work(), train_kind is not None)
+        if kind == Policy.TRAIN:
+            kind = train_kind
+        t0 = time.perf_counter()
+        outputs: list = []
+        if kind == Kind.SERVE:
+            if self.group is not None:
+                self._header(Kind.SERVE)
+                self._plan_sent = False
+            self._eval()
+            outputs = self.engine.step()
+            if self.group is not None and not self._plan_sent:
+                import torch
+
+                self._bcast(torch.zeros(1, dtype=torch.int64, device=self.device))
+        elif kind == Kind.TRAIN_MICRO:
+            item = self.work.peek()
+            if self.group is not None:
+                self._header(Kind.TRAIN_MICRO, *item.header())
+                self.work.broadcast_payload(item, self._bcast)
+            self.work.run_micro(self.work.pop())
+        elif kind == Kind.OPTIM:
+            if self.group is not None:
+                self._header(Kind.OPTIM, *self.work.peek().header())
+            self.work.run_optim(self.work.pop())
+        if kind != Kind.IDLE:
+            self.stats.add(kind, time.perf_counter() - t0)
+            self._publish()
+        return kind, outputs
+
+    def stop(self) -> None:
+        """Tell the other ranks to leave `follow()`."""
+        if self.group is not None and self.is_driver:
+            self._header(Kind.STOP)
+
+    def _eval(self) -> None:
+        # Serving runs the model in eval mode: no aux loss, no expert-load recording for the balancer.
+        if self.engine.model.training:
+            self.engine.model.eval()
+
+    def _publish(self) -> None:
+        m = self.engine.metrics if self.engine is not None else None
+        if m is None:
+            return
+        g = m.gauges
+        g["weight_version"] = self.weights.version
+        for k in ("serve", "train_micro", "optim"):
+            g[f"scheduler_{k}_steps"] = self.stats.counts[k]
+            g[f"scheduler_{k}_seconds"] = round(self.stats.seconds[k], 6)
+        if self.work is not None:
+            for k, v in self.work.summary().items():
+                g[f"train_{k}"] = v
+
+    # --- other ranks ----------------------------------------------------------------------------------
+    def follow(self) -> bool:
+        """Receive and run one step; False once the driver sent STOP."""
+        import torch
+
+        head = self._header(Kind.IDLE)
+        kind = Kind(head[0])
+        if kind == Kind.STOP:
+            return False
+        if kind == Kind.SERVE:
+            n = int(self._bcast(torch.zeros(1, dtype=torch.int64, device=self.device))[0])
+            if n:
+                flat = self._bcast(torch.zeros(n, dtype=torch.int64, device=self.device)).tolist()
+                from runtime.serve.forward import run_plan
+
+                self._eval()
+                run_plan(self.engine.model, self.engine.cache, decode_step_plan(flat))
+        elif kind == Kind.TRAIN_MICRO:
+            item = self.work.receive_payload(head[1:], self._bcast, self.device)
+            self.work.run_micro(item)
+        elif kind == Kind.OPTIM:
+            self.work.run_optim(self.work.receive_optim(head[1:]))
+        return True

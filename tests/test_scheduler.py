@@ -1,0 +1,169 @@
+"""The shared scheduler's policy logic with fake engines, the plan wire format, and the config section."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.scheduler import Kind, Policy, Scheduler, SchedulerConfig, decode_step_plan, encode_step_plan
+
+
+class FakeMetrics:
+    def __init__(self) -> None:
+        self.gauges: dict = {}
+
+
+class FakePrefix:
+    def __init__(self) -> None:
+        self.clears = 0
+
+    def clear(self) -> None:
+        self.clears += 1
+
+
+class FakeEngine:
+    """Serves `pending` one-step requests; records the order of steps in a shared log."""
+
+    def __init__(self, log: list) -> None:
+        self.log, self.pending = log, 0
+        self.running, self.waiting, self.max_batch = [], [], 8
+        self.metrics = FakeMetrics()
+        self.model = type("M", (), {"training": False})()
+        self.cache = type("C", (), {"prefix": FakePrefix()})()
+
+    def has_work(self) -> bool:
+        return self.pending > 0
+
+    def step(self) -> list:
+        self.log.append("S")
+        self.pending -= 1
+        return ["out"]
+
+
+class FakeItem:
+    def __init__(self, kind: Kind) -> None:
+        self.kind = kind
+
+    def header(self) -> tuple:
+        return ()
+
+
+class FakeWork:
+    """A training job of `steps` optimizer steps of `micros` micro-steps each."""
+
+    def __init__(self, log: list, steps: int, micros: int = 2) -> None:
+        self.log, self.weights = log, None
+        self.queue = [FakeItem(Kind.TRAIN_MICRO) for _ in range(micros)] + [FakeItem(Kind.OPTIM)]
+        self.queue = self.queue * steps
+
+    def next_kind(self):
+        return self.queue[0].kind if self.queue else None
+
+    def has_work(self) -> bool:
+        return bool(self.queue)
+
+    def peek(self):
+        return self.queue[0]
+
+    def pop(self):
+        return self.queue.pop(0)
+
+    def run_micro(self, item) -> None:
+        self.log.append("m")
+
+    def run_optim(self, item) -> None:
+        self.log.append("O")
+        self.weights.bump()
+
+    def summary(self) -> dict:
+        return {"queue": len(self.queue)}
+
+
+def _drive(policy: str, serve: int, steps: int, micros: int = 2, **kw) -> tuple[str, Scheduler]:
+    log: list = []
+    eng, work = FakeEngine(log), FakeWork(log, steps, micros)
+    eng.pending = serve
+    sched = Scheduler(eng, work, SchedulerConfig(policy, **kw))
+    for _ in range(10_000):
+        kind, _ = sched.step()
+        if kind == Kind.IDLE:
+            break
+    return "".join(log), sched
+
+
+def test_serve_first_trains_only_in_the_gaps():
+    order, sched = _drive("serve_first", serve=5, steps=2)
+    assert order == "SSSSS" + "mmO" * 2
+    assert sched.weights.version == 2 and sched.engine.metrics.gauges["weight_version"] == 2
+    assert sched.engine.cache.prefix.clears == 2  # stale prefix latents dropped at every update
+    assert sched.stats.counts == {"idle": 0, "serve": 5, "train_micro": 4, "optim": 2, "stop": 0}
+
+
+def test_a_request_arriving_during_training_runs_at_the_next_step_boundary():
+    log: list = []
+    eng, work = FakeEngine(log), FakeWork(log, steps=3)
+    sched = Scheduler(eng, work, SchedulerConfig("serve_first"))
+    sched.step()
+    sched.step()  # two training steps: nothing to serve
+    eng.pending = 2  # requests arrive during the second training step
+    sched.step()
+    sched.step()
+    sched.step()
+    assert "".join(log) == "mmSSO"
+
+
+def test_time_share_gives_training_its_fraction_exactly():
+    order, _ = _drive("time_share", serve=100, steps=100, micros=1, share=0.25, max_train_microsteps=8)
+    contested = order[: order.rindex("S") + 1]  # while serving had work
+    n_train = sum(c != "S" for c in contested)
+    assert n_train == 33 and contested.count("S") == 100  # 1/4 of 133 steps, rounded by the credit
+    assert "SSSS" not in contested  # never more than 3 serving steps between training steps
+    order, _ = _drive("time_share", serve=10, steps=5, share=0.0)
+    assert order.startswith("S" * 10)
+    order, _ = _drive("time_share", serve=10, steps=10, share=1.0, max_train_microsteps=4)
+    assert order.startswith("mmOm" + "S" + "mOmm" + "S")  # share 1 still lets serving in after 4
+
+
+def test_train_first_bounds_the_training_run_while_requests_wait():
+    order, _ = _drive("train_first", serve=3, steps=4, max_train_microsteps=3)
+    assert order.startswith("mmOS" + "mmOS" + "mmOS")
+    assert order.count("S") == 3 and order.count("O") == 4
+
+
+def test_policy_alone_and_bad_configs():
+    p = Policy(SchedulerConfig("serve_first"))
+    assert p.decide(False, False) == Kind.IDLE
+    assert p.decide(True, False) == Kind.SERVE
+    assert p.decide(False, True) == Policy.TRAIN
+    with pytest.raises(ValueError, match="scheduler.policy"):
+        SchedulerConfig("fastest").validate()
+    with pytest.raises(ValueError, match="scheduler.share"):
+        SchedulerConfig("time_share", share=1.5).validate()
+    with pytest.raises(ValueError, match="max_train_microsteps"):
+        SchedulerConfig(max_train_microsteps=0).validate()
+
+
+def test_config_section_and_overrides():
+    from runtime.jobconfig import ConfigError, load_config
+    from runtime.scheduler import scheduler_config
+
+    cfg = load_config(None, ["scheduler.policy=time_share", "scheduler.share=0.3", "serve.pin_weights=true"])
+    sc = scheduler_config(cfg)
+    assert (sc.policy, sc.share, sc.max_train_microsteps) == ("time_share", 0.3, 8)
+    assert cfg["serve"]["pin_weights"] is True
+    with pytest.raises(ConfigError, match="scheduler.policy"):
+        load_config(None, ["scheduler.policy=nope"])
+    with pytest.raises(ConfigError, match="scheduler.quantum"):
+        load_config(None, ["scheduler.quantum=3"])
+
+
+def test_step_plan_round_trips_through_the_flat_encoding():
+    from runtime.serve.forward import StepPlan
+
+    plan = StepPlan()
+    plan.add([5, 6, 7], 0, [3, 9], 2, True)
+    plan.add([11], 4, [1, 2, 8], 2, True)
+    plan.add([1, 2], 2, [4, 0], 2, False)
+    back = decode_step_plan(encode_step_plan(plan))
+    assert back.to_dict() == plan.to_dict()
+    empty = decode_step_plan(encode_step_plan(StepPlan()))
+    assert len(empty) == 0 and empty.ids == []
