@@ -62,10 +62,13 @@ class ExpertBalancer:
     per optimizer step (after the optimizer, or anywhere between steps: it only touches the biases).
 
     biases: one [E] tensor per MoE layer (the gates' e_score_correction_bias), updated in place.
-    group: the ranks holding copies of these gates whose loads should be summed (None: this process).
+    group: the ranks holding copies of these gates whose loads should be summed (None: this process), or
+    a sequence of groups whose product is that set, reduced one after the other (e.g. `[mesh.group("dp"),
+    mesh.group("tp")]` for the dp x tp ranks of a pipeline stage, for which the Mesh has no single group).
     """
 
-    def __init__(self, biases: Sequence[torch.Tensor], rate: float, group: ProcessGroup | None = None,
+    def __init__(self, biases: Sequence[torch.Tensor], rate: float,
+                 group: ProcessGroup | Sequence[ProcessGroup] | None = None,
                  aux_loss_coef: float = 0.0) -> None:
         if len(biases) == 0:
             raise ValueError("ExpertBalancer needs at least one bias tensor")
@@ -74,7 +77,8 @@ class ExpertBalancer:
             raise ValueError(f"all biases must have the same number of experts, got sizes {sorted(sizes)}")
         self.biases = list(biases)
         self.num_experts = sizes.pop()
-        self.rate, self.group, self.aux_loss_coef = rate, group, aux_loss_coef
+        self.rate, self.aux_loss_coef = rate, aux_loss_coef
+        self.groups = [] if group is None else list(group) if isinstance(group, (list, tuple)) else [group]
         self._records: dict[tuple[int, Hashable], torch.Tensor] = {}
         self._anon = itertools.count()
         self.last_loads: torch.Tensor | None = None  # [L, E] loads of the last step (metrics)
@@ -118,8 +122,9 @@ class ExpertBalancer:
         self._records.clear()
         device = self.biases[0].device
         loads = loads.to(device)
-        if self.group is not None and dist.get_world_size(self.group) > 1:
-            dist.all_reduce(loads, group=self.group)
+        for group in self.groups:
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(loads, group=group)
         loads_f = loads.double()
         direction = torch.sign(loads_f.mean(dim=1, keepdim=True) - loads_f)              # [L, E]
         for bias, d in zip(self.biases, direction, strict=True):

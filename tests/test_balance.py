@@ -115,9 +115,11 @@ def _balance_worker(rank: int, world: int) -> None:
     import torch.distributed as dist
 
     group = dist.new_group(list(range(world)))
+    singles = [dist.new_group([r]) for r in range(world)]
     b0 = torch.linspace(-0.5, 0.5, E)
     biases = [b0.clone(), b0.clone()]
-    bal = ExpertBalancer(biases, 0.125, group)
+    # a sequence of groups whose product is the world (like [dp, tp] of a stage) reduces over all of it
+    bal = ExpertBalancer(biases, 0.125, [singles[rank], group])
     # every rank sees different loads; two micro-batches each
     per_rank = [[[3, 0, 1, 2, 0, 0], [0, 1, 0, 0, 0, 5]], [[0, 0, 4, 0, 2, 0], [1, 1, 1, 1, 1, 1]]]
     for mb in per_rank[rank]:
