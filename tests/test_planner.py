@@ -75,7 +75,7 @@ def test_cost_model_directions():
 
 
 def test_selective_recompute_pays_norms_and_swiglu():
-    """V3 3.3.3: selective recompute re-runs every RMSNorm, the MLA up-projections and the MoE SwiGLU output;
+    """V3 3.2.3 and 3.3.3: selective recompute re-runs every RMSNorm, the MLA up-projections and the MoE SwiGLU output;
     its backward costs more than keeping everything by at least those GEMMs and element-wise passes."""
     cm = CostModel(V3, H800)
     sel = cm.layer(True, Par(tp=1, ep=64, recompute="selective"))

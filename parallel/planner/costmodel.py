@@ -331,9 +331,9 @@ class CostModel:
         u.w += g[2]
         u.b += g[1] + g[2] + 2 * mem + requant
         if par.recompute == "selective":
-            # V3 report 3.3.3: "we recompute all RMSNorm operations" (the attention's is in _attention; this
-            # is the MLP's: read BF16, write FP8 + scales), and "we cache the inputs of the SwiGLU operator and
-            # recompute its output in the backward pass" (read the FP8 2w input, write the FP8 w output)
+            # V3 report 3.2.3: "we recompute all RMSNorm operations" (the attention's is in _attention; this
+            # is the MLP's: read BF16, write FP8 + scales), and 3.3.3: "we cache the inputs of the SwiGLU
+            # operator and recompute its output in the backward pass" (read the FP8 2w input, write FP8 w)
             u.b += self._mem(T * 3 * h / tp + 3 * swiglu_rows, par)
         if tp > 1:
             u.tp_f += 2 * self._tp_collective(T, par)
