@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -178,3 +179,29 @@ def test_info_under_torchrun():
     assert sorted(ranks) == [0, 1, 2]
     assert all(f["launcher"] == "torchrun" and f["world"] == "3" and f["local_rank"] == str(r)
                for r, f in ranks.items())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_launcher_stops_every_rank(sig):
+    """scancel / kill / Ctrl-C on `moerun launch`: every rank stops, non-zero exit, nothing left over."""
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch", "launch", "-n", "2", "--", "selftest", "--size-mb", "0.01",
+         "--iters", "10000000"],
+        env=base_env(MOERUN_TEST_TAG=tag), cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Wait until the ranks exist (their environment carries the tag), then signal the launcher.
+    deadline = time.monotonic() + 60
+    while len(leftover_pids(tag)) < 4 and time.monotonic() < deadline:  # launcher + mpirun + 2 ranks
+        time.sleep(0.2)
+    assert len(leftover_pids(tag)) >= 4, "ranks did not start"
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert time.monotonic() - t0 < 30
+    assert signal.Signals(sig).name in err
+    deadline = time.monotonic() + 10
+    while leftover_pids(tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert leftover_pids(tag) == []

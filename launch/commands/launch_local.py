@@ -101,20 +101,30 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(" ".join(cmd))
         return 0
+    # mpirun runs in its own session so that stopping it reaches every rank it started; our SIGTERM
+    # (scancel, kill) and SIGINT (Ctrl-C) are forwarded to that whole session.
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         code = proc.wait(timeout=args.timeout)
     except subprocess.TimeoutExpired:
         print(f"[moerun] job exceeded --timeout {args.timeout} s; stopping it", file=sys.stderr, flush=True)
         _stop(proc)
         return 124
-    except KeyboardInterrupt:
-        print("[moerun] interrupted; stopping all ranks", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args else signal.SIGINT
+        print(f"[moerun] {signal.Signals(signum).name}: stopping all ranks", file=sys.stderr, flush=True)
         _stop(proc)
-        return 130
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if code != 0:
         print(f"[moerun] job failed: mpirun exited with status {code}", file=sys.stderr, flush=True)
     return 1 if code < 0 else code
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signum)
 
 
 def _stop(proc: subprocess.Popen) -> None:
