@@ -38,6 +38,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0, "seed": 0,
         "global_batch": 8, "aux_loss_coef": 1e-4, "bias_update_rate": 1e-3, "mtp_loss_coef": 0.3,
         "out": "runs/default", "save_every": 0, "resume": True,
+        "fp8": False,  # extension (docs/training.md): the FP8 training recipe of ops/fp8_train.py
     },
     "data": {"path": "builtin:tinytext", "seq_len": 256, "shuffle": True},
     "serve": {

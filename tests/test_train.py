@@ -118,3 +118,17 @@ def test_bad_token_ids_name_the_problem(tmp_path):
     cfg = tiny_config(tmp_path, data=str(tmp_path / "big.npy"), steps=1)
     with pytest.raises(ValueError, match="out of range"):
         Trainer(cfg).fit()
+
+
+def test_fp8_recipe_trains_close_to_fp32(tmp_path):
+    """train.fp8 = true swaps in ops.fp8_train's FP8 linears/experts; the first loss stays near fp32's."""
+    base = tiny_config(tmp_path / "fp32", steps=2)
+    Trainer(base).fit()
+    cfg = tiny_config(tmp_path / "fp8", steps=2, fp8=True)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    assert type(trainer.model.model.layers[0].self_attn.q_a_proj).__name__ == "Fp8Linear"
+    ref = read_metrics(str(tmp_path / "fp32"))
+    got = read_metrics(str(tmp_path / "fp8"))
+    assert all(math.isfinite(r["loss"]) for r in got)
+    assert abs(got[0]["loss"] - ref[0]["loss"]) < 0.02 * ref[0]["loss"]
