@@ -122,9 +122,9 @@ def test_bad_token_ids_name_the_problem(tmp_path):
 
 def test_fp8_recipe_trains_close_to_fp32(tmp_path):
     """train.fp8 = true swaps in ops.fp8_train's FP8 linears/experts; the first loss stays near fp32's."""
-    base = tiny_config(tmp_path / "fp32", steps=2)
+    base = tiny_config(tmp_path / "fp32", steps=1)
     Trainer(base).fit()
-    cfg = tiny_config(tmp_path / "fp8", steps=2, fp8=True)
+    cfg = tiny_config(tmp_path / "fp8", steps=1, fp8=True)
     trainer = Trainer(cfg)
     trainer.fit()
     assert type(trainer.model.model.layers[0].self_attn.q_a_proj).__name__ == "Fp8Linear"
