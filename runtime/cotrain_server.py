@@ -121,6 +121,8 @@ class CoServer(Server):
                         self._handle(parts)
                 if busy or self.engine.has_work():
                     self._sched_step()
+                else:
+                    sched.keepalive()
         finally:
             sched.stop()
             self.sock.close(0)
@@ -215,7 +217,7 @@ def add_train_flag(parser) -> None:
 
 
 def serve_with_training(config: dict, mesh=None, *, bind: str | None = None, tokenizer=None,
-                        info: dict | None = None, ready=None) -> int:
+                        info: dict | None = None, max_frame_bytes: int = 1 << 20, ready=None) -> int:
     """Build trainer + engine on one copy of the weights, then serve (driver) or follow (other ranks)."""
     from runtime.cotrain import TrainWork
     from runtime.scheduler import Scheduler, scheduler_config
@@ -240,7 +242,13 @@ def serve_with_training(config: dict, mesh=None, *, bind: str | None = None, tok
             pass
         return 0
     server = CoServer(sched, bind=bind or sv["bind"], max_queue=sv["max_queue"], tokenizer=tokenizer,
-                      info=info)
+                      info=info, max_frame_bytes=max_frame_bytes)
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: server._stop.set())
     print(f"moerun serve --train: listening on {server.endpoint}, policy {sched.policy.cfg.policy}, "
           f"{work.job_left} job steps", flush=True)
     if ready is not None:

@@ -167,6 +167,7 @@ class Scheduler:
         self.is_driver = group is None or rank == src
         self.stats = StepStats()
         self._plan_sent = False
+        self._last_bcast = time.monotonic()
         if group is not None and engine is not None and self.is_driver:
             engine.plan_hook = self._send_plan
 
@@ -181,6 +182,7 @@ class Scheduler:
     def _header(self, kind: Kind, *args: int) -> list[int]:
         import torch
 
+        self._last_bcast = time.monotonic()
         vals = [int(kind), *args] + [0] * (HEADER_LEN - 1 - len(args))
         t = torch.tensor(vals, dtype=torch.int64, device=self.device)
         return self._bcast(t).tolist()
@@ -205,7 +207,11 @@ class Scheduler:
     def step(self) -> tuple[Kind, list]:
         """Decide, broadcast and run one step; (kind, serving outputs). IDLE runs nothing on any rank."""
         train_kind = self._train_ready()
-        kind = self.policy.decide(self.engine.has_work(), train_kind is not None)
+        if train_kind == Kind.OPTIM and self.weights.drained:
+            kind = Policy.TRAIN  # pinned: the update that requests were drained for, before new ones start
+            self.weights.drained = False
+        else:
+            kind = self.policy.decide(self.engine.has_work(), train_kind is not None)
         if kind == Policy.TRAIN:
             kind = train_kind
         t0 = time.perf_counter()
@@ -234,6 +240,12 @@ class Scheduler:
             self.stats.add(kind, time.perf_counter() - t0)
             self._publish()
         return kind, outputs
+
+    def keepalive(self, every_s: float = 5.0) -> None:
+        """Driver, while idle: an IDLE header every `every_s` seconds, so the other ranks' waiting
+        broadcast never reaches the collective timeout."""
+        if self.group is not None and self.is_driver and time.monotonic() - self._last_bcast > every_s:
+            self._header(Kind.IDLE)
 
     def stop(self) -> None:
         """Tell the other ranks to leave `follow()`."""

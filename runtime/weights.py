@@ -47,6 +47,7 @@ class WeightVersions:
         self.engine = engine
         self.pin = pin
         self._cap: int | None = None  # the engine's max_batch while a pinned drain holds admission
+        self.drained = False  # a drain just ended: its optimizer step goes first
 
     def bump(self) -> int:
         """Call right after an optimizer step wrote the weights."""
@@ -67,6 +68,7 @@ class WeightVersions:
             return True
         n = self.blockers()
         if n == 0:
+            self.drained = self._cap is not None  # the step a drain waited for runs next, before new work
             self.release()
             return True
         if self._cap is None:

@@ -167,3 +167,61 @@ def test_step_plan_round_trips_through_the_flat_encoding():
     assert back.to_dict() == plan.to_dict()
     empty = decode_step_plan(encode_step_plan(StepPlan()))
     assert len(empty) == 0 and empty.ids == []
+
+
+class FakeRequest:
+    def __init__(self, steps: int) -> None:
+        self.left, self.output, self.versions = steps, [], []
+
+
+class BatchingEngine(FakeEngine):
+    """Admits waiting requests up to max_batch; each running request emits one token per step."""
+
+    def __init__(self, log: list, weights_ref: list) -> None:
+        super().__init__(log)
+        self.weights_ref = weights_ref
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def step(self) -> list:
+        while self.waiting and len(self.running) < self.max_batch:
+            self.running.append(self.waiting.pop(0))
+        self.log.append("S")
+        for r in list(self.running):
+            r.output.append(0)
+            r.versions.append(self.weights_ref[0].version)
+            r.left -= 1
+            if r.left == 0:
+                self.running.remove(r)
+        return []
+
+
+def test_pinned_update_drains_started_requests_then_runs_before_new_ones():
+    from runtime.weights import WeightVersions
+
+    log: list = []
+    ref: list = []
+    eng = BatchingEngine(log, ref)
+    first = [FakeRequest(3), FakeRequest(4)]
+    eng.waiting = list(first)
+    weights = WeightVersions(eng, pin=True)
+    ref.append(weights)
+    work = FakeWork(log, steps=2)
+    queued, work.queue = work.queue, []
+    sched = Scheduler(eng, work, SchedulerConfig("train_first", max_train_microsteps=4), weights)
+    sched.step()  # S: both start on version 0; then the training job arrives
+    work.queue = queued
+    late = [FakeRequest(2), FakeRequest(2)]
+    eng.waiting += late  # arrive while the first two run
+    for _ in range(40):
+        if sched.step()[0] == Kind.IDLE:
+            break
+    for r in first + late:
+        assert len(set(r.versions)) == 1, r.versions  # each request saw one version
+    assert first[0].versions[0] == first[1].versions[0] == 0
+    assert late[0].versions[0] == late[1].versions[0] == 2  # not started before the updates: they wait
+    assert eng.max_batch == 8 and weights._cap is None  # admission restored
+    assert weights.version == 2 and eng.cache.prefix.clears == 2
+    # micro-steps go on while the update waits for the two started requests (3 more serving steps)
+    assert "".join(log) == "S" + "mm" + "SSS" + "O" + "mmO" + "SS"

@@ -1,0 +1,188 @@
+"""One copy of the weights served and trained through ZeroMQ: train op == offline update, token versions,
+pinning, no second copy. Single process, real sockets on loopback (port chosen by the OS)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_helpers import tiny_config
+
+from runtime.client import Client, ServerError
+
+GEN = dict(max_tokens=10, ignore_eos=True)
+
+
+def _stack(tmp_path, job_steps: int = 0, policy: str = "serve_first", pin: bool = False, **train):
+    from runtime.cotrain import TrainWork
+    from runtime.scheduler import Scheduler, SchedulerConfig
+    from runtime.serve import Engine
+    from runtime.train.trainer import Trainer
+    from runtime.weights import WeightVersions
+
+    cfg = tiny_config(tmp_path, **{"lr": 3e-3, "warmup_steps": 0, **train})
+    trainer = Trainer(cfg)
+    engine = Engine(trainer.model, max_batch=8, max_model_len=128, max_prefill_tokens=32, page_size=8,
+                    kv_cache_tokens=512)
+    work = TrainWork(trainer, job_steps=job_steps)
+    sched = Scheduler(engine, work, SchedulerConfig(policy, share=0.5, max_train_microsteps=4),
+                      WeightVersions(engine, pin=pin))
+    return cfg, trainer, engine, work, sched
+
+
+def _server(sched):
+    from runtime.cotrain_server import CoServer
+
+    return CoServer(sched, bind="tcp://127.0.0.1:*").start()
+
+
+def _rollout_op(vocab: int) -> dict:
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (12, 9, 12, 7)]
+    mask = [[0] * 4 + [1] * (len(r) - 4) for r in rows]
+    old = [[float(-5.0 + 0.1 * j) for j in range(len(r))] for r in rows]
+    return dict(input_ids=rows, loss_mask=mask, advantages=[1.0, -0.5, 0.25, -0.75], old_logprobs=old,
+                loss="grpo")
+
+
+def _greedy(model, prompt: list[int], n: int) -> list[int]:
+    from runtime.serve import Engine, SamplingParams
+
+    eng = Engine(model, max_batch=2, max_model_len=128, max_prefill_tokens=32, page_size=8, kv_cache_tokens=256)
+    eng.add_request("g", prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+    out: list[int] = []
+    while eng.has_work():
+        for o in eng.step():
+            out += o.ids
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_train_op_then_greedy_equals_an_offline_copy_given_the_same_update(tmp_path):
+    from runtime.cotrain import TrainWork
+    from runtime.rl import RLBatch
+    from runtime.train.trainer import Trainer
+
+    cfg, trainer, engine, work, sched = _stack(tmp_path / "a")
+    srv = _server(sched)
+    prompt = [3, 14, 15, 92, 65]
+    op = _rollout_op(engine.vocab_size)
+    try:
+        with Client(srv.endpoint, timeout=60) as c:
+            before = c.generate(prompt_ids=prompt, **GEN)
+            r1 = c.request("train", **op, optimizer_step=False)  # accumulate, no update yet
+            r2 = c.request("train", input_ids=op["input_ids"][:2], loss="ce")  # then update
+            after = c.generate(prompt_ids=prompt, **GEN)
+            m = c.metrics()["metrics"]
+    finally:
+        srv.stop()
+    assert before["weight_version"] == 0 and set(before["weight_versions"]) == {0}
+    assert r1["op"] == "trained" and r1["weight_version"] == 0 and r1["step"] == 0
+    assert r1["tokens"] == sum(len(r) - 4 for r in op["input_ids"])
+    assert r2["weight_version"] == 1 and r2["step"] == 1 and r2["tokens"] == 12 + 9 - 2
+    assert after["weight_version"] == 1 and set(after["weight_versions"]) == {1}
+    assert m["weight_version"] == 1 and m["train_optimizer_steps"] == 1 and m["scheduler_optim_steps"] == 1
+
+    # offline: a fresh copy, the same two ops applied directly (no server, no scheduler)
+    ref = Trainer(cfg)
+    ref_work = TrainWork(ref)
+    got: list[dict] = []
+    ref_work.submit(RLBatch.from_lists(op["input_ids"], op["loss_mask"], op["advantages"],
+                                       op["old_logprobs"], "grpo"), False, got.append)
+    ref_work.submit(RLBatch.from_lists(op["input_ids"][:2]), True, got.append)
+    while ref_work.queue:
+        item = ref_work.pop()
+        (ref_work.run_micro if item.kind.name == "TRAIN_MICRO" else ref_work.run_optim)(item)
+    assert abs(got[0]["loss"] - r1["loss"]) < 1e-6 and abs(got[1]["loss"] - r2["loss"]) < 1e-6
+    for (n, p), (n2, q) in zip(trainer.model.named_parameters(), ref.model.named_parameters()):
+        assert n == n2 and torch.equal(p, q), n
+    assert _greedy(ref.model, prompt, GEN["max_tokens"]) == after["ids"]
+    changed = any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), Trainer(cfg).model.parameters()))
+    assert changed
+
+
+@pytest.mark.timeout(120)
+def test_train_op_errors_follow_the_protocol(tmp_path):
+    _, _, engine, _, sched = _stack(tmp_path)
+    srv = _server(sched)
+    ok = [[1, 2, 3]]
+    bad = [
+        (dict(input_ids=ok, loss="grpo"), "bad_request", "needs advantages"),
+        (dict(input_ids=ok, advantages=[1.0]), "bad_request", "only to loss 'grpo'"),
+        (dict(input_ids=[[1]]), "bad_request", "at least 2"),
+        (dict(input_ids=[[1, 2, engine.vocab_size]]), "bad_request", "outside"),
+        (dict(input_ids=ok, loss_mask=[[1, 0]]), "bad_request", "loss_mask[0] has 2 entries"),
+        (dict(input_ids=ok, loss_mask=[[1, 0, 0]]), "bad_request", "no target token"),
+        (dict(input_ids=ok, loss="grpo", advantages=[1.0], old_logprobs=[[0.0, float("nan"), 0.0]]),
+         "bad_request", "finite"),
+        (dict(input_ids=ok, loss="kl"), "bad_request", "'ce' or 'grpo'"),
+        (dict(input_ids=ok, optimizer_step=1), "bad_request", "true or false"),
+        (dict(input_ids=ok, lr=1.0), "bad_request", "unknown field"),
+        (dict(input_ids=[[1] * 129]), "too_long", "max_model_len"),
+    ]
+    try:
+        with Client(srv.endpoint, timeout=60) as c:
+            for fields, code, text in bad:
+                with pytest.raises(ServerError) as e:
+                    c.request("train", **fields)
+                assert e.value.code == code and text in str(e.value), (fields, e.value)
+            assert c.request("train", input_ids=ok)["weight_version"] == 1  # still serving and training
+            c.send({"op": "train", "input_ids": ok})  # no id: an error without an id
+            reply = c.recv(None)
+            assert reply["op"] == "error" and "needs an 'id'" in reply["message"]
+    finally:
+        srv.stop()
+
+
+@pytest.mark.timeout(120)
+def test_server_without_training_rejects_train_ops(tmp_path):
+    from runtime.cotrain_server import CoServer
+    from runtime.loading import load_model
+    from runtime.scheduler import Scheduler
+    from runtime.serve import Engine
+
+    eng = Engine(load_model("builtin:tiny", mtp=False), max_batch=2, max_model_len=64, page_size=8,
+                 kv_cache_tokens=128)
+    srv = CoServer(Scheduler(eng), bind="tcp://127.0.0.1:*").start()
+    try:
+        with Client(srv.endpoint, timeout=60) as c:
+            with pytest.raises(ServerError, match="--train"):
+                c.request("train", input_ids=[[1, 2, 3]])
+            assert c.generate(prompt_ids=[1, 2], max_tokens=3)["weight_version"] == 0
+    finally:
+        srv.stop()
+
+
+def _versions_of_one_request(tmp_path, pin: bool) -> tuple[list[int], int]:
+    _, trainer, _, work, sched = _stack(tmp_path, job_steps=10_000, policy="time_share", pin=pin)
+    srv = _server(sched)
+    try:
+        with Client(srv.endpoint, timeout=60) as c:
+            done = c.generate(prompt_ids=[5, 6, 7, 8], max_tokens=24, ignore_eos=True)
+            after = c.generate(prompt_ids=[5, 6], max_tokens=2, ignore_eos=True)
+    finally:
+        srv.stop()
+    assert len(done["weight_versions"]) == 24 and done["weight_version"] == done["weight_versions"][-1]
+    return done["weight_versions"], after["weight_versions"][0]
+
+
+@pytest.mark.timeout(180)
+def test_token_versions_never_decrease_and_pinning_keeps_one(tmp_path):
+    v, _ = _versions_of_one_request(tmp_path / "free", pin=False)
+    assert v == sorted(v) and v[-1] > v[0], v  # training progressed during the request, versions rose
+    v, later = _versions_of_one_request(tmp_path / "pin", pin=True)
+    assert len(set(v)) == 1, v  # pinned: the request saw one version
+    assert later > v[0]  # and training went on after it
+
+
+def test_no_second_copy_of_the_weights(tmp_path):
+    from runtime.train.trainer import Trainer
+    from runtime.weights import param_bytes, param_storages
+
+    cfg = tiny_config(tmp_path)
+    alone = param_bytes(Trainer(cfg).model)
+    _, trainer, engine, work, sched = _stack(tmp_path, lr=1e-3, warmup_steps=2)
+    assert engine.model is trainer.model is work.model
+    assert param_storages(engine.model) == param_storages(trainer.model)
+    assert param_bytes(engine.model) == param_bytes(trainer.model) == alone
+    reachable = {id(m) for m in (engine.model, work.model, sched.engine.model, trainer.model)}
+    assert len(reachable) == 1
