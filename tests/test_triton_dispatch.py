@@ -56,6 +56,7 @@ def test_autograd_calls_take_the_torch_path(monkeypatch):
     assert x.grad is not None
 
 
+@pytest.mark.timeout(150)
 def test_cpu_user_never_imports_triton():
     code = (
         "import sys, torch\n"

@@ -23,6 +23,8 @@ import triton.language as tl
 from ops.paged_attention import check_decode_args
 from ops.triton.common import check_device, dot_precision
 
+MAX_SPLITS = 64  # the reduction holds all splits of one (sequence, head) in one block
+
 
 @triton.jit
 def _split_kernel(
@@ -82,24 +84,24 @@ def _split_kernel(
 @triton.jit
 def _reduce_kernel(
     o_ptr, lse_ptr, out_ptr, n_splits, R, s_ob, s_oh, s_os, s_lb, s_lh, s_outb, s_outh,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
+    offs_s = tl.arange(0, BLOCK_S)
     mr = offs_r < R
-    m = float("-inf")
-    for s in range(0, n_splits):
-        m = tl.maximum(m, tl.load(lse_ptr + b * s_lb + h * s_lh + s))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    total = 0.0
-    acc = tl.zeros([BLOCK_R], tl.float32)
-    for s in range(0, n_splits):
-        w = tl.exp(tl.load(lse_ptr + b * s_lb + h * s_lh + s) - m_safe)
-        o = tl.load(o_ptr + b * s_ob + h * s_oh + s * s_os + offs_r, mask=mr, other=0.0)
-        acc += w * o
-        total += w
-    out = acc / tl.where(total > 0, total, 1.0)
+    ms = offs_s < n_splits
+    # All splits' log-sum-exps at once (no loop-carried scalars); empty splits hold -inf.
+    lse = tl.load(lse_ptr + b * s_lb + h * s_lh + offs_s, mask=ms, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))  # [BLOCK_S], 0 for empty splits
+    o = tl.load(
+        o_ptr + b * s_ob + h * s_oh + offs_s[:, None] * s_os + offs_r[None, :], mask=ms[:, None] & mr[None, :],
+        other=0.0,
+    )
+    total = tl.sum(w, axis=0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b * s_outb + h * s_outh + offs_r, out.to(out_ptr.dtype.element_ty), mask=mr)
 
 
@@ -142,8 +144,8 @@ def mla_decode_paged(
     tiles = triton.cdiv(max_seq_len, block_n)
     if num_splits is None:
         sms = torch.cuda.get_device_properties(q_latent.device).multi_processor_count if q_latent.is_cuda else 4
-        num_splits = max(1, min(tiles, triton.cdiv(2 * sms, b * head_blocks), 64))
-    num_splits = max(1, min(num_splits, tiles))
+        num_splits = max(1, min(tiles, triton.cdiv(2 * sms, b * head_blocks), MAX_SPLITS))
+    num_splits = max(1, min(num_splits, tiles, MAX_SPLITS))
     chunk = triton.cdiv(tiles, num_splits) * block_n
     num_splits = triton.cdiv(max_seq_len, chunk)
     o_part = torch.empty(b, h, num_splits, r, dtype=torch.float32, device=q_latent.device)
@@ -161,5 +163,6 @@ def mla_decode_paged(
     _reduce_kernel[(b, h)](
         o_part, lse, out, num_splits, r, o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), BLOCK_R=block_r,
+        BLOCK_S=triton.next_power_of_2(num_splits),
     )
     return out
