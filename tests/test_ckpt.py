@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from launchers import base_env, moerun
+from launchers import moerun
 from train_helpers import hf_tiny, tiny_config
 
 from runtime.train import checkpoint as ckpt
@@ -30,29 +30,42 @@ def _toml(cfg: dict, path) -> str:
     return str(path)
 
 
+def _fit_in_child(cfg: dict, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    Trainer(cfg, resume_from=resume_path(cfg), log=lambda m: None).fit()
+
+
+def _forked_run(cfg: dict, **env: str) -> int:
+    """A training run in a forked child (no second torch start-up); its exit code."""
+    import multiprocessing
+
+    p = multiprocessing.get_context("fork").Process(target=_fit_in_child, args=(cfg, env))
+    p.start()
+    p.join(120)
+    return p.exitcode
+
+
 @pytest.mark.timeout(240)
 def test_kill_and_torn_checkpoint_resume_exactly(tmp_path):
     ref_cfg = tiny_config(tmp_path / "ref", save_every=5, aux_loss_coef=1e-3, bias_update_rate=1e-3,
                           mtp_loss_coef=0.3)
-    Trainer(ref_cfg).fit()
+    Trainer(ref_cfg, log=lambda m: None).fit()
     ref = {r["step"]: r["loss"] for r in read_metrics(ref_cfg["train"]["out"])}
 
     cfg = dict(ref_cfg, train=dict(ref_cfg["train"], out=str(tmp_path / "run")))
-    toml = _toml(cfg, tmp_path / "job.toml")
     out = cfg["train"]["out"]
     # 1. killed right after step 7 (the step-5 checkpoint exists; steps 6, 7 are lost)
-    r = moerun(["train", toml], env=base_env(MOERUN_TEST_EXIT_AFTER_STEP="7"))
-    assert r.returncode != 0, r.stdout + r.stderr
+    assert _forked_run(cfg, MOERUN_TEST_EXIT_AFTER_STEP="7") == 19
     assert ckpt.latest_checkpoint(out).endswith("step-5")
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 8))
     # 2. resumed, and killed in the middle of writing the step-10 checkpoint
-    r = moerun(["train", toml], env=base_env(MOERUN_TEST_CRASH_IN_CKPT="10"))
-    assert r.returncode != 0 and "resumed from" in r.stdout, r.stdout + r.stderr
+    assert _forked_run(cfg, MOERUN_TEST_CRASH_IN_CKPT="10") == 17
     root = os.path.join(out, "ckpt")
     assert os.path.isdir(os.path.join(root, ".tmp-step-10")) and not os.path.exists(os.path.join(root, "step-10"))
     assert open(os.path.join(root, "latest")).read().strip() == "step-5"
     assert ckpt.latest_checkpoint(out).endswith("step-5")
-    # 3. resumed again: from step 5, steps 6..10 equal the uninterrupted run
-    r = moerun(["train", toml])
+    # 3. resumed again, through the CLI: from step 5, steps 6..10 equal the uninterrupted run
+    r = moerun(["train", _toml(cfg, tmp_path / "job.toml")])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resumed from" in r.stdout and "step-5" in r.stdout
     rows = read_metrics(out)
@@ -96,8 +109,9 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, model):
         cfg["data"]["path"] = token_file(tmp_path, 96)
     trainer = Trainer(cfg)
     trainer.fit()
-    r = moerun(["ckpt", "export", cfg["train"]["out"], "--out", str(tmp_path / "export")])
-    assert r.returncode == 0, r.stderr
+    from launch.cli import main
+
+    assert main(["ckpt", "export", cfg["train"]["out"], "--out", str(tmp_path / "export")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), attn_implementation="eager").eval()
     ids = torch.randint(0, trainer.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -110,10 +124,12 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, model):
     torch.testing.assert_close(again.logits(ids), ours, atol=1e-6, rtol=1e-6)
 
 
-def test_ckpt_cli_info_and_errors(tmp_path):
+def test_ckpt_cli_info_and_errors(tmp_path, capsys):
+    from launch.cli import main
+
     cfg = tiny_config(tmp_path, steps=1, save_every=1)
     Trainer(cfg).fit()
-    r = moerun(["ckpt", "info", str(tmp_path)])
-    assert r.returncode == 0 and '"step": 1' in r.stdout, r.stderr
-    r = moerun(["ckpt", "export", str(tmp_path / "nothing")])
-    assert r.returncode != 0 and "no complete checkpoint" in r.stderr
+    assert main(["ckpt", "info", str(tmp_path)]) == 0
+    assert '"step": 1' in capsys.readouterr().out
+    assert main(["ckpt", "export", str(tmp_path / "nothing")]) != 0
+    assert "no complete checkpoint" in capsys.readouterr().err
