@@ -45,8 +45,9 @@ def load_model(
 ) -> DeepseekModel:
     """Load an HF-format model directory (config.json + safetensors) or `builtin:tiny` (seeded init).
 
-    `mesh` is the parallel layout (None: single process, the whole model here). Sharding by mesh is done by
-    the parallel layer (parallel/), which passes a `select` hook to the checkpoint loader; see docs/model.md.
+    `mesh` is the parallel layout (None: single process, the whole model here). Under tp/ep > 1 the model is
+    built on the meta device, its layers replaced by their TP/EP shards (`parallel.shard.parallelize`), and
+    each rank reads only its slices and experts of every checkpoint tensor (`sharded_select`).
     """
     from runtime.builtin import builtin_config, init_weights
     from runtime.checkpoint import load_checkpoint
@@ -56,24 +57,40 @@ def load_model(
         if dtype is None:
             raise ValueError("dtype must be one of float32, bfloat16, float16")
     dtype = dtype or torch.float32
-    if mesh is not None and any(mesh.size(d) > 1 for d in ("tp", "pp", "ep")):
+    if mesh is not None and mesh.size("pp") > 1:
         raise NotImplementedError(
-            "sharding by mesh (tp/pp/ep > 1) is done by the parallel layer (parallel/); "
-            "this loader builds the whole model (mesh=None or tp=pp=ep=1)"
+            "load_model builds whole-model or TP/EP shards; pipeline stages (pp > 1) are built by "
+            "parallel.pipeline.stages from a loaded model"
         )
-    device = device or "cpu"
+    device = device or (str(mesh.device) if mesh is not None else "cpu")
+    tp_group = mesh.group("tp") if mesh is not None and mesh.size("tp") > 1 else None
+    ep_group = mesh.group("ep") if mesh is not None and mesh.size("ep") > 1 else None
     if path.startswith("builtin:"):
         cfg = builtin_config(path)
         model = build_model(cfg, torch.float32, "cpu", mtp=mtp)
-        init_weights(model, seed)
+        init_weights(model, seed)  # seeded init of the whole model: every layout gets the same weights
         model = model.to(device=device, dtype=dtype)
         _fp32_router_bias(model)
+        if tp_group is not None or ep_group is not None:
+            from parallel.shard import parallelize
+
+            parallelize(model, tp_group, ep_group)
         return model.eval()
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"model path {path!r} is not a directory (expected an HF model dir or builtin:tiny)"
         )
     cfg = ModelConfig.from_file(path)
-    model = build_model(cfg, dtype, device, mtp=mtp)
-    load_checkpoint(model, path, select=select)
+    if tp_group is None and ep_group is None:
+        model = build_model(cfg, dtype, device, mtp=mtp)
+        load_checkpoint(model, path, select=select)
+        return model.eval()
+    # Sharded: build on meta, swap in the TP/EP layers, then read only this rank's slices and experts.
+    from parallel.shard import parallelize, sharded_select
+
+    model = build_model(cfg, dtype, device, mtp=mtp, materialize=False)
+    parallelize(model, tp_group, ep_group)
+    model = model.to_empty(device=device)
+    _fp32_router_bias(model)
+    load_checkpoint(model, path, select=select or sharded_select(model))
     return model.eval()
