@@ -3,7 +3,7 @@ compute (DualPipe's overlapped F&B).
 
 A stage's forward is cut at every expert-parallel all-to-all into *compute segments* and *comm nodes*:
 
-    [embed] attention+gate | dispatch | experts | combine | shared experts+residual, next attention+gate | ...
+    [embed] attention+gate | dispatch | experts | combine (shared experts meanwhile) | residual, next attention ...
 
 Each compute segment runs under autograd on detached copies of its inputs (its "leaves"), so its backward
 is one `torch.autograd.backward` that stops at the segment boundary. Comm nodes are not autograd nodes:
@@ -168,33 +168,44 @@ class DispatchNode:
 
 
 class CombineNode:
-    """state (h, x, y) -> (h, x, routed [N, H]); backward sends token gradients out to the expert rows."""
+    """state (h, x, y) -> (h, x, routed [N, H], shared(x)); backward sends token gradients out to the expert
+    rows. The shared experts of the same micro-batch run while the combine (and its backward) travels."""
 
-    def __init__(self, dnode: DispatchNode, link) -> None:
-        self.d, self.link = dnode, link
+    def __init__(self, dnode: DispatchNode, link, shared, aux_scale: float) -> None:
+        self.d, self.link, self.shared, self.aux_scale = dnode, link, shared, aux_scale
+        self.segments: list[Segment] = []
 
-    def start(self, y: torch.Tensor) -> None:
+    def start(self, y: torch.Tensor, x: torch.Tensor) -> None:
         self.ch = ep_ops.combine_async(y.detach(), self.d.handle)
         if self.link is not None:
             h = self.d.handle
             self.link.wrap_works(self.ch._works, _off_rank_bytes(
                 h.recv_counts, h.send_counts, self.d.me, y.shape[-1] * y.element_size()))
+        self.shared_out = None
+        if self.shared is not None:
+            seg = Segment(lambda xn: ((self.shared(xn),), []), (x,), self.aux_scale)
+            self.segments = [seg]
+            self.shared_out = seg.outs[0]
 
-    def finish(self) -> torch.Tensor:
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.ch.wait()
         self.ch = None
-        return out
+        return out, self.shared_out
 
-    def start_backward(self, grads: tuple) -> None:
-        g_h, g_x, g_routed = grads
+    def start_backward(self, grads: tuple, split: bool = False) -> None:
+        g_h, g_x, g_routed, g_shared = grads
         h = self.d.handle
-        self.saved = (g_h, g_x)
         send = g_routed.reshape(-1, g_routed.shape[-1]).index_select(0, h.send_token_idx)
         self.back, work = _a2a_async(send, h.recv_counts, h.send_counts, self.d.group)
         self.works = [work]
         if self.link is not None:
             self.link.wrap_works(self.works, _off_rank_bytes(
                 h.send_counts, h.recv_counts, self.d.me, send.shape[-1] * send.element_size()))
+        if self.segments and g_shared is not None:
+            (g_xs,) = self.segments[0].backward((g_shared,), split)
+            if g_xs is not None:
+                g_x = g_xs if g_x is None else g_x + g_xs
+        self.saved = (g_h, g_x)
 
     def finish_backward(self) -> tuple:
         for work, _ in self.works:
@@ -276,13 +287,13 @@ def stage_forward(stage, x: torch.Tensor, labels: torch.Tensor | None, loss_scal
         pending.append(lambda h1, xn, r, rw, layer=layer, tpe=tpe:
                        ((h1, xn, layer.expert_phase(r, _Rows(tpe, rw))), []))
         flush()
-        cnode = CombineNode(dnode, link)
-        cnode.start(state[2])
+        cnode = CombineNode(dnode, link, layer.mlp.shared_experts, aux_scale)
+        cnode.start(state[2], state[1])
         yield
-        routed = cnode.finish()
+        routed, shared_out = cnode.finish()
         tape.append(cnode)
-        state = (state[0], state[1], routed)
-        pending.append(lambda h1, xn, r, layer=layer: ((layer.finish_phase(h1, xn, r),), []))
+        state = (state[0], state[1], routed, shared_out)
+        pending.append(lambda h1, xn, r, sh: ((h1 + (r.view_as(xn) if sh is None else r.view_as(xn) + sh),), []))
     if stage.is_last:
         def head(h):
             logits = stage.lm_head(stage.norm(h)).float()
@@ -302,7 +313,7 @@ def stage_backward(tape: list, grad_out: torch.Tensor, split: bool = False) -> P
         if isinstance(node, Segment):
             grads = node.backward(grads, split)
         else:
-            node.start_backward(grads)
+            node.start_backward(grads, split) if isinstance(node, CombineNode) else node.start_backward(grads)
             yield
             grads = node.finish_backward()
     return grads[0]
@@ -311,8 +322,8 @@ def stage_backward(tape: list, grad_out: torch.Tensor, split: bool = False) -> P
 def stage_weight_backward(tape: list, params: list[torch.nn.Parameter]) -> None:
     """The deferred W of a split backward: parameter gradients of every segment."""
     for node in reversed(tape):
-        if isinstance(node, Segment):
-            node.backward_weights(params)
+        for seg in [node] if isinstance(node, Segment) else getattr(node, "segments", []):
+            seg.backward_weights(params)
 
 
 def run(gen: Phases):

@@ -1,0 +1,132 @@
+"""How much EP all-to-all time does a pipeline schedule hide? 1F1B vs DualPipeV on 4 CPU ranks (pp=2 x ep=2).
+
+    mpirun -np 4 --oversubscribe python bench/pipeline_overlap.py [--chunks 8] [--ratio 1.0] [--steps 3]
+
+A tiny MLA/MoE model (8 MoE layers, 2 per stage for both schedules) is split into pipeline stages; each schedule's
+training step is timed with no link emulation (t_nolink), then with `parallel.emulate_link` set (t_link).
+The link bandwidth is calibrated once so that the all-to-all time a rank issues per step (t_comm, the link's
+own count) is `--ratio` x the rank's compute (DualPipeV's no-link step time, which has little bubble): ~1:1
+by default. The fraction of all-to-all time hidden is
+
+    hidden = 1 - (t_link - t_nolink) / t_comm
+
+(1: all transfers ran under compute; 0: each one added its full time to the step). Step times are the
+slowest rank's, the median of --steps runs after one warm-up. Compute runs on the ranks' CPU threads
+(OMP_NUM_THREADS=1); the delay runs on the link's clock (parallel/link.py), so it does not need free cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def build_model(hidden: int, layers: int, seed: int = 0):
+    from runtime.builtin import init_weights
+    from runtime.config import builtin_tiny_config
+    from runtime.loading import build_model as build
+
+    cfg = dataclasses.replace(builtin_tiny_config(), hidden_size=hidden, intermediate_size=2 * hidden,
+                              moe_intermediate_size=hidden, num_hidden_layers=layers, n_routed_experts=8,
+                              n_group=4, topk_group=2, num_experts_per_tok=4, q_lora_rank=hidden // 2,
+                              first_k_dense_replace=0, kv_lora_rank=hidden // 2, num_nextn_predict_layers=0)
+    model = build(cfg, mtp=False)
+    init_weights(model, seed=seed, std=0.05)
+    return model.train()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--chunks", type=int, default=16, help="micro-batches per step (>= 2*pp for dualpipev)")
+    ap.add_argument("--ratio", type=float, default=1.0, help="target all-to-all : compute time")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--latency-us", type=float, default=50.0)
+    args = ap.parse_args()
+
+    import torch
+    import torch.distributed as dist
+
+    import cluster
+    from parallel.link import EmulatedLink
+    from parallel.pipeline import build
+    from parallel.pipeline.executor import PipelineExecutor
+    from parallel.pipeline.stages import build_stages
+    from parallel.shard import parallelize
+
+    torch.set_num_threads(1)
+    with cluster.init(pp=2, ep=2) as mesh:
+        base = build_model(args.hidden, args.layers)
+        vocab = base.config.vocab_size
+        g = torch.Generator().manual_seed(1)
+        mbs = [(torch.randint(0, vocab, (args.batch, args.seq), generator=g),
+                torch.randint(0, vocab, (args.batch, args.seq), generator=g)) for _ in range(args.chunks)]
+        runners = {}
+        for kind in ("1f1b", "dualpipev"):
+            sched = build(kind, 2, args.chunks)
+            model = parallelize(copy.deepcopy(base), None, mesh.group("ep"))
+            runners[kind] = PipelineExecutor(build_stages(model, sched, mesh.coord("pp")), sched, mesh)
+
+        def timed(ex: PipelineExecutor, link: EmulatedLink | None) -> tuple[float, float]:
+            ex.link = link
+            times, comm, exposed = [], [], []
+            for i in range(args.steps + 1):
+                for s in ex.stages.values():
+                    s.zero_grad(set_to_none=True)
+                if link is not None:
+                    link.reset_counters()
+                dist.barrier()
+                t0 = time.perf_counter()
+                ex.run_step(mbs)
+                dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+                if i:
+                    times.append(float(dt))
+                    comm.append(link.total_s if link is not None else 0.0)
+                    exposed.append(link.exposed_s if link is not None else 0.0)
+            if link is not None and os.environ.get("BENCH_DEBUG"):
+                print(f"rank {mesh.rank}: comm {comm} exposed {exposed} steps {times}", flush=True)
+            return statistics.median(times), statistics.median(comm)
+
+        # calibrate: bytes per step on this rank (counting link: infinite bandwidth, no latency cost)
+        counter = EmulatedLink(bandwidth_gbps=1e12)
+        base_t = {k: timed(ex, None)[0] for k, ex in runners.items()}
+        runners["dualpipev"].link = counter
+        counter.reset_counters()
+        runners["dualpipev"].run_step(mbs)
+        nbytes = torch.tensor([float(counter.bytes)], dtype=torch.float64)
+        dist.all_reduce(nbytes, op=dist.ReduceOp.MAX)
+        target = args.ratio * base_t["dualpipev"]
+        transfers = counter.transfers
+        band = float(nbytes) * 8 / max(1e-9, target - transfers * args.latency_us * 1e-6) / 1e9
+        cfg = {"bandwidth_gbps": band, "latency_us": args.latency_us}
+        if mesh.rank == 0:
+            print(f"pp=2 x ep=2, {args.chunks} micro-batches of [{args.batch}, {args.seq}], hidden {args.hidden}, "
+                  f"{args.layers} layers; emulate_link = {{bandwidth_gbps = {band:.4f}, latency_us = "
+                  f"{args.latency_us:g}}} ({transfers} all-to-alls, {int(nbytes)} bytes per step per rank)")
+            print(f"{'schedule':10} {'t_nolink s':>11} {'t_link s':>9} {'t_comm s':>9} {'comm/compute':>13} "
+                  f"{'hidden':>7}")
+        for kind, ex in runners.items():
+            t_link, t_comm = timed(ex, EmulatedLink.from_config(cfg))
+            c = torch.tensor([t_comm], dtype=torch.float64)
+            dist.all_reduce(c, op=dist.ReduceOp.MAX)
+            t_comm = float(c)
+            hidden = 1 - (t_link - base_t[kind]) / t_comm
+            if mesh.rank == 0:
+                print(f"{kind:10} {base_t[kind]:11.3f} {t_link:9.3f} {t_comm:9.3f} "
+                      f"{t_comm / base_t['dualpipev']:13.2f} {hidden:7.1%}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
