@@ -1,4 +1,6 @@
-"""GRPO pieces against direct formulas, and serving vs training forward: same logprobs, same experts."""
+"""GRPO pieces against direct formulas, and serving vs training forward: same logprobs, same experts.
+
+The ep=2 version of the serving-vs-training check runs inside tests/test_scheduler_dist.py (one spawn)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import math
 
 import pytest
 import torch
-from dist_spawn import run_spawn
 
 from runtime.rl import RLBatch, batch_loss, group_advantages, grpo_token_loss, token_logprobs
 
@@ -141,23 +142,3 @@ def test_served_logprobs_and_experts_equal_the_training_forward():
     prompt = torch.randint(0, 256, (11,), generator=torch.Generator().manual_seed(3)).tolist()
     err, mism = _serve_vs_train(model, prompt, 12, prefill_chunk=5)
     assert err < 1e-5 and mism == 0, (err, mism)
-
-
-def _ep2_case(rank: int, world: int) -> None:
-    import torch.distributed as dist
-
-    from parallel.shard import parallelize
-    from runtime.loading import load_model
-
-    model = load_model("builtin:tiny", mtp=False)
-    parallelize(model, None, dist.group.WORLD)
-    n_local = sum(p.numel() for n, p in model.named_parameters() if "experts." in n and "shared" not in n)
-    assert n_local > 0
-    prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(4)).tolist()
-    err, mism = _serve_vs_train(model, prompt, 10, prefill_chunk=4)
-    assert err < 1e-5 and mism == 0, (rank, err, mism)
-
-
-@pytest.mark.timeout(180)
-def test_served_logprobs_and_experts_equal_the_training_forward_ep2():
-    run_spawn(_ep2_case, 2)
