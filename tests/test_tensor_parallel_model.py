@@ -3,8 +3,8 @@
 Each rank loads the full model (reference) and a sharded one (built on meta, `parallelize`d, then filled by
 the checkpoint loader reading only this rank's slices and experts). Logits and, after backward of the
 mean cross-entropy, every parameter's gradient gathered to full shape must match within 1e-5 (fp32).
-Layouts: tp=2 and ep=2 on 2 spawned ranks; tp=2 x ep=2 (the Mesh's own groups) and ep=4 on 4 ranks under
-real mpirun. All ranks get the same tokens, so data-parallel copies see the same gradients.
+Layouts, all on 4 ranks under real mpirun: tp=2 x ep=2 (the Mesh's own groups), tp=2, ep=2 and ep=4;
+builtin:tiny with its MTP module on 2 spawned ranks (tp=2, ep=2). All ranks get the same tokens, so data-parallel copies see the same gradients.
 """
 
 from __future__ import annotations
@@ -133,12 +133,9 @@ def check_builtin_with_mtp(rank: int, tp: int, ep: int, tp_group, ep_group, dp_g
         torch.testing.assert_close(g, want, **TOL, msg=lambda m, n=name: f"builtin grad {n} tp={tp} ep={ep}: {m}")
 
 
-def _model_worker(rank: int, world: int, path: str, layouts: list[tuple[int, int]]) -> None:
-    ref = _reference(path)
+def _builtin_worker(rank: int, world: int, layouts: list[tuple[int, int]]) -> None:
     for tp, ep in layouts:
-        groups = _groups(rank, world, tp, ep)
-        check_layout(rank, path, tp, ep, *groups, ref=ref)
-        check_builtin_with_mtp(rank, tp, ep, *groups)
+        check_builtin_with_mtp(rank, tp, ep, *_groups(rank, world, tp, ep))
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +147,8 @@ def hf_path(tmp_path_factory) -> str:
 
 
 @pytest.mark.timeout(180)
-def test_model_tp2_and_ep2(hf_path: str) -> None:
-    run_spawn(_model_worker, 2, hf_path, [(2, 1), (1, 2)])
+def test_builtin_with_mtp_tp2_and_ep2() -> None:
+    run_spawn(_builtin_worker, 2, [(2, 1), (1, 2)])
 
 
 MESH_SCRIPT = """
@@ -164,16 +161,17 @@ with cluster.init(tp=2, ep=2) as mesh:
     g = mesh.group
     ref = _reference(sys.argv[1])
     check_layout(mesh.rank, sys.argv[1], 2, 2, g("tp"), g("ep"), g("dp"), g("edp"), ref=ref)
-    check_layout(mesh.rank, sys.argv[1], 1, 4, *_groups(mesh.rank, 4, 1, 4), ref=ref)
+    for tp, ep in ((2, 1), (1, 2), (1, 4)):
+        check_layout(mesh.rank, sys.argv[1], tp, ep, *_groups(mesh.rank, 4, tp, ep), ref=ref)
     print(f"ok rank={mesh.rank}", flush=True)
 """
 
 
 @pytest.mark.mpi
 @pytest.mark.timeout(180)
-def test_model_tp2_ep2_and_ep4_under_mpirun(hf_path: str) -> None:
+def test_model_layouts_under_mpirun(hf_path: str) -> None:
     """4 ranks under real mpirun: tp=2 x ep=2 with the groups of cluster.init's Mesh (where tp and ep are
-    one and the same group object), then ep=4 on groups built from cluster.layout."""
+    one and the same group object), then tp=2, ep=2 and ep=4 on groups built from cluster.layout."""
     from launchers import mpirun, mpirun_path
 
     if mpirun_path() is None:
