@@ -80,6 +80,7 @@ class Server:
         self._health_n = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.on_idle = None  # called about every 50 ms while there is nothing to do (multi-rank keep-alive)
         self.started = time.time()
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -108,6 +109,8 @@ class Server:
                         self._handle(parts)
                 if self.engine.has_work():
                     self._step()
+                elif self.on_idle is not None:
+                    self.on_idle()
         finally:
             self.sock.close(0)
 
@@ -170,7 +173,14 @@ class Server:
     def _op_abort(self, envelope: list[bytes], cid: str) -> None:
         key = self._key(envelope, cid)
         if key not in self.active:
-            raise ProtocolError("bad_request", f"no active request with id {cid!r} on this connection", cid)
+            # Another connection's request (e.g. `moerun client abort`): only when the id is unambiguous.
+            others = [k for k, a in self.active.items() if a.cid == cid]
+            if len(others) != 1:
+                why = "no active request" if not others else f"{len(others)} active requests"
+                raise ProtocolError("bad_request", f"{why} with id {cid!r}", cid)
+            key = others[0]
+            if envelope != self.active[key].envelope:
+                self._send(envelope, {"op": "aborted", "id": cid})
         out = self.engine.abort(key)
         if out is not None:
             self._deliver(out)
@@ -281,6 +291,8 @@ class Server:
             msg = {"op": "token", "id": act.cid, "ids": out.ids, "weight_version": self.weight_version}
             if lp:
                 msg["logprobs"], msg["top_logprobs"] = out.logprobs, out.top_logprobs
+            if act.req.prompt is not None and self.tokenizer is not None:
+                msg["text"] = self.tokenizer.decode(out.ids)
             self._send(act.envelope, msg)
         if out.finished:
             del self.active[out.rid]

@@ -1,0 +1,125 @@
+"""Multi-rank serving: rank 0 owns the socket, the engine and the batch plan; every rank runs the forward.
+
+Each engine step's `StepPlan` (plain integers) is msgpack-encoded and broadcast over the world group as a
+uint8 tensor (no pickle, not even between ranks); the other ranks run `run_plan` with their shard of the
+model on their own copy of the page pool (same page ids, since only rank 0 allocates). With TP the latent
+is replicated, so every rank's pool holds the same rows; with EP the experts' all-to-all needs every rank
+in the forward, which is why all ranks run every step. While idle, rank 0 broadcasts a keep-alive so the
+others' waiting broadcast never reaches the collective timeout. Pipeline-parallel serving is not here yet.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import torch
+import torch.distributed as dist
+
+from runtime.serve.cache import PagedLatentCache
+from runtime.serve.forward import StepPlan, run_plan
+
+__all__ = ["PlanChannel", "load_sharded_model", "serve_on_mesh", "worker_loop"]
+
+KEEPALIVE_S = 5.0
+
+
+class PlanChannel:
+    """Broadcast msgpack maps from rank 0 of `group` to its other ranks (length, then bytes)."""
+
+    def __init__(self, group, src: int = 0, device: torch.device | str = "cpu") -> None:
+        self.group, self.src, self.device = group, src, device
+        self.last = time.monotonic()
+
+    def send(self, msg: dict) -> None:
+        data = torch.frombuffer(bytearray(msgpack.packb(msg)), dtype=torch.uint8).to(self.device)
+        dist.broadcast(torch.tensor([data.numel()], dtype=torch.int64, device=self.device), self.src,
+                       group=self.group)
+        dist.broadcast(data, self.src, group=self.group)
+        self.last = time.monotonic()
+
+    def recv(self) -> dict:
+        n = torch.zeros(1, dtype=torch.int64, device=self.device)
+        dist.broadcast(n, self.src, group=self.group)
+        data = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
+        dist.broadcast(data, self.src, group=self.group)
+        return msgpack.unpackb(data.cpu().numpy().tobytes(), raw=False)
+
+    def keepalive(self) -> None:
+        if time.monotonic() - self.last > KEEPALIVE_S:
+            self.send({"t": "noop"})
+
+
+def load_sharded_model(path: str, mesh, dtype: torch.dtype = torch.float32):
+    """This rank's TP/EP shard of the model (built on meta, parallelized, loaded slice by slice)."""
+    from parallel.shard import parallelize, sharded_select
+    from runtime.checkpoint import load_checkpoint
+    from runtime.config import ModelConfig
+    from runtime.loading import build_model
+
+    tp = mesh.group("tp") if mesh.size("tp") > 1 else None
+    ep = mesh.group("ep") if mesh.size("ep") > 1 else None
+    if path.startswith("builtin:"):  # seeded init of the full model, then parallelize slices it
+        import runtime
+
+        return parallelize(runtime.load_model(path, dtype=dtype), tp, ep).eval()
+    model = build_model(ModelConfig.from_file(path), dtype, "cpu", materialize=False)
+    parallelize(model, tp, ep)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for m in model.modules():
+            b = getattr(m, "e_score_correction_bias", None)
+            if isinstance(b, torch.Tensor):
+                b.zero_()
+    load_checkpoint(model, path, select=sharded_select(model))
+    return model.eval()
+
+
+def worker_loop(model, channel: PlanChannel) -> None:
+    """Ranks > 0: build the same page pool as rank 0, then run every broadcast plan until told to stop."""
+    head = channel.recv()
+    cfg = model.config
+    p = model.lm_head.weight
+    cache = PagedLatentCache(len(model.model.layers), head["num_pages"], head["page_size"], cfg.kv_lora_rank,
+                             cfg.qk_rope_head_dim, p.dtype, p.device)
+    while True:
+        msg = channel.recv()
+        if msg["t"] == "stop":
+            return
+        if msg["t"] == "plan":
+            run_plan(model, cache, StepPlan.from_dict(msg["plan"]))
+
+
+def serve_on_mesh(config: dict, mesh, max_frame_bytes: int) -> int:
+    import signal
+
+    from launch.commands.serve import announce, build_engine, make_server
+
+    if mesh.size("pp") > 1:
+        raise SystemExit("moerun serve: pipeline-parallel serving (parallel.pp > 1) is not implemented yet; "
+                         "use tp/ep")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config["model"]["dtype"]]
+    model = load_sharded_model(config["model"]["path"], mesh, dtype)
+    channel = PlanChannel(mesh.group("world"))
+    if mesh.rank != 0:
+        # A launcher's SIGTERM reaches every rank; the workers leave on rank 0's "stop" broadcast instead,
+        # so a signalled job ends cleanly (a dead rank 0 is caught by the mesh's watchdog).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        worker_loop(model, channel)
+        return 0
+    engine = build_engine(config, model)
+    channel.send({"t": "head", "num_pages": engine.cache.num_pages, "page_size": engine.page_size})
+    engine.plan_hook = lambda plan: channel.send({"t": "plan", "plan": plan.to_dict()})
+    layout = {d: mesh.size(d) for d in ("tp", "pp", "ep", "dp")} | {"world": mesh.world_size}
+    server = make_server(config, model, max_frame_bytes, engine=engine, layout=layout)
+    server.on_idle = channel.keepalive
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server._stop.set())
+    announce(server, config)
+    try:
+        server.serve_forever()
+    finally:
+        channel.send({"t": "stop"})
+    print("moerun serve: stopped", flush=True)
+    return 0
