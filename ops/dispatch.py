@@ -127,12 +127,16 @@ def mla_decode_paged(
     seq_lens: torch.Tensor,
     softmax_scale: float,
     backend: str | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
-    """Absorbed MLA decode over the paged latent cache (layout: `ops.paged_attention`)."""
+    """Absorbed MLA decode over the paged latent cache (layout: `ops.paged_attention`).
+
+    `max_seq_len` (>= max(seq_lens)) lets the Triton path launch without reading seq_lens on the host.
+    """
     if _pick(backend, q_latent, q_pe, kv_pages) == "triton":
         from ops.triton.mla_decode import mla_decode_paged as tri
 
-        return tri(q_latent, q_pe, kv_pages, block_table, seq_lens, softmax_scale)
+        return tri(q_latent, q_pe, kv_pages, block_table, seq_lens, softmax_scale, max_seq_len=max_seq_len)
     from ops.paged_attention import mla_decode_paged as ref
 
     return ref(q_latent, q_pe, kv_pages, block_table, seq_lens, softmax_scale)

@@ -122,8 +122,12 @@ def check_decode_args(
     kv_pages: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
+    check_values: bool = True,
 ) -> None:
-    """Shape/dtype checks shared by the torch and Triton decode; raises ValueError naming the problem."""
+    """Shape/dtype checks shared by the torch and Triton decode; raises ValueError naming the problem.
+
+    `check_values=False` skips the checks that read seq_lens (a device sync on GPU).
+    """
     if q_latent.dim() != 3 or q_pe.dim() != 3:
         raise ValueError(
             f"q_latent must be [B, H, r] and q_pe [B, H, dr], got {tuple(q_latent.shape)}, {tuple(q_pe.shape)}"
@@ -142,6 +146,8 @@ def check_decode_args(
         raise ValueError(f"seq_lens must be [B={b}], got {tuple(seq_lens.shape)}")
     if block_table.dtype not in (torch.int32, torch.int64) or seq_lens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"block_table/seq_lens must be int32, got {block_table.dtype}, {seq_lens.dtype}")
+    if not check_values:
+        return
     cap = block_table.shape[1] * kv_pages.shape[1]
     if b and int(seq_lens.max()) > cap:
         raise ValueError(

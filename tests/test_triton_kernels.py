@@ -69,6 +69,9 @@ def _decode(page_size: int, dtype: torch.dtype) -> None:
         assert out.dtype == dtype
         torch.testing.assert_close(out.float(), ref, rtol=0, atol=tol)
     assert torch.equal(out[2], torch.zeros_like(out[2]))
+    # A caller-given max_seq_len (no host read of seq_lens) gives the same result.
+    out = mla_decode_paged(q, qpe, kv, table, seq_lens, 0.2, max_seq_len=80)
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=tol)
 
 
 def _decode_odd_page() -> None:

@@ -120,10 +120,12 @@ def mla_decode_paged(
     """Triton absorbed-MLA decode; same arguments and result as `ops.paged_attention.mla_decode_paged`.
 
     `num_splits` (default: enough programs to fill the GPU, at most one per BLOCK_N tokens) splits each
-    sequence's KV length; `max_seq_len` avoids a device sync to read max(seq_lens) (e.g. under CUDA graphs).
+    sequence's KV length. `max_seq_len` (must be >= max(seq_lens); tokens past it are not read) avoids a
+    device sync to read max(seq_lens), e.g. under CUDA graphs.
     """
     check_device(q_latent, q_pe, kv_pages, block_table, seq_lens)
-    check_decode_args(q_latent, q_pe, kv_pages, block_table, seq_lens)
+    # With max_seq_len given, skip the checks that read seq_lens (no device sync; CUDA-graph safe).
+    check_decode_args(q_latent, q_pe, kv_pages, block_table, seq_lens, check_values=max_seq_len is None)
     if kv_pages.stride(-1) != 1 or kv_pages.stride(1) != kv_pages.shape[-1] or kv_pages.stride(0) != (
         kv_pages.shape[1] * kv_pages.shape[-1]
     ):
