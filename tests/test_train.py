@@ -132,3 +132,15 @@ def test_fp8_recipe_trains_close_to_fp32(tmp_path):
     got = read_metrics(str(tmp_path / "fp8"))
     assert all(math.isfinite(r["loss"]) for r in got)
     assert abs(got[0]["loss"] - ref[0]["loss"]) < 0.02 * ref[0]["loss"]
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from launch.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--set", "train.stepz=3"])
+    assert "train.stepz" in str(exc.value) and "train.steps" in str(exc.value)
+    cfg = tiny_config(tmp_path, global_batch=6)
+    cfg["parallel"]["microbatches"] = 4
+    trainer = Trainer(cfg)  # without a pipeline, micro-batches adapt to what divides (6 -> 3 of 2)
+    assert len(trainer._split(6)) == 3

@@ -11,6 +11,7 @@ single-process run's final model.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -62,8 +63,12 @@ def _check(rank, world, root, model, data, ref_losses, ref_logits, ids, single_b
         cfg = _config(root, name, model, data, par)
         if name == "pp2-dualpipev-ep2":
             cfg["train"]["save_every"] = 10
+        t0 = time.perf_counter()
         trainer = Trainer(cfg, mesh, log=quiet)
+        t1 = time.perf_counter()
         trainer.fit()
+        if rank == 0:
+            print(f"[{name}] init {t1 - t0:.1f} s, 10 steps {time.perf_counter() - t1:.1f} s", flush=True)
         state = trainer.optimizer.state_bytes()
         print(f"[{name}] rank {rank}: optimizer state {state} bytes (single process: {single_bytes}, "
               f"ratio {state / single_bytes:.3f})", flush=True)
@@ -83,16 +88,27 @@ def _check(rank, world, root, model, data, ref_losses, ref_logits, ids, single_b
     assert saved and saved.endswith("step-10"), saved
     mesh = _mesh(rank, world, tp=2)
     cfg = _config(root, "reshard", model, data, dict(tp=2))
+    cfg["train"]["steps"] = 12
     resumed = Trainer(cfg, mesh, resume_from=saved, log=quiet)
     assert resumed.step == 10
     with torch.no_grad():
         logits = resumed.model.eval().logits(ids)
     torch.testing.assert_close(logits, ref_logits, atol=2e-4, rtol=2e-4)
+    resumed.fit()  # two more steps on the resharded optimizer state
     if rank == 0:
         import runtime
 
         single = runtime.load_model(saved).logits(ids)
         torch.testing.assert_close(single, logits, atol=1e-5, rtol=1e-5)
+        one = _config(root, "reshard-single", model, data, {})
+        one["train"]["steps"] = 12
+        Trainer(one, resume_from=saved, log=quiet).fit()
+        a = [r["loss"] for r in read_metrics(cfg["train"]["out"])]
+        b = [r["loss"] for r in read_metrics(one["train"]["out"])]
+        print("after reshard, steps 11-12: tp2xdp2", a, "single", b, flush=True)
+        assert len(a) == len(b) == 2
+        for x, y in zip(a, b):
+            assert abs(x - y) <= REL * abs(y), (a, b)
 
 
 @pytest.mark.timeout(420)

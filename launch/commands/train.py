@@ -28,12 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _body(config: dict):
     def body(mesh) -> int:
-        from runtime.train.data import DataError
         from runtime.train.trainer import Trainer, resume_path
 
         try:
             trainer = Trainer(config, mesh, resume_from=resume_path(config))
-        except (DataError, FileNotFoundError, NotImplementedError) as exc:
+        except (FileNotFoundError, NotImplementedError, ValueError) as exc:  # DataError is a ValueError
             raise SystemExit(f"moerun train: {exc}") from None
         if mesh.rank == 0:
             print(f"moerun train: layout {mesh.describe()} world={mesh.world_size}, "

@@ -134,6 +134,9 @@ class Trainer:
         self.data = TokenData(data["path"], data["seq_len"], tr["global_batch"], data["shuffle"], tr["seed"])
         if tr["global_batch"] % self.dp:
             raise ValueError(f"train.global_batch = {tr['global_batch']} must be divisible by dp = {self.dp}")
+        if self.pp > 1 and (tr["global_batch"] // self.dp) % self.microbatches:
+            raise ValueError(f"pipeline: train.global_batch / dp = {tr['global_batch'] // self.dp} sequences "
+                             f"do not split into parallel.microbatches = {self.microbatches} equal micro-batches")
         if resume_from is not None:
             self._load_state(resume_from)
 
@@ -205,6 +208,10 @@ class Trainer:
         """One optimizer step on this data-parallel rank's share `(inputs, labels)` [B/dp, T]."""
         t0 = time.perf_counter()
         inputs, labels = (x.to(self.device) for x in batch)
+        vocab = self.model.config.vocab_size
+        if inputs.numel() and (int(inputs.min()) < 0 or int(torch.maximum(inputs.max(), labels.max())) >= vocab):
+            raise ValueError(f"data.path {self.data.path!r}: token ids out of range [0, {vocab}) for this model "
+                             f"(step {self.step + 1}: min {int(inputs.min())}, max {int(labels.max())})")
         self.model.train()
         named = self.named_parameters()
         for p in self.model.parameters():
