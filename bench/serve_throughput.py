@@ -1,0 +1,139 @@
+"""Serving throughput over ZeroMQ vs Hugging Face `generate` on the same weights, in one run.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/serve_throughput.py [--requests 32] [--prompt 64] [--new 64]
+
+Builds a random HF DeepseekV3 (size set by the flags), saves it, serves it with `runtime.server.Server`
+(thread in this process, loopback, port 0), and sends N concurrent greedy requests (prompt P, N new tokens)
+from an asyncio client. HF then generates for the same prompts as one batch (its best case), at the same
+torch thread count. Prints tokens/s of each and the ratio, p50/p99 time to first token, and KV-cache bytes
+per token and layer: ours (latent + rope key), HF's DynamicCache (measured from its tensors), and an MHA
+cache with the same heads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-lora-rank", type=int, default=64)
+    p.add_argument("--rope-dim", type=int, default=32)
+    p.add_argument("--nope-dim", type=int, default=32)
+    p.add_argument("--v-dim", type=int, default=32)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    return p.parse_args()
+
+
+async def run_clients(addr: str, prompts: list[list[int]], new: int) -> tuple[float, list[float], list[dict]]:
+    from runtime.client import AsyncClient
+
+    async with AsyncClient(addr) as c:
+        await c.health()  # warm-up: one real generation
+
+        async def one(p: list[int]) -> tuple[float, dict]:
+            t0 = time.perf_counter()
+            ttft, done = None, None
+            async for msg in c.stream(prompt_ids=p, max_tokens=new, ignore_eos=True):
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                done = msg
+            return ttft, done
+
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(one(p) for p in prompts))
+        wall = time.perf_counter() - t0
+    return wall, [r[0] for r in res], [r[1] for r in res]
+
+
+def main() -> int:
+    a = parse()
+    torch.set_num_threads(a.threads)
+    from hf_models import make_hf_model
+
+    import runtime
+    from runtime.serve import Engine
+    from runtime.server import Server
+
+    cfg = dict(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=2 * a.hidden,
+               moe_intermediate_size=a.hidden // 2, num_hidden_layers=a.layers, num_attention_heads=a.heads,
+               num_key_value_heads=a.heads, n_routed_experts=a.experts, num_experts_per_tok=4, n_group=4,
+               topk_group=2, q_lora_rank=a.hidden // 2, kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.nope_dim,
+               qk_rope_head_dim=a.rope_dim, v_head_dim=a.v_dim, max_position_embeddings=1024)
+    tmp = tempfile.mkdtemp(prefix="moerun-bench-")
+    path, hf = make_hf_model(tmp, "deepseek_v3", seed=0, max_shard_size="50MB", **cfg)
+    hf.generation_config.eos_token_id = None
+    model = runtime.load_model(path)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, a.vocab, (a.requests, a.prompt), generator=g)
+    total_new = a.requests * a.new
+
+    engine = Engine(model, max_batch=max(64, a.requests), max_model_len=a.prompt + a.new + 8,
+                    max_prefill_tokens=2048, page_size=a.page_size,
+                    kv_cache_tokens=a.requests * (a.prompt + a.new + a.page_size))
+    srv = Server(engine, bind="tcp://127.0.0.1:*").start()
+    try:
+        wall, ttfts, dones = asyncio.run(run_clients(srv.endpoint, prompts.tolist(), a.new))
+    finally:
+        srv.stop()
+    assert all(len(d["ids"]) == a.new for d in dones)
+    ours_tps = total_new / wall
+
+    with torch.no_grad():
+        hf.generate(prompts[:2, :8], attention_mask=torch.ones(2, 8, dtype=torch.long), max_new_tokens=2,
+                    do_sample=False, pad_token_id=0)  # warm-up
+        t0 = time.perf_counter()
+        out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=a.new, do_sample=False,
+                          pad_token_id=0, return_dict_in_generate=True)
+        hf_wall = time.perf_counter() - t0
+        hf_tps = total_new / hf_wall
+        same = sum(d["ids"] == out.sequences[i, a.prompt:].tolist() for i, d in enumerate(dones))
+        # HF's cache bytes per token and layer, measured from its tensors after a short forward
+        fwd = hf(prompts[:1, :16], use_cache=True)
+        kv = fwd.past_key_values
+        layer0 = kv.layers[0] if hasattr(kv, "layers") else None
+        tensors = [layer0.keys, layer0.values] if layer0 is not None else list(kv[0])
+        hf_bytes = sum(t.numel() * t.element_size() for t in tensors) // 16
+
+    elem = model.lm_head.weight.element_size()
+    ours_bytes = (a.kv_lora_rank + a.rope_dim) * elem
+    mha_bytes = a.heads * ((a.nope_dim + a.rope_dim) + a.v_dim) * elem
+    ttfts.sort()
+    p99 = ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]
+    print(f"model: hidden {a.hidden}, {a.layers} layers, {a.heads} heads, {a.experts} experts, vocab {a.vocab}; "
+          f"torch threads {a.threads}")
+    print(f"requests {a.requests} x (prompt {a.prompt} + new {a.new}) tokens")
+    print(f"moerun serve (ZeroMQ, continuous batching): {ours_tps:8.1f} tok/s   wall {wall:.2f} s   "
+          f"TTFT p50 {statistics.median(ttfts) * 1e3:.0f} ms  p99 {p99 * 1e3:.0f} ms")
+    print(f"HF generate (whole batch at once):          {hf_tps:8.1f} tok/s   wall {hf_wall:.2f} s")
+    print(f"throughput ratio moerun / HF: {ours_tps / hf_tps:.2f}x   (greedy outputs identical for {same}/"
+          f"{a.requests} requests)")
+    print(f"KV cache bytes per token per layer: moerun {ours_bytes} (latent {a.kv_lora_rank} + rope {a.rope_dim} "
+          f"values), HF DynamicCache {hf_bytes}, MHA same heads {mha_bytes}")
+    print(f"  moerun / HF = {ours_bytes / hf_bytes:.3f}   moerun / MHA = {ours_bytes / mha_bytes:.3f}   "
+          f"HF / MHA = {hf_bytes / mha_bytes:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
