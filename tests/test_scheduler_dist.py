@@ -2,10 +2,10 @@
 
 ep=2 on 2 spawned gloo ranks. First, with the sharded model, the logprobs serving returns equal the
 training forward's (1e-5, fp32) and every token is routed to the same experts. Then: serve, apply a GRPO
-`train` op, serve again, all through `Scheduler.step()` on rank 0 and `Scheduler.follow()` on rank 1,
-checked against a single-process copy given the same ops: greedy outputs before and after, the
-full-vocabulary logits after the update (1e-4, fp32), and parameter bytes per rank equal to those of a
-training-only Trainer on the same layout.
+`train` op, serve again, run one step of the config's training job, all through `Scheduler.step()` on
+rank 0 and `Scheduler.follow()` on rank 1, checked against a single-process copy given the same ops:
+greedy outputs before and after, the full-vocabulary logits after the updates (1e-4, fp32), and
+parameter bytes per rank equal to those of a training-only Trainer on the same layout.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _op():
 
 def _apply(work, sched=None) -> None:
     """Run the queued ops: through the scheduler (driver) or directly (the offline copy)."""
-    while work.queue:
+    while work.has_work():
         if sched is not None:
             sched.step()
         else:
@@ -107,11 +107,13 @@ def _case(rank: int, world: int, out_dir: str) -> None:
         work.submit(_op(), True)
         _apply(work, sched)
         served.append(_serve(sched, "b"))
+        work.job_left = 1  # then one step of the config's job: each dp rank reads its own share
+        _apply(work, sched)
         sched.stop()
     else:
         while sched.follow():
             pass
-    assert sched.weights.version == 1 and trainer.step == 1  # the follower ran the same optimizer step
+    assert sched.weights.version == 2 and trainer.step == 2  # the follower ran the same optimizer steps
     ids = torch.tensor([PROMPT + [3, 4, 5]])
     trainer.model.eval()
     logits = trainer.model.logits(ids)  # collective: every rank
@@ -129,6 +131,8 @@ def _case(rank: int, world: int, out_dir: str) -> None:
         ref_work.submit(_op(), True)
         _apply(ref_work)
         expect.append(_serve(ref_sched, "b"))
+        ref_work.job_left = 1
+        _apply(ref_work)
         assert served == expect, (served, expect)
         ref.model.eval()
         ref_logits = ref.model.logits(ids)
