@@ -4,8 +4,9 @@ The step is described by a `StepPlan` of plain integers (token ids, positions, c
 segments and block tables), so rank 0 can broadcast it and every rank runs the same forward on its own
 copy of the page pool. Token-wise work (embedding, projections, norms, MoE) runs once over all the step's
 tokens; attention splits by segment: decode tokens (one new token after a cached prefix) use the absorbed
-form straight over the paged latent cache (`ops.paged_attention.mla_decode_paged`); prefill chunks use the
-expanded form over their sequence's gathered latents, causal from their offset.
+form straight over the paged latent cache (`ops.dispatch.mla_decode_paged`: the Triton kernel on CUDA,
+the torch reference elsewhere); prefill chunks use the expanded form over their sequence's gathered
+latents, causal from their offset.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ops.dispatch import mla_decode_paged
 from ops.mla import absorb_query, mla_expanded, split_kv_b
-from ops.paged_attention import gather_kv, mla_decode_paged, write_kv_slots
+from ops.paged_attention import gather_kv, write_kv_slots
 from runtime.serve.cache import PagedLatentCache
 
 __all__ = ["StepPlan", "run_plan"]
@@ -82,6 +84,7 @@ def run_plan(model, cache: PagedLatentCache, plan: StepPlan) -> torch.Tensor:
         for j, i in enumerate(decode):
             table[j, : len(plan.pages[i])] = torch.tensor(plan.pages[i], dtype=torch.int32)
         seq_lens = torch.tensor([plan.offsets[i] + 1 for i in decode], dtype=torch.int32, device=dev)
+        max_len = max(plan.offsets[i] + 1 for i in decode)
     page_rows = {i: torch.tensor(plan.pages[i], dtype=torch.long, device=dev) for i in prefill}
 
     h = model.model.embed_tokens(ids)
@@ -98,7 +101,8 @@ def run_plan(model, cache: PagedLatentCache, plan: StepPlan) -> torch.Tensor:
         if decode:
             w_uk, w_uv = split_kv_b(w, heads, dn)
             q_lat = absorb_query(q_nope[:, dec_rows], w_uk)[0]  # [B, H, r]
-            o_lat = mla_decode_paged(q_lat, q_pe[0, dec_rows], kv_pages, table, seq_lens, attn.scale)
+            o_lat = mla_decode_paged(q_lat, q_pe[0, dec_rows], kv_pages, table, seq_lens, attn.scale,
+                                     max_seq_len=max_len)
             out[dec_rows] = torch.einsum("bhr,hvr->bhv", o_lat, w_uv)
         for i in prefill:
             s, t, off = plan.starts[i], plan.lens[i], plan.offsets[i]
