@@ -13,6 +13,8 @@ device/dtype, else one matmul per non-empty segment.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -28,8 +30,12 @@ def route(
     bias: torch.Tensor | None,
     norm_topk_prob: bool,
     routed_scaling_factor: float,
+    expert_mask: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Choose experts for each token. router_logits [N, E] (fp32).
+
+    `expert_mask(selection_scores) -> bool [N, E]` further restricts the candidates (node-limited routing
+    under expert parallelism supplies one; this module knows nothing of nodes).
 
     Returns (topk_weights [N,k] fp32, topk_idx [N,k] int64, scores [N,E]: the unbiased gate scores, which the
     sequence-wise balance loss uses).
@@ -44,6 +50,8 @@ def route(
 
     if topk_method == "noaux_tc":
         choice = scores + bias if bias is not None else scores
+        if expert_mask is not None:  # restrict first, so groups are ranked among allowed experts only
+            choice = choice.masked_fill(~expert_mask(choice), float("-inf"))
         groups = n_group or 1
         group_scores = choice.view(n, groups, e // groups).topk(min(2, e // groups), dim=-1)[0].sum(dim=-1)
         choice = choice.masked_fill(~_group_mask(group_scores, topk_group or groups, e), float("-inf"))
@@ -53,11 +61,13 @@ def route(
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     elif topk_method == "group_limited_greedy":
         groups = n_group or 1
-        group_scores = scores.view(n, groups, e // groups).max(dim=-1).values
-        masked = scores.masked_fill(~_group_mask(group_scores, topk_group or groups, e), 0.0)
+        candidates = scores if expert_mask is None else scores.masked_fill(~expert_mask(scores), 0.0)
+        group_scores = candidates.view(n, groups, e // groups).max(dim=-1).values
+        masked = candidates.masked_fill(~_group_mask(group_scores, topk_group or groups, e), 0.0)
         weights, idx = torch.topk(masked, k=top_k, dim=-1, sorted=False)
     elif topk_method == "greedy":
-        weights, idx = torch.topk(scores, k=top_k, dim=-1, sorted=False)
+        masked = scores if expert_mask is None else scores.masked_fill(~expert_mask(scores), 0.0)
+        weights, idx = torch.topk(masked, k=top_k, dim=-1, sorted=False)
     else:
         raise ValueError(f"topk_method {topk_method!r} not supported (greedy, group_limited_greedy, noaux_tc)")
     return weights * routed_scaling_factor, idx, scores

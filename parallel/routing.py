@@ -31,20 +31,17 @@ def expert_nodes(rank_to_node: Sequence[int], experts_per_rank: int) -> torch.Te
     return torch.tensor(per_rank, dtype=torch.long).repeat_interleave(experts_per_rank)
 
 
-def node_limited_topk(scores: torch.Tensor, top_k: int, rank_to_node: Sequence[int], experts_per_rank: int,
-                      max_nodes: int, selection_bias: torch.Tensor | None = None,
-                      per_node: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k experts per token restricted to its `max_nodes` best nodes.
+def node_mask(sel: torch.Tensor, top_k: int, rank_to_node: Sequence[int], experts_per_rank: int,
+              max_nodes: int, per_node: int | None = None) -> torch.Tensor:
+    """[N, E] bool: True for the experts on each token's `max_nodes` best nodes.
 
-    scores: [N, E] affinities (e.g. sigmoid of the router logits). Selection uses scores + selection_bias
-    (the aux-loss-free balancing bias); the returned weights are the unbiased scores of the chosen
-    experts (normalisation and scaling are the gate's business). per_node defaults to
-    ceil(top_k / max_nodes). Returns (topk_idx [N, top_k] long, topk_scores [N, top_k]).
+    sel: [N, E] selection scores (affinities plus any balancing bias). A node's score is the sum of its
+    best `per_node` (default ceil(top_k / max_nodes)) selection scores.
     """
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be [tokens, experts], got {tuple(scores.shape)}")
-    node = expert_nodes(rank_to_node, experts_per_rank).to(scores.device)
-    num_experts = scores.shape[1]
+    if sel.dim() != 2:
+        raise ValueError(f"scores must be [tokens, experts], got {tuple(sel.shape)}")
+    node = expert_nodes(rank_to_node, experts_per_rank).to(sel.device)
+    num_experts = sel.shape[1]
     if node.numel() != num_experts:
         raise ValueError(f"{len(rank_to_node)} ranks x {experts_per_rank} experts = {node.numel()} experts, "
                          f"but scores have {num_experts}")
@@ -59,22 +56,45 @@ def node_limited_topk(scores: torch.Tensor, top_k: int, rank_to_node: Sequence[i
     if per_node is None:
         per_node = math.ceil(top_k / max_nodes)
     per_node = min(per_node, smallest)
-
-    sel = scores if selection_bias is None else scores + selection_bias
     # [nodes, max experts per node] table of expert ids, padded with E (a -inf column)
     width = int(per_node_count.max())
-    table = torch.full((num_nodes, width), num_experts, dtype=torch.long, device=scores.device)
+    table = torch.full((num_nodes, width), num_experts, dtype=torch.long, device=sel.device)
     order = torch.sort(node, stable=True).indices
-    slot = torch.arange(num_experts, device=scores.device) - torch.repeat_interleave(
+    slot = torch.arange(num_experts, device=sel.device) - torch.repeat_interleave(
         torch.cumsum(per_node_count, 0) - per_node_count, per_node_count)
     table[node[order], slot] = order
     padded = torch.cat([sel, sel.new_full((sel.shape[0], 1), float("-inf"))], dim=1)
     node_score = padded[:, table].topk(per_node, dim=-1).values.sum(-1)              # [N, nodes]
     keep_nodes = node_score.topk(max_nodes, dim=-1).indices                          # [N, M]
     node_ok = torch.zeros_like(node_score, dtype=torch.bool).scatter_(1, keep_nodes, True)
-    masked = sel.masked_fill(~node_ok[:, node], float("-inf"))
-    topk_idx = masked.topk(top_k, dim=-1).indices
+    return node_ok[:, node]
+
+
+def node_limited_topk(scores: torch.Tensor, top_k: int, rank_to_node: Sequence[int], experts_per_rank: int,
+                      max_nodes: int, selection_bias: torch.Tensor | None = None,
+                      per_node: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token restricted to its `max_nodes` best nodes.
+
+    scores: [N, E] affinities (e.g. sigmoid of the router logits). Selection uses scores + selection_bias
+    (the aux-loss-free balancing bias); the returned weights are the unbiased scores of the chosen
+    experts (normalisation and scaling are the gate's business). per_node defaults to
+    ceil(top_k / max_nodes). Returns (topk_idx [N, top_k] long, topk_scores [N, top_k]).
+    """
+    sel = scores if selection_bias is None else scores + selection_bias
+    ok = node_mask(sel, top_k, rank_to_node, experts_per_rank, max_nodes, per_node)
+    topk_idx = sel.masked_fill(~ok, float("-inf")).topk(top_k, dim=-1).indices
     return topk_idx, scores.gather(1, topk_idx)
+
+
+class NodeLimit:
+    """The gate's `expert_mask` hook for an EP group spread over several nodes (see `node_mask`)."""
+
+    def __init__(self, rank_to_node: Sequence[int], experts_per_rank: int, max_nodes: int, top_k: int) -> None:
+        self.rank_to_node, self.experts_per_rank = list(rank_to_node), experts_per_rank
+        self.max_nodes, self.top_k = max_nodes, top_k
+
+    def __call__(self, sel: torch.Tensor) -> torch.Tensor:
+        return node_mask(sel, self.top_k, self.rank_to_node, self.experts_per_rank, self.max_nodes)
 
 
 def nodes_per_token(topk_idx: torch.Tensor, rank_to_node: Sequence[int],

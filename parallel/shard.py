@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from parallel import expert as ep_ops
+from parallel.routing import NodeLimit
 from parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -133,8 +134,13 @@ class EPDispatcher:
 
 
 def parallelize(model: nn.Module, tp_group: ProcessGroup | None = None,
-                ep_group: ProcessGroup | None = None, capacity_factor: float | None = None) -> nn.Module:
-    """Shard `model` in place for TP over `tp_group` and EP over `ep_group` (either may be None/size 1)."""
+                ep_group: ProcessGroup | None = None, capacity_factor: float | None = None,
+                node_limit: tuple[list[int], int] | None = None) -> nn.Module:
+    """Shard `model` in place for TP over `tp_group` and EP over `ep_group` (either may be None/size 1).
+
+    `node_limit = (node of each EP rank, M)` turns on node-limited routing: every token's experts lie on
+    at most M nodes of the EP group (parallel/routing.py); ignored when the EP group is on one node.
+    """
     tp, ep = _size(tp_group), _size(ep_group)
     if tp > 1:
         _parallelize_tp(model, tp_group)
@@ -151,6 +157,9 @@ def parallelize(model: nn.Module, tp_group: ProcessGroup | None = None,
                 _mark(experts, name, ep_offset=offset, ep_rank=_rank(ep_group), ep_size=ep)
             experts.expert_offset = offset
             moe.dispatcher = EPDispatcher(ep_group, num, tp_group, capacity_factor)
+            if node_limit is not None and len(set(node_limit[0])) > 1 and node_limit[1] > 0:
+                moe.gate.expert_mask = NodeLimit(node_limit[0], per, node_limit[1],
+                                                 moe.gate.cfg.num_experts_per_tok)
     return model
 
 

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "parallel": {
         "tp": 1, "pp": 1, "ep": 1, "dp": 0,
         "schedule": "1f1b", "microbatches": 8,
+        "max_nodes_per_token": 0,  # extension: node-limited routing under EP (0 = off)
         "emulate_link": {"bandwidth_gbps": 0.0, "latency_us": 0.0},
     },
     "train": {

@@ -42,12 +42,15 @@ def load_model(
     seed: int = 0,
     mtp: bool = True,
     select=None,
+    max_nodes_per_token: int = 0,
 ) -> DeepseekModel:
     """Load an HF-format model directory (config.json + safetensors) or `builtin:tiny` (seeded init).
 
     `mesh` is the parallel layout (None: single process, the whole model here). Under tp/ep > 1 the model is
     built on the meta device, its layers replaced by their TP/EP shards (`parallel.shard.parallelize`), and
     each rank reads only its slices and experts of every checkpoint tensor (`sharded_select`).
+    `max_nodes_per_token` > 0 limits each token's experts to that many nodes of the EP group (the mesh's
+    node map; `MOERUN_RANKS_PER_NODE` emulates nodes on one host).
     """
     from runtime.builtin import builtin_config, init_weights
     from runtime.checkpoint import load_checkpoint
@@ -65,6 +68,9 @@ def load_model(
     device = device or (str(mesh.device) if mesh is not None else "cpu")
     tp_group = mesh.group("tp") if mesh is not None and mesh.size("tp") > 1 else None
     ep_group = mesh.group("ep") if mesh is not None and mesh.size("ep") > 1 else None
+    node_limit = None
+    if ep_group is not None and max_nodes_per_token > 0:
+        node_limit = ([mesh.node_of(r) for r in mesh.ranks("ep")], max_nodes_per_token)
     if path.startswith("builtin:"):
         cfg = builtin_config(path)
         model = build_model(cfg, torch.float32, "cpu", mtp=mtp)
@@ -74,7 +80,7 @@ def load_model(
         if tp_group is not None or ep_group is not None:
             from parallel.shard import parallelize
 
-            parallelize(model, tp_group, ep_group)
+            parallelize(model, tp_group, ep_group, node_limit=node_limit)
         return model.eval()
     if not os.path.isdir(path):
         raise FileNotFoundError(
@@ -89,7 +95,7 @@ def load_model(
     from parallel.shard import parallelize, sharded_select
 
     model = build_model(cfg, dtype, device, mtp=mtp, materialize=False)
-    parallelize(model, tp_group, ep_group)
+    parallelize(model, tp_group, ep_group, node_limit=node_limit)
     model = model.to_empty(device=device)
     _fp32_router_bias(model)
     load_checkpoint(model, path, select=select or sharded_select(model))

@@ -161,6 +161,7 @@ class Gate(nn.Module):
         else:
             self.e_score_correction_bias = None
         self.aux_loss_coef = 0.0
+        self.expert_mask = None  # optional candidate restriction, e.g. node-limited routing under EP
         self.last_aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
 
@@ -189,6 +190,7 @@ class Gate(nn.Module):
             bias=None if bias is None else bias.float(),
             norm_topk_prob=c.norm_topk_prob,
             routed_scaling_factor=c.routed_scaling_factor,
+            expert_mask=self.expert_mask,
         )
         with torch.no_grad():
             self.last_load = torch.bincount(idx.reshape(-1), minlength=c.n_routed_experts)

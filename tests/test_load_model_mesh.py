@@ -47,3 +47,54 @@ def test_load_model_with_mesh_matches_single_process(tmp_path):
     for line in lines:
         ep = int(line.split("ep=")[1].split()[0])
         assert f"local_experts={8 // ep}" in line, line
+
+
+NODE_SCRIPT = r"""
+import sys, torch, cluster, runtime
+from parallel.routing import nodes_per_token
+seen = {}
+def spy(module, args, out):
+    seen.setdefault("idx", []).append(out[1])
+with cluster.init(ep=4) as mesh:
+    nodes = [mesh.node_of(r) for r in mesh.ranks("ep")]
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    free = runtime.load_model("builtin:tiny", mesh=mesh)
+    for m in free.modules():
+        if type(m).__name__ == "Gate":
+            m.register_forward_hook(spy)
+    with torch.no_grad():
+        free.logits(ids)
+    top_k = free.config.num_experts_per_tok
+    per = free.config.n_routed_experts // 4
+    most = max(int(nodes_per_token(i, nodes, per).max()) for i in seen.pop("idx"))
+    for limit in (1, 2, 4):
+        model = runtime.load_model("builtin:tiny", mesh=mesh, max_nodes_per_token=limit)
+        for m in model.modules():
+            if type(m).__name__ == "Gate":
+                m.register_forward_hook(spy)
+        with torch.no_grad():
+            logits = model.logits(ids)
+        reached = max(int(nodes_per_token(i, nodes, per).max()) for i in seen.pop("idx"))
+        same = torch.equal(logits, free.logits(ids))
+        print(f"rank={mesh.rank} nodes={nodes} unlimited_max={most} limit={limit} reached={reached} same={same}",
+              flush=True)
+        assert reached <= limit
+        if limit >= 4:
+            assert same  # with M = all nodes it is unrestricted top-k
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(180)
+def test_node_limited_routing_on_emulated_nodes(tmp_path):
+    """4 ranks as 4 emulated nodes (MOERUN_RANKS_PER_NODE=1), ep=4: no token reaches more than M nodes."""
+    from tests.launchers import base_env
+
+    (tmp_path / "nodes.py").write_text(NODE_SCRIPT)
+    out = mpirun(4, [], python_args=[str(tmp_path / "nodes.py")], env=base_env(MOERUN_RANKS_PER_NODE="1"),
+                 timeout=170)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("rank=")]
+    assert len(lines) == 12 and all("nodes=[0, 1, 2, 3]" in line for line in lines)
+    # the unrestricted router does use more than one node per token, so the limit is exercised
+    assert all(int(line.split("unlimited_max=")[1].split()[0]) > 1 for line in lines)
