@@ -252,3 +252,30 @@ def test_bind_defaults_to_loopback():
 
     assert DEFAULTS["serve"]["bind"].startswith("tcp://127.0.0.1:")
     assert os.environ.get("MOERUN_NEVER_SET") is None
+
+
+@pytest.mark.timeout(120)
+def test_async_client_stream_generate_abort(hf_pair, server):
+    import asyncio
+
+    from runtime.client import AsyncClient
+
+    async def main():
+        async with AsyncClient(server.endpoint) as c:
+            streamed = [m async for m in c.stream(prompt_ids=[4, 5, 6], max_tokens=5, ignore_eos=True)]
+            done = await c.generate(prompt_ids=[4, 5, 6], max_tokens=5, ignore_eos=True, seed=1)
+            h = await c.health()
+            rid = c.new_id()
+            got = []
+            async for m in c.stream(prompt_ids=[7], max_tokens=200, ignore_eos=True, rid=rid):
+                got.append(m)
+                if len(got) == 2:
+                    await c.abort(rid)
+            with pytest.raises(ServerError):
+                await c.generate(prompt_ids=[1], max_tokens=0)
+            return streamed, done, h, got
+
+    streamed, done, h, got = asyncio.run(main())
+    assert [m["op"] for m in streamed] == ["token"] * 5 + ["done"]
+    assert [m["ids"][0] for m in streamed[:-1]] == streamed[-1]["ids"] == done["ids"]
+    assert h["ok"] and got[-1]["finish_reason"] == "abort"
