@@ -2,7 +2,7 @@
 
 One 4-rank gloo job (spawned, CPU) runs, on the same tiny HF-made DeepseekV3 and token file (shuffle off,
 aux loss 0, bias rate 0, MTP off), 10 steps under each layout of the acceptance list plus pure dp=4, and
-checks every step's loss against the single-process run within 1e-4 (relative). It also checks ZeRO-1
+checks every step's loss and gradient norm against the single-process run within 1e-4 (relative). It also checks ZeRO-1
 (optimizer-state bytes per rank ~1/dp of the unsharded size) and resharding: the checkpoint written at
 (pp=2 dualpipev, ep=2) loads at (tp=2, dp=2) and in a single process with the same logits as the
 single-process run's final model.
@@ -24,6 +24,7 @@ LAYOUTS = [  # name, parallel settings (world 4)
     ("pp2-1f1b-tp2", dict(pp=2, tp=2, schedule="1f1b")),
     ("ep4-dp4", dict(ep=4)),
     ("dp4", dict()),
+    ("pp2-dualpipe-dp2", dict(pp=2, schedule="dualpipe")),  # every stage held twice: norm counts it once
 ]
 REL = 1e-4
 
@@ -52,7 +53,7 @@ def _config(root, name, model, data, par):
     return cfg
 
 
-def _check(rank, world, root, model, data, ref_losses, ref_logits, ids, single_bytes):
+def _check(rank, world, root, model, data, ref_losses, ref_norms, ref_logits, ids, single_bytes):
     from runtime.train.metrics import read_metrics
     from runtime.train.trainer import Trainer
 
@@ -75,11 +76,14 @@ def _check(rank, world, root, model, data, ref_losses, ref_logits, ids, single_b
         if name in ("dp4", "ep4-dp4"):  # ZeRO-1 (and EP for experts): ~1/4 of the unsharded state
             assert abs(state / single_bytes - 0.25) < 0.01, (name, state, single_bytes)
         if rank == 0:
-            got = [r["loss"] for r in read_metrics(cfg["train"]["out"])]
+            rows = read_metrics(cfg["train"]["out"])
+            got = [r["loss"] for r in rows]
             print(f"[{name}] losses {got}", flush=True)
             assert len(got) == 10
             for step, (a, b) in enumerate(zip(got, ref_losses), 1):
                 assert abs(a - b) <= REL * abs(b), f"{name} step {step}: {a} vs single process {b}"
+            for step, (r, b) in enumerate(zip(rows, ref_norms), 1):  # each parameter counted once
+                assert abs(r["grad_norm"] - b) <= REL * b, f"{name} step {step}: grad norm {r['grad_norm']} vs {b}"
 
     # reshard: the (pp=2 dualpipev, ep=2) checkpoint at (tp=2, dp=2) and in a single process
     from runtime.train.checkpoint import latest_checkpoint
@@ -122,8 +126,9 @@ def test_layouts_match_single_process_zero1_and_reshard(tmp_path):
     ref = Trainer(cfg, log=lambda m: None)
     ref.fit()
     ref_losses = [r["loss"] for r in read_metrics(cfg["train"]["out"])]
+    ref_norms = [r["grad_norm"] for r in read_metrics(cfg["train"]["out"])]
     ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref_logits = ref.model.eval().logits(ids)
     print("single process losses", ref_losses)
-    run_spawn(_check, 4, str(tmp_path), path, data, ref_losses, ref_logits, ids, ref.optimizer.state_bytes())
+    run_spawn(_check, 4, str(tmp_path), path, data, ref_losses, ref_norms, ref_logits, ids, ref.optimizer.state_bytes())

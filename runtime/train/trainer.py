@@ -147,6 +147,10 @@ class Trainer:
         from parallel.pipeline.executor import PipelineExecutor
         from parallel.pipeline.stages import build_stages
 
+        if par["schedule"] == "dualpipe" and self.config["train"]["bias_update_rate"] > 0:
+            raise ValueError("parallel.schedule = 'dualpipe' holds every stage on two ranks whose expert loads "
+                             "differ; the bias update would let the copies drift: use 'dualpipev', or set "
+                             "train.bias_update_rate = 0")
         self.schedule = build(par["schedule"], self.pp, self.microbatches)
         self.stages = build_stages(self.model, self.schedule, self.mesh.coord("pp"))
         self.executor = PipelineExecutor(self.stages, self.schedule, self.mesh,
