@@ -225,6 +225,9 @@ def serve_with_training(config: dict, mesh=None, *, bind: str | None = None, tok
     from runtime.train.trainer import Trainer
     from runtime.weights import WeightVersions
 
+    if mesh is not None and mesh.size("pp") > 1:
+        raise NotImplementedError("serve --train with parallel.pp > 1: the serving forward is not pipelined "
+                                  "yet (see docs/scheduler.md); use tp/ep/dp")
     trainer = Trainer(config, mesh)
     sv = config["serve"]
     group = mesh.group("world") if mesh is not None and mesh.world_size > 1 else None
