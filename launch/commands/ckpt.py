@@ -14,7 +14,7 @@ two mean their newest complete checkpoint.
   info DIR                  print the manifest: step, layout it was written with, data position, config hash
   export DIR [--out OUT]    write an HF-format model directory (config.json + model.safetensors) that
                             transformers' from_pretrained and `moerun serve --model OUT` load
-                            (default OUT: <DIR>/hf)
+                            (default OUT: <train.out>/hf-step-N)
 
 examples:
   moerun ckpt info runs/demo
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     info.add_argument("dir")
     exp = sub.add_parser("export", help="write an HF-format model directory")
     exp.add_argument("dir")
-    exp.add_argument("--out", default=None, help="output directory (default: <checkpoint>/hf)")
+    exp.add_argument("--out", default=None, help="output directory (default: <train.out>/hf-step-N)")
     exp.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                      help="cast the weights (default: as trained)")
 
@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
             print(step_dir)
             print(json.dumps(manifest, indent=1, sort_keys=True))
             return 0
-        out = args.out or os.path.join(step_dir, "hf")
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
+        out = args.out or os.path.join(run_dir, f"hf-{os.path.basename(os.path.abspath(step_dir))}")
         export_hf(step_dir, out, args.dtype)
         print(f"exported {step_dir} -> {out}")
         return 0
