@@ -51,7 +51,10 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--latency-us", type=float, default=50.0)
+    ap.add_argument("--latency-us", type=float, default=50.0, help="per transfer, with --mode bandwidth")
+    ap.add_argument("--mode", choices=("bandwidth", "latency"), default="bandwidth",
+                    help="calibrate the link's bandwidth (bytes occupy the link in turn) or its latency alone "
+                         "(transfers overlap each other)")
     args = ap.parse_args()
 
     import torch
@@ -77,54 +80,60 @@ def main() -> int:
             model = parallelize(copy.deepcopy(base), None, mesh.group("ep"))
             runners[kind] = PipelineExecutor(build_stages(model, sched, mesh.coord("pp")), sched, mesh)
 
-        def timed(ex: PipelineExecutor, link: EmulatedLink | None) -> tuple[float, float]:
+        def step(ex: PipelineExecutor, link: EmulatedLink | None) -> float:
+            """One step; the slowest rank's wall time."""
             ex.link = link
-            times, comm, exposed = [], [], []
-            for i in range(args.steps + 1):
-                for s in ex.stages.values():
-                    s.zero_grad(set_to_none=True)
-                if link is not None:
-                    link.reset_counters()
-                dist.barrier()
-                t0 = time.perf_counter()
-                ex.run_step(mbs)
-                dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-                if i:
-                    times.append(float(dt))
-                    comm.append(link.total_s if link is not None else 0.0)
-                    exposed.append(link.exposed_s if link is not None else 0.0)
-            if link is not None and os.environ.get("BENCH_DEBUG"):
-                print(f"rank {mesh.rank}: comm {comm} exposed {exposed} steps {times}", flush=True)
-            return statistics.median(times), statistics.median(comm)
+            for s in ex.stages.values():
+                s.zero_grad(set_to_none=True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            ex.run_step(mbs)
+            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            return float(dt)
 
-        # calibrate: bytes per step on this rank (counting link: infinite bandwidth, no latency cost)
+        def reduce(x: float, op=dist.ReduceOp.MAX) -> float:
+            t = torch.tensor([x], dtype=torch.float64)
+            dist.all_reduce(t, op=op)
+            return float(t)
+
+        # calibrate on DualPipeV without a link: its step time (little bubble) stands for the compute, and a
+        # counting link gives the all-to-all bytes and transfers per step of the busiest rank
+        for ex in runners.values():
+            step(ex, None)  # warm-up
+        compute = statistics.median(step(runners["dualpipev"], None) for _ in range(2))
         counter = EmulatedLink(bandwidth_gbps=1e12)
-        base_t = {k: timed(ex, None)[0] for k, ex in runners.items()}
-        runners["dualpipev"].link = counter
-        counter.reset_counters()
-        runners["dualpipev"].run_step(mbs)
-        nbytes = torch.tensor([float(counter.bytes)], dtype=torch.float64)
-        dist.all_reduce(nbytes, op=dist.ReduceOp.MAX)
-        target = args.ratio * base_t["dualpipev"]
-        transfers = counter.transfers
-        band = float(nbytes) * 8 / max(1e-9, target - transfers * args.latency_us * 1e-6) / 1e9
-        cfg = {"bandwidth_gbps": band, "latency_us": args.latency_us}
+        step(runners["dualpipev"], counter)
+        nbytes, transfers = reduce(counter.bytes), int(reduce(counter.transfers))
+        target = args.ratio * compute
+        if args.mode == "latency":
+            cfg = {"bandwidth_gbps": 0.0, "latency_us": target / transfers * 1e6}
+        else:
+            wire = max(1e-9, target - transfers * args.latency_us * 1e-6)
+            cfg = {"bandwidth_gbps": nbytes * 8 / wire / 1e9, "latency_us": args.latency_us}
         if mesh.rank == 0:
             print(f"pp=2 x ep=2, {args.chunks} micro-batches of [{args.batch}, {args.seq}], hidden {args.hidden}, "
-                  f"{args.layers} layers; emulate_link = {{bandwidth_gbps = {band:.4f}, latency_us = "
-                  f"{args.latency_us:g}}} ({transfers} all-to-alls, {int(nbytes)} bytes per step per rank)")
-            print(f"{'schedule':10} {'t_nolink s':>11} {'t_link s':>9} {'t_comm s':>9} {'comm/compute':>13} "
-                  f"{'hidden':>7}")
+                  f"{args.layers} MoE layers; emulate_link = {{bandwidth_gbps = {cfg['bandwidth_gbps']:.4g}, "
+                  f"latency_us = {cfg['latency_us']:.4g}}} ({transfers} all-to-alls, {int(nbytes)} bytes per "
+                  f"step on the busiest rank)", flush=True)
+        rows = {}
         for kind, ex in runners.items():
-            t_link, t_comm = timed(ex, EmulatedLink.from_config(cfg))
-            c = torch.tensor([t_comm], dtype=torch.float64)
-            dist.all_reduce(c, op=dist.ReduceOp.MAX)
-            t_comm = float(c)
-            hidden = 1 - (t_link - base_t[kind]) / t_comm
-            if mesh.rank == 0:
-                print(f"{kind:10} {base_t[kind]:11.3f} {t_link:9.3f} {t_comm:9.3f} "
-                      f"{t_comm / base_t['dualpipev']:13.2f} {hidden:7.1%}", flush=True)
+            nolink, withlink, comm, exposed = [], [], [], []
+            for _ in range(args.steps):  # alternate, so both see the same machine load
+                nolink.append(step(ex, None))
+                link = EmulatedLink.from_config(cfg)
+                withlink.append(step(ex, link))
+                comm.append(reduce(link.total_s))
+                exposed.append(reduce(link.exposed_s / link.total_s, dist.ReduceOp.SUM) / mesh.world_size)
+            t0, t1, tc = statistics.median(nolink), statistics.median(withlink), statistics.median(comm)
+            rows[kind] = (t0, t1, tc, 1 - (t1 - t0) / tc, 1 - statistics.median(exposed))
+        if mesh.rank == 0:
+            print(f"{'schedule':10} {'t_nolink s':>11} {'t_link s':>9} {'t_comm s':>9} {'comm/compute':>13} "
+                  f"{'hidden':>7} {'waits hidden':>13}")
+            for kind, (t0, t1, tc, hid, local) in rows.items():
+                print(f"{kind:10} {t0:11.3f} {t1:9.3f} {tc:9.3f} {tc / compute:13.2f} {hid:7.1%} {local:13.1%}")
+            print("hidden = 1 - (t_link - t_nolink) / t_comm; waits hidden = 1 - (emulated delay the ranks slept "
+                  "in wait()) / t_comm, mean over ranks")
     return 0
 
 

@@ -3,11 +3,14 @@
 `parallel.emulate_link = {bandwidth_gbps, latency_us}` (both 0: off) makes "how much all-to-all time does
 the schedule hide" a number on any machine, however fast its real transport (gloo over loopback here).
 
-Model: the link is one FIFO server with its own clock. A transfer of n bytes issued at time t arrives at
-    arrival = max(t, arrival of the previous transfer) + n / (bandwidth_gbps * 1e9 / 8) + latency_us * 1e-6
-and its work handle's `wait()` returns no earlier than that (and no earlier than the real transfer). The
-delay elapses while the issuing thread computes, exactly like a transfer handled by a communication
-thread; only the part not yet elapsed when someone waits is exposed. That waiting is what the bench
+Model: the link is one FIFO server with its own clock. A transfer of n bytes issued at time t holds the
+link from start = max(t, when the previous transfer's bytes were through) for n / (bandwidth_gbps * 1e9 / 8)
+seconds and arrives latency_us later (flight time does not hold the link):
+    arrival = start + n / (bandwidth_gbps * 1e9 / 8) + latency_us * 1e-6
+Its duration (what t_comm counts) is n / bandwidth + latency. Its work handle's `wait()` returns no earlier
+than the arrival (and no earlier than the real transfer). The delay elapses while the issuing thread
+computes, exactly like a transfer handled by a communication thread (no thread is needed: the link's
+clock is arithmetic); only the part not yet elapsed when someone waits is exposed. That waiting is what the bench
 measures. `bandwidth_gbps` is in gigabits per second (network convention: 400 Gbps InfiniBand = 50 GB/s).
 
 n is the larger of the bytes this rank sends to and receives from *other* ranks (rows to itself never
@@ -35,10 +38,12 @@ class DelayedWork:
     def wait(self, *args: Any) -> bool:
         if self.work is not None:
             self.work.wait(*args)
-        left = self.arrival - time.perf_counter()
-        if left > 0:
-            self.link.exposed_s += left
-            time.sleep(left)
+        now = time.perf_counter()
+        if self.arrival > now:
+            time.sleep(self.arrival - now)
+            after = time.perf_counter()
+            self.link.exposed_s += self.arrival - now
+            self.link.oversleep_s += max(0.0, after - self.arrival)
         return True
 
     def is_completed(self) -> bool:
@@ -53,7 +58,8 @@ class EmulatedLink:
     latency_us: float = 0.0
     busy_until: float = 0.0
     total_s: float = field(default=0.0)     # emulated transfer time issued (the t_comm of the bench)
-    exposed_s: float = field(default=0.0)   # time spent sleeping in wait() (delay not hidden by compute)
+    exposed_s: float = field(default=0.0)   # delay not hidden by compute: what wait() had to sleep
+    oversleep_s: float = field(default=0.0)  # how much later than asked the sleeps returned (OS scheduling)
     transfers: int = 0
     bytes: int = 0
 
@@ -83,14 +89,18 @@ class EmulatedLink:
         return (nbytes / bw if bw > 0 else 0.0) + self.latency_us * 1e-6
 
     def issue(self, nbytes: int) -> float:
-        """Book a transfer of `nbytes` issued now; returns its arrival time (perf_counter clock)."""
-        d = self.duration(nbytes)
+        """Book a transfer of `nbytes` issued now; returns its arrival time (perf_counter clock).
+
+        The bytes occupy the link one transfer after another (bandwidth is shared); the latency is
+        flight time and does not hold the link, so latency-bound transfers overlap each other."""
+        bw = self.bandwidth_gbps * 1e9 / 8
+        wire = nbytes / bw if bw > 0 else 0.0
         start = max(time.perf_counter(), self.busy_until)
-        self.busy_until = start + d
-        self.total_s += d
+        self.busy_until = start + wire
+        self.total_s += self.duration(nbytes)
         self.transfers += 1
         self.bytes += int(nbytes)
-        return self.busy_until
+        return self.busy_until + self.latency_us * 1e-6
 
     def wrap(self, work: Any, nbytes: int) -> DelayedWork:
         return DelayedWork(work, self.issue(nbytes), self)
@@ -102,5 +112,5 @@ class EmulatedLink:
         works[:] = [(DelayedWork(w, arrival, self), buf) for w, buf in works]
 
     def reset_counters(self) -> None:
-        self.total_s = self.exposed_s = 0.0
+        self.total_s = self.exposed_s = self.oversleep_s = 0.0
         self.transfers = self.bytes = 0

@@ -4,7 +4,8 @@ Every rank builds the same tiny MLA/MoE model (seeded), keeps a full copy as the
 case on groups cut from cluster.layout for that case's (pp, ep): the schedule's step through
 PipelineExecutor, then the reference micro-batch by micro-batch (loss term sum(CE)/total tokens + aux/M,
 backward, accumulate). Per-micro-batch losses must agree within 1e-6, the step loss too, and every
-gradient of this rank's stages (experts gathered over ep) within 1e-5.
+gradient of this rank's stages (experts gathered over ep) within 1e-5; then the forward-only schedule's
+logits (inference through the pipeline) on every rank against the reference model's.
 
     mpirun -np 4 python tests/executor_cases.py 1f1b:2:1:4 dualpipev:2:2:4 ...   (kind:pp:ep:chunks)
 """
@@ -83,7 +84,7 @@ def _groups(rank: int, world: int, pp: int, ep: int) -> dict:
 
 
 def run_case(rank: int, world: int, kind: str, pp: int, ep: int, chunks: int, base) -> str:
-    from parallel.pipeline import build
+    from parallel.pipeline import build, forward_only
     from parallel.pipeline.executor import PipelineExecutor
     from parallel.pipeline.stages import build_stages
     from parallel.shard import all_reduce_data_parallel_grads, gather_full, parallelize
@@ -119,6 +120,12 @@ def run_case(rank: int, world: int, kind: str, pp: int, ep: int, chunks: int, ba
         torch.testing.assert_close(grads[n], ref_grads[n].grad, **GRAD_TOL, msg=lambda m, n=n: f"{where} grad {n}: {m}")
         assert ref_grads[n].grad.abs().max() > 0, f"{where}: reference gradient of {n} is zero (weak test)"
         checked += 1
+    # inference through the same stages: logits of every micro-batch on every pipeline rank
+    fwd = PipelineExecutor(stages, forward_only(sched), pp_group=pp_group, pp_ranks=pp_ranks, pp_rank=pp_rank)
+    logits = fwd.run_forward([ids for ids, _ in mbs])
+    with torch.no_grad():
+        for m, (ids, _) in enumerate(mbs):
+            torch.testing.assert_close(logits[m], ref.logits(ids), **GRAD_TOL, msg=lambda e, m=m: f"{where} {m}: {e}")
     return f"PASS {where} params={checked}"
 
 

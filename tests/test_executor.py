@@ -76,6 +76,22 @@ def test_single_rank_executor_equals_reference(kind: str) -> None:
         torch.testing.assert_close(p.grad, ref_params[name].grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_single_rank_forward_only() -> None:
+    from parallel.pipeline import forward_only
+
+    model = tiny_model()
+    sched = forward_only(build("1f1b", 1, 2))
+    mbs = microbatches(model.config.vocab_size, 2)
+    ex = PipelineExecutor(build_stages(model, sched, 0), sched, pp_ranks=[0], pp_rank=0, backend="gloo")
+    logits = ex.run_forward([ids for ids, _ in mbs])
+    for (ids, _), got in zip(mbs, logits, strict=True):
+        torch.testing.assert_close(got, model.logits(ids), atol=1e-6, rtol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ScheduleError, match="forward-only"):
+        PipelineExecutor(build_stages(model, build("1f1b", 1, 2), 0), build("1f1b", 1, 2), pp_ranks=[0],
+                         pp_rank=0, backend="gloo").run_forward([ids for ids, _ in mbs])
+
+
 def test_executor_rejects_bad_input() -> None:
     model = tiny_model()
     sched = build("1f1b", 2, 4)

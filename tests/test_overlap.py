@@ -50,7 +50,7 @@ def test_link_is_a_fifo_server(clock: FakeClock) -> None:
     a = link.issue(1000)
     b = link.issue(3000)  # issued at the same instant: queued behind the first
     assert a == pytest.approx(100.0 + 11e-6)
-    assert b == pytest.approx(a + 13e-6)
+    assert b == pytest.approx(100.0 + 1e-6 + 3e-6 + 10e-6)  # its bytes wait for the first's, not its latency
     clock.now = 200.0  # idle link: a new transfer starts when issued
     assert link.issue(0) == pytest.approx(200.0 + 10e-6)
     assert link.transfers == 3 and link.bytes == 4000

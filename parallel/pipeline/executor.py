@@ -4,6 +4,7 @@
     ex = PipelineExecutor(stages, schedule, mesh, link=EmulatedLink.from_config(cfg))
     loss = ex.run_step([(input_ids, labels), ...])                   # one (ids, labels) per micro-batch
     # gradients are now accumulated in the stage modules' .grad; loss (a 0-dim tensor) on every pp rank
+    logits = PipelineExecutor(stages, forward_only(schedule), mesh).run_forward([ids, ...])  # inference
 
 Every pipeline rank walks `schedule.ranks[pp_rank]` in order:
 - RECV: `irecv` from the peer into a buffer of the activation shape [B, T, H] and wait for it (a RECV blocks).
@@ -90,7 +91,8 @@ class PipelineExecutor:
             for aux in getattr(node, "aux", ()):
                 self.mb_losses[mb] += aux.detach().double() / len(self.mbs)
         if stage.is_last:
-            self.mb_losses[mb] += out.detach().double()
+            if self.mbs[mb][1] is not None:
+                self.mb_losses[mb] += out.detach().double()
             self.outputs[(a_stage, mb)] = out
         else:
             self.box[(ACT, a_stage, mb)] = out.detach()
@@ -118,6 +120,55 @@ class PipelineExecutor:
                                 f"{self.deferred[0] if self.deferred else None}")
         self.deferred.popleft()
         stage_weight_backward(self.tapes.pop((a.stage, a.mb)), self._params[a.chunk])
+
+    # ------------------------------------------------------------------------------------- forward only
+    @torch.no_grad()
+    def run_forward(self, input_ids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Logits [B, T, V] (fp32) of each micro-batch on every pipeline rank: inference through the pipeline.
+
+        Needs a forward-only schedule (`parallel.pipeline.forward_only(build(...))`); the last stage's rank
+        broadcasts each micro-batch's logits over pp."""
+        sched = self.schedule
+        if not sched.forward_only:
+            raise ScheduleError("run_forward needs a forward-only schedule: wrap it with forward_only(...)")
+        if len(input_ids) != sched.chunks:
+            raise ValueError(f"schedule built for {sched.chunks} micro-batches, got {len(input_ids)}")
+        params = [p for s in self.stages.values() for p in s.parameters()]
+        dtype = params[0].dtype if params else torch.float32
+        act_shape = (*input_ids[0].shape, _hidden_size(self.stages))
+        self.mbs = [(ids, None) for ids in input_ids]
+        self.total_tokens = 1
+        self.box, self.tapes, self.outputs = {}, {}, {}
+        self.mb_losses = torch.zeros(len(input_ids), dtype=torch.float64)
+        sends: list = []
+        for a in self.actions:
+            if a.kind == RECV:
+                buf = torch.empty(act_shape, dtype=dtype)
+                dist.irecv(buf, self._peer(a), group=self.pp_group).wait()
+                self.box[(a.what, a.stage, a.mb)] = buf
+            elif a.kind == SEND:
+                t = self.box.pop((a.what, a.stage, a.mb)).contiguous()
+                sends.append((dist.isend(t, self._peer(a), group=self.pp_group), t))
+            elif a.kind == F:
+                run(self._forward(a.stage, a.mb, a.chunk))
+            else:
+                raise ScheduleError(f"{a.kind} in a forward-only schedule")
+        for work, _ in sends:
+            work.wait()
+        self.tapes.clear()
+        last = sched.num_stages - 1
+        out = []
+        for m in range(sched.chunks):
+            src = sched.rank_of(last, m)
+            logits = self.outputs.pop((last, m)) if src == self.pp_rank else None
+            if len(self.pp_ranks) > 1:
+                shape = torch.tensor(list(logits.shape) if logits is not None else [0, 0, 0])
+                dist.broadcast(shape, self.pp_ranks[src], group=self.pp_group)
+                if logits is None:
+                    logits = torch.empty(shape.tolist(), dtype=torch.float32)
+                dist.broadcast(logits, self.pp_ranks[src], group=self.pp_group)
+            out.append(logits)
+        return out
 
     # ---------------------------------------------------------------------------------------------- step
     def run_step(self, microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -47,9 +47,9 @@ class Segment:
     """Compute on detached leaves: fn(*leaves) -> (outputs, aux scalars). Backward stops at the leaves."""
 
     def __init__(self, fn: Callable, inputs: tuple, aux_scale: float) -> None:
-        self.leaves = tuple(x.detach().requires_grad_() if _diff(x) else x for x in inputs)
-        with torch.enable_grad():
-            outs, aux = fn(*self.leaves)
+        track = torch.is_grad_enabled()  # under no_grad (forward-only pipelines) no graph is kept
+        self.leaves = tuple(x.detach().requires_grad_(track) if _diff(x) else x for x in inputs)
+        outs, aux = fn(*self.leaves)
         self.outs, self.aux, self.aux_scale = tuple(outs), list(aux), aux_scale
         self.deferred: tuple[list, list] | None = None
 
@@ -230,7 +230,8 @@ def stage_forward(stage, x: torch.Tensor, labels: torch.Tensor | None, loss_scal
                   aux_scale: float, link=None) -> Phases:
     """Generator: the forward of `stage` on x (input_ids on the first stage, hidden states elsewhere).
 
-    Returns (output, tape): hidden states, or on the last stage the loss sum(CE over tokens) / loss_scale.
+    Returns (output, tape): hidden states, or on the last stage the loss sum(CE over tokens) / loss_scale
+    (logits [B, T, V] when labels is None: forward-only pipelines).
     Yields right after starting each all-to-all.
     """
     tape: list = []
@@ -297,6 +298,8 @@ def stage_forward(stage, x: torch.Tensor, labels: torch.Tensor | None, loss_scal
     if stage.is_last:
         def head(h):
             logits = stage.lm_head(stage.norm(h)).float()
+            if labels is None:
+                return (logits,), []
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                  ignore_index=IGNORE_INDEX, reduction="sum")
             return (ce / loss_scale,), []
