@@ -55,6 +55,9 @@ class TrainWork:
     """The training side of the shared scheduler, on every rank (the driver fills the queue)."""
 
     def __init__(self, trainer, job_steps: int = 0, clip_eps: float = 0.2) -> None:
+        if getattr(trainer, "pp", 1) > 1:
+            raise NotImplementedError("training steps under the shared scheduler need parallel.pp = 1 for now "
+                                      "(the micro-steps run the model's own forward, not the pipeline)")
         self.trainer = trainer
         self.model = trainer.model
         self.queue: deque[TrainItem] = deque()
