@@ -1,5 +1,6 @@
 """Multi-rank serving under real mpirun: rank 0 owns the socket and broadcasts each step's plan; greedy
-generation over ZeroMQ equals transformers' generate token for token, logprobs within 1e-4."""
+generation over ZeroMQ equals transformers' generate token for token, logprobs within 1e-4, under tp=2,
+ep=2 and pp=2 x ep=2 (tp=2 x ep=2 on 4 ranks was checked by hand the same way; left out to save CI time)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def hf_dir(tmp_path_factory):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("np_,layout", [(2, ["parallel.tp=2"]), (2, ["parallel.ep=2"]),
-                                        (4, ["parallel.tp=2", "parallel.ep=2"])])
+                                        (4, ["parallel.pp=2", "parallel.ep=2"])])
 def test_multi_rank_greedy_equals_hf(hf_dir, np_, layout):
     exe = mpirun_path()
     if exe is None:

@@ -4,8 +4,10 @@ Each engine step's `StepPlan` (plain integers) is msgpack-encoded and broadcast 
 uint8 tensor (no pickle, not even between ranks); the other ranks run `run_plan` with their shard of the
 model on their own copy of the page pool (same page ids, since only rank 0 allocates). With TP the latent
 is replicated, so every rank's pool holds the same rows; with EP the experts' all-to-all needs every rank
-in the forward, which is why all ranks run every step. While idle, rank 0 broadcasts a keep-alive so the
-others' waiting broadcast never reaches the collective timeout. Pipeline-parallel serving is not here yet.
+in the forward, which is why all ranks run every step. With pp, each stage runs its own layers (hidden
+states go stage to stage point-to-point, the last stage sends the logits rows to rank 0): a plain forward
+pipeline over the step's whole batch, not yet split into overlapping micro-batches. While idle, rank 0
+broadcasts a keep-alive so the others' waiting broadcast never reaches the collective timeout.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from runtime.serve.cache import PagedLatentCache
-from runtime.serve.forward import StepPlan, run_plan
+from runtime.serve.forward import PipeStage, StepPlan, run_plan
 
 __all__ = ["PlanChannel", "load_sharded_model", "serve_on_mesh", "worker_loop"]
 
@@ -75,19 +77,37 @@ def load_sharded_model(path: str, mesh, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
-def worker_loop(model, channel: PlanChannel) -> None:
+def pipe_stage(mesh, num_layers: int) -> PipeStage | None:
+    """This rank's serving pipeline stage (None when pp = 1): layers split as `parallel.pipeline.stages`."""
+    if mesh.size("pp") == 1:
+        return None
+    from parallel.pipeline.stages import layer_split
+
+    pp, s = mesh.size("pp"), mesh.coord("pp")
+    ranks = mesh.ranks("pp")  # global ranks of this rank's pipeline, stage order
+    engine_pipe = ranks[0] == 0  # the pipeline that contains the engine's rank
+    return PipeStage(
+        layer_ids=list(layer_split(num_layers, pp)[s]), first=s == 0, last=s == pp - 1,
+        prev_rank=ranks[s - 1] if s > 0 else None, next_rank=ranks[s + 1] if s < pp - 1 else None,
+        logits_to=0 if (engine_pipe and s == pp - 1) else None,
+        logits_from=ranks[-1] if mesh.rank == 0 else None,
+    )
+
+
+def worker_loop(model, channel: PlanChannel, pipe: PipeStage | None = None) -> None:
     """Ranks > 0: build the same page pool as rank 0, then run every broadcast plan until told to stop."""
     head = channel.recv()
     cfg = model.config
     p = model.lm_head.weight
-    cache = PagedLatentCache(len(model.model.layers), head["num_pages"], head["page_size"], cfg.kv_lora_rank,
+    n_layers = len(model.model.layers) if pipe is None else len(pipe.layer_ids)
+    cache = PagedLatentCache(n_layers, head["num_pages"], head["page_size"], cfg.kv_lora_rank,
                              cfg.qk_rope_head_dim, p.dtype, p.device)
     while True:
         msg = channel.recv()
         if msg["t"] == "stop":
             return
         if msg["t"] == "plan":
-            run_plan(model, cache, StepPlan.from_dict(msg["plan"]))
+            run_plan(model, cache, StepPlan.from_dict(msg["plan"]), pipe)
 
 
 def serve_on_mesh(config: dict, mesh, max_frame_bytes: int) -> int:
@@ -95,20 +115,20 @@ def serve_on_mesh(config: dict, mesh, max_frame_bytes: int) -> int:
 
     from launch.commands.serve import announce, build_engine, make_server
 
-    if mesh.size("pp") > 1:
-        raise SystemExit("moerun serve: pipeline-parallel serving (parallel.pp > 1) is not implemented yet; "
-                         "use tp/ep")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config["model"]["dtype"]]
     model = load_sharded_model(config["model"]["path"], mesh, dtype)
+    pipe = pipe_stage(mesh, len(model.model.layers))
     channel = PlanChannel(mesh.group("world"))
     if mesh.rank != 0:
         # A launcher's SIGTERM reaches every rank; the workers leave on rank 0's "stop" broadcast instead,
         # so a signalled job ends cleanly (a dead rank 0 is caught by the mesh's watchdog).
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
-        worker_loop(model, channel)
+        worker_loop(model, channel, pipe)
         return 0
     engine = build_engine(config, model)
+    if pipe is not None:
+        engine.set_pipeline(pipe)
     channel.send({"t": "head", "num_pages": engine.cache.num_pages, "page_size": engine.page_size})
     engine.plan_hook = lambda plan: channel.send({"t": "plan", "plan": plan.to_dict()})
     layout = {d: mesh.size(d) for d in ("tp", "pp", "ep", "dp")} | {"world": mesh.world_size}

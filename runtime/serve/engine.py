@@ -111,11 +111,20 @@ class Engine:
         self.eos_ids = set(eos_ids)
         self.vocab_size = cfg.vocab_size
         self.plan_hook = plan_hook  # multi-rank: broadcast each plan before running it
+        self.pipe = None  # multi-rank pipeline: this rank's PipeStage (set with set_pipeline)
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.metrics = ServeMetrics()
         self._seq = itertools.count()
+        self._update_gauges()
+
+    def set_pipeline(self, pipe) -> None:
+        """Run only the stage `pipe` (a forward.PipeStage): the page pool then holds only its layers."""
+        c = self.cache
+        self.cache = PagedLatentCache(len(pipe.layer_ids), c.num_pages, c.page_size, c.kv_lora_rank, c.rope_dim,
+                                      c.kv.dtype, c.kv.device)
+        self.pipe = pipe
         self._update_gauges()
 
     # --- public API -----------------------------------------------------------------------------------
@@ -177,7 +186,7 @@ class Engine:
                          self.page_size, want)
             if self.plan_hook is not None:
                 self.plan_hook(plan)
-            logits = run_plan(self.model, self.cache, plan).cpu()
+            logits = run_plan(self.model, self.cache, plan, self.pipe).cpu()
             self.metrics.inc("steps_total")
             now = time.perf_counter()
             row = 0

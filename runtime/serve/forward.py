@@ -20,7 +20,26 @@ from ops.mla import absorb_query, mla_expanded, split_kv_b
 from ops.paged_attention import gather_kv, write_kv_slots
 from runtime.serve.cache import PagedLatentCache
 
-__all__ = ["StepPlan", "run_plan"]
+__all__ = ["PipeStage", "StepPlan", "run_plan"]
+
+
+@dataclass
+class PipeStage:
+    """This rank's place in a forward-only serving pipeline (global ranks for point-to-point sends).
+
+    The stage runs decoder layers `layer_ids` (its page pool holds only those layers, in that order); the
+    first stage embeds, the last applies the final norm and LM head. `logits_to` is the global rank the last
+    stage sends the wanted logits rows to (the engine's rank), or None on stages that send none;
+    `logits_from` is where the engine's rank receives them.
+    """
+
+    layer_ids: list[int]
+    first: bool
+    last: bool
+    prev_rank: int | None = None
+    next_rank: int | None = None
+    logits_to: int | None = None
+    logits_from: int | None = None
 
 
 @dataclass
@@ -68,8 +87,14 @@ def _is_decode(plan: StepPlan, i: int) -> bool:
 
 
 @torch.no_grad()
-def run_plan(model, cache: PagedLatentCache, plan: StepPlan) -> torch.Tensor:
-    """Run the step; returns fp32 logits [n_wanted, V], one row per segment with want_logits, in order."""
+def run_plan(model, cache: PagedLatentCache, plan: StepPlan, pipe: PipeStage | None = None) -> torch.Tensor:
+    """Run the step; returns fp32 logits [n_wanted, V], one row per segment with want_logits, in order.
+
+    With `pipe`, only this stage's layers run: hidden states come from the previous stage and go to the
+    next; the logits reach the engine's rank from the last stage (other stages return an empty tensor).
+    """
+    import torch.distributed as dist
+
     dev = model.lm_head.weight.device
     ids = torch.tensor(plan.ids, dtype=torch.long, device=dev)[None]
     positions = torch.tensor(plan.positions, dtype=torch.long, device=dev)
@@ -87,13 +112,20 @@ def run_plan(model, cache: PagedLatentCache, plan: StepPlan) -> torch.Tensor:
         max_len = max(plan.offsets[i] + 1 for i in decode)
     page_rows = {i: torch.tensor(plan.pages[i], dtype=torch.long, device=dev) for i in prefill}
 
-    h = model.model.embed_tokens(ids)
+    dtype = model.lm_head.weight.dtype
+    if pipe is None or pipe.first:
+        h = model.model.embed_tokens(ids)
+    else:
+        h = torch.empty(1, n, model.config.hidden_size, dtype=dtype, device=dev)
+        dist.recv(h, pipe.prev_rank)
     cos, sin = model.rotary(positions, h.dtype)
     r = cache.kv_lora_rank
-    for li, layer in enumerate(model.model.layers):
+    layer_ids = range(len(model.model.layers)) if pipe is None else pipe.layer_ids
+    for ci, li in enumerate(layer_ids):
+        layer = model.model.layers[li]
         attn = layer.self_attn
         q_nope, q_pe, latent, k_pe = attn.project(layer.input_layernorm(h), cos, sin)
-        kv_pages = cache.layer(li)
+        kv_pages = cache.layer(ci)
         write_kv_slots(kv_pages, slots, latent[0], k_pe[0])
         heads, dn = q_nope.shape[2], q_nope.shape[3]
         w = attn.kv_b_proj.weight
@@ -121,7 +153,18 @@ def run_plan(model, cache: PagedLatentCache, plan: StepPlan) -> torch.Tensor:
             y = layer.expert_phase(recv_x, handle)
             h = layer.finish_phase(h, x, layer.combine_phase(y, handle))
     rows = [plan.starts[i] + plan.lens[i] - 1 for i in range(len(plan)) if plan.want_logits[i]]
+    vocab = model.config.vocab_size
+    if pipe is not None and not pipe.last:
+        dist.send(h.contiguous(), pipe.next_rank)
+        if pipe.logits_from is None or not rows:
+            return torch.zeros(0, vocab, dtype=torch.float32, device=dev)
+        logits = torch.empty(len(rows), vocab, dtype=torch.float32, device=dev)
+        dist.recv(logits, pipe.logits_from)
+        return logits
     if not rows:
-        return h.new_zeros(0, model.config.vocab_size, dtype=torch.float32)
+        return h.new_zeros(0, vocab, dtype=torch.float32)
     last = model.model.norm(h[0, torch.tensor(rows, dtype=torch.long, device=dev)])
-    return model.head(last).float()
+    logits = model.head(last).float()
+    if pipe is not None and pipe.logits_to is not None and pipe.logits_to != dist.get_rank():
+        dist.send(logits.contiguous(), pipe.logits_to)
+    return logits
