@@ -16,8 +16,9 @@ exposes an unauthenticated endpoint, so do it only on a trusted network.
 Config keys ([serve] section, each also settable with --set serve.KEY=VALUE): bind, max_batch, max_queue,
 max_model_len, max_prefill_tokens, page_size, kv_cache_tokens (0: sized from free memory).
 
-Under a parallel layout (mpirun/srun with parallel.tp / parallel.ep > 1) rank 0 owns the socket and the
-engine and broadcasts each step's batch plan; every rank runs the same forward on its shard.
+Under a parallel layout (mpirun/srun with parallel.tp / ep / pp > 1) rank 0 owns the socket and the
+engine and broadcasts each step's batch plan; every rank runs the same forward on its shard (with pp, its
+stage's layers). Stop the job with SIGTERM/SIGINT to the pid printed on the start-up line.
 
 examples:
   moerun serve --model builtin:tiny
