@@ -217,23 +217,13 @@ class Trainer:
             raise ValueError(f"data.path {self.data.path!r}: token ids out of range [0, {vocab}) for this model "
                              f"(step {self.step + 1}: min {int(inputs.min())}, max {int(labels.max())})")
         self.model.train()
-        named = self.named_parameters()
         for p in self.model.parameters():
             p.grad = None
         chunks = self._split(inputs.shape[0])
         parts_sum = self._forward_backward(inputs, labels, chunks)
-        for _, p in named:  # every held parameter takes part in the reductions, used or not
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        all_reduce_partial_grads(self.model, self.tp_group)
-        all_reduce_data_parallel_grads(self.model, self.dp_group, self.edp_group)
-        norm = global_grad_norm((p.grad for n, p in named if self._counted(n)), self.world_group, self.device)
-        lr = lr_at(self.step, self.config["train"]["lr"], self.config["train"]["min_lr"],
-                   self.config["train"]["warmup_steps"], self.config["train"]["steps"])
-        self.optimizer.step(lr, clip_coefficient(norm, self.config["train"]["grad_clip"]))
-        loads = self.balancer.step() if self.balancer is not None else None
+        upd = self.apply_gradients()
+        norm, lr, loads = upd["grad_norm"], upd["lr"], upd["loads"]
         losses = self._mean_over_dp(parts_sum)
-        self.step += 1
         dt = time.perf_counter() - t0
         tokens = self.data.global_batch * self.data.seq_len
         m: dict[str, Any] = {"step": self.step, "loss": losses.pop("ce"), "lr": lr, "grad_norm": norm,
@@ -242,6 +232,26 @@ class Trainer:
         if loads is not None:
             m["expert_load_max_mean"] = float(ExpertBalancer.imbalance(loads).mean())
         return m
+
+    def apply_gradients(self, min_lr: float | None = None) -> dict[str, Any]:
+        """The second half of a step, for callers that produced the gradients themselves (e.g. co-training):
+        TP/DP reductions, the global norm, clipping, the ZeRO-1 AdamW update at this step's learning rate
+        (`min_lr` overrides train.min_lr), the bias update, `step += 1`. Collective. Returns grad_norm, lr
+        and the step's reduced expert loads (or None)."""
+        tr = self.config["train"]
+        named = self.named_parameters()
+        for _, p in named:  # every held parameter takes part in the reductions, used or not
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        all_reduce_partial_grads(self.model, self.tp_group)
+        all_reduce_data_parallel_grads(self.model, self.dp_group, self.edp_group)
+        norm = global_grad_norm((p.grad for n, p in named if self._counted(n)), self.world_group, self.device)
+        lr = lr_at(self.step, tr["lr"], tr["min_lr"] if min_lr is None else min_lr, tr["warmup_steps"],
+                   tr["steps"])
+        self.optimizer.step(lr, clip_coefficient(norm, tr["grad_clip"]))
+        loads = self.balancer.step() if self.balancer is not None else None
+        self.step += 1
+        return {"grad_norm": norm, "lr": lr, "loads": loads}
 
     def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor,
                           chunks: list[slice]) -> dict[str, float]:
