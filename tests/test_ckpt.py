@@ -122,6 +122,18 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, model):
 
     again = runtime.load_model(str(tmp_path / "export"))
     torch.testing.assert_close(again.logits(ids), ours, atol=1e-6, rtol=1e-6)
+    if model == "builtin":  # the export carries a byte tokenizer equal to runtime's ByteTokenizer
+        from transformers import AutoTokenizer
+
+        from runtime.tokenizer import ByteTokenizer, load_tokenizer
+
+        text = "Ada and Bram crossed the bridge. Grüße ✓\n"
+        want = ByteTokenizer().encode(text)
+        tok = load_tokenizer(str(tmp_path / "export"))
+        assert tok.encode(text) == want and tok.decode(want) == text
+        assert tok.vocab_size == ByteTokenizer.VOCAB_SIZE
+        assert AutoTokenizer.from_pretrained(str(tmp_path / "export"))(text, add_special_tokens=False)[
+            "input_ids"] == want
 
 
 def test_ckpt_cli_info_and_errors(tmp_path, capsys):

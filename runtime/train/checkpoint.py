@@ -147,7 +147,7 @@ def hf_model_tensors(named: Iterable[tuple[str, torch.Tensor]], num_hidden_layer
 def save_checkpoint(out: str, step: int, *, params: list[tuple[str, torch.Tensor]],
                     buffers: list[tuple[str, torch.Tensor]], marks: dict[str, dict],
                     optim_state: dict[str, dict[str, torch.Tensor]], model_config: Any,
-                    manifest: dict[str, Any], mesh=None) -> str:
+                    manifest: dict[str, Any], mesh=None, tokenizer_source: str | None = None) -> str:
     """Write `<out>/ckpt/step-N` atomically. Collective: every rank calls it (optim_state comes from
     ZeroAdamW.full_state(), itself collective). Returns the checkpoint directory."""
     world = mesh.group("world") if mesh is not None and mesh.world_size > 1 else None
@@ -182,6 +182,9 @@ def save_checkpoint(out: str, step: int, *, params: list[tuple[str, torch.Tensor
         dist.barrier(group=world)
     if rank == 0:
         _crash_hook(step, "mid-write")
+        from runtime.train.hf_tokenizer import copy_tokenizer_files
+
+        copy_tokenizer_files(tokenizer_source, tmp)
         _finish(tmp, final, root, step, model_config, manifest)
     if world is not None:
         dist.barrier(group=world)
@@ -315,4 +318,7 @@ def export_hf(src: str, dest: str, dtype: str | None = None) -> str:
         hf_config["torch_dtype"] = dtype
         hf_config["dtype"] = dtype
     _write_json(os.path.join(dest, "config.json"), hf_config)
+    from runtime.train.hf_tokenizer import copy_tokenizer_files
+
+    copy_tokenizer_files(step_dir, dest)
     return dest

@@ -306,7 +306,8 @@ class Trainer:
         return ckpt.save_checkpoint(
             self.config["train"]["out"], self.step, params=self.named_parameters(),
             buffers=self.named_buffers(), marks=self.marks, optim_state=state,
-            model_config=self.model.config, manifest=self.manifest(), mesh=self.mesh)
+            model_config=self.model.config, manifest=self.manifest(), mesh=self.mesh,
+            tokenizer_source=self.resume_from or self.config["model"]["path"])
 
     def _load_state(self, path: str) -> None:
         manifest = ckpt.read_manifest(path)
