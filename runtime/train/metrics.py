@@ -67,9 +67,11 @@ def peak_memory_bytes(device=None) -> int:
 def print_summary(summary: dict[str, Any], stream: TextIO | None = None) -> None:
     stream = stream or sys.stdout
     gib = summary["peak_memory_bytes"] / 2**30
+    first = summary["first_loss"]
+    fall = (summary["last_loss"] - first) / first if first else 0.0
     stream.write(
         f"done: {summary['steps']} steps ({summary['first_step']}..{summary['last_step']}), "
         f"{summary['tokens']} tokens in {summary['time_s']:.1f} s = {summary['tokens_per_s']:.0f} tokens/s; "
-        f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; peak memory {gib:.2f} GiB "
+        f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} ({fall:+.0%}); peak memory {gib:.2f} GiB "
         f"(rank 0)\n")
     stream.flush()
