@@ -90,7 +90,7 @@ def pipe_stage(mesh, num_layers: int) -> PipeStage | None:
         layer_ids=list(layer_split(num_layers, pp)[s]), first=s == 0, last=s == pp - 1,
         prev_rank=ranks[s - 1] if s > 0 else None, next_rank=ranks[s + 1] if s < pp - 1 else None,
         logits_to=0 if (engine_pipe and s == pp - 1) else None,
-        logits_from=ranks[-1] if mesh.rank == 0 else None,
+        logits_from=ranks[-1] if mesh.rank == 0 else None, micro=pp,
     )
 
 

@@ -40,6 +40,7 @@ class PipeStage:
     next_rank: int | None = None
     logits_to: int | None = None
     logits_from: int | None = None
+    micro: int = 1  # split each step into this many micro-batches, which flow through the stages together
 
 
 @dataclass
@@ -81,6 +82,23 @@ class StepPlan:
     def __len__(self) -> int:
         return len(self.starts)
 
+    def split(self, parts: int) -> list[StepPlan]:
+        """Consecutive groups of segments with about equal token counts: the step's micro-batches."""
+        total, out, cur, acc = len(self.ids), [], StepPlan(), 0
+        for i in range(len(self)):
+            s, n = self.starts[i], self.lens[i]
+            cur.starts.append(len(cur.ids))
+            for name in ("lens", "offsets", "pages", "want_logits"):
+                getattr(cur, name).append(getattr(self, name)[i])
+            for name in ("ids", "positions", "slots"):
+                getattr(cur, name).extend(getattr(self, name)[s : s + n])
+            acc += n
+            if len(out) < parts - 1 and acc * parts >= total * (len(out) + 1) and i < len(self) - 1:
+                out.append(cur)
+                cur = StepPlan()
+        out.append(cur)
+        return out
+
 
 def _is_decode(plan: StepPlan, i: int) -> bool:
     return plan.lens[i] == 1 and plan.offsets[i] > 0
@@ -92,7 +110,30 @@ def run_plan(model, cache: PagedLatentCache, plan: StepPlan, pipe: PipeStage | N
 
     With `pipe`, only this stage's layers run: hidden states come from the previous stage and go to the
     next; the logits reach the engine's rank from the last stage (other stages return an empty tensor).
+    The step is cut into `pipe.micro` micro-batches; sends are asynchronous, so while stage s+1 works on
+    micro-batch k, stage s already computes k+1 (every rank cuts the same plan the same way).
     """
+    if pipe is None:
+        return _run(model, cache, plan, None, [])
+    import torch.distributed as dist
+
+    works: list = []
+    subs = plan.split(max(1, min(pipe.micro, len(plan))))
+    outs = [_run(model, cache, sub, pipe, works) for sub in subs]
+    if pipe.logits_from is not None and not pipe.last:  # the engine's rank: logits come back in order
+        outs = []
+        for sub in subs:
+            logits = torch.empty(sum(sub.want_logits), model.config.vocab_size, dtype=torch.float32,
+                                 device=model.lm_head.weight.device)
+            if logits.shape[0]:
+                dist.recv(logits, pipe.logits_from)
+            outs.append(logits)
+    for w in works:
+        w.wait()
+    return torch.cat(outs) if outs else torch.zeros(0, model.config.vocab_size)
+
+
+def _run(model, cache: PagedLatentCache, plan: StepPlan, pipe: PipeStage | None, works: list) -> torch.Tensor:
     import torch.distributed as dist
 
     dev = model.lm_head.weight.device
@@ -155,16 +196,25 @@ def run_plan(model, cache: PagedLatentCache, plan: StepPlan, pipe: PipeStage | N
     rows = [plan.starts[i] + plan.lens[i] - 1 for i in range(len(plan)) if plan.want_logits[i]]
     vocab = model.config.vocab_size
     if pipe is not None and not pipe.last:
-        dist.send(h.contiguous(), pipe.next_rank)
-        if pipe.logits_from is None or not rows:
-            return torch.zeros(0, vocab, dtype=torch.float32, device=dev)
-        logits = torch.empty(len(rows), vocab, dtype=torch.float32, device=dev)
-        dist.recv(logits, pipe.logits_from)
-        return logits
+        h = h.contiguous()
+        works.append(dist.isend(h, pipe.next_rank))
+        works.append(_Keep(h))
+        return torch.zeros(0, vocab, dtype=torch.float32, device=dev)
     if not rows:
         return h.new_zeros(0, vocab, dtype=torch.float32)
     last = model.model.norm(h[0, torch.tensor(rows, dtype=torch.long, device=dev)])
-    logits = model.head(last).float()
+    logits = model.head(last).float().contiguous()
     if pipe is not None and pipe.logits_to is not None and pipe.logits_to != dist.get_rank():
-        dist.send(logits.contiguous(), pipe.logits_to)
+        works.append(dist.isend(logits, pipe.logits_to))
+        works.append(_Keep(logits))
     return logits
+
+
+class _Keep:
+    """Holds a tensor alive until its asynchronous send has been waited for."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    def wait(self) -> None:
+        self.t = None
