@@ -175,3 +175,20 @@ def test_add_request_errors(tiny):
     eng.add_request("x", [1], SamplingParams(max_tokens=2))
     with pytest.raises(EngineError):
         eng.add_request("x", [1], SamplingParams(max_tokens=2))  # id already active
+
+
+def test_step_plan_split_keeps_every_token_in_order():
+    from runtime.serve.forward import StepPlan
+
+    plan = StepPlan()
+    for i, (n, off) in enumerate([(5, 0), (1, 9), (1, 4), (12, 0), (1, 3)]):
+        plan.add(list(range(100 + i, 100 + i + n)), off, list(range(10)), 4, i % 2 == 0)
+    for parts in (1, 2, 3, 5, 9):
+        subs = plan.split(parts)
+        assert 1 <= len(subs) <= min(parts, len(plan))
+        for name in ("ids", "positions", "slots"):
+            assert sum((getattr(s, name) for s in subs), []) == getattr(plan, name)
+        for name in ("lens", "offsets", "pages", "want_logits"):
+            assert sum((getattr(s, name) for s in subs), []) == getattr(plan, name)
+        for s in subs:  # starts are re-based per micro-batch
+            assert s.starts == [sum(s.lens[:i]) for i in range(len(s))]
