@@ -43,7 +43,7 @@ def train(fp8: bool, steps: int, batch: int, seq_len: int, lr: float, seed: int 
     if fp8:
         convert_to_fp8_training(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    tokens = torch.tensor(token_stream(steps * batch * seq_len + 1), dtype=torch.long)
+    tokens = torch.tensor(token_stream(steps * batch * seq_len + 1, seed), dtype=torch.long)
     losses = []
     for s in range(steps):
         base = s * batch * seq_len
@@ -60,10 +60,12 @@ def train(fp8: bool, steps: int, batch: int, seq_len: int, lr: float, seed: int 
     return losses
 
 
-def compare(steps: int = 200, batch: int = 8, seq_len: int = 64, lr: float = 1e-3) -> dict[str, float]:
+def compare(
+    steps: int = 200, batch: int = 8, seq_len: int = 64, lr: float = 1e-3, seed: int = 0
+) -> dict[str, float]:
     """Both runs; returns final losses and relative gaps (last step and last-10 mean)."""
-    ref = train(False, steps, batch, seq_len, lr)
-    f8 = train(True, steps, batch, seq_len, lr)
+    ref = train(False, steps, batch, seq_len, lr, seed)
+    f8 = train(True, steps, batch, seq_len, lr, seed)
     tail = min(10, steps)
     ref_tail, f8_tail = sum(ref[-tail:]) / tail, sum(f8[-tail:]) / tail
     return {
@@ -84,11 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0, help="model init and data seed")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     t0 = time.time()
-    r = compare(args.steps, args.batch, args.seq_len, args.lr)
-    print(f"builtin:tiny, {r['steps']} steps, batch {args.batch} x seq {args.seq_len}, AdamW lr {args.lr}")
+    r = compare(args.steps, args.batch, args.seq_len, args.lr, args.seed)
+    print(
+        f"builtin:tiny, {r['steps']} steps, batch {args.batch} x seq {args.seq_len}, AdamW lr {args.lr}, "
+        f"seed {args.seed}"
+    )
     print(f"initial loss            {r['first_loss']:.4f}")
     print(f"fp32 final loss         {r['fp32_final']:.4f}   (mean of last 10: {r['fp32_tail']:.4f})")
     print(f"fp8 recipe final loss   {r['fp8_final']:.4f}   (mean of last 10: {r['fp8_tail']:.4f})")
