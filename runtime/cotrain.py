@@ -55,9 +55,11 @@ class TrainWork:
     """The training side of the shared scheduler, on every rank (the driver fills the queue)."""
 
     def __init__(self, trainer, job_steps: int = 0, clip_eps: float = 0.2) -> None:
-        if getattr(trainer, "pp", 1) > 1:
-            raise NotImplementedError("training steps under the shared scheduler need parallel.pp = 1 for now "
-                                      "(the micro-steps run the model's own forward, not the pipeline)")
+        self.pipelined = getattr(trainer, "executor", None) is not None
+        if self.pipelined and trainer.schedule.num_stages != trainer.pp:
+            raise NotImplementedError(
+                f"serve + train under parallel.pp > 1 needs a schedule with one stage per pipeline rank "
+                f"(1f1b, zb1p, gpipe), not {trainer.schedule.kind!r}: serving runs the layers this rank trains")
         self.trainer = trainer
         self.model = trainer.model
         self.queue: deque[TrainItem] = deque()
@@ -86,7 +88,7 @@ class TrainWork:
             return
         t = self.trainer
         inputs, _ = t.data.batch(t.step, t.dp_rank, t.dp)
-        n = len(t._split(inputs.shape[0]))
+        n = 1 if self.pipelined else len(t._split(inputs.shape[0]))  # pipelined: one executor step
         for i in range(n):
             self.queue.append(TrainItem(Kind.TRAIN_MICRO, "job", step=t.step, micro=i, micros=n))
         self.queue.append(TrainItem(Kind.OPTIM, "job", step=t.step))
@@ -150,13 +152,20 @@ class TrainWork:
         t = self.trainer
         self.current = item
         self.model.train()
+        stats: dict[str, float] = {}
         if item.source == "job":
             inputs, labels = (x.to(t.device) for x in t.data.batch(item.step, t.dp_rank, t.dp))
-            sl = t._split(inputs.shape[0])[item.micro]
-            loss, parts = self.model(inputs[sl], labels[sl])
-            (loss / item.micros).backward()
-            ce, tokens = float(parts["ce"].detach()), int(labels[sl].numel())
-            stats: dict[str, float] = {}
+            if self.pipelined:  # the whole step's micro-batches through the pipeline schedule
+                ce = t._forward_backward(inputs, labels, t._split(inputs.shape[0]))["ce"]
+                tokens = int(labels.numel())
+            else:
+                sl = t._split(inputs.shape[0])[item.micro]
+                loss, parts = self.model(inputs[sl], labels[sl])
+                (loss / item.micros).backward()
+                ce, tokens = float(parts["ce"].detach()), int(labels[sl].numel())
+        elif self.pipelined:
+            ce, tokens = self._pipelined_ce(item.batch)
+            self.pending_rl += 1
         else:
             b = item.batch
             b = RLBatch(b.input_ids.to(t.device), b.loss_mask.to(t.device), b.advantages, b.old_logprobs, b.loss)
@@ -174,28 +183,47 @@ class TrainWork:
         if item.on_done is not None:  # a train op without an optimizer step
             item.on_done(self._result(item.result))
 
-    def run_optim(self, item: TrainItem | None) -> None:
-        """Reduce, clip and apply the accumulated gradients; bump the weight version on every rank."""
-        from parallel.shard import all_reduce_data_parallel_grads, all_reduce_partial_grads
-        from runtime.train.optim import clip_coefficient, global_grad_norm, lr_at
+    def _pipelined_ce(self, batch: RLBatch) -> tuple[float, int]:
+        """A `ce` op through the pipeline executor: labels are the next tokens where the mask selects them
+        (-100 elsewhere); rows are padded with ignored rows to the schedule's micro-batch count. The
+        executor's loss is the token mean over the whole batch, the same as `masked_ce`."""
+        if batch.loss != "ce":
+            raise ValueError("under parallel.pp > 1 only loss 'ce' is supported (the pipeline executor computes "
+                             "the cross-entropy on the last stage)")
+        t = self.trainer
+        ids, mask = batch.input_ids.to(t.device), batch.loss_mask.to(t.device)
+        labels = torch.where(mask[:, 1:] > 0, ids[:, 1:], torch.full_like(ids[:, 1:], -100))
+        labels = torch.cat([labels, torch.full_like(ids[:, :1], -100)], dim=1)
+        m = t.schedule.chunks
+        pad = -ids.shape[0] % m
+        if pad:
+            ids = torch.cat([ids, torch.zeros(pad, ids.shape[1], dtype=ids.dtype, device=ids.device)])
+            labels = torch.cat([labels, torch.full((pad, ids.shape[1]), -100, dtype=labels.dtype,
+                                                   device=ids.device)])
+        per = ids.shape[0] // m
+        loss = t.executor.run_step([(ids[i * per:(i + 1) * per], labels[i * per:(i + 1) * per])
+                                    for i in range(m)])
+        return float(loss), batch.tokens
 
+    def supports(self, loss: str) -> str | None:
+        """Why a `train` op with this loss cannot run here (None: it can)."""
+        if self.pipelined and loss != "ce":
+            return (f"loss {loss!r} under parallel.pp > 1 is not supported yet (the pipeline executor "
+                    f"computes only the cross-entropy); use loss 'ce' or pp = 1")
+        return None
+
+    def run_optim(self, item: TrainItem | None) -> None:
+        """Reduce, clip and apply the accumulated gradients (Trainer.apply_gradients: TP/DP reductions,
+        global norm, clip, ZeRO-1 AdamW, bias update, step + 1); bump the weight version on every rank."""
         t, tr = self.trainer, self.trainer.config["train"]
         self.current = item
         if self.pending_rl > 1:
             for p in self.model.parameters():
                 if p.grad is not None:
                     p.grad.div_(self.pending_rl)
-        all_reduce_partial_grads(self.model, t.tp_group)
-        all_reduce_data_parallel_grads(self.model, t.dp_group, t.edp_group)
-        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
-        norm = global_grad_norm((p.grad for n, p in named if t._counted(n)), t.world_group, t.device)
         job = item is None or item.source == "job"
-        min_lr = tr["min_lr"] if job else tr["lr"]  # train ops: constant train.lr after warmup
-        lr = lr_at(t.step, tr["lr"], min_lr, tr["warmup_steps"], tr["steps"])
-        t.optimizer.step(lr, clip_coefficient(norm, tr["grad_clip"]))
-        if t.balancer is not None:
-            t.balancer.step()
-        t.step += 1
+        upd = t.apply_gradients(min_lr=None if job else tr["lr"])  # train ops: constant lr after warmup
+        norm, lr = upd["grad_norm"], upd["lr"]
         for p in self.model.parameters():
             p.grad = None
         self.pending_rl = self.pending_micro = 0

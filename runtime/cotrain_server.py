@@ -178,6 +178,9 @@ class CoServer(Server):
         if work is None:
             raise ProtocolError("bad_request", "this server does not train: start it with `moerun serve "
                                 "--train` (or pass a TrainWork to the Scheduler)", req["id"])
+        why = work.supports(req["loss"])
+        if why is not None:
+            raise ProtocolError("bad_request", why, req["id"])
         if len(work.queue) >= MAX_TRAIN_QUEUE:
             raise ProtocolError("queue_full", f"{len(work.queue)} training steps are queued; retry later",
                                 req["id"])
@@ -225,9 +228,6 @@ def serve_with_training(config: dict, mesh=None, *, bind: str | None = None, tok
     from runtime.train.trainer import Trainer
     from runtime.weights import WeightVersions
 
-    if mesh is not None and mesh.size("pp") > 1:
-        raise NotImplementedError("serve --train with parallel.pp > 1: the serving forward is not pipelined "
-                                  "yet (see docs/scheduler.md); use tp/ep/dp")
     trainer = Trainer(config, mesh)
     sv = config["serve"]
     group = mesh.group("world") if mesh is not None and mesh.world_size > 1 else None
@@ -236,8 +236,14 @@ def serve_with_training(config: dict, mesh=None, *, bind: str | None = None, tok
     engine = Engine(trainer.model, max_batch=sv["max_batch"], max_model_len=sv["max_model_len"],
                     max_prefill_tokens=sv["max_prefill_tokens"], page_size=sv["page_size"],
                     kv_cache_tokens=kv_tokens)
-    weights = WeightVersions(engine, pin=bool(sv.get("pin_weights", False)))
     work = TrainWork(trainer, job_steps=max(0, config["train"]["steps"] - trainer.step))
+    if mesh is not None and mesh.size("pp") > 1:
+        from runtime.serve.distributed import pipe_stage
+
+        # Serving runs this rank's stage: the same layers its training stage holds and updates (TrainWork
+        # checked that the schedule has one stage per rank, split like `layer_split`).
+        engine.set_pipeline(pipe_stage(mesh, len(trainer.model.model.layers)))
+    weights = WeightVersions(engine, pin=bool(sv.get("pin_weights", False)))
     sched = Scheduler(engine, work, scheduler_config(config), weights, group=group, src=0, rank=rank,
                       device=trainer.device)
     if not sched.is_driver:

@@ -286,7 +286,8 @@ class Scheduler:
                 from runtime.serve.forward import run_plan
 
                 self._eval()
-                run_plan(self.engine.model, self.engine.cache, decode_step_plan(flat))
+                run_plan(self.engine.model, self.engine.cache, decode_step_plan(flat),
+                         getattr(self.engine, "pipe", None))
         elif kind == Kind.TRAIN_MICRO:
             item = self.work.receive_payload(head[1:], self._bcast, self.device)
             self.work.run_micro(item)

@@ -225,3 +225,22 @@ def test_pinned_update_drains_started_requests_then_runs_before_new_ones():
     assert weights.version == 2 and eng.cache.prefix.clears == 2
     # micro-steps go on while the update waits for the two started requests (3 more serving steps)
     assert "".join(log) == "S" + "mm" + "SSS" + "O" + "mmO" + "SS"
+
+
+def test_pipelined_training_refuses_what_it_cannot_run():
+    from runtime.cotrain import TrainWork
+
+    class Sched:
+        def __init__(self, kind: str, stages: int) -> None:
+            self.kind, self.num_stages = kind, stages
+
+    class T:
+        pp, model, executor = 2, None, object()
+
+        def __init__(self, kind: str, stages: int) -> None:
+            self.schedule = Sched(kind, stages)
+
+    work = TrainWork(T("1f1b", 2))
+    assert work.supports("ce") is None and "pp > 1" in work.supports("grpo")
+    with pytest.raises(NotImplementedError, match="one stage per pipeline rank"):
+        TrainWork(T("dualpipev", 4))
