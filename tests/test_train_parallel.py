@@ -85,6 +85,20 @@ def _check(rank, world, root, model, data, ref_losses, ref_norms, ref_logits, id
             for step, (r, b) in enumerate(zip(rows, ref_norms), 1):  # each parameter counted once
                 assert abs(r["grad_norm"] - b) <= REL * b, f"{name} step {step}: grad norm {r['grad_norm']} vs {b}"
 
+    # DualPipe with bias updates: both copies of every gate move their biases alike
+    import torch.distributed as dist
+
+    mesh = _mesh(rank, world, pp=2)
+    cfg = _config(root, "dualpipe-bias", model, data, dict(pp=2, schedule="dualpipe"))
+    cfg["train"].update(steps=2, bias_update_rate=0.05)
+    trainer = Trainer(cfg, mesh, log=quiet)
+    trainer.fit()
+    mine = torch.stack([g.e_score_correction_bias for g in trainer.gates])
+    assert float(mine.abs().max()) > 0
+    peer = [torch.empty_like(mine) for _ in range(2)]
+    dist.all_gather(peer, mine, group=mesh.group("pp"))  # pp=2: both ranks hold both stages
+    assert torch.equal(peer[0], peer[1]), "dualpipe copies of the router biases drifted apart"
+
     # reshard: the (pp=2 dualpipev, ep=2) checkpoint at (tp=2, dp=2) and in a single process
     from runtime.train.checkpoint import latest_checkpoint
 

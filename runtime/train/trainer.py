@@ -147,10 +147,6 @@ class Trainer:
         from parallel.pipeline.executor import PipelineExecutor
         from parallel.pipeline.stages import build_stages
 
-        if par["schedule"] == "dualpipe" and self.config["train"]["bias_update_rate"] > 0:
-            raise ValueError("parallel.schedule = 'dualpipe' holds every stage on two ranks whose expert loads "
-                             "differ; the bias update would let the copies drift: use 'dualpipev', or set "
-                             "train.bias_update_rate = 0")
         self.schedule = build(par["schedule"], self.pp, self.microbatches)
         self.stages = build_stages(self.model, self.schedule, self.mesh.coord("pp"))
         self.executor = PipelineExecutor(self.stages, self.schedule, self.mesh,
@@ -249,9 +245,26 @@ class Trainer:
         lr = lr_at(self.step, tr["lr"], tr["min_lr"] if min_lr is None else min_lr, tr["warmup_steps"],
                    tr["steps"])
         self.optimizer.step(lr, clip_coefficient(norm, tr["grad_clip"]))
+        if self.balancer is not None and self.stages and self.schedule.kind == "dualpipe":
+            self._add_mirror_loads()
         loads = self.balancer.step() if self.balancer is not None else None
         self.step += 1
         return {"grad_norm": norm, "lr": lr, "loads": loads}
+
+    def _add_mirror_loads(self) -> None:
+        """DualPipe: pipeline ranks r and P-1-r hold the same stages (as chunks 0/1 and 1/0), so the same
+        gates in the same model order, but each routes different micro-batches. Add the mirror's loads to
+        ours, so both copies of every gate see the step's whole load and move their biases alike."""
+        mine = self.balancer.pending_loads().to(self.device)
+        theirs = torch.empty_like(mine)
+        peer = self.mesh.ranks("pp")[self.pp - 1 - self.mesh.coord("pp")]
+        group = self.mesh.group("pp")
+        ops = [dist.P2POp(dist.isend, mine, peer, group), dist.P2POp(dist.irecv, theirs, peer, group)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        experts = torch.arange(theirs.shape[1], device=self.device)
+        for layer, counts in enumerate(theirs):
+            self.balancer.record(layer, torch.repeat_interleave(experts, counts))
 
     def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor,
                           chunks: list[slice]) -> dict[str, float]:
