@@ -7,9 +7,10 @@ optimizer steps. `TrainWork` keeps a FIFO of such items from two sources:
   `data.batch(s)` followed by one optimizer step, enqueued only when nothing else is accumulating;
 - `train` ops (RL rollouts, SFT batches) over ZeroMQ: one micro-step each, plus an optimizer step when
   the op asks for one (`optimizer_step`, default true).
-The optimizer step repeats Trainer.train_step's second half (TP/DP gradient reductions, global norm, clip,
-ZeRO-1 AdamW, bias update), then bumps the weight version. Gradients of k accumulated `train` ops are
-averaged (each op's loss is a token mean over its own loss mask).
+The optimizer step is `Trainer.apply_gradients` (TP/DP gradient reductions, global norm, clip, ZeRO-1
+AdamW, bias update), then the weight version is bumped. Gradients of k accumulated `train` ops are
+averaged (each op's loss is a token mean over its own loss mask). Under pipeline parallelism a job step
+is one item (the executor runs all its micro-batches) and `train` ops support the "ce" loss only.
 """
 
 from __future__ import annotations
