@@ -90,8 +90,14 @@ def _version() -> str:
 
 
 def announce(server, config: dict) -> None:
-    e = server.engine
     import os
+    import sys
+
+    e = server.engine
+    ep = server.endpoint
+    if not (ep.startswith(("ipc://", "inproc://")) or "://127." in ep or "://localhost" in ep or "://[::1]" in ep):
+        print(f"moerun serve: WARNING: {ep} is not loopback; the protocol has no authentication, expose it "
+              "only on a trusted network", file=sys.stderr, flush=True)
 
     print(f"moerun serve: listening on {server.endpoint} pid={os.getpid()} model={config['model']['path']} "
           f"kv_cache={e.cache.num_pages}x{e.page_size} tokens "
