@@ -161,7 +161,9 @@ def save_checkpoint(out: str, step: int, *, params: list[tuple[str, torch.Tensor
     tmp = os.path.join(root, f".tmp-step-{step}")
     if rank == 0:
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in os.listdir(root):  # torn writes of a killed run (never read: no manifest)
+            if stale.startswith(".tmp-step-"):
+                shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
         os.makedirs(tmp)
     if world is not None:
         dist.barrier(group=world)
