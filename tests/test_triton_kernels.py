@@ -204,6 +204,42 @@ def _dispatch_forced_triton() -> None:
     torch.testing.assert_close(y, dispatch.grouped_swiglu(x, gate, up, down, counts, backend="torch"))
     w = torch.ones(40)
     torch.testing.assert_close(dispatch.rms_norm(x, w, backend="triton"), dispatch.rms_norm(x, w, backend="torch"))
+    y_t, s_t = dispatch.add_rms_norm(x, 2 * x, w, backend="triton")
+    y_r, s_r = dispatch.add_rms_norm(x, 2 * x, w, backend="torch")
+    torch.testing.assert_close(y_t, y_r)
+    assert torch.equal(s_t, s_r)
+
+
+def _model_logits_with_triton() -> None:
+    """builtin:tiny's logits with every RMSNorm and routed-expert MLP on the Triton kernels (the wiring that
+    runtime/model.py would get from ops.dispatch) equal the torch logits."""
+    import ops.norm
+    import runtime.model
+    from ops import dispatch
+    from runtime import load_model
+
+    model = load_model("builtin:tiny")
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.logits(ids)
+        orig_norm, orig_experts = ops.norm.rms_norm, runtime.model.grouped_swiglu
+        calls = {"norm": 0, "experts": 0}
+
+        def norm(x, w, eps=1e-6):
+            calls["norm"] += 1
+            return dispatch.rms_norm(x, w, eps, backend="triton")
+
+        def experts(x, g, u, d, t, force_loop=False):
+            calls["experts"] += 1
+            return dispatch.grouped_swiglu(x, g, u, d, t, backend="triton")
+
+        ops.norm.rms_norm, runtime.model.grouped_swiglu = norm, experts
+        try:
+            got = model.logits(ids)
+        finally:
+            ops.norm.rms_norm, runtime.model.grouped_swiglu = orig_norm, orig_experts
+    assert calls["norm"] >= 4 * 3 + 1 and calls["experts"] == 3, calls  # 4 layers x 3 norms + final; 3 MoE
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 CASES = {
@@ -223,6 +259,7 @@ CASES = {
     "fp8_quantize": _fp8_quant,
     "fp8_gemm": _fp8_gemm,
     "dispatch_forced_triton": _dispatch_forced_triton,
+    "model_logits_with_triton": _model_logits_with_triton,
 }
 
 
