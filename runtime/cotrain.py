@@ -49,13 +49,13 @@ class TrainItem:
             return (0, self.step, self.micro, self.micros)
         b = self.batch
         return (1, b.input_ids.shape[0], b.input_ids.shape[1], LOSS_CODES[b.loss],
-                int(b.advantages is not None), int(b.old_logprobs is not None))
+                int(b.advantages is not None), int(b.old_logprobs is not None), int(b.kl_coef > 0))
 
 
 class TrainWork:
     """The training side of the shared scheduler, on every rank (the driver fills the queue)."""
 
-    def __init__(self, trainer, job_steps: int = 0, clip_eps: float = 0.2) -> None:
+    def __init__(self, trainer, job_steps: int = 0, clip_eps: float = 0.2, reference: bool = False) -> None:
         self.pipelined = getattr(trainer, "executor", None) is not None
         if self.pipelined and trainer.schedule.num_stages != trainer.pp:
             raise NotImplementedError(
@@ -74,6 +74,9 @@ class TrainWork:
         self.tokens_total = 0
         self.job_steps_done = 0
         self._t0 = time.perf_counter()
+        # Optional frozen reference for GRPO's KL term: a second copy of the weights as they are now (off by
+        # default; the only thing here that costs a copy). Built the way the Trainer built its model.
+        self.ref_model = self._frozen_copy() if reference else None
 
     # --- queue ----------------------------------------------------------------------------------------
     def submit(self, batch: RLBatch, optimizer_step: bool = True,
@@ -132,17 +135,20 @@ class TrainWork:
             bcast(b.advantages.to(dev))
         if b.old_logprobs is not None:
             bcast(b.old_logprobs.to(dev))
+        if b.kl_coef > 0:
+            bcast(torch.tensor([b.kl_coef], dtype=torch.float64, device=dev))
 
     def receive_payload(self, head: list[int], bcast: Callable, device) -> TrainItem:
         if head[0] == 0:
             return TrainItem(Kind.TRAIN_MICRO, "job", step=head[1], micro=head[2], micros=head[3])
-        rows, cols, loss, has_adv, has_old = head[1:6]
+        rows, cols, loss, has_adv, has_old, has_kl = head[1:7]
         ids = bcast(torch.zeros(rows, cols, dtype=torch.int64, device=device))
         mask = bcast(torch.zeros(rows, cols, dtype=torch.float32, device=device))
         adv = bcast(torch.zeros(rows, dtype=torch.float32, device=device)) if has_adv else None
         old = bcast(torch.zeros(rows, cols, dtype=torch.float32, device=device)) if has_old else None
+        kl = float(bcast(torch.zeros(1, dtype=torch.float64, device=device))[0]) if has_kl else 0.0
         name = {v: k for k, v in LOSS_CODES.items()}[loss]
-        return TrainItem(Kind.TRAIN_MICRO, "rl", batch=RLBatch(ids, mask, adv, old, name))
+        return TrainItem(Kind.TRAIN_MICRO, "rl", batch=RLBatch(ids, mask, adv, old, name, kl))
 
     def receive_optim(self, head: list[int]) -> TrainItem:
         """The other ranks' copy of an optimizer step (its source sets the learning-rate rule)."""
@@ -170,7 +176,8 @@ class TrainWork:
         else:
             b = item.batch
             b = RLBatch(b.input_ids.to(t.device), b.loss_mask.to(t.device), b.advantages, b.old_logprobs, b.loss)
-            loss, stats = batch_loss(self.model, b, self.clip_eps)
+            b.kl_coef = item.batch.kl_coef
+            loss, stats = batch_loss(self.model, b, self.clip_eps, self.ref_model)
             aux = [m.last_aux_loss for m in self.model.modules()
                    if getattr(m, "last_aux_loss", None) is not None]
             (loss + (torch.stack(aux).sum() if aux else 0.0)).backward()
@@ -206,12 +213,29 @@ class TrainWork:
                                     for i in range(m)])
         return float(loss), batch.tokens
 
-    def supports(self, loss: str) -> str | None:
+    def supports(self, loss: str, kl_coef: float = 0.0) -> str | None:
         """Why a `train` op with this loss cannot run here (None: it can)."""
         if self.pipelined and loss != "ce":
             return (f"loss {loss!r} under parallel.pp > 1 is not supported yet (the pipeline executor "
                     f"computes only the cross-entropy); use loss 'ce' or pp = 1")
+        if kl_coef > 0 and self.ref_model is None:
+            return "kl_coef > 0 needs a frozen reference: start the server with scheduler.kl_reference = true"
         return None
+
+    def _frozen_copy(self):
+        from runtime.train.trainer import build_train_model
+
+        t = self.trainer
+        if self.pipelined:
+            raise NotImplementedError("scheduler.kl_reference under parallel.pp > 1 is not supported yet")
+        ref = build_train_model(t.config["model"]["path"], t.mesh, t.dtype, False, t.config["train"]["seed"],
+                                t.device)
+        res = ref.load_state_dict(self.model.state_dict(), strict=False)  # the weights as they are now
+        if res.missing_keys:
+            raise RuntimeError(f"frozen reference: weights missing for {res.missing_keys[:4]}")
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref.eval()
 
     def run_optim(self, item: TrainItem | None) -> None:
         """Reduce, clip and apply the accumulated gradients (Trainer.apply_gradients: TP/DP reductions,

@@ -18,7 +18,8 @@ from runtime.server import Server
 
 __all__ = ["TRAIN_FIELDS", "validate_train", "CoServer", "add_train_flag", "serve_with_training"]
 
-TRAIN_FIELDS = {"op", "id", "input_ids", "loss_mask", "advantages", "old_logprobs", "loss", "optimizer_step"}
+TRAIN_FIELDS = {"op", "id", "input_ids", "loss_mask", "advantages", "old_logprobs", "loss", "optimizer_step",
+                "kl_coef"}
 MAX_TRAIN_ROWS = 4096
 MAX_TRAIN_QUEUE = 256  # queued train ops at most (each holds its batch)
 
@@ -89,11 +90,16 @@ def validate_train(msg: dict, *, vocab_size: int, max_model_len: int) -> dict:
         if loss != "grpo":
             raise ProtocolError("bad_request", "old_logprobs apply only to loss 'grpo'", rid)
         old = _rows(old, "old_logprobs", rid, shape, "float")
+    kl = msg.get("kl_coef", 0.0)
+    if isinstance(kl, bool) or not isinstance(kl, (int, float)) or not math.isfinite(kl) or kl < 0:
+        raise ProtocolError("bad_request", f"kl_coef must be a finite number >= 0, got {kl!r}"[:200], rid)
+    if kl > 0 and loss != "grpo":
+        raise ProtocolError("bad_request", "kl_coef applies only to loss 'grpo'", rid)
     step = msg.get("optimizer_step", True)
     if not isinstance(step, bool):
         raise ProtocolError("bad_request", f"optimizer_step must be true or false, got {type(step).__name__}", rid)
     return {"id": rid, "input_ids": ids, "loss_mask": mask, "advantages": adv, "old_logprobs": old,
-            "loss": loss, "optimizer_step": step}
+            "loss": loss, "optimizer_step": step, "kl_coef": float(kl)}
 
 
 class CoServer(Server):
@@ -178,14 +184,14 @@ class CoServer(Server):
         if work is None:
             raise ProtocolError("bad_request", "this server does not train: start it with `moerun serve "
                                 "--train` (or pass a TrainWork to the Scheduler)", req["id"])
-        why = work.supports(req["loss"])
+        why = work.supports(req["loss"], req["kl_coef"])
         if why is not None:
             raise ProtocolError("bad_request", why, req["id"])
         if len(work.queue) >= MAX_TRAIN_QUEUE:
             raise ProtocolError("queue_full", f"{len(work.queue)} training steps are queued; retry later",
                                 req["id"])
         batch = RLBatch.from_lists(req["input_ids"], req["loss_mask"], req["advantages"], req["old_logprobs"],
-                                   req["loss"])
+                                   req["loss"], req["kl_coef"])
         cid = req["id"]
 
         def done(result: dict) -> None:
@@ -236,7 +242,8 @@ def serve_with_training(config: dict, mesh=None, *, bind: str | None = None, tok
     engine = Engine(trainer.model, max_batch=sv["max_batch"], max_model_len=sv["max_model_len"],
                     max_prefill_tokens=sv["max_prefill_tokens"], page_size=sv["page_size"],
                     kv_cache_tokens=kv_tokens)
-    work = TrainWork(trainer, job_steps=max(0, config["train"]["steps"] - trainer.step))
+    work = TrainWork(trainer, job_steps=max(0, config["train"]["steps"] - trainer.step),
+                     reference=bool(config["scheduler"].get("kl_reference", False)))
     if mesh is not None and mesh.size("pp") > 1:
         from runtime.serve.distributed import pipe_stage
 

@@ -48,7 +48,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "pin_weights": False,
     },
     # The shared train/serve scheduler (docs/scheduler.md): which kind of step runs when both have work.
-    "scheduler": {"policy": "serve_first", "share": 0.5, "max_train_microsteps": 8},
+    "scheduler": {"policy": "serve_first", "share": 0.5, "max_train_microsteps": 8, "kl_reference": False},
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {

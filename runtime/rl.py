@@ -27,6 +27,7 @@ class RLBatch:
     advantages: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
     loss: str = "ce"
+    kl_coef: float = 0.0  # grpo: weight of the KL term to the frozen reference (0: off)
 
     @property
     def tokens(self) -> int:
@@ -36,7 +37,7 @@ class RLBatch:
     @classmethod
     def from_lists(cls, input_ids: list[list[int]], loss_mask: list[list[int]] | None = None,
                    advantages: list[float] | None = None, old_logprobs: list[list[float]] | None = None,
-                   loss: str = "ce") -> RLBatch:
+                   loss: str = "ce", kl_coef: float = 0.0) -> RLBatch:
         """Right-pad ragged rows (pad id 0, mask 0: causal attention never lets padding reach real tokens)."""
         b = len(input_ids)
         t = max(len(r) for r in input_ids)
@@ -51,7 +52,7 @@ class RLBatch:
                 old[i, : len(row)] = torch.tensor(old_logprobs[i], dtype=torch.float32)
         mask[:, 0] = 0.0
         adv = torch.tensor(advantages, dtype=torch.float32) if advantages is not None else None
-        return cls(ids, mask, adv, old, loss)
+        return cls(ids, mask, adv, old, loss, float(kl_coef))
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale: bool = True
@@ -110,9 +111,11 @@ def masked_ce(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _masked_mean(-logprobs, mask)
 
 
-def batch_loss(model, batch: RLBatch, clip_eps: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+def batch_loss(model, batch: RLBatch, clip_eps: float = 0.2, ref_model=None
+               ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one `train` op on `model` (grad-enabled): "ce" or "grpo". Without old_logprobs GRPO is
-    on-policy (old = the current logprobs, detached: ratio 1, the plain policy gradient)."""
+    on-policy (old = the current logprobs, detached: ratio 1, the plain policy gradient). With
+    `batch.kl_coef > 0` the KL term is taken against `ref_model` (frozen; required then)."""
     lp = token_logprobs(model, batch.input_ids)
     mask = batch.loss_mask.to(lp.device)
     if batch.loss == "ce":
@@ -122,4 +125,10 @@ def batch_loss(model, batch: RLBatch, clip_eps: float = 0.2) -> tuple[torch.Tens
     if batch.advantages is None:
         raise ValueError("the grpo loss needs advantages (one per row)")
     old = batch.old_logprobs.to(lp.device) if batch.old_logprobs is not None else lp.detach()
-    return grpo_token_loss(lp, old, batch.advantages.to(lp.device), mask, clip_eps)
+    ref = None
+    if batch.kl_coef > 0:
+        if ref_model is None:
+            raise ValueError("kl_coef > 0 needs a frozen reference model")
+        with torch.no_grad():
+            ref = token_logprobs(ref_model, batch.input_ids)
+    return grpo_token_loss(lp, old, batch.advantages.to(lp.device), mask, clip_eps, ref, batch.kl_coef)

@@ -142,3 +142,17 @@ def test_served_logprobs_and_experts_equal_the_training_forward():
     prompt = torch.randint(0, 256, (11,), generator=torch.Generator().manual_seed(3)).tolist()
     err, mism = _serve_vs_train(model, prompt, 12, prefill_chunk=5)
     assert err < 1e-5 and mism == 0, (err, mism)
+
+
+def test_kl_term_uses_the_frozen_reference():
+    from runtime.loading import load_model
+
+    model, ref = load_model("builtin:tiny", mtp=False), load_model("builtin:tiny", mtp=False, seed=1)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(5))
+    b = RLBatch.from_lists(ids.tolist(), None, [1.0, -1.0], None, "grpo", kl_coef=0.1)
+    loss, stats = batch_loss(model, b, ref_model=ref)
+    lp = token_logprobs(model, ids)
+    want, _ = grpo_token_loss(lp, lp.detach(), b.advantages, b.loss_mask, 0.2, token_logprobs(ref, ids), 0.1)
+    assert abs(loss.item() - want.item()) < 1e-6 and stats["kl"] > 0
+    with pytest.raises(ValueError, match="frozen reference"):
+        batch_loss(model, b)

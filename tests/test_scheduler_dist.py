@@ -55,7 +55,7 @@ def _op():
     g = torch.Generator().manual_seed(9)
     rows = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (10, 8, 10, 6)]
     return RLBatch.from_lists(rows, [[0] * 3 + [1] * (len(r) - 3) for r in rows], [1.0, -1.0, 0.5, -0.5],
-                              [[-4.0] * len(r) for r in rows], "grpo")
+                              [[-4.0] * len(r) for r in rows], "grpo", kl_coef=0.3)
 
 
 def _apply(work, sched=None) -> None:
@@ -98,7 +98,7 @@ def _case(rank: int, world: int, out_dir: str) -> None:
     assert err < 1e-5 and mism == 0, (rank, err, mism)
     engine = Engine(trainer.model, max_batch=4, max_model_len=64, max_prefill_tokens=16, page_size=8,
                     kv_cache_tokens=256)
-    work = TrainWork(trainer)
+    work = TrainWork(trainer, reference=True)  # the KL term's reference rides along (broadcast kl_coef)
     sched = Scheduler(engine, work, SchedulerConfig("serve_first"), WeightVersions(engine),
                       group=dist.group.WORLD, src=0, rank=rank)
     served = []
@@ -120,10 +120,11 @@ def _case(rank: int, world: int, out_dir: str) -> None:
 
     alone = Trainer(cfg, mesh)  # training only, same layout: the same parameter bytes
     assert param_bytes(alone.model) == param_bytes(engine.model) < param_bytes(_reference(cfg).model)
+    assert param_bytes(work.ref_model) == param_bytes(engine.model)  # the optional KL reference: one copy
 
     if rank == 0:
         ref = _reference(cfg)
-        ref_work = TrainWork(ref)
+        ref_work = TrainWork(ref, reference=True)
         ref_eng = Engine(ref.model, max_batch=4, max_model_len=64, max_prefill_tokens=16, page_size=8,
                          kv_cache_tokens=256)
         ref_sched = Scheduler(ref_eng, ref_work, SchedulerConfig("serve_first"))

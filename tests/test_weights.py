@@ -12,7 +12,8 @@ from runtime.client import Client, ServerError
 GEN = dict(max_tokens=10, ignore_eos=True)
 
 
-def _stack(tmp_path, job_steps: int = 0, policy: str = "serve_first", pin: bool = False, **train):
+def _stack(tmp_path, job_steps: int = 0, policy: str = "serve_first", pin: bool = False, reference: bool = False,
+           **train):
     from runtime.cotrain import TrainWork
     from runtime.scheduler import Scheduler, SchedulerConfig
     from runtime.serve import Engine
@@ -23,7 +24,7 @@ def _stack(tmp_path, job_steps: int = 0, policy: str = "serve_first", pin: bool 
     trainer = Trainer(cfg)
     engine = Engine(trainer.model, max_batch=8, max_model_len=128, max_prefill_tokens=32, page_size=8,
                     kv_cache_tokens=512)
-    work = TrainWork(trainer, job_steps=job_steps)
+    work = TrainWork(trainer, job_steps=job_steps, reference=reference)
     sched = Scheduler(engine, work, SchedulerConfig(policy, share=0.5, max_train_microsteps=4),
                       WeightVersions(engine, pin=pin))
     return cfg, trainer, engine, work, sched
@@ -186,3 +187,50 @@ def test_no_second_copy_of_the_weights(tmp_path):
     assert param_bytes(engine.model) == param_bytes(trainer.model) == alone
     reachable = {id(m) for m in (engine.model, work.model, sched.engine.model, trainer.model)}
     assert len(reachable) == 1
+
+
+@pytest.mark.timeout(120)
+def test_grpo_with_kl_to_the_frozen_reference_over_zmq(tmp_path):
+    from runtime.cotrain import TrainWork
+    from runtime.rl import RLBatch
+    from runtime.train.trainer import Trainer
+
+    cfg, trainer, engine, work, sched = _stack(tmp_path / "a", reference=True)
+    srv = _server(sched)
+    op = _rollout_op(engine.vocab_size)
+    try:
+        with Client(srv.endpoint, timeout=60) as c:
+            r1 = c.request("train", **op, kl_coef=0.5)  # the policy still equals the reference: KL 0
+            r2 = c.request("train", **op, kl_coef=0.5)  # now it moved away: KL > 0
+    finally:
+        srv.stop()
+    assert r1["kl"] == pytest.approx(0.0, abs=1e-7) and r2["kl"] > 1e-6 and r2["weight_version"] == 2
+    ref = Trainer(cfg)
+    ref_work = TrainWork(ref, reference=True)
+    for _ in range(2):
+        ref_work.submit(RLBatch.from_lists(op["input_ids"], op["loss_mask"], op["advantages"],
+                                           op["old_logprobs"], "grpo", kl_coef=0.5))
+    while ref_work.queue:
+        item = ref_work.pop()
+        (ref_work.run_micro if item.kind.name == "TRAIN_MICRO" else ref_work.run_optim)(item)
+    for p, q in zip(trainer.model.parameters(), ref.model.parameters()):
+        assert torch.equal(p, q)
+    # the reference stayed frozen at version 0
+    fresh = Trainer(cfg).model
+    assert all(torch.equal(p, q) for p, q in zip(work.ref_model.parameters(), fresh.parameters()))
+
+
+@pytest.mark.timeout(120)
+def test_kl_without_a_reference_is_a_clear_error(tmp_path):
+    _, _, engine, _, sched = _stack(tmp_path)
+    srv = _server(sched)
+    try:
+        with Client(srv.endpoint, timeout=60) as c:
+            with pytest.raises(ServerError, match="kl_reference"):
+                c.request("train", **_rollout_op(engine.vocab_size), kl_coef=0.1)
+            with pytest.raises(ServerError, match="only to loss 'grpo'"):
+                c.request("train", input_ids=[[1, 2, 3]], kl_coef=0.1)
+            with pytest.raises(ServerError, match="kl_coef must be"):
+                c.request("train", **_rollout_op(engine.vocab_size), kl_coef=-1)
+    finally:
+        srv.stop()
