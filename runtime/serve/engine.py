@@ -235,6 +235,7 @@ class Engine:
             if not ok:
                 self._release(req)  # hold nothing while waiting, or a waiter could starve the running
                 break
+            self._count_admission(req)
             self.waiting.pop(0)
             self.running.append(req)
             sched.append((req, n))
@@ -245,6 +246,8 @@ class Engine:
         usable = (len(req.tokens) - 1) // self.page_size  # always compute at least the last token
         pages = self.cache.prefix.match(page_hashes(req.tokens, self.page_size, usable))
         req.pages, req.num_computed, req.hashed_pages = pages, len(pages) * self.page_size, len(pages)
+
+    def _count_admission(self, req: Request) -> None:
         if not req.admitted:
             req.admitted = True
             req.cached_tokens = req.num_computed
