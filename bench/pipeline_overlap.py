@@ -5,8 +5,8 @@
 A tiny MLA/MoE model (8 MoE layers, 2 per stage for both schedules) is split into pipeline stages; each schedule's
 training step is timed with no link emulation (t_nolink), then with `parallel.emulate_link` set (t_link).
 The link bandwidth is calibrated once so that the all-to-all time a rank issues per step (t_comm, the link's
-own count) is `--ratio` x the rank's compute (DualPipeV's no-link step time, which has little bubble): ~1:1
-by default. The fraction of all-to-all time hidden is
+own count) is `--ratio` x the rank's compute (the busiest rank's time in compute actions in a no-link
+DualPipeV step, `PipelineExecutor.busy_s`): ~1:1 by default. The fraction of all-to-all time hidden is
 
     hidden = 1 - (t_link - t_nolink) / t_comm
 
@@ -97,11 +97,15 @@ def main() -> int:
             dist.all_reduce(t, op=op)
             return float(t)
 
-        # calibrate on DualPipeV without a link: its step time (little bubble) stands for the compute, and a
-        # counting link gives the all-to-all bytes and transfers per step of the busiest rank
+        # calibrate on DualPipeV without a link: the busiest rank's compute time per step (its F/B/I/W/FB
+        # actions), and from a counting link the all-to-all bytes and transfers per step of the busiest rank
         for ex in runners.values():
             step(ex, None)  # warm-up
-        compute = statistics.median(step(runners["dualpipev"], None) for _ in range(2))
+        busy = []
+        for _ in range(2):
+            step(runners["dualpipev"], None)
+            busy.append(reduce(runners["dualpipev"].busy_s))
+        compute = statistics.median(busy)
         counter = EmulatedLink(bandwidth_gbps=1e12)
         step(runners["dualpipev"], counter)
         nbytes, transfers = reduce(counter.bytes), int(reduce(counter.transfers))
@@ -118,22 +122,28 @@ def main() -> int:
                   f"step on the busiest rank)", flush=True)
         rows = {}
         for kind, ex in runners.items():
-            nolink, withlink, comm, exposed = [], [], [], []
+            nolink, withlink, comm, exposed, busy = [], [], [], [], []
             for _ in range(args.steps):  # alternate, so both see the same machine load
                 nolink.append(step(ex, None))
+                busy.append(reduce(ex.busy_s))
                 link = EmulatedLink.from_config(cfg)
                 withlink.append(step(ex, link))
                 comm.append(reduce(link.total_s))
                 exposed.append(reduce(link.exposed_s / link.total_s, dist.ReduceOp.SUM) / mesh.world_size)
             t0, t1, tc = statistics.median(nolink), statistics.median(withlink), statistics.median(comm)
-            rows[kind] = (t0, t1, tc, 1 - (t1 - t0) / tc, 1 - statistics.median(exposed))
+            rows[kind] = (t0, t1, tc, 1 - (t1 - t0) / tc, 1 - statistics.median(exposed),
+                          tc / statistics.median(busy),
+                          sorted(1 - (b - a) / c for a, b, c in zip(nolink, withlink, comm, strict=True)))
         if mesh.rank == 0:
-            print(f"{'schedule':10} {'t_nolink s':>11} {'t_link s':>9} {'t_comm s':>9} {'comm/compute':>13} "
+            print(f"compute (busiest rank, no link) {compute:.3f} s per step", flush=True)
+            print(f"{'schedule':10} {'t_nolink s':>11} {'t_link s':>9} {'t_comm s':>9} {'comm/busy':>10} "
                   f"{'hidden':>7} {'waits hidden':>13}")
-            for kind, (t0, t1, tc, hid, local) in rows.items():
-                print(f"{kind:10} {t0:11.3f} {t1:9.3f} {tc:9.3f} {tc / compute:13.2f} {hid:7.1%} {local:13.1%}")
+            for kind, (t0, t1, tc, hid, local, ratio, pairs) in rows.items():
+                print(f"{kind:10} {t0:11.3f} {t1:9.3f} {tc:9.3f} {ratio:10.2f} {hid:7.1%} {local:13.1%}   "
+                      f"per pair: {' '.join(f'{p:.0%}' for p in pairs)}")
             print("hidden = 1 - (t_link - t_nolink) / t_comm; waits hidden = 1 - (emulated delay the ranks slept "
-                  "in wait()) / t_comm, mean over ranks")
+                  "in wait()) / t_comm, mean over ranks; comm/busy = t_comm / the busiest rank's compute time in "
+                  "the no-link steps of that schedule (machine load moves it)")
     return 0
 
 

@@ -20,6 +20,9 @@ loss term is sum(CE_m) / total_tokens + aux_m / M, so gradients equal those of t
 whatever the micro-batch split. After the step every pipeline rank has `last_losses[m]` (each term, summed
 over the stages by one all-reduce over pp) and `run_step` returns their sum.
 
+`busy_s` is the wall time of the last step's compute actions (F, B, I, W, FB, including the all-to-alls
+inside them): a rank's busy time, as the simulator counts it.
+
 Gradients accumulate into `.grad` (call `zero_grad` between steps yourself). For DualPipe the two copies
 of every stage are summed at the end of the step, so both hold the full gradient.
 
@@ -33,6 +36,7 @@ could hang (DualPipe(V) as built today) with a clear error, instead of hanging (
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Sequence
 
@@ -146,10 +150,12 @@ class PipelineExecutor:
                 buf = torch.empty(act_shape, dtype=dtype)
                 dist.irecv(buf, self._peer(a), group=self.pp_group).wait()
                 self.box[(a.what, a.stage, a.mb)] = buf
-            elif a.kind == SEND:
+                continue
+            if a.kind == SEND:
                 t = self.box.pop((a.what, a.stage, a.mb)).contiguous()
                 sends.append((dist.isend(t, self._peer(a), group=self.pp_group), t))
-            elif a.kind == F:
+                continue
+            if a.kind == F:
                 run(self._forward(a.stage, a.mb, a.chunk))
             else:
                 raise ScheduleError(f"{a.kind} in a forward-only schedule")
@@ -194,15 +200,19 @@ class PipelineExecutor:
         self.mb_losses = torch.zeros(len(self.mbs), dtype=torch.float64)
         sends: list = []
 
+        self.busy_s = 0.0
         for a in self.actions:
             if a.kind == RECV:
                 buf = torch.empty(act_shape, dtype=dtype)
                 dist.irecv(buf, self._peer(a), group=self.pp_group).wait()
                 self.box[(a.what, a.stage, a.mb)] = buf
-            elif a.kind == SEND:
+                continue
+            if a.kind == SEND:
                 t = self.box.pop((a.what, a.stage, a.mb)).contiguous()
                 sends.append((dist.isend(t, self._peer(a), group=self.pp_group), t))
-            elif a.kind == F:
+                continue
+            t0 = time.perf_counter()
+            if a.kind == F:
                 run(self._forward(a.stage, a.mb, a.chunk))
             elif a.kind in (B, BI):
                 run(self._backward(a.stage, a.mb, a.chunk, split=a.kind == BI))
@@ -213,6 +223,7 @@ class PipelineExecutor:
                          self._backward(a.b_stage, a.b_mb, a.b_chunk, split=False))
             else:
                 raise ScheduleError(f"unknown action kind {a.kind!r}")
+            self.busy_s += time.perf_counter() - t0
         for work, _ in sends:
             work.wait()
         leftovers = list(self.box) + list(self.tapes) + list(self.deferred)
