@@ -53,7 +53,7 @@ def _config(root, name, model, data, par):
     return cfg
 
 
-def _check(rank, world, root, model, data, ref_losses, ref_norms, ref_logits, ids, single_bytes):
+def _check(rank, world, root, model, data, ref_losses, ref_norms, ref_balancing, ref_logits, ids, single_bytes):
     from runtime.train.metrics import read_metrics
     from runtime.train.trainer import Trainer
 
@@ -84,6 +84,17 @@ def _check(rank, world, root, model, data, ref_losses, ref_norms, ref_logits, id
                 assert abs(a - b) <= REL * abs(b), f"{name} step {step}: {a} vs single process {b}"
             for step, (r, b) in enumerate(zip(rows, ref_norms), 1):  # each parameter counted once
                 assert abs(r["grad_norm"] - b) <= REL * b, f"{name} step {step}: grad norm {r['grad_norm']} vs {b}"
+
+    # balance loss + bias updates on, through a pipeline with EP: loss (CE alone), aux equal single process
+    mesh = _mesh(rank, world, pp=2, ep=2)
+    cfg = _config(root, "pp2-ep2-balancing", model, data, dict(pp=2, ep=2, schedule="1f1b"))
+    cfg["train"].update(steps=3, aux_loss_coef=1e-2, bias_update_rate=1e-2)
+    Trainer(cfg, mesh, log=quiet).fit()
+    if rank == 0:
+        rows = read_metrics(cfg["train"]["out"])
+        print("[pp2-ep2-balancing]", [(r["loss"], r["aux"]) for r in rows], flush=True)
+        for r, (loss, aux) in zip(rows, ref_balancing, strict=True):
+            assert abs(r["loss"] - loss) <= REL * loss and abs(r["aux"] - aux) <= REL * aux, (rows, ref_balancing)
 
     # DualPipe with bias updates: both copies of every gate move their biases alike
     import torch.distributed as dist
@@ -145,4 +156,10 @@ def test_layouts_match_single_process_zero1_and_reshard(tmp_path):
     with torch.no_grad():
         ref_logits = ref.model.eval().logits(ids)
     print("single process losses", ref_losses)
-    run_spawn(_check, 4, str(tmp_path), path, data, ref_losses, ref_norms, ref_logits, ids, ref.optimizer.state_bytes())
+    bal = _config(str(tmp_path), "single-balancing", path, data, {})
+    bal["train"].update(steps=3, aux_loss_coef=1e-2, bias_update_rate=1e-2)
+    Trainer(bal, log=lambda m: None).fit()
+    ref_balancing = [(r["loss"], r["aux"]) for r in read_metrics(bal["train"]["out"])]
+    print("single process (loss, aux) with balancing", ref_balancing)
+    run_spawn(_check, 4, str(tmp_path), path, data, ref_losses, ref_norms, ref_balancing, ref_logits, ids,
+              ref.optimizer.state_bytes())

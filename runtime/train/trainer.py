@@ -99,6 +99,14 @@ class Trainer:
 
         self.resume_from = resume_from
         self.pp = _size(mesh, "pp")
+        self.microbatches = max(1, par["microbatches"])
+        # cheap checks first: a bad data path or batch split fails before the model is built
+        self.data = TokenData(data["path"], data["seq_len"], tr["global_batch"], data["shuffle"], tr["seed"])
+        if tr["global_batch"] % self.dp:
+            raise ValueError(f"train.global_batch = {tr['global_batch']} must be divisible by dp = {self.dp}")
+        if self.pp > 1 and (tr["global_batch"] // self.dp) % self.microbatches:
+            raise ValueError(f"pipeline: train.global_batch / dp = {tr['global_batch'] // self.dp} sequences "
+                             f"do not split into parallel.microbatches = {self.microbatches} equal micro-batches")
         mtp = tr["mtp_loss_coef"] > 0 and self.pp == 1
         if tr["mtp_loss_coef"] > 0 and self.pp > 1:
             self.log("note: MTP is off under pipeline parallelism (the pipeline stages do not carry the MTP "
@@ -111,12 +119,11 @@ class Trainer:
             convert_to_fp8_training(self.model)
         self.model.mtp_loss_coef = tr["mtp_loss_coef"]
         self.gates = [m for m in self.model.modules() if hasattr(m, "e_score_correction_bias")
-                      and hasattr(m, "aux_loss_coef")]
+                      and hasattr(m, "aux_loss_coef")]  # routers (runtime.model.Gate)
         for g in self.gates:
             g.aux_loss_coef = tr["aux_loss_coef"]
         self.marks = shard_marks(self.model)
-        self.microbatches = max(1, par["microbatches"])
-        self.stages, self.executor = {}, None
+        self.stages, self.executor, self._chunk0 = {}, None, set()
         if self.pp > 1:
             self._build_pipeline(par)
         self.gates = [g for g in self.gates if self._holds_module(g)]
@@ -125,18 +132,14 @@ class Trainer:
             weight_decay=tr["weight_decay"], dp_group=self.dp_group, edp_group=self.edp_group,
             expert=lambda n: self.marks.get(n, {}).get("ep_offset") is not None,
         )
-        biases = [g.e_score_correction_bias for g in self.gates if g.e_score_correction_bias is not None]
-        self.balancer = ExpertBalancer(biases, tr["bias_update_rate"], self.dp_group) if biases else None
+        biased = [g for g in self.gates if g.e_score_correction_bias is not None]
+        self.balancer = (ExpertBalancer([g.e_score_correction_bias for g in biased], tr["bias_update_rate"],
+                                        self.dp_group) if biased else None)
         self._aux_seen = 0.0
-        for i, g in enumerate(g for g in self.gates if g.e_score_correction_bias is not None):
-            g.register_forward_hook(self._record_hook(i))
+        layer_of = {id(g): i for i, g in enumerate(biased)}
+        for g in self.gates:
+            g.register_forward_hook(self._gate_hook(layer_of.get(id(g))))
         self.step = 0
-        self.data = TokenData(data["path"], data["seq_len"], tr["global_batch"], data["shuffle"], tr["seed"])
-        if tr["global_batch"] % self.dp:
-            raise ValueError(f"train.global_batch = {tr['global_batch']} must be divisible by dp = {self.dp}")
-        if self.pp > 1 and (tr["global_batch"] // self.dp) % self.microbatches:
-            raise ValueError(f"pipeline: train.global_batch / dp = {tr['global_batch'] // self.dp} sequences "
-                             f"do not split into parallel.microbatches = {self.microbatches} equal micro-batches")
         if resume_from is not None:
             self._load_state(resume_from)
 
@@ -149,6 +152,7 @@ class Trainer:
 
         self.schedule = build(par["schedule"], self.pp, self.microbatches)
         self.stages = build_stages(self.model, self.schedule, self.mesh.coord("pp"))
+        self._chunk0 = {n for n, _ in self.stages[0].full_named_parameters()}
         self.executor = PipelineExecutor(self.stages, self.schedule, self.mesh,
                                          link=EmulatedLink.from_config(par["emulate_link"]))
 
@@ -171,11 +175,15 @@ class Trainer:
         return [(n, b) for n, b in self.model.named_buffers() if id(b) in held]
 
     # --- one step --------------------------------------------------------------------------------------
-    def _record_hook(self, layer: int):
+    def _gate_hook(self, layer: int | None):
+        """Counts the gate's expert loads for the bias update (layer = its index among biased gates) and
+        sums its balance loss, which the pipeline path reports separately from the cross-entropy."""
         def hook(module, args, output):
-            if module.training and self.balancer is not None:
+            if not module.training:
+                return
+            if layer is not None and self.balancer is not None:
                 self.balancer.record(layer, output[1])
-            if module.training and module.last_aux_loss is not None:
+            if module.last_aux_loss is not None:
                 self._aux_seen += float(module.last_aux_loss.detach())
 
         return hook
@@ -190,8 +198,6 @@ class Trainer:
         return self.dp_rank == 0 and (info.get("tp_dim") is not None or _coord(self.mesh, "tp") == 0)
 
     def _in_chunk0(self, name: str) -> bool:
-        if not hasattr(self, "_chunk0"):
-            self._chunk0 = {n for n, _ in self.stages[0].full_named_parameters()}
         return name in self._chunk0
 
     def _split(self, n: int) -> list[slice]:
@@ -281,7 +287,7 @@ class Trainer:
             return parts_sum
         total = float(self.executor.run_step([(inputs[sl], labels[sl]) for sl in chunks]))
         out = {"ce": total}
-        if any(g.aux_loss_coef > 0 for g in self.gates) or self.config["train"]["aux_loss_coef"] > 0:
+        if self.config["train"]["aux_loss_coef"] > 0:
             aux = torch.tensor([self._aux_seen / len(chunks)], dtype=torch.float64, device=self.device)
             dist.all_reduce(aux, group=self.mesh.group("pp"))
             out = {"ce": total - float(aux), "aux": float(aux)}
