@@ -138,7 +138,7 @@ def hf_model_tensors(named: Iterable[tuple[str, torch.Tensor]], num_hidden_layer
             continue
         if re.search(r"\.mlp\.experts\.(gate_proj|up_proj|down_proj)$", name):
             for e in range(t.shape[0]):
-                out[checkpoint_name(name, num_hidden_layers, e)] = t[e]
+                out[checkpoint_name(name, num_hidden_layers, e)] = t[e].clone()  # no shared storage
         else:
             out[checkpoint_name(name, num_hidden_layers)] = t
     return out
