@@ -55,7 +55,8 @@ class TrainItem:
 class TrainWork:
     """The training side of the shared scheduler, on every rank (the driver fills the queue)."""
 
-    def __init__(self, trainer, job_steps: int = 0, clip_eps: float = 0.2, reference: bool = False) -> None:
+    def __init__(self, trainer, job_steps: int = 0, clip_eps: float = 0.2, reference: bool = False,
+                 record: bool = False) -> None:
         self.pipelined = getattr(trainer, "executor", None) is not None
         if self.pipelined and trainer.schedule.num_stages != trainer.pp:
             raise NotImplementedError(
@@ -74,6 +75,15 @@ class TrainWork:
         self.tokens_total = 0
         self.job_steps_done = 0
         self._t0 = time.perf_counter()
+        self._acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}  # since the last optimizer step
+        # `record`: like `moerun train`, rank 0 appends one metrics.jsonl line per optimizer step (job and
+        # train ops alike, with "source"), and every rank saves a checkpoint every train.save_every steps.
+        self.metrics_file = None
+        if record and getattr(trainer, "rank", 0) == 0:
+            from runtime.train.metrics import MetricsFile
+
+            self.metrics_file = MetricsFile(trainer.config["train"]["out"], trainer.step)
+        self.record = record
         # Optional frozen reference for GRPO's KL term: a second copy of the weights as they are now (off by
         # default; the only thing here that costs a copy). Built the way the Trainer built its model.
         self.ref_model = self._frozen_copy() if reference else None
@@ -157,6 +167,7 @@ class TrainWork:
     # --- steps ----------------------------------------------------------------------------------------
     def run_micro(self, item: TrainItem) -> None:
         t = self.trainer
+        t0 = time.perf_counter()
         self.current = item
         self.model.train()
         stats: dict[str, float] = {}
@@ -185,6 +196,9 @@ class TrainWork:
             self.pending_rl += 1
         self.pending_micro += 1
         self.tokens_total += tokens
+        a = self._acc
+        a["loss"], a["n"], a["tokens"] = a["loss"] + ce, a["n"] + 1, a["tokens"] + tokens
+        a["time"] += time.perf_counter() - t0
         item.result.update(loss=ce, tokens=tokens, **stats)
         self.last = {"loss": ce, "source": item.source}
         self.current = None
@@ -241,6 +255,7 @@ class TrainWork:
         """Reduce, clip and apply the accumulated gradients (Trainer.apply_gradients: TP/DP reductions,
         global norm, clip, ZeRO-1 AdamW, bias update, step + 1); bump the weight version on every rank."""
         t, tr = self.trainer, self.trainer.config["train"]
+        t0 = time.perf_counter()
         self.current = item
         if self.pending_rl > 1:
             for p in self.model.parameters():
@@ -256,9 +271,26 @@ class TrainWork:
             self.job_steps_done += 1
         version = self.weights.bump() if self.weights is not None else t.step
         self.last.update(step=t.step, grad_norm=norm, lr=lr, weight_version=version)
+        if self.record:
+            self._record(job, norm, lr, version, time.perf_counter() - t0)
         self.current = None
         if item is not None and item.on_done is not None:
             item.on_done(self._result(item.result))
+
+    def _record(self, job: bool, norm: float, lr: float, version: int, optim_s: float) -> None:
+        """metrics.jsonl line (rank 0) and checkpoint (every rank) after an optimizer step. Collective."""
+        t, a = self.trainer, self._acc
+        loss = t._mean_over_dp({"ce": a["loss"] / max(1, a["n"])})["ce"]  # the mean over dp shares
+        dt = a["time"] + optim_s
+        tokens = a["tokens"] * (getattr(t, "dp", 1) if job else 1)  # job: per-dp shares; ops: whole batch
+        self._acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
+        if self.metrics_file is not None:
+            self.metrics_file.write({"step": t.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                                     "tokens_per_s": tokens / dt if dt > 0 else 0.0, "time_s": dt,
+                                     "source": "job" if job else "train_op", "weight_version": version})
+        every = t.config["train"]["save_every"]
+        if every and t.step % every == 0:
+            t.save()
 
     def _result(self, r: dict) -> dict:
         v = self.weights.version if self.weights is not None else self.trainer.step

@@ -231,10 +231,10 @@ def serve_with_training(config: dict, mesh=None, *, bind: str | None = None, tok
     from runtime.cotrain import TrainWork
     from runtime.scheduler import Scheduler, scheduler_config
     from runtime.serve import Engine
-    from runtime.train.trainer import Trainer
+    from runtime.train.trainer import Trainer, resume_path
     from runtime.weights import WeightVersions
 
-    trainer = Trainer(config, mesh)
+    trainer = Trainer(config, mesh, resume_from=resume_path(config))  # continues a run as `moerun train` does
     sv = config["serve"]
     group = mesh.group("world") if mesh is not None and mesh.world_size > 1 else None
     rank = mesh.rank if mesh is not None else 0
@@ -243,7 +243,7 @@ def serve_with_training(config: dict, mesh=None, *, bind: str | None = None, tok
                     max_prefill_tokens=sv["max_prefill_tokens"], page_size=sv["page_size"],
                     kv_cache_tokens=kv_tokens)
     work = TrainWork(trainer, job_steps=max(0, config["train"]["steps"] - trainer.step),
-                     reference=bool(config["scheduler"].get("kl_reference", False)))
+                     reference=bool(config["scheduler"].get("kl_reference", False)), record=True)
     if mesh is not None and mesh.size("pp") > 1:
         from runtime.serve.distributed import pipe_stage
 

@@ -13,7 +13,7 @@ GEN = dict(max_tokens=10, ignore_eos=True)
 
 
 def _stack(tmp_path, job_steps: int = 0, policy: str = "serve_first", pin: bool = False, reference: bool = False,
-           **train):
+           record: bool = False, **train):
     from runtime.cotrain import TrainWork
     from runtime.scheduler import Scheduler, SchedulerConfig
     from runtime.serve import Engine
@@ -24,7 +24,7 @@ def _stack(tmp_path, job_steps: int = 0, policy: str = "serve_first", pin: bool 
     trainer = Trainer(cfg)
     engine = Engine(trainer.model, max_batch=8, max_model_len=128, max_prefill_tokens=32, page_size=8,
                     kv_cache_tokens=512)
-    work = TrainWork(trainer, job_steps=job_steps, reference=reference)
+    work = TrainWork(trainer, job_steps=job_steps, reference=reference, record=record)
     sched = Scheduler(engine, work, SchedulerConfig(policy, share=0.5, max_train_microsteps=4),
                       WeightVersions(engine, pin=pin))
     return cfg, trainer, engine, work, sched
@@ -234,3 +234,26 @@ def test_kl_without_a_reference_is_a_clear_error(tmp_path):
                 c.request("train", **_rollout_op(engine.vocab_size), kl_coef=-1)
     finally:
         srv.stop()
+
+
+def test_metrics_file_and_checkpoints_like_moerun_train(tmp_path):
+    import json
+    import os
+
+    from runtime.rl import RLBatch
+    from runtime.scheduler import Kind
+    from runtime.train.checkpoint import latest_checkpoint
+
+    cfg, trainer, engine, work, sched = _stack(tmp_path, job_steps=2, record=True, save_every=2)
+    while sched.step()[0] != Kind.IDLE:
+        pass
+    work.submit(RLBatch.from_lists([[1, 2, 3, 4]]))
+    while sched.step()[0] != Kind.IDLE:
+        pass
+    with open(os.path.join(cfg["train"]["out"], "metrics.jsonl")) as f:
+        lines = [json.loads(x) for x in f]
+    assert [r["step"] for r in lines] == [1, 2, 3] and [r["source"] for r in lines] == ["job", "job", "train_op"]
+    for r in lines:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "time_s"} <= set(r) and r["loss"] > 0
+    assert lines[0]["weight_version"] == 1 and lines[2]["weight_version"] == 3
+    assert latest_checkpoint(cfg["train"]["out"]).endswith("step-2")
