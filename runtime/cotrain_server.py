@@ -149,6 +149,8 @@ class CoServer(Server):
             self._health_fail(msg)
             if sched.work is not None:
                 sched.work.fail_all(msg)
+            if sched.group is not None:
+                raise  # other ranks may be mid-step: continuing would desynchronise the broadcasts; fail the job
             return
         self.weight_version = sched.weights.version
         if kind == Kind.SERVE:
