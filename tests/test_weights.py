@@ -257,3 +257,26 @@ def test_metrics_file_and_checkpoints_like_moerun_train(tmp_path):
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "time_s"} <= set(r) and r["loss"] > 0
     assert lines[0]["weight_version"] == 1 and lines[2]["weight_version"] == 3
     assert latest_checkpoint(cfg["train"]["out"]).endswith("step-2")
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_training_step_answers_internal_and_the_server_goes_on(tmp_path):
+    _, trainer, engine, work, sched = _stack(tmp_path)
+    real = work.run_micro
+
+    def broken(item):
+        work.run_micro = real
+        raise RuntimeError("injected")
+
+    work.run_micro = broken
+    srv = _server(sched)
+    try:
+        with Client(srv.endpoint, timeout=60) as c:
+            with pytest.raises(ServerError) as e:
+                c.request("train", input_ids=[[1, 2, 3]])
+            assert e.value.code == "internal" and "injected" in str(e.value)
+            assert c.request("train", input_ids=[[1, 2, 3]])["weight_version"] == 1
+            assert c.generate(prompt_ids=[1, 2], max_tokens=2)["weight_version"] == 1
+    finally:
+        srv.stop()
+    assert not work.queue and trainer.step == 1
