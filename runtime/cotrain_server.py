@@ -259,6 +259,10 @@ def serve_with_training(config: dict, mesh=None, *, bind: str | None = None, tok
         while sched.follow():
             pass
         return 0
+    info = dict(info or {})
+    info.setdefault("model", config["model"]["path"])
+    if mesh is not None:
+        info.setdefault("layout", {d: mesh.size(d) for d in ("tp", "pp", "ep", "dp")} | {"world": mesh.world_size})
     server = CoServer(sched, bind=bind or sv["bind"], max_queue=sv["max_queue"], tokenizer=tokenizer,
                       info=info, max_frame_bytes=max_frame_bytes)
     import signal
