@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ops.dispatch import grouped_swiglu as selected_grouped_swiglu
 from ops.mla import mla_absorbed, mla_expanded
 from ops.moe import grouped_swiglu, route, sequence_balance_loss, sort_by_expert, swiglu
 from ops.norm import RMSNorm
@@ -249,9 +250,11 @@ class GroupedExperts(nn.Module):
         self.force_loop = False  # benchmarking / fallback switch
 
     def forward(self, recv_x: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        y = grouped_swiglu(
-            recv_x, self.gate_proj, self.up_proj, self.down_proj, handle.tokens_per_expert, self.force_loop
-        )
+        if self.force_loop:
+            y = grouped_swiglu(recv_x, self.gate_proj, self.up_proj, self.down_proj, handle.tokens_per_expert, True)
+        else:  # the Triton grouped GEMM on CUDA (inference), the torch grouped op elsewhere
+            y = selected_grouped_swiglu(recv_x, self.gate_proj, self.up_proj, self.down_proj,
+                                        handle.tokens_per_expert)
         return y * handle.weights[:, None].to(y.dtype)
 
 

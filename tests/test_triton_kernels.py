@@ -211,33 +211,37 @@ def _dispatch_forced_triton() -> None:
 
 
 def _model_logits_with_triton() -> None:
-    """builtin:tiny's logits with every RMSNorm and routed-expert MLP on the Triton kernels (the wiring that
-    runtime/model.py would get from ops.dispatch) equal the torch logits."""
-    import ops.norm
-    import runtime.model
-    from ops import dispatch
+    """builtin:tiny's logits with MOERUN_KERNELS=triton (what `auto` picks on CUDA): the model's RMSNorms and
+    routed experts go through ops.dispatch to the Triton kernels, and the logits equal the torch path's."""
+    import os
+
+    import ops.triton.grouped_gemm as tri_gemm
+    import ops.triton.rmsnorm as tri_norm
     from runtime import load_model
 
     model = load_model("builtin:tiny")
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    calls = {"norm": 0, "experts": 0}
+    orig_norm, orig_experts = tri_norm.rms_norm, tri_gemm.grouped_swiglu
+
+    def norm(*a, **k):
+        calls["norm"] += 1
+        return orig_norm(*a, **k)
+
+    def experts(*a, **k):
+        calls["experts"] += 1
+        return orig_experts(*a, **k)
+
     with torch.no_grad():
+        os.environ["MOERUN_KERNELS"] = "torch"
         ref = model.logits(ids)
-        orig_norm, orig_experts = ops.norm.rms_norm, runtime.model.grouped_swiglu
-        calls = {"norm": 0, "experts": 0}
-
-        def norm(x, w, eps=1e-6):
-            calls["norm"] += 1
-            return dispatch.rms_norm(x, w, eps, backend="triton")
-
-        def experts(x, g, u, d, t, force_loop=False):
-            calls["experts"] += 1
-            return dispatch.grouped_swiglu(x, g, u, d, t, backend="triton")
-
-        ops.norm.rms_norm, runtime.model.grouped_swiglu = norm, experts
+        tri_norm.rms_norm, tri_gemm.grouped_swiglu = norm, experts
+        os.environ["MOERUN_KERNELS"] = "triton"
         try:
             got = model.logits(ids)
         finally:
-            ops.norm.rms_norm, runtime.model.grouped_swiglu = orig_norm, orig_experts
+            tri_norm.rms_norm, tri_gemm.grouped_swiglu = orig_norm, orig_experts
+            del os.environ["MOERUN_KERNELS"]
     assert calls["norm"] >= 4 * 3 + 1 and calls["experts"] == 3, calls  # 4 layers x 3 norms + final; 3 MoE
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
