@@ -1,6 +1,6 @@
 """Serving throughput over ZeroMQ vs Hugging Face `generate` on the same weights, in one run.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/serve_throughput.py [--requests 32] [--prompt 64] [--new 64]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/serve.py [--requests 32] [--prompt 64] [--new 64]
 
 Builds a random HF DeepseekV3 (size set by the flags), saves it, serves it with `runtime.server.Server`
 (thread in this process, loopback, port 0), and sends N concurrent greedy requests (prompt P, N new tokens)
