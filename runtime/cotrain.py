@@ -67,6 +67,9 @@ class TrainWork:
         self.queue: deque[TrainItem] = deque()
         self.weights = None  # set by the Scheduler
         self.job_left = job_steps
+        # The job's data cursor: job step k reads data.batch(k). It starts at the Trainer's step (a resumed
+        # run) and advances with job steps only, so `train` ops in between do not skip data windows.
+        self.job_cursor = trainer.step
         self.clip_eps = clip_eps
         self.pending_rl = 0  # train ops accumulated since the last optimizer step
         self.pending_micro = 0
@@ -101,11 +104,11 @@ class TrainWork:
         if self.queue or self.job_left <= 0 or self.pending_micro:
             return
         t = self.trainer
-        inputs, _ = t.data.batch(t.step, t.dp_rank, t.dp)
+        inputs, _ = t.data.batch(self.job_cursor, t.dp_rank, t.dp)
         n = 1 if self.pipelined else len(t._split(inputs.shape[0]))  # pipelined: one executor step
         for i in range(n):
-            self.queue.append(TrainItem(Kind.TRAIN_MICRO, "job", step=t.step, micro=i, micros=n))
-        self.queue.append(TrainItem(Kind.OPTIM, "job", step=t.step))
+            self.queue.append(TrainItem(Kind.TRAIN_MICRO, "job", step=self.job_cursor, micro=i, micros=n))
+        self.queue.append(TrainItem(Kind.OPTIM, "job", step=self.job_cursor))
         self.job_left -= 1
 
     def next_kind(self) -> Kind | None:
@@ -132,6 +135,9 @@ class TrainWork:
         for p in self.model.parameters():
             p.grad = None
         self.pending_rl = self.pending_micro = 0
+        self._acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
+        if any(item.source == "job" for item in items):
+            self.job_left += 1  # the failed job step is retried (same data)
 
     # --- payload for the other ranks --------------------------------------------------------------------
     def broadcast_payload(self, item: TrainItem, bcast: Callable) -> None:
@@ -269,6 +275,7 @@ class TrainWork:
         self.pending_rl = self.pending_micro = 0
         if item is not None and item.source == "job":
             self.job_steps_done += 1
+            self.job_cursor += 1
         version = self.weights.bump() if self.weights is not None else t.step
         self.last.update(step=t.step, grad_norm=norm, lr=lr, weight_version=version)
         if self.record:

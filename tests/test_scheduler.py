@@ -235,7 +235,7 @@ def test_pipelined_training_refuses_what_it_cannot_run():
             self.kind, self.num_stages = kind, stages
 
     class T:
-        pp, model, executor = 2, None, object()
+        pp, model, executor, step = 2, None, object(), 0
 
         def __init__(self, kind: str, stages: int) -> None:
             self.schedule = Sched(kind, stages)
