@@ -19,10 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Until training lands, the main job is the mesh bring-up: who is where, then every collective checked.
+# The main job: train builtin:tiny with pp=2 (DualPipeV) x ep=2 on 4 ranks, serve it, stream a generation.
 demo: venv
-	PATH=$(CURDIR)/$(BIN):$$PATH OMP_NUM_THREADS=1 $(BIN)/moerun launch -n $(NP) -- info --set parallel.tp=2 --set parallel.ep=2
-	PATH=$(CURDIR)/$(BIN):$$PATH OMP_NUM_THREADS=1 $(BIN)/moerun launch -n $(NP) -- selftest --set parallel.tp=2 --set parallel.ep=2
+	PATH=$(CURDIR)/$(BIN):$$PATH OMP_NUM_THREADS=1 $(BIN)/moerun demo -n $(NP)
 
 test: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests

@@ -13,6 +13,7 @@ import sys
 
 # name -> (module, one-line help). Order is the order shown by `moerun --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("launch.commands.demo", "train builtin:tiny on 4 ranks, serve it, stream a generation"),
     "info": ("launch.commands.info", "print who and where every rank is (one line per rank)"),
     "selftest": ("launch.commands.selftest", "check and time collectives on every group of the mesh"),
     "launch": ("launch.commands.launch_local", "run a subcommand on N local ranks through mpirun"),
