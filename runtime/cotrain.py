@@ -75,6 +75,7 @@ class TrainWork:
         self.pending_micro = 0
         self.last: dict[str, Any] = {}
         self.current: TrainItem | None = None  # the item being run (answered with an error if it fails)
+        self._bwd: tuple | None = None  # a micro-step whose backward has not run yet
         self.tokens_total = 0
         self.job_steps_done = 0
         self._t0 = time.perf_counter()
@@ -101,7 +102,7 @@ class TrainWork:
             self.queue.append(TrainItem(Kind.OPTIM, "rl", on_done=on_done, result=micro.result))
 
     def _fill_from_job(self) -> None:
-        if self.queue or self.job_left <= 0 or self.pending_micro:
+        if self.queue or self.job_left <= 0 or self.pending_micro or self._bwd is not None:
             return
         t = self.trainer
         inputs, _ = t.data.batch(self.job_cursor, t.dp_rank, t.dp)
@@ -112,6 +113,8 @@ class TrainWork:
         self.job_left -= 1
 
     def next_kind(self) -> Kind | None:
+        if self.pending_backward():
+            return Kind.TRAIN_BWD
         self._fill_from_job()
         return self.queue[0].kind if self.queue else None
 
@@ -127,7 +130,7 @@ class TrainWork:
     def fail_all(self, message: str) -> None:
         """After a failed step: drop the accumulated gradients and answer every queued op with an error."""
         items = ([self.current] if self.current is not None else []) + list(self.queue)
-        self.current = None
+        self.current, self._bwd = None, None
         for item in items:
             if item.on_done is not None:
                 item.on_done({"error": message})
@@ -171,12 +174,15 @@ class TrainWork:
         return TrainItem(Kind.OPTIM, "job" if head[0] == 0 else "rl")
 
     # --- steps ----------------------------------------------------------------------------------------
-    def run_micro(self, item: TrainItem) -> None:
+    def run_micro(self, item: TrainItem, backward: bool = True) -> None:
+        """Forward (and, with `backward`, backward) of one micro-step. Without it the graph waits for
+        `run_backward()`, so the scheduler can serve between the two halves of a training micro-step."""
         t = self.trainer
         t0 = time.perf_counter()
         self.current = item
         self.model.train()
         stats: dict[str, float] = {}
+        loss = None
         if item.source == "job":
             inputs, labels = (x.to(t.device) for x in t.data.batch(item.step, t.dp_rank, t.dp))
             if self.pipelined:  # the whole step's micro-batches through the pipeline schedule
@@ -184,27 +190,42 @@ class TrainWork:
                 tokens = int(labels.numel())
             else:
                 sl = t._split(inputs.shape[0])[item.micro]
-                loss, parts = self.model(inputs[sl], labels[sl])
-                (loss / item.micros).backward()
+                out, parts = self.model(inputs[sl], labels[sl])
+                loss = out / item.micros
                 ce, tokens = float(parts["ce"].detach()), int(labels[sl].numel())
         elif self.pipelined:
             ce, tokens = self._pipelined_ce(item.batch)
             self.pending_rl += 1
         else:
             b = item.batch
-            b = RLBatch(b.input_ids.to(t.device), b.loss_mask.to(t.device), b.advantages, b.old_logprobs, b.loss)
-            b.kl_coef = item.batch.kl_coef
-            loss, stats = batch_loss(self.model, b, self.clip_eps, self.ref_model)
+            b = RLBatch(b.input_ids.to(t.device), b.loss_mask.to(t.device), b.advantages, b.old_logprobs, b.loss,
+                        b.kl_coef)
+            out, stats = batch_loss(self.model, b, self.clip_eps, self.ref_model)
             aux = [m.last_aux_loss for m in self.model.modules()
                    if getattr(m, "last_aux_loss", None) is not None]
-            (loss + (torch.stack(aux).sum() if aux else 0.0)).backward()
-            ce, tokens = float(loss.detach()), b.tokens
+            loss = out + (torch.stack(aux).sum() if aux else 0.0)
+            ce, tokens = float(out.detach()), b.tokens
             self.pending_rl += 1
+        self._bwd = (item, loss, ce, tokens, stats, time.perf_counter() - t0)
+        if backward or loss is None:
+            self.run_backward()
+
+    def pending_backward(self) -> bool:
+        return self._bwd is not None and self._bwd[1] is not None
+
+    def run_backward(self) -> None:
+        """The second half of a micro-step (a no-op for pipelined ones, which ran whole)."""
+        item, loss, ce, tokens, stats, spent = self._bwd
+        self._bwd = None
+        t0 = time.perf_counter()
+        if loss is not None:
+            self.model.train()
+            loss.backward()
         self.pending_micro += 1
         self.tokens_total += tokens
         a = self._acc
         a["loss"], a["n"], a["tokens"] = a["loss"] + ce, a["n"] + 1, a["tokens"] + tokens
-        a["time"] += time.perf_counter() - t0
+        a["time"] += spent + time.perf_counter() - t0
         item.result.update(loss=ce, tokens=tokens, **stats)
         self.last = {"loss": ce, "source": item.source}
         self.current = None

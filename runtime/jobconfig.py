@@ -48,7 +48,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "pin_weights": False,
     },
     # The shared train/serve scheduler (docs/scheduler.md): which kind of step runs when both have work.
-    "scheduler": {"policy": "serve_first", "share": 0.5, "max_train_microsteps": 8, "kl_reference": False},
+    "scheduler": {"policy": "serve_first", "share": 0.5, "max_train_microsteps": 8, "split_backward": True,
+                  "kl_reference": False},
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {

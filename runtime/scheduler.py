@@ -1,11 +1,12 @@
 """The shared scheduler: one loop on the driver rank decides, step by step, what every rank runs next.
 
-Kinds of step: a serving step (one engine batch), a training micro-step (forward + backward of one
-micro-batch), an optimizer step (gradient reductions, clip, AdamW, weight version + 1). The driver
-decides with a `Policy`, broadcasts a small fixed-size int64 header over the world group (no pickle), then
-any payload as int64/fp32 tensors (a serving step's `StepPlan`, an RL batch), and all ranks run the step,
-so their collectives (EP all-to-all, gradient all-reduce) line up. Preemption happens only at step
-boundaries: a serving request that arrives during a training micro-step waits for that step to end.
+Kinds of step: a serving step (one engine batch), a training micro-step's forward and, as its own step,
+its backward (`split_backward`, on by default: a request waits at most for one half), an optimizer step
+(gradient reductions, clip, AdamW, weight version + 1). The driver decides with a `Policy`, broadcasts a
+small fixed-size int64 header over the world group (no pickle), then any payload as int64/fp32 tensors
+(a serving step's `StepPlan`, an RL batch), and all ranks run the step, so their collectives (EP
+all-to-all, gradient all-reduce) line up. Preemption happens only at step boundaries: a serving request
+that arrives during a training step waits for that step to end.
 
 Policies (with both kinds of work pending; otherwise whichever has work runs):
 - `serve_first`: serving always; training fills the gaps when no request is waiting or running.
@@ -36,6 +37,7 @@ class Kind(IntEnum):
     TRAIN_MICRO = 2
     OPTIM = 3
     STOP = 4
+    TRAIN_BWD = 5  # the backward half of a training micro-step (its forward ran in an earlier step)
 
 
 @dataclass
@@ -43,6 +45,7 @@ class SchedulerConfig:
     policy: str = "serve_first"
     share: float = 0.5  # time_share: fraction of contested steps that train
     max_train_microsteps: int = 8  # training steps in a row at most while serving has work
+    split_backward: bool = True  # forward and backward of a micro-step are separate steps (serving between)
 
     def validate(self) -> SchedulerConfig:
         if self.policy not in POLICIES:
@@ -58,7 +61,7 @@ def scheduler_config(config: dict) -> SchedulerConfig:
     """The `[scheduler]` section of a job config (runtime.jobconfig) as a validated SchedulerConfig."""
     s = config.get("scheduler", {})
     return SchedulerConfig(s.get("policy", "serve_first"), float(s.get("share", 0.5)),
-                           int(s.get("max_train_microsteps", 8))).validate()
+                           int(s.get("max_train_microsteps", 8)), bool(s.get("split_backward", True))).validate()
 
 
 class Policy:
@@ -231,7 +234,11 @@ class Scheduler:
             if self.group is not None:
                 self._header(Kind.TRAIN_MICRO, *item.header())
                 self.work.broadcast_payload(item, self._bcast)
-            self.work.run_micro(self.work.pop())
+            self.work.run_micro(self.work.pop(), backward=False)
+            if not self.policy.cfg.split_backward and self.work.pending_backward():
+                self._backward()
+        elif kind == Kind.TRAIN_BWD:
+            self._backward()
         elif kind == Kind.OPTIM:
             if self.group is not None:
                 self._header(Kind.OPTIM, *self.work.peek().header())
@@ -240,6 +247,11 @@ class Scheduler:
             self.stats.add(kind, time.perf_counter() - t0)
             self._publish()
         return kind, outputs
+
+    def _backward(self) -> None:
+        if self.group is not None:
+            self._header(Kind.TRAIN_BWD)
+        self.work.run_backward()
 
     def keepalive(self, every_s: float = 5.0) -> None:
         """Driver, while idle: an IDLE header every `every_s` seconds, so the other ranks' waiting
@@ -263,7 +275,7 @@ class Scheduler:
             return
         g = m.gauges
         g["weight_version"] = self.weights.version
-        for k in ("serve", "train_micro", "optim"):
+        for k in ("serve", "train_micro", "train_bwd", "optim"):
             g[f"scheduler_{k}_steps"] = self.stats.counts[k]
             g[f"scheduler_{k}_seconds"] = round(self.stats.seconds[k], 6)
         if self.work is not None:
@@ -290,7 +302,9 @@ class Scheduler:
                          getattr(self.engine, "pipe", None))
         elif kind == Kind.TRAIN_MICRO:
             item = self.work.receive_payload(head[1:], self._bcast, self.device)
-            self.work.run_micro(item)
+            self.work.run_micro(item, backward=False)
+        elif kind == Kind.TRAIN_BWD:
+            self.work.run_backward()
         elif kind == Kind.OPTIM:
             self.work.run_optim(self.work.receive_optim(head[1:]))
         return True

@@ -67,8 +67,11 @@ class FakeWork:
     def pop(self):
         return self.queue.pop(0)
 
-    def run_micro(self, item) -> None:
+    def run_micro(self, item, backward: bool = True) -> None:
         self.log.append("m")
+
+    def pending_backward(self) -> bool:
+        return False
 
     def run_optim(self, item) -> None:
         self.log.append("O")
@@ -95,7 +98,7 @@ def test_serve_first_trains_only_in_the_gaps():
     assert order == "SSSSS" + "mmO" * 2
     assert sched.weights.version == 2 and sched.engine.metrics.gauges["weight_version"] == 2
     assert sched.engine.cache.prefix.clears == 2  # stale prefix latents dropped at every update
-    assert sched.stats.counts == {"idle": 0, "serve": 5, "train_micro": 4, "optim": 2, "stop": 0}
+    assert sched.stats.counts == {"idle": 0, "serve": 5, "train_micro": 4, "optim": 2, "stop": 0, "train_bwd": 0}
 
 
 def test_a_request_arriving_during_training_runs_at_the_next_step_boundary():

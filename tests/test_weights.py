@@ -264,7 +264,7 @@ def test_a_failing_training_step_answers_internal_and_the_server_goes_on(tmp_pat
     _, trainer, engine, work, sched = _stack(tmp_path)
     real = work.run_micro
 
-    def broken(item):
+    def broken(item, backward=True):
         work.run_micro = real
         raise RuntimeError("injected")
 
@@ -280,3 +280,29 @@ def test_a_failing_training_step_answers_internal_and_the_server_goes_on(tmp_pat
     finally:
         srv.stop()
     assert not work.queue and trainer.step == 1
+
+
+def test_serving_runs_between_forward_and_backward_of_a_micro_step(tmp_path):
+    from runtime.cotrain import TrainWork
+    from runtime.rl import RLBatch
+    from runtime.scheduler import Kind
+    from runtime.serve import SamplingParams
+    from runtime.train.trainer import Trainer
+
+    cfg, trainer, engine, work, sched = _stack(tmp_path)
+    op = _rollout_op(engine.vocab_size)
+    batch = lambda: RLBatch.from_lists(op["input_ids"], op["loss_mask"], op["advantages"],  # noqa: E731
+                                       op["old_logprobs"], "grpo")
+    work.submit(batch())
+    kinds = [sched.step()[0]]  # the forward; then a request arrives
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True))
+    while (k := sched.step()[0]) != Kind.IDLE:
+        kinds.append(k)
+    assert kinds == [Kind.TRAIN_MICRO, Kind.SERVE, Kind.SERVE, Kind.TRAIN_BWD, Kind.OPTIM]
+    ref = Trainer(cfg)
+    ref_work = TrainWork(ref)
+    ref_work.submit(batch())
+    while ref_work.queue:
+        item = ref_work.pop()
+        (ref_work.run_micro if item.kind == Kind.TRAIN_MICRO else ref_work.run_optim)(item)
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), ref.model.parameters()))
