@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(p50 ratio {p50b / p50i:.2f}x)")
     print(f"training during phase 2: {steps} optimizer steps in {dt:.2f} s = {steps / dt:.2f} steps/s, "
           f"{toks / dt:.0f} tokens/s, weight version {m['weight_version']}")
-    kinds = ("serve", "train_micro", "optim")
+    kinds = ("serve", "train_micro", "train_bwd", "optim")
     print("scheduler time per kind of step: " + ", ".join(
         f"{k} {m[f'scheduler_{k}_steps']} steps {m[f'scheduler_{k}_seconds']:.2f} s" for k in kinds))
     return 0
