@@ -7,8 +7,9 @@ with a short pause (an open gap the trainer can fill) and measures time to first
   2. under training: the job runs in every gap the policy allows (serve_first by default).
 Printed: p50/p90 TTFT of both phases and their ratio, training optimizer steps/s and tokens/s during phase 2,
 and the time the scheduler spent per kind of step. Under serve_first a request arriving during a training
-micro-step waits for that step to end (preemption at step boundaries), so TTFT grows by at most one
-micro-step: smaller micro-batches (--microbatches) trade training throughput for latency.
+step waits for that step to end (preemption at step boundaries); a micro-step's forward and backward are
+separate steps (scheduler.split_backward), so TTFT grows by at most one half micro-step or one optimizer
+step: smaller micro-batches (--microbatches) trade training throughput for latency.
 
   python bench/serve_while_training.py [--requests 40] [--policy serve_first] [--microbatches 8]
 """
