@@ -23,6 +23,7 @@ stage's layers). Stop the job with SIGTERM/SIGINT to the pid printed on the star
 examples:
   moerun serve --model builtin:tiny
   moerun serve job.toml --bind tcp://127.0.0.1:6000 --set serve.page_size=16
+  moerun serve job.toml --train          # serve and train the same weights (docs/scheduler.md)
   mpirun -np 2 moerun serve --model DIR --set parallel.tp=2
   moerun client generate --connect tcp://127.0.0.1:5555 --prompt "Hello" --stream"""
 
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bind", help="ZeroMQ address to bind, e.g. tcp://127.0.0.1:5555; overrides serve.bind")
     parser.add_argument("--max-frame-bytes", type=int, default=1 << 20,
                         help="largest request frame answered normally (bigger ones get bad_request)")
+    from runtime.cotrain_server import add_train_flag  # torch-free import
+
+    add_train_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,12 +47,27 @@ def run(args: argparse.Namespace) -> int:
         config["serve"]["bind"] = args.bind
     from cluster.env import RankInfo
 
+    if args.train:
+        return serve_and_train(config, args.max_frame_bytes, RankInfo.from_env().world_size > 1)
     if RankInfo.from_env().world_size > 1:
         from launch.job import run_on_mesh
         from runtime.serve.distributed import serve_on_mesh
 
         return run_on_mesh(config, lambda mesh: serve_on_mesh(config, mesh, args.max_frame_bytes))
     return serve_single(config, args.max_frame_bytes)
+
+
+def serve_and_train(config: dict, max_frame_bytes: int, distributed: bool) -> int:
+    """`--train`: one copy of the weights, served and trained, interleaved by the [scheduler] policy."""
+    from launch.job import run_on_mesh
+    from runtime.cotrain_server import serve_with_training
+
+    def body(mesh):
+        return serve_with_training(config, mesh, max_frame_bytes=max_frame_bytes,
+                                   tokenizer=load_tokenizer_or_none(config["model"]["path"]),
+                                   info={"version": _version()})
+
+    return run_on_mesh(config, body) if distributed else body(None)
 
 
 def build_engine(config: dict, model):
