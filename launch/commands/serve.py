@@ -61,67 +61,14 @@ def serve_and_train(config: dict, max_frame_bytes: int, distributed: bool) -> in
     """`--train`: one copy of the weights, served and trained, interleaved by the [scheduler] policy."""
     from launch.job import run_on_mesh
     from runtime.cotrain_server import serve_with_training
+    from runtime.serve.setup import load_tokenizer_or_none, version
 
     def body(mesh):
         return serve_with_training(config, mesh, max_frame_bytes=max_frame_bytes,
                                    tokenizer=load_tokenizer_or_none(config["model"]["path"]),
-                                   info={"version": _version()})
+                                   info={"version": version()})
 
     return run_on_mesh(config, body) if distributed else body(None)
-
-
-def build_engine(config: dict, model):
-    from runtime.serve import Engine
-
-    s = config["serve"]
-    return Engine(model, max_batch=s["max_batch"], max_model_len=s["max_model_len"],
-                  max_prefill_tokens=s["max_prefill_tokens"], page_size=s["page_size"],
-                  kv_cache_tokens=s["kv_cache_tokens"])
-
-
-def load_tokenizer_or_none(path: str):
-    from runtime.tokenizer import load_tokenizer
-
-    try:
-        return load_tokenizer(path)
-    except (FileNotFoundError, ImportError, OSError, ValueError):
-        return None
-
-
-def make_server(config: dict, model, max_frame_bytes: int, engine=None, layout: dict | None = None):
-    from runtime.server import Server
-
-    path = config["model"]["path"]
-    engine = engine or build_engine(config, model)
-    return Server(engine, bind=config["serve"]["bind"], max_queue=config["serve"]["max_queue"],
-                  max_frame_bytes=max_frame_bytes, tokenizer=load_tokenizer_or_none(path),
-                  info={"model": path, "layout": layout or {"tp": 1, "pp": 1, "ep": 1, "dp": 1, "world": 1},
-                        "version": _version()})
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("moerun")
-    except PackageNotFoundError:
-        return "0"
-
-
-def announce(server, config: dict) -> None:
-    import os
-    import sys
-
-    e = server.engine
-    ep = server.endpoint
-    if not (ep.startswith(("ipc://", "inproc://")) or "://127." in ep or "://localhost" in ep or "://[::1]" in ep):
-        print(f"moerun serve: WARNING: {ep} is not loopback; the protocol has no authentication, expose it "
-              "only on a trusted network", file=sys.stderr, flush=True)
-
-    print(f"moerun serve: listening on {server.endpoint} pid={os.getpid()} model={config['model']['path']} "
-          f"kv_cache={e.cache.num_pages}x{e.page_size} tokens "
-          f"({e.cache.bytes_per_token_per_layer} B/token/layer) max_batch={e.max_batch} "
-          f"tokenizer={'yes' if server.tokenizer is not None else 'no (send prompt_ids)'}", flush=True)
 
 
 def serve_single(config: dict, max_frame_bytes: int) -> int:
@@ -130,6 +77,7 @@ def serve_single(config: dict, max_frame_bytes: int) -> int:
     import zmq
 
     import runtime
+    from runtime.serve.setup import announce, make_server
 
     try:
         model = runtime.load_model(config["model"]["path"], dtype=config["model"]["dtype"])

@@ -113,7 +113,7 @@ def worker_loop(model, channel: PlanChannel, pipe: PipeStage | None = None) -> N
 def serve_on_mesh(config: dict, mesh, max_frame_bytes: int) -> int:
     import signal
 
-    from launch.commands.serve import announce, build_engine, make_server
+    from runtime.serve.setup import announce, build_engine, make_server
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config["model"]["dtype"]]
     model = load_sharded_model(config["model"]["path"], mesh, dtype)
