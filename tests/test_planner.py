@@ -13,7 +13,15 @@ import pytest
 
 from launch.cli import main as cli_main
 from parallel.planner.costmodel import CostModel, Par, Setup, param_counts
-from parallel.planner.hardware import fp8_gemm_tflops, get_gpu
+from parallel.planner.hardware import (
+    CUTLASS36_DENSE,
+    DEEPGEMM_DENSE,
+    DEEPGEMM_DENSE_SPEEDUP,
+    DEEPGEMM_GROUPED,
+    DEEPGEMM_GROUPED_SPEEDUP,
+    fp8_gemm_tflops,
+    get_gpu,
+)
 from parallel.planner.models import BUILTIN, from_hf_config, load_model
 from parallel.planner.pipeline_time import pipeline_time
 from parallel.planner.search import Layout, Planner, parse_layout, partition, ramp_seconds, rank_stages
@@ -72,6 +80,46 @@ def test_cost_model_directions():
     assert cm.layer(True, Par(tp=1, ep=64, overlap=False)).f < moe.f
     # DeepGEMM figures: smaller M runs at lower throughput
     assert fp8_gemm_tflops(H800, 128, 4096, 7168) < fp8_gemm_tflops(H800, 4096, 4096, 7168)
+
+
+def test_fp8_gemm_kernels_cutlass36_is_deepgemm_over_speedup():
+    """The default FP8 kernels are DeepGEMM README's baseline (its internal CUTLASS 3.6-based implementation):
+    DeepGEMM's TFLOPS / the README's speedup, at every measured shape, and M interpolates on those rows."""
+    # figures read off the README by hand, not from the module's tables
+    assert fp8_gemm_tflops(H800, 4096, 7168, 16384) == pytest.approx(1358 / 1.2)
+    assert fp8_gemm_tflops(H800, 4096, 7168, 16384, kernels="deepgemm") == pytest.approx(1358)
+    assert fp8_gemm_tflops(H800, 8192, 4096, 7168, grouped=True) == pytest.approx(1297 / 1.2)
+    assert fp8_gemm_tflops(H800, 8192, 7168, 2048, grouped=True) == pytest.approx(1099 / 1.2)
+    assert fp8_gemm_tflops(H800, 128, 4096, 7168) == pytest.approx(533 / 2.0)
+    assert fp8_gemm_tflops(H800, 128, 4096, 7168, kernels="deepgemm") == pytest.approx(533)
+    assert fp8_gemm_tflops(H800, 64, 2112, 7168) == pytest.approx(206 / 2.7)
+    assert fp8_gemm_tflops(H800, 4096, 32768, 512) == pytest.approx(590 / 1.0)
+    for nk, row in DEEPGEMM_DENSE.items():
+        assert set(row) == set(DEEPGEMM_DENSE_SPEEDUP[nk]) == set(CUTLASS36_DENSE[nk])
+        for m, tf in row.items():
+            assert fp8_gemm_tflops(H800, m, *nk) == pytest.approx(tf / DEEPGEMM_DENSE_SPEEDUP[nk][m])
+            assert fp8_gemm_tflops(H800, m, *nk, kernels="deepgemm") == pytest.approx(tf)
+    for nk, tf in DEEPGEMM_GROUPED.items():
+        assert fp8_gemm_tflops(H800, 8192, *nk, grouped=True) == pytest.approx(tf / DEEPGEMM_GROUPED_SPEEDUP[nk])
+    # between measured M the baseline's own rows are interpolated (not DeepGEMM's rows / the M=4096 speedup):
+    # (4096, 7168) at M=1024, log-linear between 128 (266.5) and 4096 (1185.45): t = log(8) / log(32) = 0.6
+    assert fp8_gemm_tflops(H800, 1024, 4096, 7168) == pytest.approx(533 / 2.0 + 0.6 * (1304 / 1.1 - 533 / 2.0))
+    # never faster than DeepGEMM; BF16 GEMMs do not depend on the FP8 kernels
+    for m in (64, 100, 128, 1000, 4096, 20000):
+        for nk in DEEPGEMM_DENSE:
+            assert fp8_gemm_tflops(H800, m, *nk) <= fp8_gemm_tflops(H800, m, *nk, kernels="deepgemm") + 1e-9
+    par = Par(tp=1, ep=64)
+    a, b = CostModel(V3, H800), CostModel(V3, H800, Setup(gemm_kernels="deepgemm"))
+    assert a.head(par).f == pytest.approx(b.head(par).f)
+    assert a.layer(True, par).f > b.layer(True, par).f
+    bf_a = CostModel(V3, H800, Setup(precision="bf16")).layer(True, par)
+    bf_b = CostModel(V3, H800, Setup(precision="bf16", gemm_kernels="deepgemm")).layer(True, par)
+    assert bf_a.f == pytest.approx(bf_b.f) and bf_a.b == pytest.approx(bf_b.b)
+    # unknown kernels: a clear error naming the valid values
+    with pytest.raises(ValueError, match="cutlass36, deepgemm"):
+        fp8_gemm_tflops(H800, 4096, 4096, 7168, kernels="cublas")
+    with pytest.raises(ValueError, match="gemm_kernels"):
+        Setup(gemm_kernels="cutlass")
 
 
 def test_selective_recompute_pays_norms_and_swiglu():
@@ -212,6 +260,34 @@ def test_cli_json_fields():
     assert times == sorted(times)
 
 
+V3_CHECK = ["plan", "--model", "deepseek-v3", "--nodes", "256", "--gpus-per-node", "8", "--gpu", "h800",
+            "--layout", "pp=16,ep=64,tp=1", "--json"]
+
+
+def test_cli_deepseek_v3_check_against_published_cost():
+    """The report's layout on 2048 H800 with the default kernels (cutlass36, V3's 2024 run predates DeepGEMM)
+    lands within 15% of the published 180K GPU-hours per trillion tokens and fits in 80 GB; DeepGEMM's faster
+    kernels predict strictly fewer GPU-hours."""
+    rc, out, _ = _run_cli(V3_CHECK)
+    assert rc == 0
+    doc = json.loads(out)
+    assert doc["setup"]["gemm_kernels"] == "cutlass36"
+    best = doc["best"]
+    assert (best["tp"], best["pp"], best["ep"], best["dp"]) == (1, 16, 64, 128)
+    assert best["fits"] and best["memory_gb_per_gpu"] <= 80
+    assert best["gpu_hours_per_trillion_tokens"] == pytest.approx(180_000, rel=0.15)
+    rc, out, _ = _run_cli(V3_CHECK + ["--gemm-kernels", "deepgemm"])
+    assert rc == 0
+    fast = json.loads(out)
+    assert fast["setup"]["gemm_kernels"] == "deepgemm"
+    fb = fast["best"]
+    assert fb["fits"] and (fb["tp"], fb["pp"], fb["ep"], fb["dp"]) == (1, 16, 64, 128)
+    assert fb["gpu_hours_per_trillion_tokens"] < best["gpu_hours_per_trillion_tokens"]
+    assert fb["step_time_s"] < best["step_time_s"]
+    # same layout, same memory: only the FP8 GEMM time changed
+    assert fb["memory_gb_per_gpu"] == pytest.approx(best["memory_gb_per_gpu"])
+
+
 def test_cli_errors_and_table():
     rc, _, err = _run_cli(["plan", "--model", "gpt-9", "--nodes", "1"])
     assert rc == 2 and "neither built in" in err
@@ -223,7 +299,11 @@ def test_cli_errors_and_table():
     assert rc == 1 and "ep=3 must divide" in err
     rc, out, _ = _run_cli(["plan", "--model", "deepseek-v2-lite", "--nodes", "1", "--gpu", "h200",
                            "--global-batch", "256", "--top", "2"])
-    assert rc == 0 and "best:" in out and "GPU-h/1T" in out
+    assert rc == 0 and "best:" in out and "GPU-h/1T" in out and "cutlass36" in out
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):  # argparse: invalid choice
+        cli_main(["plan", "--model", "deepseek-v3", "--nodes", "1", "--gemm-kernels", "cublas"])
+    assert "--gemm-kernels" in err.getvalue() and "'cutlass36', 'deepgemm'" in err.getvalue()
 
 
 def test_cli_experts(tmp_path):

@@ -5,9 +5,10 @@ and its weight-gradient part (W); the expert-parallel all-to-all time of F and o
 FP8 dispatch and BF16 combine, node-limited routing bounding the InfiniBand copies per token); tensor-parallel
 collectives; parameters held; activation bytes kept until the backward; and model FLOPs (for MFU).
 
-Compute time is FLOPs / achievable TFLOPS of the kernel that runs it (hardware.py: DeepGEMM's FP8 figures per
-GEMM shape, FlashAttention-3 for the attention core, a BF16 efficiency for BF16 GEMMs) scaled by the share of
-SMs left to compute (DualPipe-style overlap gives 20 of 132 SMs to communication), plus memory-bound
+Compute time is FLOPs / achievable TFLOPS of the kernel that runs it (hardware.py: FP8 figures per GEMM shape
+from DeepGEMM's README, by default those of its CUTLASS 3.6-based baseline (Setup.gemm_kernels),
+FlashAttention-3 for the attention core, a BF16 efficiency for BF16 GEMMs) scaled by the share of SMs left to
+compute (DualPipe-style overlap gives 20 of 132 SMs to communication), plus memory-bound
 element-wise work (norms, SwiGLU, FP8 casts, residual adds, rope) as bytes / achievable HBM bandwidth.
 """
 
@@ -19,6 +20,7 @@ from .hardware import (
     ATTN_BWD_EFFICIENCY,
     ATTN_FWD_EFFICIENCY,
     COMM_SMS,
+    GEMM_KERNELS,
     GPU,
     HBM_EFFICIENCY,
     bf16_gemm_tflops,
@@ -38,6 +40,9 @@ class Setup:
     seq_len: int = 4096            # DeepSeek-V3 pre-training sequence length
     global_batch: int = 15360      # sequences per optimizer step (V3's batch schedule ends at 15360)
     precision: str = "fp8"         # GEMM precision: fp8 (V3's recipe) or bf16
+    # FP8 GEMM kernels (hardware.py [DeepGEMM]): cutlass36 = DeepSeek's internal CUTLASS 3.6-based ones, the
+    # baseline of DeepGEMM's README (V3 was trained in 2024, before DeepGEMM); deepgemm = DeepGEMM's figures
+    gemm_kernels: str = "cutlass36"
     gpus_per_node: int = 8
     reserve_gb: float = 4.0        # CUDA context, NCCL / DeepEP buffers, allocator slack (assumption)
     load_imbalance: float = 1.0    # max/mean routed tokens per GPU (1.0: balanced, as aux-loss-free aims)
@@ -50,6 +55,8 @@ class Setup:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.gemm_kernels not in GEMM_KERNELS:
+            raise ValueError(f"gemm_kernels must be one of {GEMM_KERNELS}, got {self.gemm_kernels!r}")
         for f in ("seq_len", "global_batch", "gpus_per_node"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
@@ -154,7 +161,7 @@ class CostModel:
         if bf16 or self.s.precision == "bf16":
             tf = bf16_gemm_tflops(self.gpu, tokens, n, k)
         else:
-            tf = fp8_gemm_tflops(self.gpu, tokens, n, k, grouped=grouped)
+            tf = fp8_gemm_tflops(self.gpu, tokens, n, k, grouped=grouped, kernels=self.s.gemm_kernels)
         return 2.0 * tokens * n * k / (tf * 1e12 * self._sm(par))
 
     def _fdw(self, tokens: float, n: int, k: int, par: Par, grouped: bool = False,

