@@ -52,7 +52,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5, help="(no-link, link) step pairs per schedule")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--moe-inter", type=int, default=0, help="expert intermediate size (0: = hidden)")
+    ap.add_argument("--moe-inter", type=int, default=512,
+                    help="expert intermediate size (default 512: the routed experts dominate a layer's compute, "
+                         "as in DeepSeek-V3; 0: = hidden)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--latency-us", type=float, default=50.0, help="per transfer, with --mode bandwidth")

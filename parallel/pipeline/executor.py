@@ -79,7 +79,6 @@ class PipelineExecutor:
         self.pp_group, self.pp_ranks, self.pp_rank = pp_group, pp_ranks, pp_rank
         self.actions = schedule.ranks[pp_rank]
         self.last_losses: dict[int, torch.Tensor] = {}
-        self._params = {c: [p for p in s.parameters() if p.requires_grad] for c, s in stages.items()}
 
     # ------------------------------------------------------------------------------------------ helpers
     def _peer(self, a: Action) -> int:
@@ -102,14 +101,14 @@ class PipelineExecutor:
             self.box[(ACT, a_stage, mb)] = out.detach()
         return None
 
-    def _backward(self, a_stage: int, mb: int, chunk: int, split: bool):
+    def _backward(self, a_stage: int, mb: int, chunk: int, split: bool, fill: bool = False):
         stage = self.stages[chunk]
         if stage.is_last:
             grad = torch.ones_like(self.outputs.pop((a_stage, mb)))
         else:
             grad = self.box.pop((GRAD, a_stage + 1, mb))
         tape = self.tapes[(a_stage, mb)] if split else self.tapes.pop((a_stage, mb))
-        g_in = yield from stage_backward(tape, grad, split)
+        g_in = yield from stage_backward(tape, grad, split, fill)
         if split:
             self.deferred.append((a_stage, mb, chunk))
         if not stage.is_first:
@@ -123,7 +122,7 @@ class PipelineExecutor:
             raise ScheduleError(f"W for stage {a.stage} mb {a.mb} but the oldest deferred weight gradient is "
                                 f"{self.deferred[0] if self.deferred else None}")
         self.deferred.popleft()
-        stage_weight_backward(self.tapes.pop((a.stage, a.mb)), self._params[a.chunk])
+        stage_weight_backward(self.tapes.pop((a.stage, a.mb)))
 
     # ------------------------------------------------------------------------------------- forward only
     @torch.no_grad()
@@ -220,7 +219,7 @@ class PipelineExecutor:
                 self._weights(a)
             elif a.kind == FB:
                 run_pair(self._forward(a.stage, a.mb, a.chunk),
-                         self._backward(a.b_stage, a.b_mb, a.b_chunk, split=False))
+                         self._backward(a.b_stage, a.b_mb, a.b_chunk, split=False, fill=True))
             else:
                 raise ScheduleError(f"unknown action kind {a.kind!r}")
             self.busy_s += time.perf_counter() - t0

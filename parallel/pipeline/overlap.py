@@ -19,10 +19,11 @@ parallel/link.py); on GPU they would need the all-to-alls on a side stream (unve
 Layers whose dispatcher is not an expert-parallel one (dense layers, `LocalDispatcher`) are plain compute.
 The same code path runs for F, B, I/W and FB, so the parity tests of the executor cover it all.
 
-Split backward (zero-bubble I / W): I computes the gradients of each segment's leaves only (autograd
-skips weight-gradient GEMMs it does not need) and keeps the segment graphs; W then runs each segment's
-backward again restricted to the parameters. Numerically exact; W re-runs part of the input-gradient path
-inside each segment (autograd has no cheaper split), so I + W costs somewhat more than B here.
+Split backward (zero-bubble I / W, parallel/pipeline/wgrad.py): I computes the gradients of each segment's
+leaves only, recording the gradient that reaches every weight's joint with the input path; W starts there
+and computes only the weight-gradient side (no input-gradient GEMM runs twice). An FB's backward uses the
+same split to run each segment's W right after the next transfer has started, so that transfer hides
+behind W as well as behind the other micro-batch's forward (DualPipe's MLP(W) / ATTN(W) placement).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel import expert as ep_ops
+
+from .wgrad import WeightSplit
 
 IGNORE_INDEX = -100
 Phases = Generator[None, None, object]
@@ -67,30 +70,27 @@ class Segment:
     def backward(self, grads: tuple, split: bool = False) -> tuple:
         """Gradients of the leaves (None where not differentiable). split=True: parameters later (W)."""
         outs, gs = self._targets(grads)
-        diff = [i for i, leaf in enumerate(self.leaves) if _diff(leaf)]
         result: list = [None] * len(self.leaves)
         if not outs:
             return tuple(result)
         if not split:
             torch.autograd.backward(outs, gs)
-            for i in diff:
-                result[i] = self.leaves[i].grad
+            for i, leaf in enumerate(self.leaves):
+                if _diff(leaf):
+                    result[i] = leaf.grad
             return tuple(result)
-        if diff:
-            got = torch.autograd.grad(outs, [self.leaves[i] for i in diff], gs, retain_graph=True,
-                                      allow_unused=True)
-            for i, g in zip(diff, got, strict=True):
-                result[i] = g
-        self.deferred = (outs, gs)
+        self.deferred = WeightSplit(outs, gs, list(self.leaves))
+        got = iter(self.deferred.input_grads())
+        for i, leaf in enumerate(self.leaves):
+            if _diff(leaf) and leaf.requires_grad:
+                result[i] = next(got)
         return tuple(result)
 
-    def backward_weights(self, params: list[torch.nn.Parameter]) -> None:
-        if self.deferred is None:
-            return
-        outs, gs = self.deferred
-        self.deferred = None
-        if params:
-            torch.autograd.backward(outs, gs, inputs=params)
+    def backward_weights(self) -> None:
+        """The deferred W of a split backward: accumulate the parameters' gradients."""
+        if self.deferred is not None:
+            self.deferred.weight_grads()
+            self.deferred = None
 
 
 def _a2a_async(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> tuple:
@@ -309,24 +309,43 @@ def stage_forward(stage, x: torch.Tensor, labels: torch.Tensor | None, loss_scal
     return state[0], tape
 
 
-def stage_backward(tape: list, grad_out: torch.Tensor, split: bool = False) -> Phases:
-    """Generator: backward through a forward's tape; returns the gradient of the stage input (or None)."""
+def stage_backward(tape: list, grad_out: torch.Tensor, split: bool = False, fill: bool = False) -> Phases:
+    """Generator: backward through a forward's tape; returns the gradient of the stage input (or None).
+
+    split: weight gradients are left for a later `stage_weight_backward` (zero-bubble I / W).
+    fill: each segment's weight gradients run right after the next transfer has started, under it, instead
+    of before it (DualPipe's F&B: the transfer then has W as well as the other micro-batch's compute to
+    hide behind). The result equals a plain backward.
+    """
     grads: tuple = (grad_out,)
+    owed: list[Segment] = []  # segments whose W is still to run (fill)
     for node in reversed(tape):
         if isinstance(node, Segment):
-            grads = node.backward(grads, split)
+            grads = node.backward(grads, split or fill)
+            owed.append(node)
+            continue
+        if isinstance(node, CombineNode):
+            node.start_backward(grads, split or fill)
+            owed += node.segments
         else:
-            node.start_backward(grads, split) if isinstance(node, CombineNode) else node.start_backward(grads)
-            yield
-            grads = node.finish_backward()
+            node.start_backward(grads)
+        if fill:
+            for seg in owed:
+                seg.backward_weights()
+        owed.clear()
+        yield
+        grads = node.finish_backward()
+    if fill:
+        for seg in owed:
+            seg.backward_weights()
     return grads[0]
 
 
-def stage_weight_backward(tape: list, params: list[torch.nn.Parameter]) -> None:
+def stage_weight_backward(tape: list) -> None:
     """The deferred W of a split backward: parameter gradients of every segment."""
     for node in reversed(tape):
         for seg in [node] if isinstance(node, Segment) else getattr(node, "segments", []):
-            seg.backward_weights(params)
+            seg.backward_weights()
 
 
 def run(gen: Phases):
