@@ -112,6 +112,8 @@ class Mesh:
         sys.stderr.flush()
         if self._watchdog is not None:
             self._watchdog.acknowledge_and_linger()
+        if earlier is not None and _is_comm_error(exc) and not os.environ.get("MOERUN_TRACEBACK"):
+            raise SystemExit(1) from None  # the echo of a peer's failure, reported above: no traceback
         return False
 
 
