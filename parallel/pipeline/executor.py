@@ -20,6 +20,11 @@ loss term is sum(CE_m) / total_tokens + aux_m / M, so gradients equal those of t
 whatever the micro-batch split. After the step every pipeline rank has `last_losses[m]` (each term, summed
 over the stages by one all-reduce over pp) and `run_step` returns their sum.
 
+Devices: the buffers the executor makes itself (RECV buffers, the per-micro-batch loss vector that is
+all-reduced over pp, the forward-only logits and their shape broadcast) are created on the device of this
+rank's stage parameters, so the same code runs with CPU stages over gloo and CUDA stages over NCCL; the
+micro-batches must be on that device too.
+
 `busy_s` is the wall time of the last step's compute actions (F, B, I, W, FB, including the all-to-alls
 inside them): a rank's busy time, as the simulator counts it.
 
@@ -136,17 +141,16 @@ class PipelineExecutor:
             raise ScheduleError("run_forward needs a forward-only schedule: wrap it with forward_only(...)")
         if len(input_ids) != sched.chunks:
             raise ValueError(f"schedule built for {sched.chunks} micro-batches, got {len(input_ids)}")
-        params = [p for s in self.stages.values() for p in s.parameters()]
-        dtype = params[0].dtype if params else torch.float32
+        dtype, device = _placement(self.stages, input_ids[0].device)
         act_shape = (*input_ids[0].shape, _hidden_size(self.stages))
         self.mbs = [(ids, None) for ids in input_ids]
         self.total_tokens = 1
         self.box, self.tapes, self.outputs = {}, {}, {}
-        self.mb_losses = torch.zeros(len(input_ids), dtype=torch.float64)
+        self.mb_losses = torch.zeros(len(input_ids), dtype=torch.float64, device=device)
         sends: list = []
         for a in self.actions:
             if a.kind == RECV:
-                buf = torch.empty(act_shape, dtype=dtype)
+                buf = torch.empty(act_shape, dtype=dtype, device=device)
                 dist.irecv(buf, self._peer(a), group=self.pp_group).wait()
                 self.box[(a.what, a.stage, a.mb)] = buf
                 continue
@@ -167,10 +171,10 @@ class PipelineExecutor:
             src = sched.rank_of(last, m)
             logits = self.outputs.pop((last, m)) if src == self.pp_rank else None
             if len(self.pp_ranks) > 1:
-                shape = torch.tensor(list(logits.shape) if logits is not None else [0, 0, 0])
+                shape = torch.tensor(list(logits.shape) if logits is not None else [0, 0, 0], device=device)
                 dist.broadcast(shape, self.pp_ranks[src], group=self.pp_group)
                 if logits is None:
-                    logits = torch.empty(shape.tolist(), dtype=torch.float32)
+                    logits = torch.empty(shape.tolist(), dtype=torch.float32, device=device)
                 dist.broadcast(logits, self.pp_ranks[src], group=self.pp_group)
             out.append(logits)
         return out
@@ -185,9 +189,7 @@ class PipelineExecutor:
         shapes = {tuple(ids.shape) for ids, _ in microbatches}
         if len(shapes) != 1 or any(tuple(lab.shape) != tuple(ids.shape) for ids, lab in microbatches):
             raise ValueError(f"all micro-batches need the same [B, T] shape for inputs and labels, got {shapes}")
-        any_stage = next(iter(self.stages.values()))
-        params = list(any_stage.parameters())
-        dtype = params[0].dtype if params else torch.float32
+        dtype, device = _placement(self.stages, microbatches[0][0].device)
         hidden = _hidden_size(self.stages)
         act_shape = (*next(iter(shapes)), hidden)
         self.mbs = list(microbatches)
@@ -196,13 +198,13 @@ class PipelineExecutor:
         self.tapes: dict = {}
         self.outputs: dict = {}
         self.deferred: deque = deque()
-        self.mb_losses = torch.zeros(len(self.mbs), dtype=torch.float64)
+        self.mb_losses = torch.zeros(len(self.mbs), dtype=torch.float64, device=device)
         sends: list = []
 
         self.busy_s = 0.0
         for a in self.actions:
             if a.kind == RECV:
-                buf = torch.empty(act_shape, dtype=dtype)
+                buf = torch.empty(act_shape, dtype=dtype, device=device)
                 dist.irecv(buf, self._peer(a), group=self.pp_group).wait()
                 self.box[(a.what, a.stage, a.mb)] = buf
                 continue
@@ -234,6 +236,16 @@ class PipelineExecutor:
             dist.all_reduce(self.mb_losses, group=self.pp_group)
         self.last_losses = {m: v.float() for m, v in enumerate(self.mb_losses)}
         return self.mb_losses.sum().float()
+
+
+def _placement(stages: dict[int, PipelineStage], fallback: torch.device) -> tuple[torch.dtype, torch.device]:
+    """(dtype, device) of this rank's stage parameters: the receive buffers' dtype, and the device of every
+    buffer the executor makes. A rank whose stages hold no parameters (empty interior stages) falls back to
+    float32 on the device of the micro-batch inputs."""
+    for s in stages.values():
+        for p in s.parameters():
+            return p.dtype, p.device
+    return torch.float32, fallback
 
 
 def _hidden_size(stages: dict[int, PipelineStage]) -> int:

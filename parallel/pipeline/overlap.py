@@ -17,6 +17,8 @@ other computes. On CPU the transfers progress in gloo's own threads (and the emu
 parallel/link.py); on GPU they would need the all-to-alls on a side stream (unverified on hardware).
 
 Layers whose dispatcher is not an expert-parallel one (dense layers, `LocalDispatcher`) are plain compute.
+The buffers the comm nodes make for their backward are created on the device of the tokens they carry, so
+CPU and CUDA stages run the same code.
 The same code path runs for F, B, I/W and FB, so the parity tests of the executor cover it all.
 
 Split backward (zero-bubble I / W, parallel/pipeline/wgrad.py): I computes the gradients of each segment's
@@ -120,7 +122,7 @@ class DispatchNode:
         self.me = dist.get_rank(self.group)
 
     def start(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
-        self.x_shape, self.w_dtype, self.k = x.shape, w.dtype, idx.shape[1]
+        self.x_shape, self.w_dtype, self.k, self.device = x.shape, w.dtype, idx.shape[1], x.device
         flat = x.detach().reshape(-1, x.shape[-1])
         self.handle = ep_ops.dispatch_async(flat, idx, w.detach(), self.group, self.num_experts,
                                             self.capacity_factor)
@@ -138,13 +140,13 @@ class DispatchNode:
         h, hidden = self.handle, self.x_shape[-1]
         tok = h.num_recv_tokens
         dtype = g_x.dtype if g_x is not None else torch.float32
-        g_tok = torch.zeros(tok, hidden, dtype=dtype)
+        g_tok = torch.zeros(tok, hidden, dtype=dtype, device=self.device)
         if g_recv is not None:
             g_tok.index_add_(0, h.recv_rows, g_recv.to(dtype))
         # the slot of each grouped row, recomputed as DispatchHandle.wait() orders them
         rows, slots = (h._recv_idx >= 0).nonzero(as_tuple=True)
         order = torch.sort(h._recv_idx[rows, slots], stable=True).indices
-        g_wtok = torch.zeros(tok, self.k, dtype=self.w_dtype)
+        g_wtok = torch.zeros(tok, self.k, dtype=self.w_dtype, device=self.device)
         if g_rw is not None:
             g_wtok.index_put_((rows[order], slots[order]), g_rw.to(self.w_dtype), accumulate=True)
         self.saved = (g_h, g_x)
@@ -160,9 +162,10 @@ class DispatchNode:
             work.wait()
         h, (g_h, g_x) = self.handle, self.saved
         n = h.num_tokens
-        g_xd = torch.zeros(n, self.x_shape[-1], dtype=self.back_x.dtype).index_add_(
+        g_xd = torch.zeros(n, self.x_shape[-1], dtype=self.back_x.dtype, device=self.back_x.device).index_add_(
             0, h.send_token_idx, self.back_x).view(self.x_shape)
-        g_w = torch.zeros(n, self.k, dtype=self.w_dtype).index_add_(0, h.send_token_idx, self.back_w)
+        g_w = torch.zeros(n, self.k, dtype=self.w_dtype, device=self.back_w.device).index_add_(
+            0, h.send_token_idx, self.back_w)
         self.works = self.back_x = self.back_w = self.saved = None
         return (g_h, g_xd if g_x is None else g_x + g_xd, g_w, None)
 
