@@ -21,6 +21,11 @@ Semantics (DeepEP normal mode):
   then starts the token all-to-alls and returns at once; `handle.wait()` finishes them and returns the
   grouped tokens. `combine_async(...).wait()` likewise. Compute placed between the two calls (shared
   experts, another micro-batch's attention) overlaps the transfer.
+- Public hooks for code that drives the transfers itself (parallel/pipeline/overlap.py's phase engine):
+  `handle.delay(link, nbytes)` puts a handle's pending transfers behind an emulated link
+  (parallel/link.py) before `wait()`, and after `wait()` the pair (`recv_rows`, `recv_slots`) gives each
+  grouped row's received token and top-k slot, so a hand-written backward can scatter row gradients (of
+  the tokens and of the routing weights) back to the [received tokens, K] layout the transfer used.
 - Dropless by default. With `capacity_factor`, each rank keeps at most
   ceil(capacity_factor * tokens * top_k / num_experts) of its own (token, expert) pairs per expert, in
   token order; the rest are dropped (they contribute nothing) and counted in `handle.num_dropped`.
@@ -94,6 +99,7 @@ class DispatchHandle:
     tokens_per_expert: torch.Tensor | None = None   # [E/ep] grouped rows per local expert
     recv_weights: torch.Tensor | None = None        # [R] routing weight of each grouped row (autograd)
     recv_expert: torch.Tensor | None = None         # [R] local expert of each grouped row
+    recv_slots: torch.Tensor | None = None          # [R] top-k slot (0..K-1) of each grouped row in its token
     tp_tokens: int | None = None                    # set by shard.EPDispatcher: tokens before the TP split
     _result: torch.Tensor | None = field(default=None, repr=False)
 
@@ -106,8 +112,17 @@ class DispatchHandle:
         """Alias of recv_weights (the runtime model's experts read `handle.weights`)."""
         return self.recv_weights
 
+    def delay(self, link, nbytes: int) -> None:
+        """Hold the pending transfers back as ONE transfer of `nbytes` on `link` (a parallel.link.EmulatedLink,
+        or anything with its `wrap_works(works, nbytes)`): `wait()` then returns no earlier than its emulated
+        arrival. Call it before `wait()`."""
+        _delay(self._works, self._result is not None, link, nbytes)
+
     def wait(self) -> torch.Tensor:
-        """Finish the token transfer; return recv_x [R, H] grouped contiguous per local expert."""
+        """Finish the token transfer; return recv_x [R, H] grouped contiguous per local expert.
+
+        Also fills recv_rows / recv_slots (received token and top-k slot of each grouped row),
+        recv_expert, tokens_per_expert and recv_weights."""
         if self._result is not None:
             return self._result
         for work, _ in self._works:
@@ -117,20 +132,26 @@ class DispatchHandle:
         rows, slots = valid.nonzero(as_tuple=True)         # ordered by (source rank, source token, k)
         experts = self._recv_idx[rows, slots]
         order = torch.sort(experts, stable=True).indices    # group by local expert, keep receive order
-        self.recv_rows, self.recv_expert = rows[order], experts[order]
+        self.recv_rows, self.recv_slots, self.recv_expert = rows[order], slots[order], experts[order]
         self.tokens_per_expert = torch.bincount(self.recv_expert, minlength=self.experts_per_rank)
-        self.recv_weights = self._recv_w[self.recv_rows, slots[order]]
+        self.recv_weights = self._recv_w[self.recv_rows, self.recv_slots]
         self._result = self._recv_x.index_select(0, self.recv_rows)
-        self._recv_x = self._recv_w = None
+        self._recv_x = self._recv_w = self._recv_idx = None
         return self._result
 
 
 @dataclass(eq=False)
 class CombineHandle:
+    """A combine in flight: `wait()` returns the combined tokens."""
+
     _works: list
     _back: torch.Tensor
     _handle: DispatchHandle
     _result: torch.Tensor | None = None
+
+    def delay(self, link, nbytes: int) -> None:
+        """As `DispatchHandle.delay`: the return transfer completes no earlier than its emulated arrival."""
+        _delay(self._works, self._result is not None, link, nbytes)
 
     def wait(self) -> torch.Tensor:
         """Finish the return transfer; return [N, H], the sum of the expert rows of each source token."""
@@ -143,6 +164,12 @@ class CombineHandle:
             self._result = out.index_add(0, h.send_token_idx, self._back)
             self._back = None  # type: ignore[assignment]
         return self._result
+
+
+def _delay(works: list, finished: bool, link, nbytes: int) -> None:
+    if finished:
+        raise RuntimeError("delay() after wait(): the transfer is already complete")
+    link.wrap_works(works, nbytes)
 
 
 def experts_per_rank(num_experts: int, ep: int) -> int:

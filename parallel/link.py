@@ -16,9 +16,10 @@ measures. `bandwidth_gbps` is in gigabits per second (network convention: 400 Gb
 n is the larger of the bytes this rank sends to and receives from *other* ranks (rows to itself never
 cross a link). The small blocking count exchange at the start of a dispatch is not delayed.
 
-It wraps work handles rather than the collective, so parallel/expert.py stays untouched:
-`link.wrap_works(handle._works, nbytes)` for a `DispatchHandle` / `CombineHandle`, `link.wrap(work, n)`
-for a single work.
+It wraps work handles rather than the collective, so parallel/expert.py needs no link code of its own:
+`handle.delay(link, nbytes)` for a `DispatchHandle` / `CombineHandle` (it hands the handle's pending works
+to `link.wrap_works`), `link.wrap_works(works, nbytes)` for a list of (work, buffer) pairs of one's own,
+`link.wrap(work, n)` for a single work.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ class EmulatedLink:
         return DelayedWork(work, self.issue(nbytes), self)
 
     def wrap_works(self, works: list, nbytes: int) -> None:
-        """Delay a handle's pending works (a list of (work, buffer) pairs, as parallel.expert keeps them)
-        as ONE transfer of `nbytes`: all of them complete at its arrival."""
+        """Delay pending works (a list of (work, buffer) pairs, as parallel.expert and the phase engine keep
+        them; replaced in place) as ONE transfer of `nbytes`: all of them complete at its arrival."""
         arrival = self.issue(nbytes)
         works[:] = [(DelayedWork(w, arrival, self), buf) for w, buf in works]
 

@@ -71,6 +71,11 @@ def _dispatch_worker(rank: int, world: int) -> None:
     assert torch.equal(handle.tokens_per_expert, exp_counts), (handle.tokens_per_expert, exp_counts)
     assert torch.equal(recv_x, exp_x), (recv_x, exp_x)
     assert torch.equal(handle.recv_weights, exp_w)
+    # recv_slots: each grouped row's top-k slot in its source token (same order as the rows above)
+    exp_slots = [k for local in range(EPR) for s in range(world) for n in range(routes[s][0].shape[0])
+                 for k in range(K) if routes[s][1][n, k] == rank * EPR + local]
+    assert handle.recv_slots.tolist() == exp_slots, (handle.recv_slots, exp_slots)
+    assert handle.recv_slots.shape == handle.recv_rows.shape
     if rank == world - 2:
         assert recv_x.shape[0] == 0 and handle.num_recv_tokens == 0
     if rank == world - 1:
@@ -108,13 +113,23 @@ def _dispatch_worker(rank: int, world: int) -> None:
     # 5. gradients through a real MoE layer equal a single-process reference over all ranks' tokens
     _check_moe_grads(rank, world, group, E)
 
-    # 6. async: work placed between start and wait overlaps the transfer; results are identical
+    # 6. async: work placed between start and wait overlaps the transfer; results are identical. Both
+    # transfers held back by an emulated link through the handles' delay() hook: one transfer each
+    from parallel.link import EmulatedLink
+
+    link = EmulatedLink(latency_us=1.0)
     h3 = dispatch_async(x, idx, w, group, E)
+    h3.delay(link, 64)
     shared = x * 2.0  # "shared expert" computed while tokens travel
     r3 = h3.wait()
     c3 = combine_async(r3 * h3.recv_weights.unsqueeze(1), h3)
+    c3.delay(link, 64)
     out3 = c3.wait() + shared
     assert torch.equal(out3, ref + 2.0 * x)
+    assert link.transfers == 2 and link.bytes == 128
+    for done in (h3, c3):
+        with pytest.raises(RuntimeError, match="after wait"):
+            done.delay(link, 1)
 
     # 7. capacity factor: pairs past an expert's capacity (token order) are dropped and counted
     cf = 0.5

@@ -129,7 +129,7 @@ class DispatchNode:
         if self.link is not None:
             h = self.handle
             row = flat.shape[1] * flat.element_size() + self.k * (8 + 4)
-            self.link.wrap_works(h._works, _off_rank_bytes(h.send_counts, h.recv_counts, self.me, row))
+            h.delay(self.link, _off_rank_bytes(h.send_counts, h.recv_counts, self.me, row))
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         recv = self.handle.wait()
@@ -143,12 +143,10 @@ class DispatchNode:
         g_tok = torch.zeros(tok, hidden, dtype=dtype, device=self.device)
         if g_recv is not None:
             g_tok.index_add_(0, h.recv_rows, g_recv.to(dtype))
-        # the slot of each grouped row, recomputed as DispatchHandle.wait() orders them
-        rows, slots = (h._recv_idx >= 0).nonzero(as_tuple=True)
-        order = torch.sort(h._recv_idx[rows, slots], stable=True).indices
+        # each grouped row's (received token, top-k slot): the layout the weights travelled in
         g_wtok = torch.zeros(tok, self.k, dtype=self.w_dtype, device=self.device)
         if g_rw is not None:
-            g_wtok.index_put_((rows[order], slots[order]), g_rw.to(self.w_dtype), accumulate=True)
+            g_wtok.index_put_((h.recv_rows, h.recv_slots), g_rw.to(self.w_dtype), accumulate=True)
         self.saved = (g_h, g_x)
         self.back_x, wx = _a2a_async(g_tok, h.send_counts, h.recv_counts, self.group)
         self.back_w, ww = _a2a_async(g_wtok, h.send_counts, h.recv_counts, self.group)
@@ -182,7 +180,7 @@ class CombineNode:
         self.ch = ep_ops.combine_async(y.detach(), self.d.handle)
         if self.link is not None:
             h = self.d.handle
-            self.link.wrap_works(self.ch._works, _off_rank_bytes(
+            self.ch.delay(self.link, _off_rank_bytes(
                 h.recv_counts, h.send_counts, self.d.me, y.shape[-1] * y.element_size()))
         self.shared_out = None
         if self.shared is not None:
