@@ -6,7 +6,11 @@
             print(msg["ids"])
 
 One DEALER socket per client; many requests may be in flight on it at once (replies are routed to the
-right request by id). Errors come back as `ServerError(code, message)`.
+right request by id). Errors come back as `ServerError(code, message)`. Replies are decoded as the
+server decodes requests (msgpack only, string keys, bounded size): a reply that is not one msgpack map
+raises `ReplyError`. A reply larger than `max_reply_bytes` makes ZeroMQ close the connection for good
+(it does not reconnect after a protocol error): the wait for it, and later sends, end in `TimeoutError`;
+a new client connects afresh.
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import msgpack
 import zmq
 import zmq.asyncio
 
-__all__ = ["Client", "AsyncClient", "ServerError"]
+from runtime.protocol import ProtocolError, decode_frame, encode
+
+__all__ = ["Client", "AsyncClient", "ServerError", "ReplyError", "MAX_REPLY_BYTES"]
+
+# A `done` with 20 top logprobs per token takes about 300 bytes a token: 64 MiB holds 200k tokens.
+MAX_REPLY_BYTES = 64 << 20
 
 
 class ServerError(RuntimeError):
@@ -31,12 +39,34 @@ class ServerError(RuntimeError):
         self.code, self.message, self.reply = code, message, reply or {}
 
 
-def _pack(msg: dict) -> bytes:
-    return msgpack.packb(msg, use_bin_type=True)
+class ReplyError(RuntimeError):
+    """The server sent a frame that is not a reply this client can read (the message says why)."""
 
 
-def _unpack(frame: bytes) -> dict:
-    return msgpack.unpackb(frame, raw=False)
+def _socket(ctx: zmq.Context, address: str, timeout: float | None, max_reply_bytes: int) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_reply_bytes)  # larger replies: ZeroMQ drops the connection
+    if timeout is not None:  # a send blocks only without a live connection (or at the high-water mark)
+        sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
+    sock.connect(address)
+    return sock
+
+
+def _unpack(frame: bytes, max_bytes: int) -> dict:
+    try:
+        reply = decode_frame(frame, max_bytes, what="reply")
+    except ProtocolError as e:
+        raise ReplyError(f"unreadable reply from the server: {e.message}") from None
+    rid = reply.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise ReplyError(f"reply id must be a string, got {type(rid).__name__}")
+    return reply
+
+
+def _timeout_message(what: str, timeout: float | None, max_reply_bytes: int) -> str:
+    return (f"{what} within {timeout} s (a reply over max_reply_bytes = {max_reply_bytes} closes the "
+            "connection for good: use a new client)")
 
 
 def _generate_msg(rid: str, prompt: str | None, prompt_ids: list[int] | None, stream: bool, **params: Any) -> dict:
@@ -55,14 +85,14 @@ def _raise_if_error(reply: dict) -> dict:
 
 
 class Client:
-    """Blocking client. `timeout` (seconds, None = wait forever) bounds each wait for a reply."""
+    """Blocking client. `timeout` (seconds, None = wait forever) bounds each wait for a reply;
+    `max_reply_bytes` bounds one reply frame."""
 
-    def __init__(self, address: str, timeout: float | None = 60.0, context: zmq.Context | None = None) -> None:
+    def __init__(self, address: str, timeout: float | None = 60.0, context: zmq.Context | None = None,
+                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
         self.ctx = context or zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
-        self.timeout = timeout
+        self.sock = _socket(self.ctx, address, timeout, max_reply_bytes)
+        self.timeout, self.max_reply_bytes = timeout, max_reply_bytes
         self._ids = itertools.count()
         self._prefix = f"c{os.getpid()}-{id(self):x}-"
         self._inbox: dict[str, deque] = defaultdict(deque)
@@ -80,17 +110,22 @@ class Client:
         return f"{self._prefix}{next(self._ids)}"
 
     def send(self, msg: dict) -> None:
-        self.sock.send(_pack(msg))
+        try:
+            self.sock.send(encode(msg))
+        except zmq.Again:
+            raise TimeoutError(_timeout_message("could not send", self.timeout, self.max_reply_bytes)) from None
 
     def recv(self, rid: str | None) -> dict:
-        """Next reply for `rid` (replies for other ids are kept for their own callers)."""
+        """Next reply for `rid` (replies for other ids are kept for their own callers). A frame that is not a
+        readable reply raises `ReplyError` here, whichever request it was for."""
         box = self._inbox.get(rid)
         if box:
             return box.popleft()
         while True:
             if self.timeout is not None and not self.sock.poll(int(self.timeout * 1000)):
-                raise TimeoutError(f"no reply for request {rid!r} within {self.timeout} s")
-            reply = _unpack(self.sock.recv())
+                raise TimeoutError(_timeout_message(f"no reply for request {rid!r}", self.timeout,
+                                                    self.max_reply_bytes))
+            reply = _unpack(self.sock.recv(), self.max_reply_bytes)
             got = reply.get("id")
             if got == rid:
                 return reply
@@ -138,13 +173,15 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client: one reader task routes replies to per-request queues."""
+    """asyncio client: one reader task routes replies to per-request queues. `timeout` and
+    `max_reply_bytes` as for `Client`; a frame that is not a readable reply fails every waiting request
+    with `ReplyError` (whose it was cannot be told) and the reader goes on."""
 
-    def __init__(self, address: str, context: zmq.asyncio.Context | None = None) -> None:
+    def __init__(self, address: str, context: zmq.asyncio.Context | None = None, *, timeout: float | None = 60.0,
+                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
         self.ctx = context or zmq.asyncio.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
+        self.sock = _socket(self.ctx, address, timeout, max_reply_bytes)
+        self.timeout, self.max_reply_bytes = timeout, max_reply_bytes
         self._ids = itertools.count()
         self._prefix = f"a{os.getpid()}-{id(self):x}-"
         self._queues: dict[str, asyncio.Queue] = {}
@@ -168,16 +205,38 @@ class AsyncClient:
 
     async def _read(self) -> None:
         while True:
-            reply = _unpack(await self.sock.recv())
+            frame = await self.sock.recv()
+            try:
+                reply = _unpack(frame, self.max_reply_bytes)
+            except ReplyError as e:
+                for q in self._queues.values():
+                    q.put_nowait(ReplyError(str(e)))
+                continue
             q = self._queues.get(reply.get("id"))
             if q is not None:
                 q.put_nowait(reply)
 
+    async def _next(self, rid: str, q: asyncio.Queue) -> dict:
+        try:
+            item = await asyncio.wait_for(q.get(), self.timeout)
+        except TimeoutError:
+            raise TimeoutError(_timeout_message(f"no reply for request {rid!r}", self.timeout,
+                                                self.max_reply_bytes)) from None
+        if isinstance(item, ReplyError):
+            raise item
+        return _raise_if_error(item)
+
+    async def _send(self, msg: dict) -> None:
+        try:
+            await self.sock.send(encode(msg))
+        except zmq.Again:
+            raise TimeoutError(_timeout_message("could not send", self.timeout, self.max_reply_bytes)) from None
+
     async def _call(self, msg: dict) -> dict:
         q = self._queue(msg["id"])
         try:
-            await self.sock.send(_pack(msg))
-            return _raise_if_error(await q.get())
+            await self._send(msg)
+            return await self._next(msg["id"], q)
         finally:
             self._queues.pop(msg["id"], None)
 
@@ -206,9 +265,9 @@ class AsyncClient:
         rid = rid or self.new_id()
         q = self._queue(rid)
         try:
-            await self.sock.send(_pack(_generate_msg(rid, prompt, prompt_ids, True, **params)))
+            await self._send(_generate_msg(rid, prompt, prompt_ids, True, **params))
             while True:
-                reply = _raise_if_error(await q.get())
+                reply = await self._next(rid, q)
                 yield reply
                 if reply.get("op") == "done":
                     return
@@ -216,4 +275,4 @@ class AsyncClient:
             self._queues.pop(rid, None)
 
     async def abort(self, rid: str) -> None:
-        await self.sock.send(_pack({"op": "abort", "id": rid}))
+        await self._send({"op": "abort", "id": rid})

@@ -69,8 +69,9 @@ def error_reply(code: str, message: str, rid: str | None = None) -> dict:
     return reply
 
 
-def decode_frame(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> dict:
-    """bytes -> a msgpack map with string keys, or ProtocolError("bad_request")."""
+def decode_frame(frame: bytes, max_bytes: int = MAX_FRAME_BYTES, what: str = "request") -> dict:
+    """bytes -> a msgpack map with string keys, or ProtocolError("bad_request"); `what` names the frame
+    in the message (the client decodes its replies here too)."""
     if len(frame) > max_bytes:
         raise ProtocolError("bad_request", f"frame of {len(frame)} bytes exceeds the limit of {max_bytes} bytes")
     try:
@@ -78,7 +79,7 @@ def decode_frame(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> dict:
     except Exception as e:  # msgpack raises several types (ExtraData, ValueError, FormatError, ...)
         raise ProtocolError("bad_request", f"frame is not one valid msgpack object: {type(e).__name__}") from None
     if not isinstance(msg, dict):
-        raise ProtocolError("bad_request", f"a request must be a msgpack map, got {type(msg).__name__}")
+        raise ProtocolError("bad_request", f"a {what} must be a msgpack map, got {type(msg).__name__}")
     return msg
 
 
