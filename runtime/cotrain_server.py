@@ -141,12 +141,7 @@ class CoServer(Server):
             kind, outputs = sched.step()
         except Exception as exc:  # fail what was in flight, keep serving
             msg = f"scheduler step failed: {type(exc).__name__}: {exc}"
-            for key in list(self.engine.requests):
-                self.engine.abort(key)
-                act = self.active.pop(key, None)
-                if act is not None:
-                    self._send(act.envelope, error_reply("internal", msg, act.cid))
-            self._health_fail(msg)
+            self._fail_in_flight(msg)
             if sched.work is not None:
                 sched.work.fail_all(msg)
             if sched.group is not None:

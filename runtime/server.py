@@ -251,18 +251,19 @@ class Server:
         try:
             outputs = self.engine.step()
         except Exception as exc:  # a failed step: fail everyone in flight, keep serving
-            msg = f"engine step failed: {type(exc).__name__}: {exc}"
-            for key in list(self.engine.requests):
-                self.engine.abort(key)
-                act = self.active.pop(key, None)
-                if act is not None:
-                    self._send(act.envelope, error_reply("internal", msg, act.cid))
-            self._health_fail(msg)
+            self._fail_in_flight(f"engine step failed: {type(exc).__name__}: {exc}")
             return
         for out in outputs:
             self._deliver(out)
 
-    def _health_fail(self, msg: str) -> None:
+    def _fail_in_flight(self, msg: str) -> None:
+        """After a failed step: end every request in the engine and every waiting health check with an
+        `internal` error carrying `msg`."""
+        for key in list(self.engine.requests):
+            self.engine.abort(key)
+            act = self.active.pop(key, None)
+            if act is not None:
+                self._send(act.envelope, error_reply("internal", msg, act.cid))
         for envelope, cid, _ in self._health_waiters:
             self._send(envelope, self._with_id(error_reply("internal", msg), cid))
         self._health_waiters, self._health_rid = [], None

@@ -1,0 +1,56 @@
+"""A failed engine (or scheduler) step: every request in flight and every waiting health check gets an
+`internal` error naming the failure, and the server goes on serving (Server and CoServer alike)."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.client import Client
+
+
+def _server(kind: str):
+    from runtime.cotrain_server import CoServer
+    from runtime.loading import load_model
+    from runtime.scheduler import Kind, Scheduler
+    from runtime.serve import Engine
+    from runtime.server import Server
+
+    eng = Engine(load_model("builtin:tiny", mtp=False), max_batch=4, max_model_len=64, page_size=8,
+                 kv_cache_tokens=256)
+    if kind == "server":  # `owner.step` is what the server's loop calls; `idle` is a step that did nothing
+        srv, owner, idle = Server(eng, bind="tcp://127.0.0.1:*"), eng, []
+    else:
+        sched = Scheduler(eng)
+        srv, owner, idle = CoServer(sched, bind="tcp://127.0.0.1:*"), sched, (Kind.SERVE, [])
+    real = owner.step
+
+    def failing_step():
+        # Hold off until both generates and the health check are in the engine, then fail once.
+        if len(eng.requests) < 3:
+            return idle
+        owner.step = real
+        raise RuntimeError("boom")
+
+    owner.step = failing_step
+    return srv.start(), eng
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind,what", [("server", "engine"), ("coserver", "scheduler")])
+def test_failed_step_fails_everything_in_flight_then_serves(kind, what):
+    srv, eng = _server(kind)
+    try:
+        with Client(srv.endpoint, timeout=60) as c:
+            rids = [c.submit(prompt_ids=[1, 2, 3], max_tokens=8) for _ in range(2)]
+            hid = c.new_id()
+            c.send({"op": "health", "id": hid})
+            replies = [c.recv(r) for r in [*rids, hid]]
+            for rid, reply in zip([*rids, hid], replies):
+                assert reply == {"op": "error", "id": rid, "code": "internal",
+                                 "message": f"{what} step failed: RuntimeError: boom"}
+            assert not eng.requests and not srv.active and not srv._health_waiters
+            done = c.generate(prompt_ids=[1, 2, 3], max_tokens=4)
+            assert done["op"] == "done" and len(done["ids"]) == 4
+            assert c.health()["ok"] is True
+    finally:
+        srv.stop()
