@@ -21,20 +21,28 @@ import torch.distributed as dist
 from runtime.serve.cache import PagedLatentCache
 from runtime.serve.forward import PipeStage, StepPlan, run_plan
 
-__all__ = ["PlanChannel", "load_sharded_model", "serve_on_mesh", "worker_loop"]
+__all__ = ["MAX_PLAN_BYTES", "PlanChannel", "load_sharded_model", "serve_on_mesh", "worker_loop"]
 
 KEEPALIVE_S = 5.0
+MAX_PLAN_BYTES = 64 << 20  # one broadcast message; a step plan is a few integers per scheduled token
 
 
 class PlanChannel:
-    """Broadcast msgpack maps from rank 0 of `group` to its other ranks (length, then bytes)."""
+    """Broadcast msgpack maps from rank 0 of `group` to its other ranks (length, then bytes).
+
+    Both ends hold a message to `MAX_PLAN_BYTES`: `send` refuses a larger one before broadcasting anything
+    (so the ranks stay in step), and `recv` refuses a length outside the bound before allocating for it."""
 
     def __init__(self, group, src: int = 0, device: torch.device | str = "cpu") -> None:
         self.group, self.src, self.device = group, src, device
         self.last = time.monotonic()
 
     def send(self, msg: dict) -> None:
-        data = torch.frombuffer(bytearray(msgpack.packb(msg)), dtype=torch.uint8).to(self.device)
+        raw = msgpack.packb(msg)
+        if len(raw) > MAX_PLAN_BYTES:
+            raise ValueError(f"plan message of {len(raw)} bytes exceeds the limit of {MAX_PLAN_BYTES} bytes "
+                             "(MAX_PLAN_BYTES); nothing was sent")
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
         dist.broadcast(torch.tensor([data.numel()], dtype=torch.int64, device=self.device), self.src,
                        group=self.group)
         dist.broadcast(data, self.src, group=self.group)
@@ -43,7 +51,11 @@ class PlanChannel:
     def recv(self) -> dict:
         n = torch.zeros(1, dtype=torch.int64, device=self.device)
         dist.broadcast(n, self.src, group=self.group)
-        data = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
+        size = int(n.item())
+        if not 0 <= size <= MAX_PLAN_BYTES:
+            raise ValueError(f"broadcast plan length {size} bytes is outside [0, {MAX_PLAN_BYTES}] "
+                             "(MAX_PLAN_BYTES): a corrupt or mismatched sender")
+        data = torch.empty(size, dtype=torch.uint8, device=self.device)
         dist.broadcast(data, self.src, group=self.group)
         return msgpack.unpackb(data.cpu().numpy().tobytes(), raw=False)
 
