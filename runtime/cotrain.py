@@ -264,13 +264,13 @@ class TrainWork:
         return None
 
     def _frozen_copy(self):
-        from runtime.train.trainer import build_train_model
+        from runtime.loading import load_model
 
         t = self.trainer
         if self.pipelined:
             raise NotImplementedError("scheduler.kl_reference under parallel.pp > 1 is not supported yet")
-        ref = build_train_model(t.config["model"]["path"], t.mesh, t.dtype, False, t.config["train"]["seed"],
-                                t.device)
+        ref = load_model(t.config["model"]["path"], t.mesh, dtype=t.dtype, device=str(t.device),
+                         seed=t.config["train"]["seed"], mtp=False)
         res = ref.load_state_dict(self.model.state_dict(), strict=False)  # the weights as they are now
         if res.missing_keys:
             raise RuntimeError(f"frozen reference: weights missing for {res.missing_keys[:4]}")

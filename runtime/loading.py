@@ -43,6 +43,7 @@ def load_model(
     mtp: bool = True,
     select=None,
     max_nodes_per_token: int = 0,
+    all_layers: bool = False,
 ) -> DeepseekModel:
     """Load an HF-format model directory (config.json + safetensors) or `builtin:tiny` (seeded init).
 
@@ -50,7 +51,9 @@ def load_model(
     built on the meta device, its layers replaced by their TP/EP shards (`parallel.shard.parallelize`), and
     each rank reads only its slices and experts of every checkpoint tensor (`sharded_select`).
     `max_nodes_per_token` > 0 limits each token's experts to that many nodes of the EP group (the mesh's
-    node map; `MOERUN_RANKS_PER_NODE` emulates nodes on one host).
+    node map; `MOERUN_RANKS_PER_NODE` emulates nodes on one host). A mesh with pp > 1 is refused unless
+    `all_layers`: then every rank gets every layer (TP/EP-sharded as above) and the caller cuts out its
+    pipeline stage, as the trainer and multi-rank serving do.
     """
     from runtime.builtin import builtin_config, init_weights
     from runtime.checkpoint import load_checkpoint
@@ -60,10 +63,10 @@ def load_model(
         if dtype is None:
             raise ValueError("dtype must be one of float32, bfloat16, float16")
     dtype = dtype or torch.float32
-    if mesh is not None and mesh.size("pp") > 1:
+    if mesh is not None and mesh.size("pp") > 1 and not all_layers:
         raise NotImplementedError(
             "load_model builds whole-model or TP/EP shards; pipeline stages (pp > 1) are built by "
-            "parallel.pipeline.stages from a loaded model"
+            "parallel.pipeline.stages from a model loaded with all_layers=True"
         )
     device = device or (str(mesh.device) if mesh is not None else "cpu")
     tp_group = mesh.group("tp") if mesh is not None and mesh.size("tp") > 1 else None

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from runtime.serve.cache import PagedLatentCache
 from runtime.serve.forward import PipeStage, StepPlan, run_plan
 
-__all__ = ["MAX_PLAN_BYTES", "PlanChannel", "load_sharded_model", "serve_on_mesh", "worker_loop"]
+__all__ = ["MAX_PLAN_BYTES", "PlanChannel", "serve_on_mesh", "worker_loop"]
 
 KEEPALIVE_S = 5.0
 MAX_PLAN_BYTES = 64 << 20  # one broadcast message; a step plan is a few integers per scheduled token
@@ -64,31 +64,6 @@ class PlanChannel:
             self.send({"t": "noop"})
 
 
-def load_sharded_model(path: str, mesh, dtype: torch.dtype = torch.float32):
-    """This rank's TP/EP shard of the model (built on meta, parallelized, loaded slice by slice)."""
-    from parallel.shard import parallelize, sharded_select
-    from runtime.checkpoint import load_checkpoint
-    from runtime.config import ModelConfig
-    from runtime.loading import build_model
-
-    tp = mesh.group("tp") if mesh.size("tp") > 1 else None
-    ep = mesh.group("ep") if mesh.size("ep") > 1 else None
-    if path.startswith("builtin:"):  # seeded init of the full model, then parallelize slices it
-        import runtime
-
-        return parallelize(runtime.load_model(path, dtype=dtype), tp, ep).eval()
-    model = build_model(ModelConfig.from_file(path), dtype, "cpu", materialize=False)
-    parallelize(model, tp, ep)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for m in model.modules():
-            b = getattr(m, "e_score_correction_bias", None)
-            if isinstance(b, torch.Tensor):
-                b.zero_()
-    load_checkpoint(model, path, select=sharded_select(model))
-    return model.eval()
-
-
 def pipe_stage(mesh, num_layers: int) -> PipeStage | None:
     """This rank's serving pipeline stage (None when pp = 1): layers split as `parallel.pipeline.stages`."""
     if mesh.size("pp") == 1:
@@ -125,10 +100,13 @@ def worker_loop(model, channel: PlanChannel, pipe: PipeStage | None = None) -> N
 def serve_on_mesh(config: dict, mesh, max_frame_bytes: int) -> int:
     import signal
 
+    from runtime.loading import load_model
     from runtime.serve.setup import announce, build_engine, make_server
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config["model"]["dtype"]]
-    model = load_sharded_model(config["model"]["path"], mesh, dtype)
+    # This rank's TP/EP shard of every layer (on the CPU, as the plan broadcasts); with pp, its stage runs
+    # only the stage's layers.
+    model = load_model(config["model"]["path"], mesh, dtype=config["model"]["dtype"], device="cpu",
+                       all_layers=True)
     pipe = pipe_stage(mesh, len(model.model.layers))
     channel = PlanChannel(mesh.group("world"))
     if mesh.rank != 0:

@@ -19,13 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.balance import ExpertBalancer
-from parallel.shard import (
-    all_reduce_data_parallel_grads,
-    all_reduce_partial_grads,
-    parallelize,
-    shard_marks,
-    sharded_select,
-)
+from parallel.shard import all_reduce_data_parallel_grads, all_reduce_partial_grads, shard_marks
+from runtime.loading import load_model
 from runtime.train import checkpoint as ckpt
 from runtime.train.data import TokenData
 from runtime.train.metrics import MetricsFile, peak_memory_bytes, print_summary, progress_line
@@ -44,40 +39,6 @@ def _coord(mesh, dim: str) -> int:
 
 def _size(mesh, dim: str) -> int:
     return mesh.size(dim) if mesh is not None else 1
-
-
-def build_train_model(path: str, mesh, dtype: torch.dtype, mtp: bool, seed: int = 0,
-                      device: torch.device | str = "cpu") -> nn.Module:
-    """The model for this rank: `builtin:NAME` or an HF dir (a training checkpoint is one), TP/EP-sharded by
-    `mesh`; sharded loading reads only this rank's slices and experts."""
-    from runtime.checkpoint import load_checkpoint
-    from runtime.config import ModelConfig
-    from runtime.loading import build_model, load_model
-
-    tp_group, ep_group = _group(mesh, "tp"), _group(mesh, "ep")
-    if tp_group is None and ep_group is None:
-        return load_model(path, dtype=dtype, device=str(device), seed=seed, mtp=mtp)
-    if path.startswith("builtin:"):
-        model = load_model(path, dtype=torch.float32, device=str(device), seed=seed, mtp=mtp)
-        parallelize(model, tp_group, ep_group)
-    else:
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"model path {path!r} is not a directory (HF model dir or builtin:tiny)")
-        model = build_model(ModelConfig.from_file(path), torch.float32, device, mtp=mtp, materialize=False)
-        parallelize(model, tp_group, ep_group)
-        model = model.to_empty(device=device)
-        with torch.no_grad():
-            for m in model.modules():
-                b = getattr(m, "e_score_correction_bias", None)
-                if isinstance(b, torch.Tensor):
-                    b.zero_()
-        load_checkpoint(model, path, select=sharded_select(model))
-    model = model.to(dtype)
-    for m in model.modules():  # the router bias stays fp32 (selection is sensitive to it)
-        b = getattr(m, "e_score_correction_bias", None)
-        if isinstance(b, torch.Tensor) and b.dtype != torch.float32:
-            m.e_score_correction_bias = b.float()
-    return model
 
 
 class Trainer:
@@ -112,7 +73,10 @@ class Trainer:
             self.log("note: MTP is off under pipeline parallelism (the pipeline stages do not carry the MTP "
                      "module yet); train.mtp_loss_coef is ignored")
         path = resume_from or config["model"]["path"]
-        self.model = build_train_model(path, mesh, self.dtype, mtp, tr["seed"], self.device)
+        # This rank's TP/EP shard of every layer (an HF dir, a training checkpoint or builtin:NAME); under pp
+        # `_build_pipeline` keeps only this rank's stages.
+        self.model = load_model(path, mesh, dtype=self.dtype, device=str(self.device), seed=tr["seed"], mtp=mtp,
+                                all_layers=True)
         if tr.get("fp8"):
             from ops.fp8_train import convert_to_fp8_training
 
