@@ -270,7 +270,8 @@ class TrainWork:
         if self.pipelined:
             raise NotImplementedError("scheduler.kl_reference under parallel.pp > 1 is not supported yet")
         ref = load_model(t.config["model"]["path"], t.mesh, dtype=t.dtype, device=str(t.device),
-                         seed=t.config["train"]["seed"], mtp=False)
+                         seed=t.config["train"]["seed"], mtp=False,
+                         max_nodes_per_token=t.config["parallel"]["max_nodes_per_token"])
         res = ref.load_state_dict(self.model.state_dict(), strict=False)  # the weights as they are now
         if res.missing_keys:
             raise RuntimeError(f"frozen reference: weights missing for {res.missing_keys[:4]}")

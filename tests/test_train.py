@@ -144,3 +144,21 @@ def test_config_errors_name_the_key(tmp_path):
     cfg["parallel"]["microbatches"] = 4
     trainer = Trainer(cfg)  # without a pipeline, micro-batches adapt to what divides (6 -> 3 of 2)
     assert len(trainer._split(6)) == 3
+
+
+def test_max_nodes_per_token_reaches_the_model(tmp_path, monkeypatch):
+    """parallel.max_nodes_per_token is handed to load_model (which builds the gates' NodeLimit under EP)."""
+    import runtime.train.trainer as trainer_mod
+
+    seen = {}
+    real = trainer_mod.load_model
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "load_model", spy)
+    cfg = tiny_config(tmp_path, steps=1)
+    cfg["parallel"]["max_nodes_per_token"] = 3
+    Trainer(cfg)
+    assert seen["max_nodes_per_token"] == 3

@@ -106,7 +106,7 @@ def serve_on_mesh(config: dict, mesh, max_frame_bytes: int) -> int:
     # This rank's TP/EP shard of every layer (on the CPU, as the plan broadcasts); with pp, its stage runs
     # only the stage's layers.
     model = load_model(config["model"]["path"], mesh, dtype=config["model"]["dtype"], device="cpu",
-                       all_layers=True)
+                       all_layers=True, max_nodes_per_token=config["parallel"]["max_nodes_per_token"])
     pipe = pipe_stage(mesh, len(model.model.layers))
     channel = PlanChannel(mesh.group("world"))
     if mesh.rank != 0:

@@ -76,7 +76,7 @@ class Trainer:
         # This rank's TP/EP shard of every layer (an HF dir, a training checkpoint or builtin:NAME); under pp
         # `_build_pipeline` keeps only this rank's stages.
         self.model = load_model(path, mesh, dtype=self.dtype, device=str(self.device), seed=tr["seed"], mtp=mtp,
-                                all_layers=True)
+                                all_layers=True, max_nodes_per_token=config["parallel"]["max_nodes_per_token"])
         if tr.get("fp8"):
             from ops.fp8_train import convert_to_fp8_training
 
