@@ -173,6 +173,7 @@ class Scheduler:
         self._last_bcast = time.monotonic()
         if group is not None and engine is not None and self.is_driver:
             engine.plan_hook = self._send_plan
+        self._publish()  # the gauges (weight_version, ...) exist before the first step: metrics may come first
 
     # --- broadcast ------------------------------------------------------------------------------------
     def _bcast(self, t):

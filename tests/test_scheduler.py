@@ -101,6 +101,14 @@ def test_serve_first_trains_only_in_the_gaps():
     assert sched.stats.counts == {"idle": 0, "serve": 5, "train_micro": 4, "optim": 2, "stop": 0, "train_bwd": 0}
 
 
+def test_gauges_exist_before_the_first_step():
+    """A metrics request may arrive before any scheduler step (`serve --train` right after start-up)."""
+    log: list = []
+    sched = Scheduler(FakeEngine(log), FakeWork(log, steps=1), SchedulerConfig("serve_first"))
+    gauges = sched.engine.metrics.gauges
+    assert gauges["weight_version"] == 0 and gauges["scheduler_serve_steps"] == 0 and "train_queue" in gauges
+
+
 def test_a_request_arriving_during_training_runs_at_the_next_step_boundary():
     log: list = []
     eng, work = FakeEngine(log), FakeWork(log, steps=3)
