@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import zmq
-
 from runtime.protocol import ProtocolError, decode_frame, error_reply
 from runtime.server import Server
 
@@ -111,27 +109,21 @@ class CoServer(Server):
         self._versions: dict[str, list[int]] = {}
         self._done_versions: tuple[str, list[int]] | None = None
 
-    def serve_forever(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        sched = self.scheduler
+    def _busy(self) -> bool:
+        work = self.scheduler.work
+        return self.engine.has_work() or (work is not None and work.has_work())
+
+    def _turn(self, busy: bool) -> None:
+        if busy or self.engine.has_work():
+            self._sched_step()
+        else:
+            self.scheduler.keepalive()
+
+    def _close(self) -> None:
         try:
-            while not self._stop.is_set():
-                busy = self.engine.has_work() or (sched.work is not None and sched.work.has_work())
-                if dict(poller.poll(0 if busy else 50)).get(self.sock):
-                    for _ in range(512):
-                        try:
-                            parts = self.sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._handle(parts)
-                if busy or self.engine.has_work():
-                    self._sched_step()
-                else:
-                    sched.keepalive()
+            self.scheduler.stop()
         finally:
-            sched.stop()
-            self.sock.close(0)
+            super()._close()
 
     def _sched_step(self) -> None:
         from runtime.scheduler import Kind

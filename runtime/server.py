@@ -99,7 +99,7 @@ class Server:
         poller.register(self.sock, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                busy = self.engine.has_work()
+                busy = self._busy()
                 if dict(poller.poll(0 if busy else 50)).get(self.sock):
                     for _ in range(MAX_RECV_PER_TURN):
                         try:
@@ -107,12 +107,23 @@ class Server:
                         except zmq.Again:
                             break
                         self._handle(parts)
-                if self.engine.has_work():
-                    self._step()
-                elif self.on_idle is not None:
-                    self.on_idle()
+                self._turn(busy)
         finally:
-            self.sock.close(0)
+            self._close()
+
+    # the loop's three hooks (CoServer runs the shared scheduler in them)
+    def _busy(self) -> bool:
+        return self.engine.has_work()
+
+    def _turn(self, busy: bool) -> None:
+        """After the turn's messages: one engine step if there is work, else the idle hook."""
+        if self.engine.has_work():
+            self._step()
+        elif self.on_idle is not None:
+            self.on_idle()
+
+    def _close(self) -> None:
+        self.sock.close(0)
 
     # --- requests -------------------------------------------------------------------------------------
     def _send(self, envelope: list[bytes], msg: dict) -> None:

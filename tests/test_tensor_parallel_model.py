@@ -4,7 +4,8 @@ Each rank loads the full model (reference) and a sharded one (built on meta, `pa
 the checkpoint loader reading only this rank's slices and experts). Logits and, after backward of the
 mean cross-entropy, every parameter's gradient gathered to full shape must match within 1e-5 (fp32).
 Layouts, all on 4 ranks under real mpirun: tp=2 x ep=2 (the Mesh's own groups), tp=2, ep=2 and ep=4;
-builtin:tiny with its MTP module on 2 spawned ranks (tp=2, ep=2). All ranks get the same tokens, so data-parallel copies see the same gradients.
+builtin:tiny with its MTP module on 2 spawned ranks (tp=2, ep=2). All ranks get the same tokens, so
+data-parallel copies see the same gradients.
 """
 
 from __future__ import annotations
