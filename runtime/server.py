@@ -269,27 +269,31 @@ class Server:
 
     def _fail_in_flight(self, msg: str) -> None:
         """After a failed step: end every request in the engine and every waiting health check with an
-        `internal` error carrying `msg`."""
+        `internal` error carrying `msg`. State first, replies after: whoever reads a reply finds the server
+        already clean."""
+        ended = []
         for key in list(self.engine.requests):
             self.engine.abort(key)
             act = self.active.pop(key, None)
             if act is not None:
-                self._send(act.envelope, error_reply("internal", msg, act.cid))
-        for envelope, cid, _ in self._health_waiters:
+                ended.append((act.envelope, act.cid))
+        waiters, self._health_waiters, self._health_rid = self._health_waiters, [], None
+        for envelope, cid in ended:
+            self._send(envelope, error_reply("internal", msg, cid))
+        for envelope, cid, _ in waiters:
             self._send(envelope, self._with_id(error_reply("internal", msg), cid))
-        self._health_waiters, self._health_rid = [], None
 
     def _deliver(self, out) -> None:
         if out.rid == self._health_rid:
             if out.finished:
                 ok = len(out.ids) == 1 or out.completion_tokens == 1
                 now = time.perf_counter()
-                for envelope, cid, t0 in self._health_waiters:
+                waiters, self._health_waiters, self._health_rid = self._health_waiters, [], None
+                for envelope, cid, t0 in waiters:
                     self._send(envelope, self._with_id(
                         {"op": "health", "ok": ok, "status": "ok" if ok else "degraded",
                          "latency_s": now - t0, "running": len(self.engine.running),
                          "waiting": len(self.engine.waiting), "weight_version": self.weight_version}, cid))
-                self._health_waiters, self._health_rid = [], None
             return
         act = self.active.get(out.rid)
         if act is None:
