@@ -88,12 +88,28 @@ class Mesh:
         if self._closed:
             return
         self._closed = True
-        if self._watchdog is not None:
-            self._watchdog.finish()
         import torch.distributed as dist
 
         if dist.is_initialized():
+            self._drain()  # under the watchdog: a peer that failed meanwhile ends this wait
+        if self._watchdog is not None:
+            self._watchdog.finish()
+        if dist.is_initialized():
             dist.destroy_process_group()
+
+    def _drain(self) -> None:
+        """A barrier on each of this rank's groups (DIMS order, each group once). gloo's barrier first waits
+        for every collective issued before it, so afterwards no worker thread is still finishing one: a gloo
+        thread that frees a Python-owned tensor while the interpreter exits aborts the whole process
+        (exit 134 after a job that had succeeded)."""
+        import torch.distributed as dist
+
+        done: list = []
+        for dim in DIMS:
+            group = self._groups[dim]
+            if not any(group is g for g in done):
+                done.append(group)
+                dist.barrier(group=group)
 
     def __enter__(self) -> Mesh:
         return self

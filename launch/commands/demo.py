@@ -14,11 +14,13 @@ from pathlib import Path
 HELP = "train builtin:tiny on 4 ranks, then serve it and stream a generation (what `make demo` runs)"
 DESCRIPTION = """\
 The main job on the built-in tiny model, end to end:
-  1. `moerun launch -n N -- train runtime/train/demo.toml`: builtin:tiny on builtin:tinytext with
+  1. `moerun launch -n N -- info <config>` (one line per rank: who and where it is) and
+     `moerun launch -n N -- selftest <config>` (every collective of the job's layout, checked and timed);
+  2. `moerun launch -n N -- train runtime/train/demo.toml`: builtin:tiny on builtin:tinytext with
      pp=2 (DualPipeV) x ep=2 on 4 ranks, metrics in runs/demo/metrics.jsonl, checkpoints in runs/demo/ckpt;
-  2. `moerun serve --model <last checkpoint>` on a free loopback port;
-  3. `moerun client generate --stream` of a prompt, printed as the tokens arrive;
-  4. the server is stopped.
+  3. `moerun serve --model <last checkpoint>` on a free loopback port;
+  4. `moerun client generate --stream` of a prompt, printed as the tokens arrive;
+  5. the server is stopped.
 Any step failing stops the demo with that step's exit status."""
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "runtime" / "train" / "demo.toml"
@@ -60,6 +62,12 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise SystemExit(f"moerun demo: config error: {exc}") from None
     sets = [x for item in args.overrides for x in ("--set", item)]
+
+    _step(f"the {args.nprocs} ranks, and a self-test of the collectives of the job's layout")
+    for cmd in (("info", args.config, *sets), ("selftest", args.config, *sets)):
+        code = subprocess.call(_moerun("launch", "-n", str(args.nprocs), "--", *cmd))
+        if code:
+            return code
 
     _step(f"training on {args.nprocs} ranks ({args.config})")
     code = subprocess.call(_moerun("launch", "-n", str(args.nprocs), "--", "train", args.config, *sets))
