@@ -30,13 +30,13 @@ def reward(ids: list[int]) -> float:
 
 def start_server(lr: float, seed: int):
     """builtin:tiny served and trained in this process: Trainer + Engine on one model, CoServer thread."""
-    from runtime.cotrain import TrainWork
-    from runtime.cotrain_server import CoServer
     from runtime.jobconfig import load_config
-    from runtime.scheduler import Scheduler, SchedulerConfig
+    from runtime.sched.cotrain_server import CoServer
+    from runtime.sched.scheduler import Scheduler, SchedulerConfig
+    from runtime.sched.weights import WeightVersions
+    from runtime.sched.work import TrainWork
     from runtime.serve import Engine
     from runtime.train.trainer import Trainer
-    from runtime.weights import WeightVersions
 
     out = tempfile.mkdtemp(prefix="grpo_toy_")
     cfg = load_config(None, [
@@ -60,7 +60,7 @@ def run(rounds: int = 30, prompts: int = 2, group: int = 8, max_tokens: int = 8,
     import torch
 
     from runtime.client import Client
-    from runtime.rl import group_advantages
+    from runtime.sched.rl import group_advantages
 
     srv = None if connect else start_server(lr, seed)
     address = connect or srv.endpoint

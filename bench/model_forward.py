@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import runtime
-    from runtime.model import GroupedExperts
+    from runtime.model.deepseek import GroupedExperts
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from hf_models import build_hf_model

@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def build_model(hidden: int, layers: int, seed: int = 0, moe_inter: int = 0):
-    from runtime.builtin import init_weights
-    from runtime.config import builtin_tiny_config
-    from runtime.loading import build_model as build
+    from runtime.model.builtin import init_weights
+    from runtime.model.config import builtin_tiny_config
+    from runtime.model.loading import build_model as build
 
     cfg = dataclasses.replace(builtin_tiny_config(), hidden_size=hidden, intermediate_size=2 * hidden,
                               moe_intermediate_size=moe_inter or hidden, num_hidden_layers=layers, n_routed_experts=8,

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/serve.py [--requests 32] [--prompt 64] [--new 64]
 
-Builds a random HF DeepseekV3 (size set by the flags), saves it, serves it with `runtime.server.Server`
+Builds a random HF DeepseekV3 (size set by the flags), saves it, serves it with `runtime.serve.server.Server`
 (thread in this process, loopback, port 0), and sends N concurrent greedy requests (prompt P, N new tokens)
 from an asyncio client in a separate process (as a downstream service would: it does not share the
 server's interpreter lock). HF then generates for the same prompts as one batch (its best case), at the
@@ -110,7 +110,7 @@ def main() -> int:
 
     import runtime
     from runtime.serve import Engine
-    from runtime.server import Server
+    from runtime.serve.server import Server
 
     cfg = dict(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=2 * a.hidden,
                moe_intermediate_size=a.hidden // 2, num_hidden_layers=a.layers, num_attention_heads=a.heads,

@@ -27,13 +27,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _build(a):
-    from runtime.cotrain import TrainWork
-    from runtime.cotrain_server import CoServer
     from runtime.jobconfig import load_config
-    from runtime.scheduler import Scheduler, SchedulerConfig
+    from runtime.sched.cotrain_server import CoServer
+    from runtime.sched.scheduler import Scheduler, SchedulerConfig
+    from runtime.sched.weights import WeightVersions
+    from runtime.sched.work import TrainWork
     from runtime.serve import Engine
     from runtime.train.trainer import Trainer
-    from runtime.weights import WeightVersions
 
     cfg = load_config(None, [
         f"model.path={a.model}", f"train.steps={10**6}", "train.lr=1e-3", "train.mtp_loss_coef=0.0",

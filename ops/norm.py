@@ -23,7 +23,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ops.dispatch import rms_norm as selected  # the fused Triton kernel on CUDA, this file's op elsewhere
+        from ops.kernels import rms_norm as selected  # the fused Triton kernel on CUDA, this file's op elsewhere
 
         return selected(x, self.weight, self.eps)
 

@@ -223,7 +223,7 @@ def all_reduce_data_parallel_grads(model: nn.Module, dp_group: ProcessGroup | No
 
 @dataclass
 class ShardSelection:
-    """Duck-typed twin of runtime.checkpoint.Selection: what to read (`index`) and where (`slot`)."""
+    """Duck-typed twin of runtime.model.hf_checkpoint.Selection: what to read (`index`) and where (`slot`)."""
 
     index: tuple = ()
     slot: int | None = None

@@ -25,7 +25,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from runtime.protocol import ProtocolError, decode_frame, encode
+from runtime.serve.protocol import ProtocolError, decode_frame, encode
 
 __all__ = ["Client", "AsyncClient", "ServerError", "ReplyError", "MAX_REPLY_BYTES"]
 

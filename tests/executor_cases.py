@@ -24,9 +24,9 @@ GRAD_TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def tiny_model(seed: int = 0):
-    from runtime.builtin import init_weights
-    from runtime.config import builtin_tiny_config
-    from runtime.loading import build_model
+    from runtime.model.builtin import init_weights
+    from runtime.model.config import builtin_tiny_config
+    from runtime.model.loading import build_model
 
     cfg = dataclasses.replace(builtin_tiny_config(), hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                               num_hidden_layers=4, n_routed_experts=8, n_group=4, topk_group=2,

@@ -11,8 +11,8 @@ import threading
 
 import cluster
 from runtime.client import Client
-from runtime.cotrain_server import serve_with_training
 from runtime.jobconfig import load_config
+from runtime.sched.cotrain_server import serve_with_training
 
 PROMPT = [7, 1, 8, 2, 8, 1, 8]
 

@@ -11,9 +11,9 @@ from hf_models import make_hf_model, random_ids
 
 import runtime
 from ops.fp8 import block_dequantize, block_quantize
-from runtime.checkpoint import CheckpointError, Selection, load_checkpoint, save_hf_checkpoint
-from runtime.config import ConfigError
-from runtime.loading import build_model
+from runtime.model.config import ConfigError
+from runtime.model.hf_checkpoint import CheckpointError, Selection, load_checkpoint, save_hf_checkpoint
+from runtime.model.loading import build_model
 
 
 @pytest.fixture(scope="module")

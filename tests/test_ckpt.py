@@ -125,7 +125,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, model):
     if model == "builtin":  # the export carries a byte tokenizer equal to runtime's ByteTokenizer
         from transformers import AutoTokenizer
 
-        from runtime.tokenizer import ByteTokenizer, load_tokenizer
+        from runtime.model.tokenizer import ByteTokenizer, load_tokenizer
 
         text = "Ada and Bram crossed the bridge. Grüße ✓\n"
         want = ByteTokenizer().encode(text)

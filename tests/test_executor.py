@@ -108,7 +108,7 @@ def test_executor_rejects_bad_input() -> None:
         ex.run_step(microbatches(model.config.vocab_size, 3))
     import dataclasses
 
-    from runtime.loading import build_model
+    from runtime.model.loading import build_model
 
     with_mtp = build_model(dataclasses.replace(model.config, num_nextn_predict_layers=1), mtp=True)
     with pytest.raises(ValueError, match="MTP"):

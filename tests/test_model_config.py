@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.config import ConfigError, ModelConfig
-from runtime.loading import build_model
+from runtime.model.config import ConfigError, ModelConfig
+from runtime.model.loading import build_model
 
 # DeepSeek-V3's config.json as published on the Hub (rope_scaling + rope_theta spelling, FP8 weights).
 DEEPSEEK_V3 = {

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from runtime.tokenizer import ByteTokenizer, load_tokenizer
+from runtime.model.tokenizer import ByteTokenizer, load_tokenizer
 
 
 def test_byte_tokenizer_round_trip():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hf_models import random_ids
 
 import runtime
-from runtime.model import MoE
+from runtime.model.deepseek import MoE
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from runtime.protocol import ProtocolError, decode_frame, error_reply, validate_request
+from runtime.serve.protocol import ProtocolError, decode_frame, error_reply, validate_request
 
 V, L = 100, 64
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from runtime.rl import RLBatch, batch_loss, group_advantages, grpo_token_loss, token_logprobs
+from runtime.sched.rl import RLBatch, batch_loss, group_advantages, grpo_token_loss, token_logprobs
 
 
 def test_group_advantages_match_direct_formula():
@@ -75,7 +75,7 @@ def test_batch_from_ragged_lists():
 
 
 def test_ce_loss_is_masked_cross_entropy():
-    from runtime.loading import load_model
+    from runtime.model.loading import load_model
 
     model = load_model("builtin:tiny", mtp=False)
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
@@ -90,7 +90,7 @@ def test_ce_loss_is_masked_cross_entropy():
 
 # --- serving vs training forward -------------------------------------------------------------------------
 def _capture_routes(model) -> tuple[list, list]:
-    from runtime.model import Gate
+    from runtime.model.deepseek import Gate
 
     rows: list[list[torch.Tensor]] = []
     handles = []
@@ -136,7 +136,7 @@ def _serve_vs_train(model, prompt: list[int], n_new: int, prefill_chunk: int) ->
 
 
 def test_served_logprobs_and_experts_equal_the_training_forward():
-    from runtime.loading import load_model
+    from runtime.model.loading import load_model
 
     model = load_model("builtin:tiny", mtp=False)
     prompt = torch.randint(0, 256, (11,), generator=torch.Generator().manual_seed(3)).tolist()
@@ -145,7 +145,7 @@ def test_served_logprobs_and_experts_equal_the_training_forward():
 
 
 def test_kl_term_uses_the_frozen_reference():
-    from runtime.loading import load_model
+    from runtime.model.loading import load_model
 
     model, ref = load_model("builtin:tiny", mtp=False), load_model("builtin:tiny", mtp=False, seed=1)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(5))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.scheduler import Kind, Policy, Scheduler, SchedulerConfig, decode_step_plan, encode_step_plan
+from runtime.sched.scheduler import Kind, Policy, Scheduler, SchedulerConfig, decode_step_plan, encode_step_plan
 
 
 class FakeMetrics:
@@ -155,7 +155,7 @@ def test_policy_alone_and_bad_configs():
 
 def test_config_section_and_overrides():
     from runtime.jobconfig import ConfigError, load_config
-    from runtime.scheduler import scheduler_config
+    from runtime.sched.scheduler import scheduler_config
 
     cfg = load_config(None, ["scheduler.policy=time_share", "scheduler.share=0.3", "serve.pin_weights=true"])
     sc = scheduler_config(cfg)
@@ -168,7 +168,7 @@ def test_config_section_and_overrides():
 
 
 def test_step_plan_round_trips_through_the_flat_encoding():
-    from runtime.serve.forward import StepPlan
+    from runtime.serve.step import StepPlan
 
     plan = StepPlan()
     plan.add([5, 6, 7], 0, [3, 9], 2, True)
@@ -209,7 +209,7 @@ class BatchingEngine(FakeEngine):
 
 
 def test_pinned_update_drains_started_requests_then_runs_before_new_ones():
-    from runtime.weights import WeightVersions
+    from runtime.sched.weights import WeightVersions
 
     log: list = []
     ref: list = []
@@ -239,7 +239,7 @@ def test_pinned_update_drains_started_requests_then_runs_before_new_ones():
 
 
 def test_pipelined_training_refuses_what_it_cannot_run():
-    from runtime.cotrain import TrainWork
+    from runtime.sched.work import TrainWork
 
     class Sched:
         def __init__(self, kind: str, stages: int) -> None:

@@ -50,7 +50,7 @@ PROMPT = [7, 1, 8, 2, 8, 1, 8]
 
 
 def _op():
-    from runtime.rl import RLBatch
+    from runtime.sched.rl import RLBatch
 
     g = torch.Generator().manual_seed(9)
     rows = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (10, 8, 10, 6)]
@@ -82,11 +82,11 @@ def _serve(sched, rid: str) -> list[int]:
 def _case(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from runtime.cotrain import TrainWork
-    from runtime.scheduler import Scheduler, SchedulerConfig
+    from runtime.sched.scheduler import Scheduler, SchedulerConfig
+    from runtime.sched.weights import WeightVersions, param_bytes
+    from runtime.sched.work import TrainWork
     from runtime.serve import Engine
     from runtime.train.trainer import Trainer
-    from runtime.weights import WeightVersions, param_bytes
 
     cfg = tiny_config(os.path.join(out_dir, f"r{rank}"), lr=3e-3, warmup_steps=0)
     mesh = _Mesh(rank, world, ep=2)

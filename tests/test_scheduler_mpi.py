@@ -21,9 +21,9 @@ SCRIPT = str(Path(__file__).resolve().parent / "scheduler_mpi_job.py")
 
 
 def _reference(out: str, loss: str, overrides: list[str]) -> tuple[list[int], list[int]]:
-    from runtime.cotrain import TrainWork
-    from runtime.rl import RLBatch
-    from runtime.scheduler import Scheduler
+    from runtime.sched.rl import RLBatch
+    from runtime.sched.scheduler import Scheduler
+    from runtime.sched.work import TrainWork
     from runtime.serve import Engine, SamplingParams
     from runtime.train.trainer import Trainer
 

@@ -178,7 +178,7 @@ def test_add_request_errors(tiny):
 
 
 def test_step_plan_split_keeps_every_token_in_order():
-    from runtime.serve.forward import StepPlan
+    from runtime.serve.step import StepPlan
 
     plan = StepPlan()
     for i, (n, off) in enumerate([(5, 0), (1, 9), (1, 4), (12, 0), (1, 3)]):

@@ -15,7 +15,7 @@ from hf_models import make_hf_model
 import runtime
 from runtime.client import Client, ServerError
 from runtime.serve import Engine
-from runtime.server import Server
+from runtime.serve.server import Server
 
 NEW = 64
 

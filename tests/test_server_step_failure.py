@@ -9,11 +9,11 @@ from runtime.client import Client
 
 
 def _server(kind: str):
-    from runtime.cotrain_server import CoServer
-    from runtime.loading import load_model
-    from runtime.scheduler import Kind, Scheduler
+    from runtime.model.loading import load_model
+    from runtime.sched.cotrain_server import CoServer
+    from runtime.sched.scheduler import Kind, Scheduler
     from runtime.serve import Engine
-    from runtime.server import Server
+    from runtime.serve.server import Server
 
     eng = Engine(load_model("builtin:tiny", mtp=False), max_batch=4, max_model_len=64, page_size=8,
                  kv_cache_tokens=256)

@@ -34,9 +34,9 @@ def _groups(rank: int, world: int, tp: int, ep: int):
 
 def _sharded_model(path: str, tp_group, ep_group):
     from parallel.shard import parallelize, sharded_select
-    from runtime.checkpoint import load_checkpoint
-    from runtime.config import ModelConfig
-    from runtime.loading import build_model
+    from runtime.model.config import ModelConfig
+    from runtime.model.hf_checkpoint import load_checkpoint
+    from runtime.model.loading import build_model
 
     model = build_model(ModelConfig.from_file(path), torch.float32, "cpu", materialize=False)
     parallelize(model, tp_group, ep_group)
@@ -53,7 +53,7 @@ def _sharded_model(path: str, tp_group, ep_group):
 def _reference(path: str):
     from hf_models import random_ids
 
-    from runtime.loading import load_model
+    from runtime.model.loading import load_model
 
     ref = load_model(path)
     ids = random_ids(2, 7, ref.config.vocab_size, seed=3)  # 14 tokens
@@ -114,7 +114,7 @@ def check_builtin_with_mtp(rank: int, tp: int, ep: int, tp_group, ep_group, dp_g
     from hf_models import random_ids
 
     from parallel.shard import all_reduce_data_parallel_grads, all_reduce_partial_grads, gather_full, parallelize
-    from runtime.loading import load_model
+    from runtime.model.loading import load_model
 
     ref = load_model("builtin:tiny")
     assert len(ref.mtp) == 1

@@ -195,24 +195,24 @@ def _fp8_gemm() -> None:
     assert float((ref - a @ b.T).abs().max()) < 0.1 * float((a @ b.T).abs().max())
 
 
-def _dispatch_forced_triton() -> None:
-    from ops import dispatch
+def _kernels_forced_triton() -> None:
+    from ops import kernels
 
     x, gate, up, down, counts = _experts(torch.float32, counts=(2, 0, 3))
-    assert dispatch.kernel_backend("cpu", "triton") == "triton"
-    y = dispatch.grouped_swiglu(x, gate, up, down, counts, backend="triton")
-    torch.testing.assert_close(y, dispatch.grouped_swiglu(x, gate, up, down, counts, backend="torch"))
+    assert kernels.kernel_backend("cpu", "triton") == "triton"
+    y = kernels.grouped_swiglu(x, gate, up, down, counts, backend="triton")
+    torch.testing.assert_close(y, kernels.grouped_swiglu(x, gate, up, down, counts, backend="torch"))
     w = torch.ones(40)
-    torch.testing.assert_close(dispatch.rms_norm(x, w, backend="triton"), dispatch.rms_norm(x, w, backend="torch"))
-    y_t, s_t = dispatch.add_rms_norm(x, 2 * x, w, backend="triton")
-    y_r, s_r = dispatch.add_rms_norm(x, 2 * x, w, backend="torch")
+    torch.testing.assert_close(kernels.rms_norm(x, w, backend="triton"), kernels.rms_norm(x, w, backend="torch"))
+    y_t, s_t = kernels.add_rms_norm(x, 2 * x, w, backend="triton")
+    y_r, s_r = kernels.add_rms_norm(x, 2 * x, w, backend="torch")
     torch.testing.assert_close(y_t, y_r)
     assert torch.equal(s_t, s_r)
 
 
 def _model_logits_with_triton() -> None:
     """builtin:tiny's logits with MOERUN_KERNELS=triton (what `auto` picks on CUDA): the model's RMSNorms and
-    routed experts go through ops.dispatch to the Triton kernels, and the logits equal the torch path's."""
+    routed experts go through ops.kernels to the Triton kernels, and the logits equal the torch path's."""
     import os
 
     import ops.triton.grouped_gemm as tri_gemm
@@ -262,7 +262,7 @@ CASES = {
     "rmsnorm_fp16": lambda: _rmsnorm(torch.float16),
     "fp8_quantize": _fp8_quant,
     "fp8_gemm": _fp8_gemm,
-    "dispatch_forced_triton": _dispatch_forced_triton,
+    "kernels_forced_triton": _kernels_forced_triton,
     "model_logits_with_triton": _model_logits_with_triton,
 }
 

@@ -14,11 +14,11 @@ GEN = dict(max_tokens=10, ignore_eos=True)
 
 def _stack(tmp_path, job_steps: int = 0, policy: str = "serve_first", pin: bool = False, reference: bool = False,
            record: bool = False, **train):
-    from runtime.cotrain import TrainWork
-    from runtime.scheduler import Scheduler, SchedulerConfig
+    from runtime.sched.scheduler import Scheduler, SchedulerConfig
+    from runtime.sched.weights import WeightVersions
+    from runtime.sched.work import TrainWork
     from runtime.serve import Engine
     from runtime.train.trainer import Trainer
-    from runtime.weights import WeightVersions
 
     cfg = tiny_config(tmp_path, **{"lr": 3e-3, "warmup_steps": 0, **train})
     trainer = Trainer(cfg)
@@ -31,7 +31,7 @@ def _stack(tmp_path, job_steps: int = 0, policy: str = "serve_first", pin: bool 
 
 
 def _server(sched):
-    from runtime.cotrain_server import CoServer
+    from runtime.sched.cotrain_server import CoServer
 
     return CoServer(sched, bind="tcp://127.0.0.1:*").start()
 
@@ -59,8 +59,8 @@ def _greedy(model, prompt: list[int], n: int) -> list[int]:
 
 @pytest.mark.timeout(120)
 def test_train_op_then_greedy_equals_an_offline_copy_given_the_same_update(tmp_path):
-    from runtime.cotrain import TrainWork
-    from runtime.rl import RLBatch
+    from runtime.sched.rl import RLBatch
+    from runtime.sched.work import TrainWork
     from runtime.train.trainer import Trainer
 
     cfg, trainer, engine, work, sched = _stack(tmp_path / "a")
@@ -136,9 +136,9 @@ def test_train_op_errors_follow_the_protocol(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_server_without_training_rejects_train_ops(tmp_path):
-    from runtime.cotrain_server import CoServer
-    from runtime.loading import load_model
-    from runtime.scheduler import Scheduler
+    from runtime.model.loading import load_model
+    from runtime.sched.cotrain_server import CoServer
+    from runtime.sched.scheduler import Scheduler
     from runtime.serve import Engine
 
     eng = Engine(load_model("builtin:tiny", mtp=False), max_batch=2, max_model_len=64, page_size=8,
@@ -176,8 +176,8 @@ def test_token_versions_never_decrease_and_pinning_keeps_one(tmp_path):
 
 
 def test_no_second_copy_of_the_weights(tmp_path):
+    from runtime.sched.weights import param_bytes, param_storages
     from runtime.train.trainer import Trainer
-    from runtime.weights import param_bytes, param_storages
 
     cfg = tiny_config(tmp_path)
     alone = param_bytes(Trainer(cfg).model)
@@ -191,8 +191,8 @@ def test_no_second_copy_of_the_weights(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_grpo_with_kl_to_the_frozen_reference_over_zmq(tmp_path):
-    from runtime.cotrain import TrainWork
-    from runtime.rl import RLBatch
+    from runtime.sched.rl import RLBatch
+    from runtime.sched.work import TrainWork
     from runtime.train.trainer import Trainer
 
     cfg, trainer, engine, work, sched = _stack(tmp_path / "a", reference=True)
@@ -240,8 +240,8 @@ def test_metrics_file_and_checkpoints_like_moerun_train(tmp_path):
     import json
     import os
 
-    from runtime.rl import RLBatch
-    from runtime.scheduler import Kind
+    from runtime.sched.rl import RLBatch
+    from runtime.sched.scheduler import Kind
     from runtime.train.checkpoint import latest_checkpoint
 
     cfg, trainer, engine, work, sched = _stack(tmp_path, job_steps=2, record=True, save_every=2)
@@ -283,9 +283,9 @@ def test_a_failing_training_step_answers_internal_and_the_server_goes_on(tmp_pat
 
 
 def test_serving_runs_between_forward_and_backward_of_a_micro_step(tmp_path):
-    from runtime.cotrain import TrainWork
-    from runtime.rl import RLBatch
-    from runtime.scheduler import Kind
+    from runtime.sched.rl import RLBatch
+    from runtime.sched.scheduler import Kind
+    from runtime.sched.work import TrainWork
     from runtime.serve import SamplingParams
     from runtime.train.trainer import Trainer
 

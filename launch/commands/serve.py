@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bind", help="ZeroMQ address to bind, e.g. tcp://127.0.0.1:5555; overrides serve.bind")
     parser.add_argument("--max-frame-bytes", type=int, default=1 << 20,
                         help="largest request frame answered normally (bigger ones get bad_request)")
-    from runtime.cotrain_server import add_train_flag  # torch-free import
+    from runtime.sched.cotrain_server import add_train_flag  # torch-free import
 
     add_train_flag(parser)
 
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 def serve_and_train(config: dict, max_frame_bytes: int, distributed: bool) -> int:
     """`--train`: one copy of the weights, served and trained, interleaved by the [scheduler] policy."""
     from launch.job import run_on_mesh
-    from runtime.cotrain_server import serve_with_training
+    from runtime.sched.cotrain_server import serve_with_training
     from runtime.serve.setup import load_tokenizer_or_none, version
 
     def body(mesh):

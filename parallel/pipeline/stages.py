@@ -6,7 +6,7 @@ L // S layers and the remainder goes to interior stages first (the end stages al
 A stage *references* the submodules of the model it was cut from, so parameter objects and names survive:
 `stage.full_named_parameters()` yields the model's own names (`model.layers.3.mlp.gate.weight`, ...).
 
-Works by attribute names of runtime.model's DeepseekModel (`model.embed_tokens`, `model.layers`,
+Works by attribute names of runtime.model.deepseek's DeepseekModel (`model.embed_tokens`, `model.layers`,
 `model.norm`, `lm_head`, `rotary`, `mtp`) without importing runtime (dependencies point runtime -> parallel).
 """
 

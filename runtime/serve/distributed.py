@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from runtime.serve.cache import PagedLatentCache
-from runtime.serve.forward import PipeStage, StepPlan, run_plan
+from runtime.serve.step import PipeStage, StepPlan, run_plan
 
 __all__ = ["MAX_PLAN_BYTES", "PlanChannel", "serve_on_mesh", "worker_loop"]
 
@@ -100,7 +100,7 @@ def worker_loop(model, channel: PlanChannel, pipe: PipeStage | None = None) -> N
 def serve_on_mesh(config: dict, mesh, max_frame_bytes: int) -> int:
     import signal
 
-    from runtime.loading import load_model
+    from runtime.model.loading import load_model
     from runtime.serve.setup import announce, build_engine, make_server
 
     # This rank's TP/EP shard of every layer (on the CPU, as the plan broadcasts); with pp, its stage runs

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime.serve.cache import PagedLatentCache, page_hashes
-from runtime.serve.forward import StepPlan, run_plan
 from runtime.serve.metrics import ServeMetrics
 from runtime.serve.sampling import SamplingParams, logprobs_of, make_generator, sample
+from runtime.serve.step import StepPlan, run_plan
 
 __all__ = ["Engine", "EngineError", "RequestOutput", "SamplingParams"]
 

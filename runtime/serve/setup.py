@@ -19,7 +19,7 @@ def build_engine(config: dict, model):
 
 
 def load_tokenizer_or_none(path: str):
-    from runtime.tokenizer import load_tokenizer
+    from runtime.model.tokenizer import load_tokenizer
 
     try:
         return load_tokenizer(path)
@@ -28,7 +28,7 @@ def load_tokenizer_or_none(path: str):
 
 
 def make_server(config: dict, model, max_frame_bytes: int, engine=None, layout: dict | None = None):
-    from runtime.server import Server
+    from runtime.serve.server import Server
 
     path = config["model"]["path"]
     engine = engine or build_engine(config, model)

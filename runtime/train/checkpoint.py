@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from runtime.checkpoint import INDEX_NAME, checkpoint_name
+from runtime.model.hf_checkpoint import INDEX_NAME, checkpoint_name
 
 FORMAT = "moerun-train-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -184,7 +184,7 @@ def save_checkpoint(out: str, step: int, *, params: list[tuple[str, torch.Tensor
         dist.barrier(group=world)
     if rank == 0:
         _crash_hook(step, "mid-write")
-        from runtime.train.hf_tokenizer import copy_tokenizer_files
+        from runtime.model.tokenizer_files import copy_tokenizer_files
 
         copy_tokenizer_files(tokenizer_source, tmp)
         _finish(tmp, final, root, step, model_config, manifest)
@@ -320,7 +320,7 @@ def export_hf(src: str, dest: str, dtype: str | None = None) -> str:
         hf_config["torch_dtype"] = dtype
         hf_config["dtype"] = dtype
     _write_json(os.path.join(dest, "config.json"), hf_config)
-    from runtime.train.hf_tokenizer import copy_tokenizer_files
+    from runtime.model.tokenizer_files import copy_tokenizer_files
 
     copy_tokenizer_files(step_dir, dest)
     return dest

@@ -20,7 +20,7 @@ from torch import nn
 
 from parallel.balance import ExpertBalancer
 from parallel.shard import all_reduce_data_parallel_grads, all_reduce_partial_grads, shard_marks
-from runtime.loading import load_model
+from runtime.model.loading import load_model
 from runtime.train import checkpoint as ckpt
 from runtime.train.data import TokenData
 from runtime.train.metrics import MetricsFile, peak_memory_bytes, print_summary, progress_line
@@ -83,7 +83,7 @@ class Trainer:
             convert_to_fp8_training(self.model)
         self.model.mtp_loss_coef = tr["mtp_loss_coef"]
         self.gates = [m for m in self.model.modules() if hasattr(m, "e_score_correction_bias")
-                      and hasattr(m, "aux_loss_coef")]  # routers (runtime.model.Gate)
+                      and hasattr(m, "aux_loss_coef")]  # routers (runtime.model.deepseek.Gate)
         for g in self.gates:
             g.aux_loss_coef = tr["aux_loss_coef"]
         self.marks = shard_marks(self.model)

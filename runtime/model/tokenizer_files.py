@@ -1,8 +1,8 @@
 """Tokenizer files for checkpoints and exports, so a trained model directory is self-contained.
 
-builtin models tokenize bytes (`runtime.tokenizer.ByteTokenizer`: UTF-8 byte b is id b, then BOS/EOS/PAD);
+builtin models tokenize bytes (`runtime.model.tokenizer.ByteTokenizer`: UTF-8 byte b is id b, then BOS/EOS/PAD);
 `write_byte_tokenizer` writes the same mapping as an HF `tokenizer.json` (byte-level pre-tokenizer, one
-token per byte, no merges) that `runtime.tokenizer.load_tokenizer` and transformers' AutoTokenizer read.
+token per byte, no merges) that `runtime.model.tokenizer.load_tokenizer` and transformers' AutoTokenizer read.
 HF model directories have their own tokenizer files, which `copy_tokenizer_files` carries along."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def write_byte_tokenizer(directory: str) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    from runtime.tokenizer import ByteTokenizer
+    from runtime.model.tokenizer import ByteTokenizer
 
     table = _bytes_to_unicode()
     tok = Tokenizer(models.BPE(vocab={table[b]: b for b in range(256)}, merges=[]))
@@ -38,7 +38,7 @@ def write_byte_tokenizer(directory: str) -> None:
     specials = ["<bos>", "<eos>", "<pad>"] + [f"<unused{i}>" for i in range(259, ByteTokenizer.VOCAB_SIZE)]
     tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
     if tok.token_to_id("<bos>") != ByteTokenizer.BOS or tok.get_vocab_size(True) != ByteTokenizer.VOCAB_SIZE:
-        raise AssertionError("byte tokenizer ids do not match runtime.tokenizer.ByteTokenizer")
+        raise AssertionError("byte tokenizer ids do not match runtime.model.tokenizer.ByteTokenizer")
     tok.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",

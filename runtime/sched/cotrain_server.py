@@ -1,6 +1,6 @@
 """Serving and training through one ZeroMQ server: the `train` op, the scheduler loop, `serve --train`.
 
-`CoServer` extends the serving helper's `runtime.server.Server`: its loop asks the shared `Scheduler` for
+`CoServer` extends the serving helper's `runtime.serve.server.Server`: its loop asks the shared `Scheduler` for
 each step instead of stepping the engine directly, it accepts `train` ops (validated here, field by
 field, errors as in the protocol), and every reply carries the weight version of the tokens it returns
 (`done` also lists `weight_versions`, one per generated token). Other ranks run `Scheduler.follow()`.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from runtime.protocol import ProtocolError, decode_frame, error_reply
-from runtime.server import Server
+from runtime.serve.protocol import ProtocolError, decode_frame, error_reply
+from runtime.serve.server import Server
 
 __all__ = ["TRAIN_FIELDS", "validate_train", "CoServer", "add_train_flag", "serve_with_training"]
 
@@ -126,7 +126,7 @@ class CoServer(Server):
             super()._close()
 
     def _sched_step(self) -> None:
-        from runtime.scheduler import Kind
+        from runtime.sched.scheduler import Kind
 
         sched = self.scheduler
         try:
@@ -166,7 +166,7 @@ class CoServer(Server):
             self._send(envelope, error_reply("internal", f"{type(e).__name__}: {e}", rid))
 
     def _op_train(self, envelope: list[bytes], msg: dict) -> None:
-        from runtime.rl import RLBatch
+        from runtime.sched.rl import RLBatch
 
         work = self.scheduler.work
         req = validate_train(msg, vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len)
@@ -217,11 +217,11 @@ def add_train_flag(parser) -> None:
 def serve_with_training(config: dict, mesh=None, *, bind: str | None = None, tokenizer=None,
                         info: dict | None = None, max_frame_bytes: int = 1 << 20, ready=None) -> int:
     """Build trainer + engine on one copy of the weights, then serve (driver) or follow (other ranks)."""
-    from runtime.cotrain import TrainWork
-    from runtime.scheduler import Scheduler, scheduler_config
+    from runtime.sched.scheduler import Scheduler, scheduler_config
+    from runtime.sched.weights import WeightVersions
+    from runtime.sched.work import TrainWork
     from runtime.serve import Engine
     from runtime.train.trainer import Trainer, resume_path
-    from runtime.weights import WeightVersions
 
     trainer = Trainer(config, mesh, resume_from=resume_path(config))  # continues a run as `moerun train` does
     sv = config["serve"]

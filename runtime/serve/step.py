@@ -4,7 +4,7 @@ The step is described by a `StepPlan` of plain integers (token ids, positions, c
 segments and block tables), so rank 0 can broadcast it and every rank runs the same forward on its own
 copy of the page pool. Token-wise work (embedding, projections, norms, MoE) runs once over all the step's
 tokens; attention splits by segment: decode tokens (one new token after a cached prefix) use the absorbed
-form straight over the paged latent cache (`ops.dispatch.mla_decode_paged`: the Triton kernel on CUDA,
+form straight over the paged latent cache (`ops.kernels.mla_decode_paged`: the Triton kernel on CUDA,
 the torch reference elsewhere); prefill chunks use the expanded form over their sequence's gathered
 latents, causal from their offset.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ops.dispatch import mla_decode_paged
+from ops.kernels import mla_decode_paged
 from ops.mla import absorb_query, mla_expanded, split_kv_b
 from ops.paged_attention import gather_kv, write_kv_slots
 from runtime.serve.cache import PagedLatentCache

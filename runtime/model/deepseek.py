@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ops.dispatch import grouped_swiglu as selected_grouped_swiglu
+from ops.kernels import grouped_swiglu as selected_grouped_swiglu
 from ops.mla import mla_absorbed, mla_expanded
 from ops.moe import grouped_swiglu, route, sequence_balance_loss, sort_by_expert, swiglu
 from ops.norm import RMSNorm
 from ops.rope import apply_rope, inv_freq_and_attention_factor, rope_cos_sin, softmax_scale
-from runtime.config import ModelConfig
+from runtime.model.config import ModelConfig
 
 IGNORE_INDEX = -100
 

@@ -1,6 +1,6 @@
 """ZeroMQ ROUTER server in front of the serving engine (one thread: receive, validate, step, reply).
 
-Loopback by default. Frames are msgpack maps (never pickle), validated by `runtime.protocol` before they
+Loopback by default. Frames are msgpack maps (never pickle), validated by `runtime.serve.protocol` before they
 reach the engine; every problem gets an `error` reply and the loop goes on. Memory stays bounded: frames
 above the soft bound get `bad_request` (above a hard bound ZeroMQ drops the sender), at most
 `serve.max_queue` requests wait, a request's outputs are bounded by its max_tokens, and socket queues have
@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from runtime.protocol import (
+from runtime.serve.protocol import (
     MAX_FRAME_BYTES,
     GenerateRequest,
     ProtocolError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runtime.config import ModelConfig, builtin_tiny_config
+from runtime.model.config import ModelConfig, builtin_tiny_config
 
 BUILTINS = {"tiny": builtin_tiny_config}
 

@@ -334,7 +334,7 @@ def _rope_from_hf(raw: dict[str, Any], interleave: bool, source: str) -> RopeSpe
 def builtin_tiny_config() -> ModelConfig:
     """`builtin:tiny`: a small DeepSeek-V3-style model (first layer dense, 16 experts in 4 groups, 2 groups
     kept per token, YaRN rope, one MTP module) over a byte vocabulary (256 bytes + specials)."""
-    from runtime.tokenizer import ByteTokenizer
+    from runtime.model.tokenizer import ByteTokenizer
 
     return ModelConfig(
         model_type="deepseek_v3",

@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from runtime.config import ModelConfig
-from runtime.model import DeepseekModel
+from runtime.model.config import ModelConfig
+from runtime.model.deepseek import DeepseekModel
 
 
 def build_model(
@@ -55,8 +55,8 @@ def load_model(
     `all_layers`: then every rank gets every layer (TP/EP-sharded as above) and the caller cuts out its
     pipeline stage, as the trainer and multi-rank serving do.
     """
-    from runtime.builtin import builtin_config, init_weights
-    from runtime.checkpoint import load_checkpoint
+    from runtime.model.builtin import builtin_config, init_weights
+    from runtime.model.hf_checkpoint import load_checkpoint
 
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)

@@ -4,7 +4,7 @@
   exist before anything is read. One tensor is in memory at a time (plus its FP8 scale).
 * FP8 e4m3 weights with 128x128 `weight_scale_inv` are dequantized on load (ops.fp8.block_dequantize), then
   cast to the parameter's dtype (`e_score_correction_bias` stays fp32).
-* Name mapping (see runtime/model.py): per-expert tensors go into slot e of the stacked expert parameters;
+* Name mapping (see runtime/model/deepseek.py): per-expert tensors go into slot e of the stacked expert parameters;
   layer index `num_hidden_layers + k` is MTP module k; the MTP copies of embed_tokens / shared_head.head are
   skipped (the model shares its own). A checkpoint without MTP weights (transformers writes none) loads with
   MTP off, and says so once.
@@ -135,7 +135,7 @@ def _targets(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(model: nn.Module, path: str, select: Select | None = None) -> LoadReport:
-    """Fill `model` (a runtime.model.DeepseekModel) from the HF checkpoint directory `path`."""
+    """Fill `model` (a runtime.model.deepseek.DeepseekModel) from the HF checkpoint directory `path`."""
     from safetensors import safe_open
 
     cfg = model.config

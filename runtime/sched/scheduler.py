@@ -130,7 +130,7 @@ def encode_step_plan(plan) -> list[int]:
 
 
 def decode_step_plan(flat: list[int]):
-    from runtime.serve.forward import StepPlan
+    from runtime.serve.step import StepPlan
 
     n_tok, n_seg = flat[0], flat[1]
     pos = 2
@@ -151,14 +151,14 @@ def decode_step_plan(flat: list[int]):
 
 
 class Scheduler:
-    """Drives `engine` (runtime.serve.Engine) and `work` (runtime.cotrain.TrainWork, or None) on every rank.
+    """Drives `engine` (runtime.serve.Engine) and `work` (runtime.sched.work.TrainWork, or None) on every rank.
 
     Driver (`is_driver`): call `step()` in a loop; it returns (kind, serving outputs). Other ranks: call
     `follow()` until it returns False. `group` is the world group (None: a single process)."""
 
     def __init__(self, engine, work=None, cfg: SchedulerConfig | None = None, weights=None, *, group=None,
                  src: int = 0, rank: int = 0, device=None) -> None:
-        from runtime.weights import WeightVersions
+        from runtime.sched.weights import WeightVersions
 
         self.engine, self.work = engine, work
         self.policy = Policy(cfg or SchedulerConfig())
@@ -296,7 +296,7 @@ class Scheduler:
             n = int(self._bcast(torch.zeros(1, dtype=torch.int64, device=self.device))[0])
             if n:
                 flat = self._bcast(torch.zeros(n, dtype=torch.int64, device=self.device)).tolist()
-                from runtime.serve.forward import run_plan
+                from runtime.serve.step import run_plan
 
                 self._eval()
                 run_plan(self.engine.model, self.engine.cache, decode_step_plan(flat),

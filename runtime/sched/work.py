@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from runtime.rl import RLBatch, batch_loss
-from runtime.scheduler import Kind
+from runtime.sched.rl import RLBatch, batch_loss
+from runtime.sched.scheduler import Kind
 
 __all__ = ["TrainItem", "TrainWork"]
 
@@ -264,7 +264,7 @@ class TrainWork:
         return None
 
     def _frozen_copy(self):
-        from runtime.loading import load_model
+        from runtime.model.loading import load_model
 
         t = self.trainer
         if self.pipelined:
