@@ -7,7 +7,7 @@ logprobs), scores them, computes group-relative advantages, and sends one `train
 old_logprobs = the logprobs the server returned), which updates the very weights it serves. It prints the
 mean reward per round and, at the end, the mean of the first and the last 10 rounds.
 
-  python bench/grpo_toy.py                      # server in-process (CoServer in a thread), 30 rounds
+  python bench/grpo_toy.py                      # server in-process (the server in a thread), 30 rounds
   python bench/grpo_toy.py --connect tcp://127.0.0.1:5555   # against `moerun serve --train`
 """
 
@@ -29,13 +29,13 @@ def reward(ids: list[int]) -> float:
 
 
 def start_server(lr: float, seed: int):
-    """builtin:tiny served and trained in this process: Trainer + Engine on one model, CoServer thread."""
+    """builtin:tiny served and trained in this process: Trainer + Engine on one model, server thread."""
     from runtime.jobconfig import load_config
-    from runtime.sched.cotrain_server import CoServer
     from runtime.sched.scheduler import Scheduler, SchedulerConfig
     from runtime.sched.weights import WeightVersions
     from runtime.sched.work import TrainWork
     from runtime.serve import Engine
+    from runtime.serve.server import Server
     from runtime.train.trainer import Trainer
 
     out = tempfile.mkdtemp(prefix="grpo_toy_")
@@ -49,7 +49,7 @@ def start_server(lr: float, seed: int):
     engine = Engine(trainer.model, max_batch=64, max_model_len=64, max_prefill_tokens=512, page_size=8,
                     kv_cache_tokens=4096)
     sched = Scheduler(engine, TrainWork(trainer), SchedulerConfig("serve_first"), WeightVersions(engine))
-    return CoServer(sched, bind="tcp://127.0.0.1:*").start()
+    return Server(sched, bind="tcp://127.0.0.1:*").start()
 
 
 def run(rounds: int = 30, prompts: int = 2, group: int = 8, max_tokens: int = 8, lr: float = 1e-2,

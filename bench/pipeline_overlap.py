@@ -21,7 +21,6 @@ over --steps pairs is reported. Step times are the slowest rank's. Compute runs 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import os
 import statistics
@@ -67,11 +66,12 @@ def main() -> int:
     import torch.distributed as dist
 
     import cluster
+    from parallel.expert import Dispatcher
     from parallel.link import EmulatedLink
     from parallel.pipeline import build
     from parallel.pipeline.executor import PipelineExecutor
     from parallel.pipeline.stages import build_stages
-    from parallel.shard import parallelize
+    from runtime.model.loading import shard_model
 
     torch.set_num_threads(1)
     with cluster.init(pp=2, ep=2) as mesh:
@@ -80,15 +80,17 @@ def main() -> int:
         g = torch.Generator().manual_seed(1)
         mbs = [(torch.randint(0, vocab, (args.batch, args.seq), generator=g),
                 torch.randint(0, vocab, (args.batch, args.seq), generator=g)) for _ in range(args.chunks)]
-        runners = {}
+        runners, dispatchers = {}, {}
         for kind in ("1f1b", "dualpipev"):
             sched = build(kind, 2, args.chunks)
-            model = parallelize(copy.deepcopy(base), None, mesh.group("ep"))
+            dispatchers[kind] = Dispatcher(base.config.n_routed_experts, mesh.group("ep"))
+            model = shard_model(base, dispatchers[kind])
             runners[kind] = PipelineExecutor(build_stages(model, sched, mesh.coord("pp")), sched, mesh)
 
-        def step(ex: PipelineExecutor, link: EmulatedLink | None) -> float:
-            """One step; the slowest rank's wall time."""
-            ex.link = link
+        def step(kind: str, link: EmulatedLink | None) -> float:
+            """One step of `kind` with every all-to-all behind `link`; the slowest rank's wall time."""
+            ex = runners[kind]
+            dispatchers[kind].link = link
             for s in ex.stages.values():
                 s.zero_grad(set_to_none=True)
             dist.barrier()
@@ -104,10 +106,10 @@ def main() -> int:
             return float(t)
 
         # the all-to-all bytes and transfers per step of the busiest rank, from a counting link
-        for ex in runners.values():
-            step(ex, None)  # warm-up
+        for kind in runners:
+            step(kind, None)  # warm-up
         counter = EmulatedLink(bandwidth_gbps=1e12)
-        step(runners["dualpipev"], counter)
+        step("dualpipev", counter)
         nbytes, transfers = reduce(counter.bytes), int(reduce(counter.transfers))
 
         def link_for(compute: float) -> dict:
@@ -129,11 +131,11 @@ def main() -> int:
             for _ in range(args.steps):
                 # a no-link step, then a link step calibrated on that step's busiest compute time: each pair
                 # sees the same machine load, and the ratio follows the load
-                t0 = step(ex, None)
+                t0 = step(kind, None)
                 busy = reduce(ex.busy_s)
                 cfg = link_for(busy)
                 link = EmulatedLink.from_config(cfg)
-                t1 = step(ex, link)
+                t1 = step(kind, link)
                 tc = reduce(link.total_s)
                 pairs.append((t0, t1, tc, 1 - (t1 - t0) / tc))
                 waits.append(1 - reduce(link.exposed_s / link.total_s, dist.ReduceOp.SUM) / mesh.world_size)

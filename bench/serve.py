@@ -109,6 +109,7 @@ def main() -> int:
     from hf_models import make_hf_model
 
     import runtime
+    from runtime.sched.scheduler import Scheduler
     from runtime.serve import Engine
     from runtime.serve.server import Server
 
@@ -128,7 +129,7 @@ def main() -> int:
     engine = Engine(model, max_batch=max(64, a.requests), max_model_len=a.prompt + a.new + 8,
                     max_prefill_tokens=2048, page_size=a.page_size,
                     kv_cache_tokens=a.requests * (a.prompt + a.new + a.page_size))
-    srv = Server(engine, bind="tcp://127.0.0.1:*").start()
+    srv = Server(Scheduler(engine), bind="tcp://127.0.0.1:*").start()
     try:
         wall, ttfts, dones = run_clients_elsewhere(srv.endpoint, prompts.tolist(), a.new)
     finally:

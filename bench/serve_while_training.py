@@ -1,6 +1,6 @@
 """Serving latency while training runs on the same ranks and weights (the shared scheduler's promise).
 
-One process: builtin:tiny (or --model) trained by the [train]/[data] job and served by a CoServer over
+One process: builtin:tiny (or --model) trained by the [train]/[data] job and served by the server over
 ZeroMQ on loopback, both on one copy of the weights. A client sends streamed requests one after another
 with a short pause (an open gap the trainer can fill) and measures time to first token (TTFT):
   1. idle: no training job;
@@ -28,11 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def _build(a):
     from runtime.jobconfig import load_config
-    from runtime.sched.cotrain_server import CoServer
     from runtime.sched.scheduler import Scheduler, SchedulerConfig
     from runtime.sched.weights import WeightVersions
     from runtime.sched.work import TrainWork
     from runtime.serve import Engine
+    from runtime.serve.server import Server
     from runtime.train.trainer import Trainer
 
     cfg = load_config(None, [
@@ -46,7 +46,7 @@ def _build(a):
     work = TrainWork(trainer, job_steps=0)
     sched = Scheduler(engine, work, SchedulerConfig(a.policy, a.share, a.max_train_microsteps),
                       WeightVersions(engine))
-    return CoServer(sched, bind="tcp://127.0.0.1:*").start(), work, sched
+    return Server(sched, bind="tcp://127.0.0.1:*").start(), work, sched
 
 
 def _ttfts(client, n: int, prompt_len: int, max_tokens: int, gap_s: float) -> list[float]:

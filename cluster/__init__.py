@@ -4,9 +4,10 @@ Importing this package does not import torch; `init()` does.
 """
 
 from cluster.env import RankInfo
+from cluster.groups import group_rank, group_size
 from cluster.layout import DIMS, Layout, LayoutError
 
-__all__ = ["DIMS", "Layout", "LayoutError", "Mesh", "RankInfo", "init"]
+__all__ = ["DIMS", "Layout", "LayoutError", "Mesh", "RankInfo", "group_rank", "group_size", "init"]
 
 
 def init(tp: int = 1, pp: int = 1, ep: int = 1, dp: int = 0, **kwargs):

@@ -15,11 +15,15 @@ import sys
 import time
 import warnings
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from cluster.env import RankInfo
 from cluster.health import Watchdog
 from cluster.layout import DIMS, Layout, LayoutError
 from cluster.rendezvous import connect_store, rendezvous
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Mesh", "init"]
 
@@ -47,9 +51,11 @@ class Mesh:
         return self.info.world_size
 
     def group(self, dim: str):
-        """The torch ProcessGroup of this rank's group along `dim` (tp, pp, dp, ep, edp, world)."""
-        if dim not in DIMS:
-            raise LayoutError(f"unknown mesh dimension {dim!r}; valid: {', '.join(DIMS)}")
+        """The torch ProcessGroup of this rank's group along `dim` (tp, pp, dp, ep, edp, world), on the
+        device backend; or "control": the whole job over gloo, for what the host reads (step plans,
+        headers, counts), always with CPU tensors (the same group as "world" when the backend is gloo)."""
+        if dim != "control" and dim not in DIMS:
+            raise LayoutError(f"unknown mesh dimension {dim!r}; valid: {', '.join(DIMS)}, control")
         return self._groups[dim]
 
     def size(self, dim: str) -> int:
@@ -105,7 +111,7 @@ class Mesh:
         import torch.distributed as dist
 
         done: list = []
-        for dim in DIMS:
+        for dim in (*DIMS, "control"):
             group = self._groups[dim]
             if not any(group is g for g in done):
                 done.append(group)
@@ -162,6 +168,11 @@ def _signal_to_exit(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def default_device() -> torch.device:
+    """The device a single process (no launcher, no Mesh) computes on: CUDA device 0 when there is one."""
+    return default_device_and_backend(RankInfo.from_env())[0]
+
+
 def default_device_and_backend(info: RankInfo):
     import torch
 
@@ -210,6 +221,8 @@ def init(tp: int = 1, pp: int = 1, ep: int = 1, dp: int = 0, *, timeout_s: float
                       stacklevel=2)
 
     groups: dict = {"world": dist.group.WORLD}
+    # the host's control plane: CPU tensors over gloo whatever the device backend is
+    groups["control"] = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
     by_members: dict[tuple[int, ...], object] = {}
     for dim in ("tp", "pp", "dp", "ep", "edp"):
         members = tuple(layout.group_of(dim, info.rank))

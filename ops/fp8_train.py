@@ -133,14 +133,12 @@ class Fp8Linear(nn.Linear):
 
 
 class Fp8GroupedExpertsMixin:
-    """Put in front of a grouped-experts class (stacked gate/up/down_proj [E, out, in], forward(recv_x,
-    handle) with handle.tokens_per_expert and handle.weights) to run its GEMMs in FP8."""
+    """Put in front of a grouped-experts class (stacked gate/up/down_proj [E, out, in], forward(rows,
+    tokens_per_expert, weights)) to run its GEMMs in FP8."""
 
-    def forward(self, recv_x: torch.Tensor, handle) -> torch.Tensor:
-        y = fp8_grouped_swiglu(
-            recv_x, self.gate_proj, self.up_proj, self.down_proj, handle.tokens_per_expert
-        )
-        return y * handle.weights[:, None].to(y.dtype)
+    def forward(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        y = fp8_grouped_swiglu(rows, self.gate_proj, self.up_proj, self.down_proj, tokens_per_expert)
+        return y * weights[:, None].to(y.dtype)
 
 
 def _is_grouped_experts(m: nn.Module) -> bool:

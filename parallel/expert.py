@@ -1,4 +1,5 @@
-"""The expert-parallel dispatcher: tokens travel to the ranks that hold their experts and come back.
+"""Token dispatch to experts and back: one all-to-all primitive (`Transfer`), one routing handle
+(`DispatchHandle`), and the `Dispatcher` the model is built with (single process, EP, EP under TP).
 
 Placement: the EP group's rank w holds global experts [w*E/ep, (w+1)*E/ep) ("local experts").
 
@@ -7,25 +8,26 @@ Semantics (DeepEP normal mode):
   (deduplicated per rank), with its top-k expert ids and weights. Receive order is source rank, then
   source token. The receiver then expands the tokens to one row per (token, local expert) pair, grouped
   contiguous per local expert (`handle.tokens_per_expert` rows each, in receive order within an expert)
-  so a grouped GEMM can run over them.
+  so a grouped GEMM can run over them. Without a group (one process, or ep = 1) nothing travels and the
+  same grouping happens locally: one code path.
 - Weights are applied by the caller on the expert side: `y = expert(recv_x) * recv_weights[:, None]`.
   `combine` is then an unweighted sum: rows of the same received token are summed on the expert rank,
   sent back, and summed over ranks at the source. With identity experts, combine(dispatch(x)) is the
   routing-weighted sum `sum_k w_k * x` per token.
 - Autograd: dispatch and combine are linear maps built as exact adjoints: dispatch = expand o send,
-  combine = send^T o expand^T, where send is the `all_to_all_single` (an autograd Function whose
-  backward is the reverse all-to-all) and expand is a row gather (its backward is a row scatter-add).
-  So dispatch's backward is a combine and combine's backward is a dispatch. The routing weights travel
-  through the same machinery, so the router receives gradients.
-- Async: `dispatch_async` exchanges counts (a small blocking all-to-all; buffer sizes depend on it),
-  then starts the token all-to-alls and returns at once; `handle.wait()` finishes them and returns the
-  grouped tokens. `combine_async(...).wait()` likewise. Compute placed between the two calls (shared
-  experts, another micro-batch's attention) overlaps the transfer.
-- Public hooks for code that drives the transfers itself (parallel/pipeline/overlap.py's phase engine):
-  `handle.delay(link, nbytes)` puts a handle's pending transfers behind an emulated link
-  (parallel/link.py) before `wait()`, and after `wait()` the pair (`recv_rows`, `recv_slots`) gives each
-  grouped row's received token and top-k slot, so a hand-written backward can scatter row gradients (of
-  the tokens and of the routing weights) back to the [received tokens, K] layout the transfer used.
+  combine = send^T o expand^T, where send is one `Transfer` (an autograd Function whose backward is the
+  reverse transfer) and expand is a row gather (its backward a row scatter-add). So dispatch's backward is
+  a combine and combine's backward is a dispatch; the routing weights travel through the same machinery,
+  so the router receives gradients.
+- Hand-driven backward (parallel/pipeline/overlap.py starts and waits transfers itself, outside autograd):
+  the handle's `combine_async` (rows -> source tokens, and per-row values -> [tokens, K] at their top-k
+  slot: the gradients of dispatch w.r.t. the tokens and the routing weights) and `resend_async` (source
+  tokens -> rows: the gradient of combine).
+- Async: `dispatch_async` exchanges counts (one small blocking all-to-all: buffer sizes depend on it; the
+  only host synchronisation of a dispatch), then starts the token transfer and returns at once;
+  `handle.wait()` finishes it. Every transfer can be held behind an emulated link (parallel/link.py):
+  `transfer.delay(link, nbytes)`, or a `Dispatcher(link=...)` that delays each of its transfers by its
+  off-rank bytes.
 - Dropless by default. With `capacity_factor`, each rank keeps at most
   ceil(capacity_factor * tokens * top_k / num_experts) of its own (token, expert) pairs per expert, in
   token order; the rest are dropped (they contribute nothing) and counted in `handle.num_dropped`.
@@ -34,73 +36,125 @@ Semantics (DeepEP normal mode):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from cluster import group_rank, group_size
+from parallel.routing import NodeLimit
+from parallel.tensor import gather_from_tp, scatter_rows_to_tp, shard
 
-def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup,
-         works: list | None) -> torch.Tensor:
-    x = x.contiguous()
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=works is not None)
-    if works is not None:
-        works.append((work, x))  # keep the send buffer alive until the transfer is done
-    return out
+__all__ = ["Transfer", "DispatchHandle", "Dispatcher", "dispatch_async", "dispatch", "combine_async", "combine",
+           "global_expert_counts", "experts_per_rank"]
+
+
+class Transfer:
+    """One all-to-all of one or more row-aligned tensors, in flight: `wait()` returns the received tensors
+    (after `finish`, if given). Without a group it is the identity, done at once. The one primitive every
+    expert-parallel transfer of the project goes through, forward and backward."""
+
+    def __init__(self, xs: Sequence[torch.Tensor], out_splits: list[int], in_splits: list[int],
+                 group: ProcessGroup | None, finish: Callable | None = None, link=None) -> None:
+        self.finish, self._works, self._result = finish, [], None
+        if group is None:
+            self._outs = [x for x in xs]
+        else:
+            self._outs = []
+            for x in xs:
+                x = x.contiguous()
+                out = x.new_empty((sum(out_splits), *x.shape[1:]))
+                work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True)
+                self._works.append((work, x))  # the send buffer stays alive until the transfer is done
+                self._outs.append(out)
+            if link is not None:
+                me = group_rank(group)
+                rows = max(sum(out_splits) - out_splits[me], sum(in_splits) - in_splits[me])
+                self.delay(link, rows * sum(math.prod(x.shape[1:]) * x.element_size() for x in xs))
+
+    def delay(self, link, nbytes: int) -> None:
+        """Hold the pending transfer back as ONE transfer of `nbytes` on `link` (a parallel.link.EmulatedLink,
+        or anything with its `wrap_works(works, nbytes)`): `wait()` then returns no earlier than its emulated
+        arrival. Call it before `wait()`."""
+        if self._result is not None:
+            raise RuntimeError("delay() after wait(): the transfer is already complete")
+        link.wrap_works(self._works, nbytes)
+
+    def wait(self):
+        """The received tensors as a tuple, or what `finish(*received)` makes of them."""
+        if self._result is None:
+            for work, _ in self._works:
+                work.wait()
+            self._works.clear()
+            outs = tuple(self._outs)
+            self._outs = []
+            self._result = self.finish(*outs) if self.finish is not None else outs
+        return self._result
 
 
 class _AllToAll(torch.autograd.Function):
-    """Uneven all_to_all_single of one or more row-aligned tensors as ONE autograd node; backward is the
-    reverse all-to-all of their gradients, in the same order. One node matters: if tokens and weights had
-    separate nodes, a rank whose expert rows are empty (so one output gets no gradient) would skip one
-    collective and pair its peers' transfers wrongly. Missing gradients are materialised as zeros, so the
-    node's collectives run on every rank. May run async: the outputs are returned at once and `works`
-    receives the pending works to wait on before reading them."""
+    """A transfer as ONE autograd node (tokens and weights together: if they had separate nodes, a rank
+    whose expert rows are empty would skip one backward collective and mis-pair its peers'); backward is
+    the reverse transfer. Missing gradients are materialised as zeros, so every rank runs the backward.
+    The forward may be left in flight: its `Transfer` goes to `pending` and must be waited before the
+    outputs are read."""
 
     @staticmethod
-    def forward(ctx, out_splits, in_splits, group, works, *xs):
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        return tuple(_a2a(x, out_splits, in_splits, group, works) for x in xs)
+    def forward(ctx, out_splits, in_splits, group, link, pending, *xs):
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.link = out_splits, in_splits, group, link
+        transfer = Transfer(xs, out_splits, in_splits, group)
+        pending.append(transfer)
+        return tuple(transfer._outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        back = tuple(_a2a(g, ctx.in_splits, ctx.out_splits, ctx.group, None) for g in grads)
-        return (None, None, None, None, *back)
+        back = Transfer(grads, ctx.in_splits, ctx.out_splits, ctx.group, link=ctx.link).wait()
+        return (None, None, None, None, None, *back)
 
 
-def _all_to_all(xs: list[torch.Tensor], out_splits: list[int], in_splits: list[int], group: ProcessGroup,
-                works: list | None) -> tuple[torch.Tensor, ...]:
-    if any(x.requires_grad for x in xs) and torch.is_grad_enabled():
-        return _AllToAll.apply(out_splits, in_splits, group, works, *xs)
-    return tuple(_a2a(x, out_splits, in_splits, group, works) for x in xs)
+def _send_async(xs: list[torch.Tensor], out_splits: list[int], in_splits: list[int], group,
+                link=None) -> tuple[Transfer, tuple]:
+    """Start a transfer that autograd differentiates when it must: (the transfer, its output tensors)."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        pending: list = []
+        outs = _AllToAll.apply(out_splits, in_splits, group, link, pending, *xs)
+        return pending[0], outs
+    t = Transfer(xs, out_splits, in_splits, group)
+    return t, tuple(t._outs)
+
+
+def _count(index: torch.Tensor, n: int) -> torch.Tensor:
+    """bincount without its host synchronisation (on CUDA bincount reads the maximum back)."""
+    return torch.zeros(n, dtype=torch.long, device=index.device).scatter_add_(0, index, torch.ones_like(index))
 
 
 @dataclass(eq=False)
 class DispatchHandle:
-    """Everything combine needs, plus the load counts. Fields filled at wait() are None before."""
+    """A dispatch: what combine and the hand-driven backward need, plus the load counts. The fields set by
+    `wait()` are None before."""
 
-    group: ProcessGroup
+    group: ProcessGroup | None
     num_experts: int
     experts_per_rank: int
     num_tokens: int                  # N: tokens this rank dispatched
+    top_k: int
     send_counts: list[int]           # tokens sent to each EP rank (deduplicated)
     recv_counts: list[int]           # tokens received from each EP rank
+    recv_pairs: int                  # (token, local expert) rows this rank receives
     send_token_idx: torch.Tensor     # [sum(send_counts)] source token of each sent row
     expert_counts: torch.Tensor      # [E] (token, expert) pairs this rank routed, after drops
-    num_dropped: int                 # (token, expert) pairs this rank dropped by capacity
-    dropped_per_expert: torch.Tensor  # [E]
-    _works: list = field(default_factory=list, repr=False)
-    _recv_x: torch.Tensor | None = field(default=None, repr=False)
-    _recv_idx: torch.Tensor | None = field(default=None, repr=False)
-    _recv_w: torch.Tensor | None = field(default=None, repr=False)
+    dropped_per_expert: torch.Tensor  # [E] pairs this rank dropped by capacity
+    link: object = None
+    _pending: list = field(default_factory=list, repr=False)   # transfers in flight
+    _recv: tuple = field(default=(), repr=False)                # (idx [T,K], x [T,H], w [T,K]) once arrived
     recv_rows: torch.Tensor | None = None           # [R] received-token row of each grouped row
+    recv_slots: torch.Tensor | None = None          # [R] top-k slot (0..K-1) of each grouped row in its token
+    recv_expert: torch.Tensor | None = None         # [R] local expert of each grouped row
     tokens_per_expert: torch.Tensor | None = None   # [E/ep] grouped rows per local expert
     recv_weights: torch.Tensor | None = None        # [R] routing weight of each grouped row (autograd)
-    recv_expert: torch.Tensor | None = None         # [R] local expert of each grouped row
-    recv_slots: torch.Tensor | None = None          # [R] top-k slot (0..K-1) of each grouped row in its token
-    tp_tokens: int | None = None                    # set by shard.EPDispatcher: tokens before the TP split
+    tp_tokens: int | None = None                    # set by a Dispatcher under TP: tokens before the split
     _result: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -108,68 +162,76 @@ class DispatchHandle:
         return sum(self.recv_counts)
 
     @property
-    def weights(self) -> torch.Tensor | None:
-        """Alias of recv_weights (the runtime model's experts read `handle.weights`)."""
-        return self.recv_weights
+    def num_dropped(self) -> int:
+        return int(self.dropped_per_expert.sum())
 
     def delay(self, link, nbytes: int) -> None:
-        """Hold the pending transfers back as ONE transfer of `nbytes` on `link` (a parallel.link.EmulatedLink,
-        or anything with its `wrap_works(works, nbytes)`): `wait()` then returns no earlier than its emulated
-        arrival. Call it before `wait()`."""
-        _delay(self._works, self._result is not None, link, nbytes)
-
-    def wait(self) -> torch.Tensor:
-        """Finish the token transfer; return recv_x [R, H] grouped contiguous per local expert.
-
-        Also fills recv_rows / recv_slots (received token and top-k slot of each grouped row),
-        recv_expert, tokens_per_expert and recv_weights."""
+        """As `Transfer.delay`, for the token transfer of this dispatch (before `wait()`)."""
         if self._result is not None:
-            return self._result
-        for work, _ in self._works:
-            work.wait()
-        self._works.clear()
-        valid = self._recv_idx >= 0
-        rows, slots = valid.nonzero(as_tuple=True)         # ordered by (source rank, source token, k)
-        experts = self._recv_idx[rows, slots]
-        order = torch.sort(experts, stable=True).indices    # group by local expert, keep receive order
-        self.recv_rows, self.recv_slots, self.recv_expert = rows[order], slots[order], experts[order]
-        self.tokens_per_expert = torch.bincount(self.recv_expert, minlength=self.experts_per_rank)
-        self.recv_weights = self._recv_w[self.recv_rows, self.recv_slots]
-        self._result = self._recv_x.index_select(0, self.recv_rows)
-        self._recv_x = self._recv_w = self._recv_idx = None
-        return self._result
-
-
-@dataclass(eq=False)
-class CombineHandle:
-    """A combine in flight: `wait()` returns the combined tokens."""
-
-    _works: list
-    _back: torch.Tensor
-    _handle: DispatchHandle
-    _result: torch.Tensor | None = None
-
-    def delay(self, link, nbytes: int) -> None:
-        """As `DispatchHandle.delay`: the return transfer completes no earlier than its emulated arrival."""
-        _delay(self._works, self._result is not None, link, nbytes)
+            raise RuntimeError("delay() after wait(): the transfer is already complete")
+        works = [w for t in self._pending for w in t._works]
+        link.wrap_works(works, nbytes)
+        for t in self._pending:
+            t._works[:] = works[: len(t._works)]
+            works = works[len(t._works):]
 
     def wait(self) -> torch.Tensor:
-        """Finish the return transfer; return [N, H], the sum of the expert rows of each source token."""
+        """Finish the token transfer; return recv_x [R, H] grouped contiguous per local expert (and fill
+        recv_rows, recv_slots, recv_expert, tokens_per_expert, recv_weights)."""
         if self._result is None:
-            for work, _ in self._works:
-                work.wait()
-            self._works.clear()
-            h = self._handle
-            out = self._back.new_zeros((h.num_tokens, *self._back.shape[1:]))
-            self._result = out.index_add(0, h.send_token_idx, self._back)
-            self._back = None  # type: ignore[assignment]
+            for t in self._pending:
+                t.wait()
+            recv_idx, recv_x, recv_w = self._recv
+            self._pending, self._recv = [], ()
+            flat = recv_idx.reshape(-1)
+            # the valid (token, slot) pairs in receive order, then grouped by local expert (stable)
+            pairs = torch.argsort((flat < 0).to(torch.int8), stable=True)[: self.recv_pairs]
+            experts = flat[pairs]
+            order = torch.argsort(experts, stable=True)
+            pairs, self.recv_expert = pairs[order], experts[order]
+            self.recv_rows, self.recv_slots = pairs // self.top_k, pairs % self.top_k
+            self.tokens_per_expert = _count(self.recv_expert, self.experts_per_rank)
+            self.recv_weights = recv_w[self.recv_rows, self.recv_slots]
+            self._result = recv_x.index_select(0, self.recv_rows)
         return self._result
 
+    # --- the way back, and the hand-driven backward ---------------------------------------------------
+    def _check_rows(self, y: torch.Tensor) -> None:
+        if self.recv_rows is None:
+            raise RuntimeError("combine before the dispatch finished: call handle.wait() first")
+        if y.shape[0] != self.recv_rows.shape[0]:
+            raise ValueError(f"combine expects {self.recv_rows.shape[0]} rows (one per dispatched "
+                             f"(token, expert) pair), got {y.shape[0]}")
 
-def _delay(works: list, finished: bool, link, nbytes: int) -> None:
-    if finished:
-        raise RuntimeError("delay() after wait(): the transfer is already complete")
-    link.wrap_works(works, nbytes)
+    def _to_sources(self, back: torch.Tensor) -> torch.Tensor:
+        if self.group is None:
+            return back  # every token is its own "received" token
+        out = back.new_zeros((self.num_tokens, *back.shape[1:]))
+        return out.index_add(0, self.send_token_idx, back)
+
+    def combine_async(self, y: torch.Tensor, slot_values: torch.Tensor | None = None) -> Transfer:
+        """Start returning rows y [R, ...] to their source tokens (summed): `wait()` gives [N, ...]. With
+        `slot_values` [R] (per-row values such as the routing weights' gradient), in the same transfer:
+        `wait()` gives ([N, ...], [N, K] with each value at its row's top-k slot)."""
+        self._check_rows(y)
+        sends = [y.new_zeros((self.num_recv_tokens, *y.shape[1:])).index_add(0, self.recv_rows, y)]
+        if slot_values is not None:
+            per_token = slot_values.new_zeros(self.num_recv_tokens, self.top_k)
+            per_token.index_put_((self.recv_rows, self.recv_slots), slot_values, accumulate=True)
+            sends.append(per_token)
+
+        def finish(*backs):
+            out = tuple(self._to_sources(b) for b in backs)
+            return out if slot_values is not None else out[0]
+
+        return Transfer(sends, self.send_counts, self.recv_counts, self.group, finish, self.link)
+
+    def resend_async(self, t: torch.Tensor) -> Transfer:
+        """Start sending per-source-token values t [N, ...] to the grouped rows [R, ...] (the gradient of
+        combine, and a dispatch of anything else along this handle's routes)."""
+        send = t if self.group is None else t.index_select(0, self.send_token_idx)
+        return Transfer([send], self.recv_counts, self.send_counts, self.group,
+                        lambda back: back.index_select(0, self.recv_rows), self.link)
 
 
 def experts_per_rank(num_experts: int, ep: int) -> int:
@@ -191,7 +253,9 @@ def _check_inputs(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.T
     if topk_idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"topk_idx must be an integer tensor, got {topk_idx.dtype}")
     epr = experts_per_rank(num_experts, ep)
-    if topk_idx.numel() and (int(topk_idx.max()) >= num_experts or int(topk_idx.min()) < -1):
+    # Value ranges are checked where that is free (host tensors); on a device it would cost a sync.
+    if topk_idx.device.type == "cpu" and topk_idx.numel() and (
+            int(topk_idx.max()) >= num_experts or int(topk_idx.min()) < -1):
         raise ValueError(f"topk_idx values must lie in [-1, {num_experts}) (-1 = no expert)")
     return epr
 
@@ -203,7 +267,7 @@ def _apply_capacity(topk_idx: torch.Tensor, num_experts: int, capacity_factor: f
     flat = topk_idx.reshape(-1)
     order = torch.sort(flat, stable=True).indices              # pairs grouped by expert, token order kept
     sorted_ids = flat[order]
-    counts = torch.bincount(sorted_ids + 1, minlength=num_experts + 1)   # slot 0 counts the -1 pairs
+    counts = _count(sorted_ids + 1, num_experts + 1)           # slot 0 counts the -1 pairs
     start = torch.cumsum(counts, 0) - counts
     position = torch.empty_like(flat)
     position[order] = torch.arange(flat.numel(), device=flat.device) - start[sorted_ids + 1]
@@ -211,73 +275,89 @@ def _apply_capacity(topk_idx: torch.Tensor, num_experts: int, capacity_factor: f
     return torch.where(keep, flat, torch.full_like(flat, -1)).view(n, k)
 
 
-def dispatch_async(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, group: ProcessGroup,
-                   num_experts: int, capacity_factor: float | None = None) -> DispatchHandle:
+def dispatch_async(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                   group: ProcessGroup | None, num_experts: int, capacity_factor: float | None = None,
+                   link=None) -> DispatchHandle:
     """Start sending tokens to their experts' ranks; `handle.wait()` returns the grouped rows.
 
     x: [N, H] this rank's tokens; topk_idx: [N, K] global expert ids (-1 = unused slot);
     topk_weights: [N, K] routing weights (gradients flow back to them through `handle.recv_weights`).
+    `group` None (or of size 1): everything stays here. `link`: every transfer of this dispatch (and of
+    its combine and backward) is delayed by its off-rank bytes on that emulated link.
     """
-    ep = dist.get_world_size(group)
+    group = group if group_size(group) > 1 else None
+    ep = group_size(group)
     epr = _check_inputs(x, topk_idx, topk_weights, num_experts, ep)
-    topk_idx = topk_idx.long()
-    routed = topk_idx
+    n, k = topk_idx.shape
+    routed = topk_idx.long()
     if capacity_factor is not None:
         if capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
-        routed = _apply_capacity(topk_idx, num_experts, capacity_factor)
+        routed = _apply_capacity(routed, num_experts, capacity_factor)
     valid = routed >= 0
-    dropped = (topk_idx >= 0) & ~valid
-    dropped_per_expert = torch.bincount(topk_idx[dropped], minlength=num_experts)
-    expert_counts = torch.bincount(routed[valid], minlength=num_experts)
-
-    dest = torch.where(valid, routed // epr, torch.full_like(routed, -1))                 # [N, K]
-    to_rank = (dest.unsqueeze(-1) == torch.arange(ep, device=x.device)).any(1)           # [N, ep]
-    dest_rank, send_token_idx = to_rank.t().nonzero(as_tuple=True)                         # by rank, token
-    send_counts_t = to_rank.sum(0)
-    recv_counts_t = torch.empty_like(send_counts_t)
-    dist.all_to_all_single(recv_counts_t, send_counts_t, group=group)
-    send_counts, recv_counts = send_counts_t.tolist(), recv_counts_t.tolist()
-
-    # per sent row: the K slots, with local expert ids for this destination and -1 elsewhere
-    rows_dest = routed.index_select(0, send_token_idx)
+    expert_counts = _count((routed + 1).reshape(-1), num_experts + 1)[1:]  # bin 0 holds the unused slots
+    dropped = torch.where((topk_idx >= 0) & ~valid, topk_idx.long() + 1, 0)
+    dropped_per_expert = _count(dropped.reshape(-1), num_experts + 1)[1:]
+    dest = torch.where(valid, routed // epr, torch.full_like(routed, -1))                # [N, K]
+    hits = dest.unsqueeze(-1) == torch.arange(ep, device=x.device)                      # [N, K, ep]
+    to_rank = hits.any(1)                                                               # [N, ep]
+    sent = torch.stack([to_rank.sum(0), hits.sum((0, 1))])                              # [2, ep] tokens, pairs
+    if group is None:
+        recv_pairs = int(sent[1, 0])  # the one host sync of a dispatch
+        handle = DispatchHandle(None, num_experts, epr, n, k, [n], [n], recv_pairs,
+                                torch.arange(n, device=x.device), expert_counts, dropped_per_expert, link)
+        handle._recv = (routed, x, topk_weights)
+        return handle
+    got = torch.empty_like(sent.t().contiguous())
+    dist.all_to_all_single(got, sent.t().contiguous(), group=group)                     # [ep, 2] from each
+    counts = torch.cat([sent[0], got[:, 0], got[:, 1]]).tolist()  # the one host sync of a dispatch
+    send_counts, recv_counts, recv_pairs = counts[:ep], counts[ep:2 * ep], sum(counts[2 * ep:])
+    # rows to send, by destination rank then token (an argsort where nonzero would sync again)
+    order = torch.argsort((~to_rank.t().reshape(-1)).to(torch.int8), stable=True)[: sum(send_counts)]
+    dest_rank, send_token_idx = order // n, order % n
+    rows = routed.index_select(0, send_token_idx)
     mine = dest.index_select(0, send_token_idx) == dest_rank.unsqueeze(1)
-    send_idx = torch.where(mine, rows_dest - dest_rank.unsqueeze(1) * epr, torch.full_like(rows_dest, -1))
+    send_idx = torch.where(mine, rows - dest_rank.unsqueeze(1) * epr, torch.full_like(rows, -1))
+    send_x = x.index_select(0, send_token_idx)
     send_w = topk_weights.index_select(0, send_token_idx) * mine.to(topk_weights.dtype)
-
-    handle = DispatchHandle(group=group, num_experts=num_experts, experts_per_rank=epr, num_tokens=x.shape[0],
-                            send_counts=send_counts, recv_counts=recv_counts, send_token_idx=send_token_idx,
-                            expert_counts=expert_counts, num_dropped=int(dropped.sum()),
-                            dropped_per_expert=dropped_per_expert)
-    works = handle._works
-    (handle._recv_idx,) = _all_to_all([send_idx], recv_counts, send_counts, group, works)
-    handle._recv_x, handle._recv_w = _all_to_all([x.index_select(0, send_token_idx), send_w], recv_counts,
-                                                 send_counts, group, works)
+    handle = DispatchHandle(group, num_experts, epr, n, k, send_counts, recv_counts, recv_pairs, send_token_idx,
+                            expert_counts, dropped_per_expert, link)
+    idx_t = Transfer([send_idx], recv_counts, send_counts, group)
+    xw_t, (recv_x, recv_w) = _send_async([send_x, send_w], recv_counts, send_counts, group, link)
+    handle._pending, handle._recv = [idx_t, xw_t], (idx_t._outs[0], recv_x, recv_w)
+    if link is not None:
+        me = group_rank(group)
+        row = x.shape[1] * x.element_size() + k * (8 + topk_weights.element_size())
+        handle.delay(link, max(sum(send_counts) - send_counts[me], sum(recv_counts) - recv_counts[me]) * row)
     return handle
 
 
-def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, group: ProcessGroup,
-             num_experts: int, capacity_factor: float | None = None) -> tuple[torch.Tensor, DispatchHandle]:
+def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, group: ProcessGroup | None,
+             num_experts: int, capacity_factor: float | None = None, link=None
+             ) -> tuple[torch.Tensor, DispatchHandle]:
     """Blocking dispatch: (recv_x grouped per local expert, handle). See the module docstring."""
-    handle = dispatch_async(x, topk_idx, topk_weights, group, num_experts, capacity_factor)
+    handle = dispatch_async(x, topk_idx, topk_weights, group, num_experts, capacity_factor, link)
     return handle.wait(), handle
 
 
-def combine_async(y: torch.Tensor, handle: DispatchHandle) -> CombineHandle:
-    """Start returning expert outputs y [R, H] (weights already applied) to their source tokens."""
-    if handle.recv_rows is None:
-        raise RuntimeError("combine before the dispatch finished: call handle.wait() first")
-    if y.shape[0] != handle.recv_rows.shape[0]:
-        raise ValueError(f"combine expects {handle.recv_rows.shape[0]} rows (one per dispatched "
-                         f"(token, expert) pair), got {y.shape[0]}")
+def combine_async(y: torch.Tensor, handle: DispatchHandle) -> Transfer:
+    """Start returning expert outputs y [R, H] (weights already applied) to their source tokens, under
+    autograd: `wait()` gives [N, H], for each source token the sum of its expert rows."""
+    handle._check_rows(y)
     if y.shape[0] == 0 and torch.is_grad_enabled() and handle._result.requires_grad:
         # nothing reached this rank's experts, and an empty expert output may be cut off from the graph;
-        # keep the dispatch node reachable so its backward all-to-all runs here as on every other rank
+        # keep the dispatch node reachable so its backward transfer runs here as on every other rank
         y = y + handle._result.sum() * 0
     per_token = y.new_zeros((handle.num_recv_tokens, *y.shape[1:])).index_add(0, handle.recv_rows, y)
-    works: list = []
-    (back,) = _all_to_all([per_token], handle.send_counts, handle.recv_counts, handle.group, works)
-    return CombineHandle(works, back, handle)
+    if handle.group is None:
+        return Transfer([per_token], [], [], None, finish=lambda t: t)
+    t, (back,) = _send_async([per_token], handle.send_counts, handle.recv_counts, handle.group, handle.link)
+    if handle.link is not None:
+        me = group_rank(handle.group)
+        rows = max(handle.num_recv_tokens - handle.recv_counts[me], sum(handle.send_counts) - handle.send_counts[me])
+        t.delay(handle.link, rows * math.prod(per_token.shape[1:]) * per_token.element_size())
+    t.finish = lambda *_: handle._to_sources(back)
+    return t
 
 
 def combine(y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
@@ -288,5 +368,69 @@ def combine(y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
 def global_expert_counts(handle: DispatchHandle) -> torch.Tensor:
     """[E] pairs routed to each expert summed over the EP group (a blocking all-reduce; metrics)."""
     counts = handle.expert_counts.clone()
-    dist.all_reduce(counts, group=handle.group)
+    if handle.group is not None:
+        dist.all_reduce(counts, group=handle.group)
     return counts
+
+
+class Dispatcher:
+    """What the model's MoE layers dispatch through, built once from the layout and given to the model.
+
+    `group`: the EP group (None: one process holds every expert). With `tp_group`, the tokens (replicated
+    over TP) are first split over TP so each reaches its experts once, and the outputs are all-gathered.
+    `node_limit = (node of each EP rank, M)`: each token's experts lie on at most M nodes (routing.py).
+    `link`: an emulated interconnect that delays every transfer (parallel.emulate_link)."""
+
+    def __init__(self, num_experts: int, group: ProcessGroup | None = None, tp_group: ProcessGroup | None = None,
+                 capacity_factor: float | None = None, node_limit: tuple[list[int], int] | None = None,
+                 link=None) -> None:
+        self.group = group if group_size(group) > 1 else None
+        self.tp_group = tp_group if group_size(tp_group) > 1 and self.group is not None else None
+        self.num_experts, self.capacity_factor, self.link = num_experts, capacity_factor, link
+        ep = group_size(self.group)
+        self.experts_per_rank = experts_per_rank(num_experts, ep)
+        self.local_experts = range(group_rank(self.group) * self.experts_per_rank,
+                                   (group_rank(self.group) + 1) * self.experts_per_rank)
+        self.node_limit = node_limit if node_limit and len(set(node_limit[0])) > 1 and node_limit[1] > 0 else None
+
+    @classmethod
+    def from_mesh(cls, mesh, num_experts: int, max_nodes_per_token: int = 0, link=None) -> Dispatcher:
+        """The dispatcher of a Mesh's EP (and TP) groups; None mesh: one process."""
+        if mesh is None or mesh.size("ep") == 1:
+            return cls(num_experts, link=link)
+        limit = ([mesh.node_of(r) for r in mesh.ranks("ep")], max_nodes_per_token) if max_nodes_per_token else None
+        return cls(num_experts, mesh.group("ep"), mesh.group("tp"), node_limit=limit, link=link)
+
+    def expert_mask(self, top_k: int) -> NodeLimit | None:
+        """The gate's candidate restriction under node-limited routing (None: unrestricted)."""
+        if self.node_limit is None:
+            return None
+        return NodeLimit(self.node_limit[0], self.experts_per_rank, self.node_limit[1], top_k)
+
+    def dispatch_async(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
+                       ) -> DispatchHandle:
+        n = x.shape[0]
+        if self.tp_group is not None:
+            tp = group_size(self.tp_group)
+            pad = (-n) % tp
+            if pad:
+                x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+                topk_idx = torch.cat([topk_idx, topk_idx.new_full((pad, topk_idx.shape[1]), -1)])
+                topk_weights = torch.cat([topk_weights, topk_weights.new_zeros(pad, topk_weights.shape[1])])
+            x, topk_weights = scatter_rows_to_tp([x, topk_weights], self.tp_group)
+            topk_idx = shard(topk_idx, 0, self.tp_group)
+        handle = dispatch_async(x, topk_idx, topk_weights, self.group, self.num_experts, self.capacity_factor,
+                                self.link)
+        handle.tp_tokens = n
+        return handle
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
+                 ) -> tuple[torch.Tensor, DispatchHandle]:
+        handle = self.dispatch_async(x, topk_idx, topk_weights)
+        return handle.wait(), handle
+
+    def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        out = combine(y, handle)
+        if self.tp_group is not None:
+            out = gather_from_tp(out, self.tp_group, dim=0)[: handle.tp_tokens]
+        return out

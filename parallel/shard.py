@@ -1,21 +1,20 @@
-"""Turn a DeepSeek MLA/MoE module tree into its TP/EP-sharded form, and load checkpoints slice by slice.
+"""Tensor-parallel sharding by a plan, shard marks, and the reductions and checkpoint hooks that read them.
 
-Works by attribute names (the runtime model's HF-style names), without importing runtime (dependencies
-point runtime -> parallel):
-
-* TP (`tp_group` of size > 1): `embed_tokens` -> VocabParallelEmbedding; `lm_head` -> ColumnParallelLinear
-  with gather_output (full logits on every rank); MLA splits heads: q_proj / q_b_proj and kv_b_proj
-  column-parallel, o_proj row-parallel, latent down-projections (q_a_proj, kv_a_proj_with_mqa) replicated;
-  dense MLPs and shared experts column (gate/up) / row (down). The output of kv_a_proj_with_mqa enters the
-  per-head region through `copy_to_tp` (a forward hook), so kv_a_layernorm's gain sees a partial gradient:
-  call `all_reduce_partial_grads(model, tp_group)` after backward.
-* EP (`ep_group` of size > 1): every stacked expert parameter keeps experts [r*E/ep, (r+1)*E/ep) and the
-  MoE's `dispatcher` becomes an `EPDispatcher` (parallel.expert over the EP group). With TP as well, each TP
-  rank dispatches only its 1/tp share of the (TP-replicated) tokens and the outputs are all-gathered, so
-  every token reaches its experts exactly once.
+parallel/ knows no model's attribute names: the model says how it splits (`model.tp_plan()`: module name ->
+style) and which experts a rank holds (it is built with a `parallel.expert.Dispatcher` and marks its stacked
+expert parameters with `mark_expert_shard`). TP styles (`tp_group` of size > 1):
+* `vocab`: an embedding split over the vocabulary (VocabParallelEmbedding);
+* `colwise` / `colwise_gather`: a linear split by output rows (ColumnParallelLinear; `_gather` all-gathers
+  the output, e.g. an LM head with full logits on every rank);
+* `rowwise`: a linear split by input columns (RowParallelLinear, output all-reduced);
+* `enter_tp`: a replicated module whose output enters a per-head region (`copy_to_tp`, a forward hook);
+* `partial_grad`: a replicated module whose gradient is partial per rank (summed by
+  `all_reduce_partial_grads` after backward).
+Weights tied before the split (an LM head sharing the embedding) stay tied after it.
 
 Applied to a model on the meta device it only changes shapes, which is how sharded loading works:
-build on meta -> `parallelize` -> `to_empty` -> load the checkpoint with `sharded_select(model)`.
+build on meta with the dispatcher -> `apply_tp_plan` -> `to_empty` -> load the checkpoint with
+`sharded_select(model)`.
 """
 
 from __future__ import annotations
@@ -28,28 +27,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from parallel import expert as ep_ops
-from parallel.routing import NodeLimit
+from cluster import group_rank, group_size
 from parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    all_gather_dim,
     copy_to_tp,
-    gather_from_tp,
-    scatter_rows_to_tp,
-    shard,
 )
-
-_EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
-
-
-def _size(group: ProcessGroup | None) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _rank(group: ProcessGroup | None) -> int:
-    return 0 if group is None else dist.get_rank(group)
-
 
 # Shard marks live on modules (`module._moerun_shard[param leaf name] = {...}`), not on parameters:
 # Module.to_empty / .to may replace Parameter objects, and the marks must survive building on meta.
@@ -62,7 +47,7 @@ def _mark(module: nn.Module, leaf: str, **info) -> None:
 
 
 def _mark_tp(module: nn.Module, leaf: str, dim: int, group: ProcessGroup) -> None:
-    _mark(module, leaf, tp_dim=dim, tp_rank=_rank(group), tp_size=_size(group))
+    _mark(module, leaf, tp_dim=dim, tp_rank=group_rank(group), tp_size=group_size(group))
 
 
 def shard_marks(model: nn.Module) -> dict[str, dict]:
@@ -74,125 +59,72 @@ def shard_marks(model: nn.Module) -> dict[str, dict]:
     return out
 
 
-def _column(lin: nn.Linear, group: ProcessGroup, **kw) -> ColumnParallelLinear:
-    layer = ColumnParallelLinear.from_full(lin.weight.detach(), group, bias=_b(lin), **kw)
+def mark_expert_shard(module: nn.Module, leaves: tuple[str, ...], offset: int, ep_size: int) -> None:
+    """Mark stacked expert parameters `leaves` of `module` as holding global experts from `offset` on, one
+    block of an EP group of `ep_size` (read by checkpoints, the optimizer's reductions and gathers)."""
+    if ep_size > 1:
+        for leaf in leaves:
+            _mark(module, leaf, ep_offset=offset, ep_size=ep_size)
+
+
+TP_STYLES = ("vocab", "colwise", "colwise_gather", "rowwise", "enter_tp", "partial_grad")
+
+
+def apply_tp_plan(model: nn.Module, plan: dict[str, str], group: ProcessGroup | None) -> nn.Module:
+    """Shard `model` in place over `group` by `plan` (module name -> one of TP_STYLES); no-op at size 1."""
+    if group_size(group) == 1:
+        return model
+    modules = dict(model.named_modules(remove_duplicate=False))
+    owners: dict[int, list[str]] = {}  # id of a weight -> the planned modules holding it (ties)
+    for name in plan:
+        if name not in modules:
+            raise ValueError(f"tensor-parallel plan names {name!r}, which the model does not have")
+        w = getattr(modules[name], "weight", None)
+        if w is not None:
+            owners.setdefault(id(w), []).append(name)
+    new: dict[str, nn.Module] = {}
+    for name, style in plan.items():
+        if style not in TP_STYLES:
+            raise ValueError(f"unknown tensor-parallel style {style!r} for {name}; valid: {', '.join(TP_STYLES)}")
+        m = modules[name]
+        if style == "enter_tp":
+            m.register_forward_hook(lambda mod, args, out: copy_to_tp(out, group))
+            continue
+        if style == "partial_grad":
+            _mark(m, "weight", tp_partial=True)
+            continue
+        new[name] = _split(m, style, group)
+        parent, _, leaf = name.rpartition(".")
+        setattr(modules[parent] if parent else model, leaf, new[name])
+    for names in owners.values():  # re-tie weights that were one before the split
+        kept = [n for n in names if n in new]
+        for n in kept[1:]:
+            new[n].weight = new[kept[0]].weight
+    return model
+
+
+def _split(m: nn.Module, style: str, group: ProcessGroup) -> nn.Module:
+    bias = None if getattr(m, "bias", None) is None else m.bias.detach()
+    if style == "vocab":
+        layer = VocabParallelEmbedding.from_full(m.weight.detach(), group)
+        _mark_tp(layer, "weight", 0, group)
+        return layer
+    if style == "rowwise":
+        layer = RowParallelLinear.from_full(m.weight.detach(), group, bias=bias)
+        _mark_tp(layer, "weight", 1, group)
+        return layer
+    layer = ColumnParallelLinear.from_full(m.weight.detach(), group, bias=bias,
+                                           gather_output=style == "colwise_gather")
     _mark_tp(layer, "weight", 0, group)
     if layer.bias is not None:
         _mark_tp(layer, "bias", 0, group)
     return layer
 
 
-def _row(lin: nn.Linear, group: ProcessGroup) -> RowParallelLinear:
-    layer = RowParallelLinear.from_full(lin.weight.detach(), group, bias=_b(lin))
-    _mark_tp(layer, "weight", 1, group)
-    return layer
-
-
-def _b(lin: nn.Linear) -> torch.Tensor | None:
-    return None if lin.bias is None else lin.bias.detach()
-
-
-def _copy_hook(group: ProcessGroup) -> Callable:
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return copy_to_tp(output, group)
-
-    return hook
-
-
-class EPDispatcher:
-    """The runtime MoE's dispatcher interface (`dispatch(x, idx, w) -> (recv_x, handle)`, `combine`) over
-    an EP group; with `tp_group`, tokens are first split over TP (padded rows route nowhere)."""
-
-    def __init__(self, ep_group: ProcessGroup, num_experts: int, tp_group: ProcessGroup | None = None,
-                 capacity_factor: float | None = None) -> None:
-        self.ep_group, self.num_experts = ep_group, num_experts
-        self.tp_group = tp_group if _size(tp_group) > 1 else None
-        self.capacity_factor = capacity_factor
-
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
-                 ) -> tuple[torch.Tensor, ep_ops.DispatchHandle]:
-        n = x.shape[0]
-        if self.tp_group is not None:
-            tp = _size(self.tp_group)
-            pad = (-n) % tp
-            if pad:
-                x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-                topk_idx = torch.cat([topk_idx, topk_idx.new_full((pad, topk_idx.shape[1]), -1)])
-                topk_weights = torch.cat([topk_weights, topk_weights.new_zeros(pad, topk_weights.shape[1])])
-            x, topk_weights = scatter_rows_to_tp([x, topk_weights], self.tp_group)
-            topk_idx = shard(topk_idx, 0, self.tp_group)
-        recv, handle = ep_ops.dispatch(x, topk_idx, topk_weights, self.ep_group, self.num_experts,
-                                       self.capacity_factor)
-        handle.tp_tokens = n
-        return recv, handle
-
-    def combine(self, y: torch.Tensor, handle: ep_ops.DispatchHandle) -> torch.Tensor:
-        out = ep_ops.combine(y, handle)
-        if self.tp_group is not None:
-            out = gather_from_tp(out, self.tp_group, dim=0)[:handle.tp_tokens]
-        return out
-
-
-def parallelize(model: nn.Module, tp_group: ProcessGroup | None = None,
-                ep_group: ProcessGroup | None = None, capacity_factor: float | None = None,
-                node_limit: tuple[list[int], int] | None = None) -> nn.Module:
-    """Shard `model` in place for TP over `tp_group` and EP over `ep_group` (either may be None/size 1).
-
-    `node_limit = (node of each EP rank, M)` turns on node-limited routing: every token's experts lie on
-    at most M nodes of the EP group (parallel/routing.py); ignored when the EP group is on one node.
-    """
-    tp, ep = _size(tp_group), _size(ep_group)
-    if tp > 1:
-        _parallelize_tp(model, tp_group)
-    if ep > 1:
-        for moe in [m for m in model.modules() if hasattr(m, "experts") and hasattr(m, "dispatcher")]:
-            experts = moe.experts
-            num = getattr(experts, _EXPERT_PARAMS[0]).shape[0]
-            per = ep_ops.experts_per_rank(num, ep)
-            offset = _rank(ep_group) * per
-            for name in _EXPERT_PARAMS:
-                full = getattr(experts, name)
-                p = nn.Parameter(full.detach()[offset:offset + per].clone(), requires_grad=full.requires_grad)
-                setattr(experts, name, p)
-                _mark(experts, name, ep_offset=offset, ep_rank=_rank(ep_group), ep_size=ep)
-            experts.expert_offset = offset
-            moe.dispatcher = EPDispatcher(ep_group, num, tp_group, capacity_factor)
-            if node_limit is not None and len(set(node_limit[0])) > 1 and node_limit[1] > 0:
-                moe.gate.expert_mask = NodeLimit(node_limit[0], per, node_limit[1],
-                                                 moe.gate.cfg.num_experts_per_tok)
-    return model
-
-
-def _parallelize_tp(model: nn.Module, group: ProcessGroup) -> None:
-    tied = (hasattr(model, "lm_head") and hasattr(model, "model") and hasattr(model.model, "embed_tokens")
-            and model.lm_head.weight is model.model.embed_tokens.weight)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Embedding):
-                emb = VocabParallelEmbedding.from_full(child.weight.detach(), group)
-                _mark_tp(emb, "weight", 0, group)
-                setattr(parent, name, emb)
-        if hasattr(parent, "kv_b_proj") and hasattr(parent, "o_proj"):  # MLA
-            for name in ("q_proj", "q_b_proj", "kv_b_proj"):
-                if isinstance(getattr(parent, name, None), nn.Linear):
-                    setattr(parent, name, _column(getattr(parent, name), group))
-            parent.o_proj = _row(parent.o_proj, group)
-            parent.kv_a_proj_with_mqa.register_forward_hook(_copy_hook(group))
-            _mark(parent.kv_a_layernorm, "weight", tp_partial=True)
-        elif all(isinstance(getattr(parent, n, None), nn.Linear) for n in _EXPERT_PARAMS):  # dense MLP
-            parent.gate_proj = _column(parent.gate_proj, group)
-            parent.up_proj = _column(parent.up_proj, group)
-            parent.down_proj = _row(parent.down_proj, group)
-    if isinstance(getattr(model, "lm_head", None), nn.Linear):
-        model.lm_head = _column(model.lm_head, group, gather_output=True)
-        if tied:
-            model.lm_head.weight = model.model.embed_tokens.weight
-
-
 def all_reduce_partial_grads(model: nn.Module, tp_group: ProcessGroup | None) -> None:
     """Sum over TP the gradients of replicated parameters that received per-rank partial gradients
     (marked tp_partial by `parallelize`, or `sequence_parallel`). Call after backward, before clipping."""
-    if _size(tp_group) == 1:
+    if group_size(tp_group) == 1:
         return
     marks = shard_marks(model)
     for name, p in model.named_parameters():
@@ -209,13 +141,13 @@ def all_reduce_data_parallel_grads(model: nn.Module, dp_group: ProcessGroup | No
     the contributions of the dp copies inside the EP group, so sum only over `edp_group` (the ranks holding
     the same experts) and divide by dp as well. (Summing experts over dp would count tokens twice.)
     """
-    dp = _size(dp_group)
+    dp = group_size(dp_group)
     marks = shard_marks(model)
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
         group = edp_group if marks.get(name, {}).get("ep_offset") is not None else dp_group
-        if _size(group) > 1:
+        if group_size(group) > 1:
             dist.all_reduce(p.grad, group=group)
         if dp > 1:
             p.grad.div_(dp)
@@ -252,20 +184,46 @@ def sharded_select(model: nn.Module) -> Callable[[str, int | None, tuple], Shard
     return select
 
 
+def to_full(t: torch.Tensor, info: dict, tp_group: ProcessGroup | None,
+            ep_group: ProcessGroup | None) -> torch.Tensor:
+    """A local shard -> the full tensor, from its shard marks. Collective over tp / ep."""
+    if info.get("tp_dim") is not None:
+        t = all_gather_dim(t, info["tp_dim"], tp_group)
+    if info.get("ep_offset") is not None:
+        t = all_gather_dim(t, 0, ep_group)
+    return t
+
+
+def full_shape(local_shape: torch.Size, info: dict) -> tuple[int, ...]:
+    """The whole tensor's shape, from a shard's shape and its marks."""
+    shape = list(local_shape)
+    if info.get("tp_dim") is not None:
+        shape[info["tp_dim"]] *= info["tp_size"]
+    if info.get("ep_offset") is not None:
+        shape[0] *= info["ep_size"]
+    return tuple(shape)
+
+
+def to_local(full: torch.Tensor, info: dict, local_shape: torch.Size) -> torch.Tensor:
+    """The full tensor -> this rank's shard (the inverse of `to_full`, for any layout)."""
+    if info.get("tp_dim") is not None:
+        d, n, r = info["tp_dim"], info["tp_size"], info["tp_rank"]
+        full = full.narrow(d, r * (full.shape[d] // n), full.shape[d] // n)
+    if info.get("ep_offset") is not None:
+        full = full.narrow(0, info["ep_offset"], local_shape[0])
+    if tuple(full.shape) != tuple(local_shape):
+        raise ValueError(f"a full tensor of shape {tuple(full.shape)} does not slice to the local shape "
+                         f"{tuple(local_shape)}")
+    return full
+
+
 def gather_full(model: nn.Module, tp_group: ProcessGroup | None, ep_group: ProcessGroup | None,
                 grads: bool = False) -> dict[str, torch.Tensor]:
     """Every parameter (or its gradient, zeros where none) gathered to full shape, by name. Collective
     over tp and ep: for checks and for layout-independent checkpoints."""
-    from parallel.tensor import _all_gather
-
     marks = shard_marks(model)
     out = {}
     for name, p in model.named_parameters():
         t = (p.grad if p.grad is not None else torch.zeros_like(p)) if grads else p
-        t, info = t.detach(), marks.get(name, {})
-        if info.get("tp_dim") is not None:
-            t = _all_gather(t, info["tp_dim"], tp_group)
-        if info.get("ep_offset") is not None and _size(ep_group) > 1:
-            t = _all_gather(t, 0, ep_group)
-        out[name] = t
+        out[name] = to_full(t.detach(), marks.get(name, {}), tp_group, ep_group)
     return out

@@ -25,16 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from cluster import group_rank, group_size
+from ops import IGNORE_INDEX
+
 # ---------------------------------------------------------------------------------------------------
 # raw collectives (no autograd)
-
-
-def _size(group: ProcessGroup | None) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _rank(group: ProcessGroup | None) -> int:
-    return 0 if group is None else dist.get_rank(group)
 
 
 def divide(n: int, parts: int, what: str = "dimension") -> int:
@@ -46,21 +41,22 @@ def divide(n: int, parts: int, what: str = "dimension") -> int:
 
 def shard(tensor: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
     """This rank's contiguous slice of `tensor` along `dim` (for loading full weights into TP layers)."""
-    size = _size(group)
+    size = group_size(group)
     chunk = divide(tensor.shape[dim], size, f"dim {dim} of a tensor of shape {tuple(tensor.shape)}")
-    return tensor.narrow(dim, _rank(group) * chunk, chunk).contiguous()
+    return tensor.narrow(dim, group_rank(group) * chunk, chunk).contiguous()
 
 
 def _all_reduce(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    if _size(group) == 1:
+    if group_size(group) == 1:
         return x
     x = x.contiguous().clone()
     dist.all_reduce(x, group=group)
     return x
 
 
-def _all_gather(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
-    size = _size(group)
+def all_gather_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+    """The chunks of `dim` from every rank of `group`, concatenated in rank order (no autograd)."""
+    size = group_size(group)
     if size == 1:
         return x
     x = x.movedim(dim, 0).contiguous()
@@ -71,7 +67,7 @@ def _all_gather(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
-    size = _size(group)
+    size = group_size(group)
     if size == 1:
         return x
     x = x.movedim(dim, 0).contiguous()
@@ -83,7 +79,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> to
 
 
 def _split(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
-    if _size(group) == 1:
+    if group_size(group) == 1:
         return x
     return shard(x, dim, group)
 
@@ -121,7 +117,7 @@ class _ScatterToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _all_gather(g, ctx.dim, ctx.group), None, None
+        return all_gather_dim(g, ctx.dim, ctx.group), None, None
 
 
 class _ScatterRowsToTP(torch.autograd.Function):
@@ -134,14 +130,14 @@ class _ScatterRowsToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, *(_all_gather(g, 0, ctx.group) for g in grads))
+        return (None, *(all_gather_dim(g, 0, ctx.group) for g in grads))
 
 
 class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group)
+        return all_gather_dim(x, dim, group)
 
     @staticmethod
     def backward(ctx, g):
@@ -155,7 +151,7 @@ class _GatherFromSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group)
+        return all_gather_dim(x, dim, group)
 
     @staticmethod
     def backward(ctx, g):
@@ -170,50 +166,50 @@ class _ReduceScatterToSP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _all_gather(g, ctx.dim, ctx.group), None, None
+        return all_gather_dim(g, ctx.dim, ctx.group), None, None
 
 
 def copy_to_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Identity forward, all-reduce backward: the input of a column-parallel region."""
-    return _CopyToTP.apply(x, group) if _size(group) > 1 else x
+    return _CopyToTP.apply(x, group) if group_size(group) > 1 else x
 
 
 def reduce_from_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """All-reduce forward, identity backward: the output of a row-parallel region."""
-    return _ReduceFromTP.apply(x, group) if _size(group) > 1 else x
+    return _ReduceFromTP.apply(x, group) if group_size(group) > 1 else x
 
 
 def scatter_to_tp(x: torch.Tensor, group: ProcessGroup | None, dim: int = -1) -> torch.Tensor:
     """Keep this rank's chunk of `dim` (default last); backward all-gathers."""
-    return _ScatterToTP.apply(x, dim, group) if _size(group) > 1 else x
+    return _ScatterToTP.apply(x, dim, group) if group_size(group) > 1 else x
 
 
 def scatter_rows_to_tp(xs: list[torch.Tensor], group: ProcessGroup | None) -> tuple[torch.Tensor, ...]:
     """This rank's dim-0 chunk of each tensor (e.g. tokens and their routing weights), as one autograd node
     whose backward all-gathers the gradients in a fixed order on every rank."""
-    if _size(group) == 1:
+    if group_size(group) == 1:
         return tuple(xs)
     return _ScatterRowsToTP.apply(group, *xs)
 
 
 def gather_from_tp(x: torch.Tensor, group: ProcessGroup | None, dim: int = -1) -> torch.Tensor:
     """All-gather the chunks of `dim` (default last); backward keeps this rank's chunk."""
-    return _GatherFromTP.apply(x, dim, group) if _size(group) > 1 else x
+    return _GatherFromTP.apply(x, dim, group) if group_size(group) > 1 else x
 
 
 def scatter_to_sp(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
     """Split a replicated activation along the sequence dim; backward all-gathers."""
-    return _ScatterToTP.apply(x, dim, group) if _size(group) > 1 else x
+    return _ScatterToTP.apply(x, dim, group) if group_size(group) > 1 else x
 
 
 def gather_from_sp(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
     """Sequence shards -> full sequence for a TP region; backward reduce-scatters the partial grads."""
-    return _GatherFromSP.apply(x, dim, group) if _size(group) > 1 else x
+    return _GatherFromSP.apply(x, dim, group) if group_size(group) > 1 else x
 
 
 def reduce_scatter_to_sp(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
     """Partial sums of a row-parallel region -> summed sequence shards; backward all-gathers."""
-    return _ReduceScatterToSP.apply(x, dim, group) if _size(group) > 1 else x
+    return _ReduceScatterToSP.apply(x, dim, group) if group_size(group) > 1 else x
 
 
 def all_reduce_sequence_parallel_grads(module: nn.Module, group: ProcessGroup | None) -> None:
@@ -223,7 +219,7 @@ def all_reduce_sequence_parallel_grads(module: nn.Module, group: ProcessGroup | 
     gradients are partial; layers here mark such parameters with `param.sequence_parallel = True`.
     Call after backward, before the optimizer (Megatron does the same in its grad finalisation).
     """
-    if _size(group) == 1:
+    if group_size(group) == 1:
         return
     for p in module.parameters():
         if getattr(p, "sequence_parallel", False) and p.grad is not None:
@@ -245,7 +241,7 @@ class ColumnParallelLinear(nn.Module):
                  gather_output: bool = False, sequence_parallel: bool = False, seq_dim: int = 1,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.group, self.tp = group, _size(group)
+        self.group, self.tp = group, group_size(group)
         self.in_features, self.out_features = in_features, out_features
         self.out_per_rank = divide(out_features, self.tp, "out_features")
         self.gather_output, self.sequence_parallel, self.seq_dim = gather_output, sequence_parallel, seq_dim
@@ -292,7 +288,7 @@ class RowParallelLinear(nn.Module):
                  input_is_parallel: bool = True, sequence_parallel: bool = False, seq_dim: int = 1,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.group, self.tp = group, _size(group)
+        self.group, self.tp = group, group_size(group)
         self.in_features, self.out_features = in_features, out_features
         self.in_per_rank = divide(in_features, self.tp, "in_features")
         self.input_is_parallel, self.sequence_parallel, self.seq_dim = (input_is_parallel,
@@ -341,10 +337,10 @@ class VocabParallelEmbedding(nn.Module):
                  sequence_parallel: bool = False, seq_dim: int = 1, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.group, self.tp = group, _size(group)
+        self.group, self.tp = group, group_size(group)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.per_rank = divide(num_embeddings, self.tp, "vocabulary size")
-        self.vocab_start = _rank(group) * self.per_rank
+        self.vocab_start = group_rank(group) * self.per_rank
         self.vocab_end = self.vocab_start + self.per_rank
         self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
         self.weight = nn.Parameter(torch.empty(self.per_rank, embedding_dim, dtype=dtype, device=device))
@@ -383,7 +379,7 @@ class _VocabParallelCE(torch.autograd.Function):
         logits = logits.float()
         local_max = logits.max(dim=-1).values
         gmax = local_max.clone()
-        if _size(group) > 1:
+        if group_size(group) > 1:
             dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
         shifted = logits - gmax.unsqueeze(-1)
         v_local = logits.shape[-1]
@@ -395,7 +391,7 @@ class _VocabParallelCE(torch.autograd.Function):
         exp = shifted.exp()
         sum_exp = exp.sum(dim=-1)
         both = torch.stack([picked, sum_exp])
-        if _size(group) > 1:
+        if group_size(group) > 1:
             dist.all_reduce(both, group=group)
         picked, sum_exp = both[0], both[1]
         loss = (sum_exp.log() - picked).masked_fill(ignored, 0.0)
@@ -414,7 +410,7 @@ class _VocabParallelCE(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None,
-                                 vocab_start: int | None = None, ignore_index: int = -100,
+                                 vocab_start: int | None = None, ignore_index: int = IGNORE_INDEX,
                                  reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy over logits whose last dim is this rank's vocabulary slice; never gathers them.
 
@@ -428,7 +424,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree")
     if vocab_start is None:
-        vocab_start = _rank(group) * logits.shape[-1]
+        vocab_start = group_rank(group) * logits.shape[-1]
     loss = _VocabParallelCE.apply(logits, target, vocab_start, ignore_index, group)
     if reduction == "none":
         return loss

@@ -58,9 +58,9 @@ def _unpack(frame: bytes, max_bytes: int) -> dict:
         reply = decode_frame(frame, max_bytes, what="reply")
     except ProtocolError as e:
         raise ReplyError(f"unreadable reply from the server: {e.message}") from None
-    rid = reply.get("id")
-    if rid is not None and not isinstance(rid, str):
-        raise ReplyError(f"reply id must be a string, got {type(rid).__name__}")
+    request_id = reply.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ReplyError(f"reply id must be a string, got {type(request_id).__name__}")
     return reply
 
 
@@ -69,8 +69,9 @@ def _timeout_message(what: str, timeout: float | None, max_reply_bytes: int) -> 
             "connection for good: use a new client)")
 
 
-def _generate_msg(rid: str, prompt: str | None, prompt_ids: list[int] | None, stream: bool, **params: Any) -> dict:
-    msg: dict[str, Any] = {"op": "generate", "id": rid, "stream": stream, **params}
+def _generate_msg(request_id: str, prompt: str | None, prompt_ids: list[int] | None, stream: bool,
+                  **params: Any) -> dict:
+    msg: dict[str, Any] = {"op": "generate", "id": request_id, "stream": stream, **params}
     if prompt is not None:
         msg["prompt"] = prompt
     if prompt_ids is not None:
@@ -115,26 +116,26 @@ class Client:
         except zmq.Again:
             raise TimeoutError(_timeout_message("could not send", self.timeout, self.max_reply_bytes)) from None
 
-    def recv(self, rid: str | None) -> dict:
-        """Next reply for `rid` (replies for other ids are kept for their own callers). A frame that is not a
-        readable reply raises `ReplyError` here, whichever request it was for."""
-        box = self._inbox.get(rid)
+    def recv(self, request_id: str | None) -> dict:
+        """Next reply for `request_id` (replies for other ids are kept for their own callers). A frame that is
+        not a readable reply raises `ReplyError` here, whichever request it was for."""
+        box = self._inbox.get(request_id)
         if box:
             return box.popleft()
         while True:
             if self.timeout is not None and not self.sock.poll(int(self.timeout * 1000)):
-                raise TimeoutError(_timeout_message(f"no reply for request {rid!r}", self.timeout,
+                raise TimeoutError(_timeout_message(f"no reply for request {request_id!r}", self.timeout,
                                                     self.max_reply_bytes))
             reply = _unpack(self.sock.recv(), self.max_reply_bytes)
             got = reply.get("id")
-            if got == rid:
+            if got == request_id:
                 return reply
             self._inbox[got].append(reply)
 
     def request(self, op: str, **fields: Any) -> dict:
-        rid = fields.pop("id", None) or self.new_id()
-        self.send({"op": op, "id": rid, **fields})
-        return _raise_if_error(self.recv(rid))
+        request_id = fields.pop("id", None) or self.new_id()
+        self.send({"op": op, "id": request_id, **fields})
+        return _raise_if_error(self.recv(request_id))
 
     def health(self) -> dict:
         return self.request("health")
@@ -146,30 +147,30 @@ class Client:
         return self.request("metrics")
 
     def submit(self, prompt: str | None = None, prompt_ids: list[int] | None = None, *, stream: bool = False,
-               rid: str | None = None, **params: Any) -> str:
+               request_id: str | None = None, **params: Any) -> str:
         """Send a generate request without waiting; returns its id (read replies with `recv(id)`)."""
-        rid = rid or self.new_id()
-        self.send(_generate_msg(rid, prompt, prompt_ids, stream, **params))
-        return rid
+        request_id = request_id or self.new_id()
+        self.send(_generate_msg(request_id, prompt, prompt_ids, stream, **params))
+        return request_id
 
     def generate(self, prompt: str | None = None, prompt_ids: list[int] | None = None, **params: Any) -> dict:
         """Generate and return the `done` map (ids, finish_reason, usage, logprobs if asked)."""
-        rid = self.submit(prompt, prompt_ids, stream=False, **params)
-        return _raise_if_error(self.recv(rid))
+        request_id = self.submit(prompt, prompt_ids, stream=False, **params)
+        return _raise_if_error(self.recv(request_id))
 
-    def stream(self, prompt: str | None = None, prompt_ids: list[int] | None = None, *, rid: str | None = None,
-               **params: Any) -> Iterator[dict]:
+    def stream(self, prompt: str | None = None, prompt_ids: list[int] | None = None, *,
+               request_id: str | None = None, **params: Any) -> Iterator[dict]:
         """Yield `token` maps as they arrive, then the `done` map."""
-        rid = self.submit(prompt, prompt_ids, stream=True, rid=rid, **params)
+        request_id = self.submit(prompt, prompt_ids, stream=True, request_id=request_id, **params)
         while True:
-            reply = _raise_if_error(self.recv(rid))
+            reply = _raise_if_error(self.recv(request_id))
             yield reply
             if reply.get("op") == "done":
                 return
 
-    def abort(self, rid: str) -> None:
-        """Ask the server to end request `rid`; its `done` (finish_reason "abort") goes to its reader."""
-        self.send({"op": "abort", "id": rid})
+    def abort(self, request_id: str) -> None:
+        """Ask the server to end request `request_id`; its `done` (finish_reason "abort") goes to its reader."""
+        self.send({"op": "abort", "id": request_id})
 
 
 class AsyncClient:
@@ -198,10 +199,10 @@ class AsyncClient:
             self._reader.cancel()
         self.sock.close(0)
 
-    def _queue(self, rid: str) -> asyncio.Queue:
+    def _queue(self, request_id: str) -> asyncio.Queue:
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read())
-        return self._queues.setdefault(rid, asyncio.Queue())
+        return self._queues.setdefault(request_id, asyncio.Queue())
 
     async def _read(self) -> None:
         while True:
@@ -216,11 +217,11 @@ class AsyncClient:
             if q is not None:
                 q.put_nowait(reply)
 
-    async def _next(self, rid: str, q: asyncio.Queue) -> dict:
+    async def _next(self, request_id: str, q: asyncio.Queue) -> dict:
         try:
             item = await asyncio.wait_for(q.get(), self.timeout)
         except TimeoutError:
-            raise TimeoutError(_timeout_message(f"no reply for request {rid!r}", self.timeout,
+            raise TimeoutError(_timeout_message(f"no reply for request {request_id!r}", self.timeout,
                                                 self.max_reply_bytes)) from None
         if isinstance(item, ReplyError):
             raise item
@@ -244,8 +245,8 @@ class AsyncClient:
         return f"{self._prefix}{next(self._ids)}"
 
     async def request(self, op: str, **fields: Any) -> dict:
-        rid = fields.pop("id", None) or self.new_id()
-        return await self._call({"op": op, "id": rid, **fields})
+        request_id = fields.pop("id", None) or self.new_id()
+        return await self._call({"op": op, "id": request_id, **fields})
 
     async def health(self) -> dict:
         return await self.request("health")
@@ -261,18 +262,18 @@ class AsyncClient:
         return await self._call(_generate_msg(self.new_id(), prompt, prompt_ids, False, **params))
 
     async def stream(self, prompt: str | None = None, prompt_ids: list[int] | None = None, *,
-                     rid: str | None = None, **params: Any) -> AsyncIterator[dict]:
-        rid = rid or self.new_id()
-        q = self._queue(rid)
+                     request_id: str | None = None, **params: Any) -> AsyncIterator[dict]:
+        request_id = request_id or self.new_id()
+        q = self._queue(request_id)
         try:
-            await self._send(_generate_msg(rid, prompt, prompt_ids, True, **params))
+            await self._send(_generate_msg(request_id, prompt, prompt_ids, True, **params))
             while True:
-                reply = await self._next(rid, q)
+                reply = await self._next(request_id, q)
                 yield reply
                 if reply.get("op") == "done":
                     return
         finally:
-            self._queues.pop(rid, None)
+            self._queues.pop(request_id, None)
 
-    async def abort(self, rid: str) -> None:
-        await self._send({"op": "abort", "id": rid})
+    async def abort(self, request_id: str) -> None:
+        await self._send({"op": "abort", "id": request_id})

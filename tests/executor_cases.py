@@ -84,10 +84,12 @@ def _groups(rank: int, world: int, pp: int, ep: int) -> dict:
 
 
 def run_case(rank: int, world: int, kind: str, pp: int, ep: int, chunks: int, base) -> str:
+    from parallel.expert import Dispatcher
     from parallel.pipeline import build, forward_only
     from parallel.pipeline.executor import PipelineExecutor
     from parallel.pipeline.stages import build_stages
-    from parallel.shard import all_reduce_data_parallel_grads, gather_full, parallelize
+    from parallel.shard import all_reduce_data_parallel_grads, gather_full
+    from runtime.model.loading import shard_model
 
     groups = _groups(rank, world, pp, ep)
     pp_group, pp_ranks = groups["pp"]
@@ -98,7 +100,7 @@ def run_case(rank: int, world: int, kind: str, pp: int, ep: int, chunks: int, ba
     mbs = microbatches(model.config.vocab_size, chunks)
     ref_losses = reference(ref, mbs)
     if ep > 1:
-        parallelize(model, None, groups["ep"][0])
+        model = shard_model(model, Dispatcher(model.config.n_routed_experts, groups["ep"][0]))
     stages = build_stages(model, sched, pp_rank)
     ex = PipelineExecutor(stages, sched, pp_group=pp_group, pp_ranks=pp_ranks, pp_rank=pp_rank)
     loss = ex.run_step(mbs)

@@ -1,4 +1,4 @@
-"""Run under mpirun by tests/test_scheduler_mpi.py: `moerun serve --train`'s body (serve_with_training) on
+"""Run under mpirun by tests/test_scheduler_mpi.py: `moerun serve --train`'s body (runtime.serve.app.serve) on
 the launcher's ranks; a client thread on rank 0 waits for the config's training job (train.steps), then
 generates, sends a `train` op, generates again over ZeroMQ, prints one RESULT line, and stops the server
 (which stops the other ranks). Usage: scheduler_mpi_job.py OUT_DIR {ce|grpo} [--set style overrides]."""
@@ -12,7 +12,7 @@ import threading
 import cluster
 from runtime.client import Client
 from runtime.jobconfig import load_config
-from runtime.sched.cotrain_server import serve_with_training
+from runtime.serve.app import serve
 
 PROMPT = [7, 1, 8, 2, 8, 1, 8]
 
@@ -52,12 +52,12 @@ def main() -> int:
                 print("RESULT " + json.dumps({"g0": g0, "trained": t, "g1": g1, "metrics": {
                     k: v for k, v in m.items() if k.startswith(("train_", "scheduler_", "weight_"))}}), flush=True)
             finally:
-                server._stop.set()
+                server.request_stop()
 
         threading.Thread(target=client, daemon=True).start()
 
     with mesh:
-        serve_with_training(cfg, mesh, bind="tcp://127.0.0.1:*", ready=ready)
+        serve(cfg, mesh, train=True, bind="tcp://127.0.0.1:*", ready=ready)
     return 0
 
 

@@ -11,7 +11,7 @@ from executor_cases import microbatches, reference, tiny_model
 
 from parallel.pipeline import ScheduleError, build
 from parallel.pipeline.executor import PipelineExecutor
-from parallel.pipeline.stages import PipelineStage, build_stages, layer_split
+from parallel.pipeline.stages import build_stages, layer_split
 
 
 def test_layer_split_is_balanced_and_contiguous() -> None:
@@ -50,7 +50,7 @@ def test_chained_stages_equal_the_model() -> None:
     split = layer_split(len(model.model.layers), 3)
     x = ids
     for s in range(3):
-        x = PipelineStage(model, s, 3, split[s])(x)
+        x = model.pipeline_stage(s, 3, split[s])(x)
     torch.testing.assert_close(x.float(), model.logits(ids), atol=1e-6, rtol=1e-6)
 
 

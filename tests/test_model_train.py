@@ -71,11 +71,11 @@ def test_phases_compose_to_forward(tiny):
     cos, sin = tiny.rotary(torch.arange(6), h.dtype)
     h1, x = layer.attention_phase(h, cos, sin)
     w, idx = layer.gate_phase(x)
-    recv, handle = layer.dispatch_phase(x, w, idx)
+    recv, handle = layer.dispatcher.dispatch(x.reshape(-1, x.shape[-1]), idx, w)
     assert recv.shape[0] == 12 * tiny.config.num_experts_per_tok
     assert torch.all(handle.tokens_per_expert >= 0) and int(handle.tokens_per_expert.sum()) == recv.shape[0]
-    y = layer.expert_phase(recv, handle)
-    out = layer.finish_phase(h1, x, layer.combine_phase(y, handle))
+    y = layer.expert_phase(recv, handle.tokens_per_expert, handle.recv_weights)
+    out = layer.finish_phase(h1, layer.dispatcher.combine(y, handle), layer.shared_phase(x))
     assert torch.allclose(out, layer(h, cos, sin), atol=1e-6)
 
 
@@ -86,7 +86,7 @@ def test_grouped_experts_match_per_token_reference(tiny):
     x = torch.randn(10, tiny.config.hidden_size)
     w, idx = moe.gate(x[None])
     recv, handle = moe.dispatcher.dispatch(x, idx, w)
-    got = moe.dispatcher.combine(moe.experts(recv, handle), handle)
+    got = moe.dispatcher.combine(moe.experts(recv, handle.tokens_per_expert, handle.recv_weights), handle)
     ex = moe.experts
     ref = torch.zeros_like(x)
     for n in range(10):

@@ -91,9 +91,10 @@ def _pair_worker(rank: int, world: int) -> None:
     import torch.distributed as dist
     from executor_cases import microbatches, reference, tiny_model
 
+    from parallel.expert import Dispatcher
     from parallel.pipeline.overlap import run, run_pair, stage_backward, stage_forward
-    from parallel.pipeline.stages import PipelineStage
-    from parallel.shard import all_reduce_data_parallel_grads, gather_full, parallelize
+    from parallel.shard import all_reduce_data_parallel_grads, gather_full
+    from runtime.model.loading import shard_model
 
     group = dist.group.WORLD
     mbs = microbatches(96, 2, batch=2, seq=6)
@@ -102,12 +103,13 @@ def _pair_worker(rank: int, world: int) -> None:
     ref_losses = reference(ref, mbs)
     results = {}
     for mode in ("sequential", "overlapped"):
-        model = parallelize(tiny_model(), None, group)
-        stage = PipelineStage(model, 0, 1, range(len(model.model.layers)))
         link = EmulatedLink(latency_us=300.0)
+        base = tiny_model()
+        model = shard_model(base, Dispatcher(base.config.n_routed_experts, group, link=link))
+        stage = model.pipeline_stage(0, 1, range(len(model.model.layers)))
 
-        def fwd(m: int, stage=stage, link=link):
-            return stage_forward(stage, mbs[m][0], mbs[m][1], total, 0.5, link)
+        def fwd(m: int, stage=stage):
+            return stage_forward(stage, mbs[m][0], mbs[m][1], total, 0.5)
 
         out0, tape0 = run(fwd(0))
         if mode == "sequential":

@@ -105,10 +105,11 @@ def _devices_worker(rank: int, world: int) -> None:
     import torch.distributed as dist
     from executor_cases import microbatches, tiny_model
 
+    from parallel.expert import Dispatcher
     from parallel.pipeline import build, forward_only
     from parallel.pipeline.executor import PipelineExecutor
     from parallel.pipeline.stages import build_stages
-    from parallel.shard import parallelize
+    from runtime.model.loading import shard_model
 
     group, ranks = dist.group.WORLD, list(range(world))
     mode = FactoryDevices()
@@ -124,14 +125,15 @@ def _devices_worker(rank: int, world: int) -> None:
         ex.run_step(mbs)
         fwd.run_forward([ids for ids, _ in mbs])
     # pp=1 x ep=2: dispatch / combine nodes, their backward all-to-alls, split into I and W
-    model = parallelize(tiny_model(), None, group)
+    base = tiny_model()
+    model = shard_model(base, Dispatcher(base.config.n_routed_experts, group))
     one = build("zb1p", 1, 2)
     ex = PipelineExecutor(build_stages(model, one, 0), one, pp_group=None, pp_ranks=[0], pp_rank=0,
                           backend="gloo")
     with mode:
         ex.run_step(mbs[:2])
     assert not mode.missing, f"rank {rank}: tensors created without a device: {sorted(set(mode.missing))}"
-    for name in ("executor.py", "overlap.py"):
+    for name in ("executor.py", "expert.py"):
         assert any(name in p for p in mode.placed), (rank, name, sorted(set(mode.placed)))
 
 

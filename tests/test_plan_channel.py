@@ -1,39 +1,49 @@
-"""Multi-rank serving's PlanChannel holds every broadcast message to MAX_PLAN_BYTES at both ends."""
+"""A serving step's plan crosses the control group in one encoding, bounded at both ends by MAX_PLAN_INTS."""
 
 from __future__ import annotations
 
 import pytest
 from dist_spawn import run_spawn
 
-from runtime.serve.distributed import MAX_PLAN_BYTES, PlanChannel
+from runtime.serve.step import MAX_PLAN_INTS, StepPlan
 
 
-def test_send_refuses_an_oversize_message_before_broadcasting():
-    # group=None: had send reached a broadcast it would fail on the missing process group instead
-    with pytest.raises(ValueError, match=rf"of \d+ bytes exceeds the limit of {MAX_PLAN_BYTES} bytes"):
-        PlanChannel(None).send({"t": b"\0" * MAX_PLAN_BYTES})
+def test_broadcast_refuses_an_oversize_plan_before_sending(monkeypatch):
+    import runtime.serve.step as step
+
+    monkeypatch.setattr(step, "MAX_PLAN_INTS", 20)
+    plan = StepPlan()
+    plan.add(list(range(12)), 0, [0, 1], 8, True)
+    sent = []
+    with pytest.raises(ValueError, match=r"step plan of \d+ integers exceeds MAX_PLAN_INTS = 20"):
+        plan.broadcast(sent.append)
+    assert sent == []  # nothing went out: the ranks stay in step
 
 
 def _bad_lengths(rank: int, world: int) -> None:
     import torch
     import torch.distributed as dist
 
-    ch = PlanChannel(dist.group.WORLD)
-    plan = {"t": "plan", "plan": {"ids": [1, 2, 3]}}
-    for bad in (MAX_PLAN_BYTES + 1, -1, 2**62):
+    def bcast(t):
+        dist.broadcast(t, 0)
+        return t
+
+    plan = StepPlan()
+    plan.add([5, 6, 7], 0, [3, 9], 2, True)
+    for bad in (MAX_PLAN_INTS + 1, 1, -1, 2**62):
         if rank == 0:
-            ch.send(plan)
-            dist.broadcast(torch.tensor([bad], dtype=torch.int64), 0)  # a corrupt length, no payload
+            plan.broadcast(bcast)
+            bcast(torch.tensor([bad], dtype=torch.int64))  # a corrupt length, no payload
         else:
-            assert ch.recv() == plan
-            with pytest.raises(ValueError, match=rf"length {bad} bytes is outside \[0, {MAX_PLAN_BYTES}\]"):
-                ch.recv()
-    if rank == 0:  # the refused lengths left both ranks in step: the channel still works
-        ch.send({"t": "stop"})
+            assert StepPlan.receive(bcast) == plan
+            with pytest.raises(ValueError, match=rf"length {bad} is outside \[2, {MAX_PLAN_INTS}\]"):
+                StepPlan.receive(bcast)
+    if rank == 0:  # the refused lengths left both ranks in step: nothing-to-run still gets through
+        StepPlan.broadcast_none(bcast)
     else:
-        assert ch.recv() == {"t": "stop"}
+        assert StepPlan.receive(bcast) is None
 
 
 @pytest.mark.timeout(120)
-def test_recv_refuses_a_length_outside_the_bound():
+def test_receive_refuses_a_length_outside_the_bound():
     run_spawn(_bad_lengths, 2)

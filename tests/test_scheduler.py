@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.sched.scheduler import Kind, Policy, Scheduler, SchedulerConfig, decode_step_plan, encode_step_plan
+from runtime.sched.scheduler import Kind, Policy, Scheduler, SchedulerConfig
 
 
 class FakeMetrics:
@@ -174,9 +174,9 @@ def test_step_plan_round_trips_through_the_flat_encoding():
     plan.add([5, 6, 7], 0, [3, 9], 2, True)
     plan.add([11], 4, [1, 2, 8], 2, True)
     plan.add([1, 2], 2, [4, 0], 2, False)
-    back = decode_step_plan(encode_step_plan(plan))
-    assert back.to_dict() == plan.to_dict()
-    empty = decode_step_plan(encode_step_plan(StepPlan()))
+    back = StepPlan.decode(plan.encode())
+    assert back == plan
+    empty = StepPlan.decode(StepPlan().encode())
     assert len(empty) == 0 and empty.ids == []
 
 
@@ -246,7 +246,7 @@ def test_pipelined_training_refuses_what_it_cannot_run():
             self.kind, self.num_stages = kind, stages
 
     class T:
-        pp, model, executor, step = 2, None, object(), 0
+        pp, model, pipelined, step = 2, None, True, 0
 
         def __init__(self, kind: str, stages: int) -> None:
             self.schedule = Sched(kind, stages)

@@ -29,7 +29,7 @@ class _Mesh:
 
         self.layout = Layout(world=world, tp=tp, ep=ep)
         self.rank, self.world_size, self.device = rank, world, torch.device("cpu")
-        self._groups = {"world": dist.group.WORLD}
+        self._groups = {"world": dist.group.WORLD, "control": dist.group.WORLD}  # gloo: the same group
         for dim in ("tp", "pp", "dp", "ep", "edp"):
             for members in self.layout.groups(dim):
                 g = dist.new_group(members)
@@ -44,6 +44,9 @@ class _Mesh:
 
     def coord(self, dim: str) -> int:
         return self.layout.coords(self.rank)[dim]
+
+    def ranks(self, dim: str) -> list[int]:
+        return self.layout.group_of(dim, self.rank)
 
 
 PROMPT = [7, 1, 8, 2, 8, 1, 8]
@@ -80,7 +83,6 @@ def _serve(sched, rid: str) -> list[int]:
 
 
 def _case(rank: int, world: int, out_dir: str) -> None:
-    import torch.distributed as dist
 
     from runtime.sched.scheduler import Scheduler, SchedulerConfig
     from runtime.sched.weights import WeightVersions, param_bytes
@@ -100,7 +102,7 @@ def _case(rank: int, world: int, out_dir: str) -> None:
                     kv_cache_tokens=256)
     work = TrainWork(trainer, reference=True)  # the KL term's reference rides along (broadcast kl_coef)
     sched = Scheduler(engine, work, SchedulerConfig("serve_first"), WeightVersions(engine),
-                      group=dist.group.WORLD, src=0, rank=rank)
+                      group=mesh.group("control"), src=0, rank=rank)
     served = []
     if rank == 0:
         served.append(_serve(sched, "a"))

@@ -1,4 +1,4 @@
-"""Mixed serving + training over ZeroMQ under real mpirun (serve_with_training, the body of
+"""Mixed serving + training over ZeroMQ under real mpirun (runtime.serve.app.serve with train=True, the body of
 `moerun serve --train`): a job step, generate, a `train` op, generate again; the greedy outputs equal a
 single-process copy given the same update, and every token says which weight version made it.
 Layout: ep=2 x pp=2 on 4 ranks (ep=2 alone with GRPO: tests/test_scheduler_dist.py). Under pp the

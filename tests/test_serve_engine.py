@@ -8,7 +8,7 @@ import torch
 import runtime
 from runtime.serve import Engine, EngineError, PagedLatentCache, SamplingParams
 from runtime.serve.cache import PageAllocator, page_hashes
-from runtime.serve.sampling import sample
+from runtime.serve.step import sample
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def _run(model, prompts, params=None, check=True, **kw):
         if not eng.has_work():
             break
         for o in eng.step():
-            out[o.rid] += o.ids
+            out[o.key] += o.ids
         if check:
             eng.check_invariants()
     assert not eng.has_work()
@@ -149,7 +149,7 @@ def test_stop_ids_max_tokens_abort_priority(tiny):
     eng.add_request("high", p, SamplingParams(max_tokens=3, ignore_eos=True), priority=5)
     finished = []
     while eng.has_work():
-        finished += [(o.rid, o.finish_reason) for o in eng.step() if o.finished]
+        finished += [(o.key, o.finish_reason) for o in eng.step() if o.finished]
     # max_batch=1: high priority first, then arrival order, then low priority
     assert [r for r, _ in finished] == ["high", "stop", "low"]
     assert dict(finished)["stop"] == "stop" and dict(finished)["low"] == "length"

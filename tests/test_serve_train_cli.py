@@ -24,7 +24,7 @@ def test_serve_train_cli(tmp_path):
         env=base_env(), cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = proc.stdout.readline()
-        m = re.search(r"listening on (\S+),", line)
+        m = re.search(r"listening on (\S+) pid=\d+ .* training: policy serve_first, 2 job steps", line)
         assert m, line + proc.stderr.read()
         client = Client(m.group(1))
         deadline = time.monotonic() + 120

@@ -14,6 +14,7 @@ from hf_models import make_hf_model
 
 import runtime
 from runtime.client import Client, ServerError
+from runtime.sched.scheduler import Scheduler
 from runtime.serve import Engine
 from runtime.serve.server import Server
 
@@ -29,7 +30,7 @@ def hf_pair(tmp_path_factory):
 def _server(model, **kw) -> Server:
     opts = dict(max_batch=16, max_model_len=256, max_prefill_tokens=24, page_size=8, kv_cache_tokens=2048)
     opts.update({k: kw.pop(k) for k in list(kw) if k in opts})
-    return Server(Engine(model, **opts), bind="tcp://127.0.0.1:*", **kw).start()
+    return Server(Scheduler(Engine(model, **opts)), bind="tcp://127.0.0.1:*", **kw).start()
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_abort_mid_stream_returns_pages(hf_pair, server):
         base = c.metrics()["metrics"]["kv_pages_used"]
         rid = c.new_id()
         got = []
-        for msg in c.stream(prompt_ids=list(range(30)), max_tokens=200, ignore_eos=True, rid=rid):
+        for msg in c.stream(prompt_ids=list(range(30)), max_tokens=200, ignore_eos=True, request_id=rid):
             if msg["op"] == "token":
                 got.extend(msg["ids"])
                 if len(got) == 3:
@@ -267,7 +268,7 @@ def test_async_client_stream_generate_abort(hf_pair, server):
             h = await c.health()
             rid = c.new_id()
             got = []
-            async for m in c.stream(prompt_ids=[7], max_tokens=200, ignore_eos=True, rid=rid):
+            async for m in c.stream(prompt_ids=[7], max_tokens=200, ignore_eos=True, request_id=rid):
                 got.append(m)
                 if len(got) == 2:
                     await c.abort(rid)

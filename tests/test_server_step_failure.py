@@ -1,5 +1,5 @@
-"""A failed engine (or scheduler) step: every request in flight and every waiting health check gets an
-`internal` error naming the failure, and the server goes on serving (Server and CoServer alike)."""
+"""A failed step, in the engine or in the scheduler around it: every request in flight and every waiting
+health check gets an `internal` error naming the failure, and a one-rank server goes on serving."""
 
 from __future__ import annotations
 
@@ -10,18 +10,16 @@ from runtime.client import Client
 
 def _server(kind: str):
     from runtime.model.loading import load_model
-    from runtime.sched.cotrain_server import CoServer
     from runtime.sched.scheduler import Kind, Scheduler
     from runtime.serve import Engine
     from runtime.serve.server import Server
 
     eng = Engine(load_model("builtin:tiny", mtp=False), max_batch=4, max_model_len=64, page_size=8,
                  kv_cache_tokens=256)
-    if kind == "server":  # `owner.step` is what the server's loop calls; `idle` is a step that did nothing
-        srv, owner, idle = Server(eng, bind="tcp://127.0.0.1:*"), eng, []
-    else:
-        sched = Scheduler(eng)
-        srv, owner, idle = CoServer(sched, bind="tcp://127.0.0.1:*"), sched, (Kind.SERVE, [])
+    sched = Scheduler(eng)
+    srv = Server(sched, bind="tcp://127.0.0.1:*")
+    # `owner.step` fails once; `idle` is what a step that did nothing returns
+    owner, idle = (eng, []) if kind == "engine" else (sched, (Kind.SERVE, []))
     real = owner.step
 
     def failing_step():
@@ -36,8 +34,8 @@ def _server(kind: str):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind,what", [("server", "engine"), ("coserver", "scheduler")])
-def test_failed_step_fails_everything_in_flight_then_serves(kind, what):
+@pytest.mark.parametrize("kind", ["engine", "scheduler"])
+def test_failed_step_fails_everything_in_flight_then_serves(kind):
     srv, eng = _server(kind)
     try:
         with Client(srv.endpoint, timeout=60) as c:
@@ -47,7 +45,7 @@ def test_failed_step_fails_everything_in_flight_then_serves(kind, what):
             replies = [c.recv(r) for r in [*rids, hid]]
             for rid, reply in zip([*rids, hid], replies):
                 assert reply == {"op": "error", "id": rid, "code": "internal",
-                                 "message": f"{what} step failed: RuntimeError: boom"}
+                                 "message": "step failed: RuntimeError: boom"}
             assert not eng.requests and not srv.active and not srv._health_waiters
             done = c.generate(prompt_ids=[1, 2, 3], max_tokens=4)
             assert done["op"] == "done" and len(done["ids"]) == 4

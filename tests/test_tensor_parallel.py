@@ -21,9 +21,9 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 
 def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    from parallel.tensor import _all_gather
+    from parallel.tensor import all_gather_dim
 
-    return _all_gather(x.detach(), dim, group)
+    return all_gather_dim(x.detach(), dim, group)
 
 
 def _check_linears(rank: int, tp: int, group) -> None:

@@ -1,7 +1,7 @@
 """The whole model under TP/EP layouts against the single-process model, on a tiny HF-made DeepseekV3.
 
-Each rank loads the full model (reference) and a sharded one (built on meta, `parallelize`d, then filled by
-the checkpoint loader reading only this rank's slices and experts). Logits and, after backward of the
+Each rank loads the full model (reference) and a sharded one (built on meta with its dispatcher and TP plan,
+then filled by the checkpoint loader reading only this rank's slices and experts). Logits and, after backward of the
 mean cross-entropy, every parameter's gradient gathered to full shape must match within 1e-5 (fp32).
 Layouts, all on 4 ranks under real mpirun: tp=2 x ep=2 (the Mesh's own groups), tp=2, ep=2 and ep=4;
 builtin:tiny with its MTP module on 2 spawned ranks (tp=2, ep=2). All ranks get the same tokens, so
@@ -33,13 +33,15 @@ def _groups(rank: int, world: int, tp: int, ep: int):
 
 
 def _sharded_model(path: str, tp_group, ep_group):
-    from parallel.shard import parallelize, sharded_select
+    from parallel.expert import Dispatcher
+    from parallel.shard import sharded_select
     from runtime.model.config import ModelConfig
     from runtime.model.hf_checkpoint import load_checkpoint
     from runtime.model.loading import build_model
 
-    model = build_model(ModelConfig.from_file(path), torch.float32, "cpu", materialize=False)
-    parallelize(model, tp_group, ep_group)
+    cfg = ModelConfig.from_file(path)
+    model = build_model(cfg, torch.float32, "cpu", materialize=False,
+                        dispatcher=Dispatcher(cfg.n_routed_experts, ep_group, tp_group), tp_group=tp_group)
     model = model.to_empty(device="cpu")
     with torch.no_grad():
         for m in model.modules():  # the loader fills everything it knows; nothing else stays garbage
@@ -109,16 +111,15 @@ def check_layout(rank: int, path: str, tp: int, ep: int, tp_group, ep_group, dp_
 def check_builtin_with_mtp(rank: int, tp: int, ep: int, tp_group, ep_group, dp_group, edp_group) -> None:
     """builtin:tiny (with an MTP module) parallelized from the materialized full model (the slicing path):
     loss incl. the MTP term and all gradients match."""
-    import copy
-
     from hf_models import random_ids
 
-    from parallel.shard import all_reduce_data_parallel_grads, all_reduce_partial_grads, gather_full, parallelize
-    from runtime.model.loading import load_model
+    from parallel.expert import Dispatcher
+    from parallel.shard import all_reduce_data_parallel_grads, all_reduce_partial_grads, gather_full
+    from runtime.model.loading import load_model, shard_model
 
     ref = load_model("builtin:tiny")
     assert len(ref.mtp) == 1
-    model = parallelize(copy.deepcopy(ref), tp_group, ep_group)
+    model = shard_model(ref, Dispatcher(ref.config.n_routed_experts, ep_group, tp_group), tp_group)
     ids = random_ids(2, 6, ref.config.vocab_size, seed=5)
     labels = ids.roll(-1, 1)
     labels[:, -1] = -100

@@ -143,7 +143,7 @@ def test_config_errors_name_the_key(tmp_path):
     cfg = tiny_config(tmp_path, global_batch=6)
     cfg["parallel"]["microbatches"] = 4
     trainer = Trainer(cfg)  # without a pipeline, micro-batches adapt to what divides (6 -> 3 of 2)
-    assert len(trainer._split(6)) == 3
+    assert len(trainer.microbatch_slices(6)) == 3
 
 
 def test_max_nodes_per_token_reaches_the_model(tmp_path, monkeypatch):

@@ -93,9 +93,9 @@ def test_torch_twin_matches_model_decode_step():
     cos, sin = model.rotary(torch.arange(6), x.dtype)
     with torch.no_grad():
         cache = model.new_cache(2, 8)
-        attn(x[:, :5], cos[:5], sin[:5], cache, 0, absorbed=True)
+        attn(x[:, :5], cos[:5], sin[:5], cache.attention(absorbed=True), 0)
         cache.advance(5)
-        ref = attn(x[:, 5:], cos[5:], sin[5:], cache, 0, absorbed=True)  # [2, 1, D]
+        ref = attn(x[:, 5:], cos[5:], sin[5:], cache.attention(absorbed=True), 0)  # [2, 1, D]
         q_nope, q_pe, lat_all, kpe_all = attn.project(x, cos, sin)
         ps = 4
         kv = new_kv_pages(6, ps, attn.kv_lora_rank, attn.qk_rope_head_dim)

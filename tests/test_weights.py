@@ -31,9 +31,9 @@ def _stack(tmp_path, job_steps: int = 0, policy: str = "serve_first", pin: bool 
 
 
 def _server(sched):
-    from runtime.sched.cotrain_server import CoServer
+    from runtime.serve.server import Server
 
-    return CoServer(sched, bind="tcp://127.0.0.1:*").start()
+    return Server(sched, bind="tcp://127.0.0.1:*").start()
 
 
 def _rollout_op(vocab: int) -> dict:
@@ -137,13 +137,13 @@ def test_train_op_errors_follow_the_protocol(tmp_path):
 @pytest.mark.timeout(120)
 def test_server_without_training_rejects_train_ops(tmp_path):
     from runtime.model.loading import load_model
-    from runtime.sched.cotrain_server import CoServer
     from runtime.sched.scheduler import Scheduler
     from runtime.serve import Engine
+    from runtime.serve.server import Server
 
     eng = Engine(load_model("builtin:tiny", mtp=False), max_batch=2, max_model_len=64, page_size=8,
                  kv_cache_tokens=128)
-    srv = CoServer(Scheduler(eng), bind="tcp://127.0.0.1:*").start()
+    srv = Server(Scheduler(eng), bind="tcp://127.0.0.1:*").start()
     try:
         with Client(srv.endpoint, timeout=60) as c:
             with pytest.raises(ServerError, match="--train"):

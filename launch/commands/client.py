@@ -103,7 +103,7 @@ def _run(c, args: argparse.Namespace) -> int:
             print(done.get("text", done["ids"]), flush=True)
             print(f"[{done['finish_reason']}; {done['usage']}]", file=sys.stderr)
         return 0
-    for msg in c.stream(args.prompt, args.prompt_ids, rid=args.id, **params):
+    for msg in c.stream(args.prompt, args.prompt_ids, request_id=args.id, **params):
         if args.json:
             _out(args, msg)
         elif msg["op"] == "token":

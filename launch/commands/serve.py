@@ -34,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bind", help="ZeroMQ address to bind, e.g. tcp://127.0.0.1:5555; overrides serve.bind")
     parser.add_argument("--max-frame-bytes", type=int, default=1 << 20,
                         help="largest request frame answered normally (bigger ones get bad_request)")
-    from runtime.sched.cotrain_server import add_train_flag  # torch-free import
-
-    add_train_flag(parser)
+    parser.add_argument("--train", action="store_true",
+                        help="also train: run the [train]/[data] job and accept `train` ops, sharing the "
+                             "served weights, interleaved by the [scheduler] policy")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,46 +47,18 @@ def run(args: argparse.Namespace) -> int:
         config["serve"]["bind"] = args.bind
     from cluster.env import RankInfo
 
-    if args.train:
-        return serve_and_train(config, args.max_frame_bytes, RankInfo.from_env().world_size > 1)
+    def body(mesh) -> int:
+        import zmq
+
+        from runtime.serve.app import serve
+
+        try:
+            return serve(config, mesh, train=args.train, max_frame_bytes=args.max_frame_bytes)
+        except (FileNotFoundError, zmq.ZMQError) as exc:
+            raise SystemExit(f"moerun serve: {exc}") from None
+
     if RankInfo.from_env().world_size > 1:
         from launch.job import run_on_mesh
-        from runtime.serve.distributed import serve_on_mesh
 
-        return run_on_mesh(config, lambda mesh: serve_on_mesh(config, mesh, args.max_frame_bytes))
-    return serve_single(config, args.max_frame_bytes)
-
-
-def serve_and_train(config: dict, max_frame_bytes: int, distributed: bool) -> int:
-    """`--train`: one copy of the weights, served and trained, interleaved by the [scheduler] policy."""
-    from launch.job import run_on_mesh
-    from runtime.sched.cotrain_server import serve_with_training
-    from runtime.serve.setup import load_tokenizer_or_none, version
-
-    def body(mesh):
-        return serve_with_training(config, mesh, max_frame_bytes=max_frame_bytes,
-                                   tokenizer=load_tokenizer_or_none(config["model"]["path"]),
-                                   info={"version": version()})
-
-    return run_on_mesh(config, body) if distributed else body(None)
-
-
-def serve_single(config: dict, max_frame_bytes: int) -> int:
-    import signal
-
-    import zmq
-
-    import runtime
-    from runtime.serve.setup import announce, make_server
-
-    try:
-        model = runtime.load_model(config["model"]["path"], dtype=config["model"]["dtype"])
-        server = make_server(config, model, max_frame_bytes)
-    except (FileNotFoundError, ValueError, OSError, zmq.ZMQError) as exc:
-        raise SystemExit(f"moerun serve: {exc}") from None
-    announce(server, config)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: server._stop.set())
-    server.serve_forever()
-    print("moerun serve: stopped", flush=True)
-    return 0
+        return run_on_mesh(config, body)
+    return body(None)

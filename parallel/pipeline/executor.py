@@ -1,7 +1,7 @@
 """The pipeline executor: runs a schedule's action lists on real stages.
 
     stages = build_stages(model, schedule, mesh.coord("pp"))          # {chunk: PipelineStage}
-    ex = PipelineExecutor(stages, schedule, mesh, link=EmulatedLink.from_config(cfg))
+    ex = PipelineExecutor(stages, schedule, mesh)
     loss = ex.run_step([(input_ids, labels), ...])                   # one (ids, labels) per micro-batch
     # gradients are now accumulated in the stage modules' .grad; loss (a 0-dim tensor) on every pp rank
     logits = PipelineExecutor(stages, forward_only(schedule), mesh).run_forward([ids, ...])  # inference
@@ -48,12 +48,12 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from ops import IGNORE_INDEX
+
 from .overlap import run, run_pair, stage_backward, stage_forward, stage_weight_backward
 from .schedule import ACT, BI, FB, GRAD, RECV, SEND, Action, B, F, Schedule, ScheduleError, W
 from .stages import PipelineStage, sum_mirrored_grads
 from .validate import validate
-
-IGNORE_INDEX = -100
 
 
 class PipelineExecutor:
@@ -63,7 +63,7 @@ class PipelineExecutor:
     """
 
     def __init__(self, stages: dict[int, PipelineStage], schedule: Schedule, mesh=None, *, pp_group=None,
-                 pp_ranks: list[int] | None = None, pp_rank: int | None = None, link=None,
+                 pp_ranks: list[int] | None = None, pp_rank: int | None = None,
                  backend: str | None = None) -> None:
         if mesh is not None:
             pp_group, pp_ranks, pp_rank = mesh.group("pp"), mesh.ranks("pp"), mesh.coord("pp")
@@ -80,7 +80,7 @@ class PipelineExecutor:
         backend = backend or (dist.get_backend(pp_group) if dist.is_initialized() else "gloo")
         if backend == "nccl":
             validate(schedule, rendezvous=True)  # a send may wait for its receive: refuse what could hang
-        self.stages, self.schedule, self.link = stages, schedule, link
+        self.stages, self.schedule = stages, schedule
         self.pp_group, self.pp_ranks, self.pp_rank = pp_group, pp_ranks, pp_rank
         self.actions = schedule.ranks[pp_rank]
         self.last_losses: dict[int, torch.Tensor] = {}
@@ -93,7 +93,7 @@ class PipelineExecutor:
         stage = self.stages[chunk]
         x = self.mbs[mb][0] if stage.is_first else self.box.pop((ACT, a_stage - 1, mb))
         out, tape = yield from stage_forward(stage, x, self.mbs[mb][1] if stage.is_last else None,
-                                             self.total_tokens, 1.0 / len(self.mbs), self.link)
+                                             self.total_tokens, 1.0 / len(self.mbs))
         self.tapes[(a_stage, mb)] = tape
         for node in tape:  # auxiliary (balance) losses of this stage's gates, weighted 1/M
             for aux in getattr(node, "aux", ()):
@@ -231,7 +231,7 @@ class PipelineExecutor:
         if leftovers:
             raise RuntimeError(f"pipeline step ended with unconsumed work on pp rank {self.pp_rank}: "
                                f"{leftovers[:6]}")
-        sum_mirrored_grads(self.stages, sched, self.pp_rank, self.pp_group, self.pp_ranks)
+        sum_mirrored_grads(self.stages, sched, self.pp_rank, self.pp_group, self.pp_ranks, device)
         if len(self.pp_ranks) > 1:
             dist.all_reduce(self.mb_losses, group=self.pp_group)
         self.last_losses = {m: v.float() for m, v in enumerate(self.mb_losses)}

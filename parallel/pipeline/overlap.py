@@ -16,9 +16,14 @@ travels the backward computes, and the other way round: each one's all-to-all is
 other computes. On CPU the transfers progress in gloo's own threads (and the emulated link's clock,
 parallel/link.py); on GPU they would need the all-to-alls on a side stream (unverified on hardware).
 
-Layers whose dispatcher is not an expert-parallel one (dense layers, `LocalDispatcher`) are plain compute.
-The buffers the comm nodes make for their backward are created on the device of the tokens they carry, so
-CPU and CUDA stages run the same code.
+The engine composes the model's own decoder layer; what it needs of a layer (the phase protocol):
+`is_moe`; `attention_phase(h, cos, sin) -> (h, x)`; `gate_phase(x) -> (weights, ids)`; `dispatcher` (a
+parallel.expert.Dispatcher; its transfers, and their emulated link, are the ones the engine drives);
+`expert_phase(rows, tokens_per_expert, weights) -> y`; `shared_phase(x) -> y | None`;
+`finish_phase(h, routed, shared) -> h`; `aux_loss` (the gate's balance loss or None); and calling the layer
+is its whole forward. Layers without an expert-parallel dispatcher (dense layers, one process) run as plain
+compute. The comm nodes' backward buffers are made by parallel.expert on the device of the tokens they
+carry, so CPU and CUDA stages run the same code.
 The same code path runs for F, B, I/W and FB, so the parity tests of the executor cover it all.
 
 Split backward (zero-bubble I / W, parallel/pipeline/wgrad.py): I computes the gradients of each segment's
@@ -33,14 +38,12 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from parallel import expert as ep_ops
+from ops import IGNORE_INDEX
 
 from .wgrad import WeightSplit
 
-IGNORE_INDEX = -100
 Phases = Generator[None, None, object]
 
 
@@ -95,140 +98,90 @@ class Segment:
             self.deferred = None
 
 
-def _a2a_async(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> tuple:
-    x = x.contiguous()
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True)
-    return out, (work, x)
-
-
-def _off_rank_bytes(send_counts: list[int], recv_counts: list[int], me: int, row_bytes: int) -> int:
-    return max(sum(send_counts) - send_counts[me], sum(recv_counts) - recv_counts[me]) * row_bytes
-
-
-class _Rows:
-    """The two fields GroupedExperts reads from a dispatch handle, with weights that carry autograd."""
-
-    def __init__(self, tokens_per_expert: torch.Tensor, weights: torch.Tensor) -> None:
-        self.tokens_per_expert, self.weights = tokens_per_expert, weights
-
-
 class DispatchNode:
-    """state (h, x, w, idx) -> (h, x, recv_x, recv_w); backward sends row gradients back to their tokens."""
+    """state (h, x, w, idx) -> (h, x, rows, row_weights); backward returns row gradients to their tokens
+    (the handle's combine transfers: dispatch's backward is a combine)."""
 
-    def __init__(self, dispatcher, link) -> None:
-        self.group, self.num_experts = dispatcher.ep_group, dispatcher.num_experts
-        self.capacity_factor, self.link = dispatcher.capacity_factor, link
-        self.me = dist.get_rank(self.group)
+    def __init__(self, dispatcher) -> None:
+        self.dispatcher = dispatcher
 
     def start(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
-        self.x_shape, self.w_dtype, self.k, self.device = x.shape, w.dtype, idx.shape[1], x.device
-        flat = x.detach().reshape(-1, x.shape[-1])
-        self.handle = ep_ops.dispatch_async(flat, idx, w.detach(), self.group, self.num_experts,
-                                            self.capacity_factor)
-        if self.link is not None:
-            h = self.handle
-            row = flat.shape[1] * flat.element_size() + self.k * (8 + 4)
-            h.delay(self.link, _off_rank_bytes(h.send_counts, h.recv_counts, self.me, row))
+        self.x_shape, self.w_dtype = x.shape, w.dtype
+        self.handle = self.dispatcher.dispatch_async(x.detach().reshape(-1, x.shape[-1]), idx, w.detach())
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
-        recv = self.handle.wait()
-        return recv, self.handle.recv_weights
+        rows = self.handle.wait()
+        return rows, self.handle.recv_weights
 
     def start_backward(self, grads: tuple) -> None:
-        g_h, g_x, g_recv, g_rw = grads
-        h, hidden = self.handle, self.x_shape[-1]
-        tok = h.num_recv_tokens
+        g_h, g_x, g_rows, g_rw = grads
+        h = self.handle
+        n_rows = h.recv_rows.shape[0]
         dtype = g_x.dtype if g_x is not None else torch.float32
-        g_tok = torch.zeros(tok, hidden, dtype=dtype, device=self.device)
-        if g_recv is not None:
-            g_tok.index_add_(0, h.recv_rows, g_recv.to(dtype))
-        # each grouped row's (received token, top-k slot): the layout the weights travelled in
-        g_wtok = torch.zeros(tok, self.k, dtype=self.w_dtype, device=self.device)
-        if g_rw is not None:
-            g_wtok.index_put_((h.recv_rows, h.recv_slots), g_rw.to(self.w_dtype), accumulate=True)
+        g_rows = torch.zeros(n_rows, self.x_shape[-1], dtype=dtype, device=h.recv_rows.device) \
+            if g_rows is None else g_rows.to(dtype)
+        g_rw = torch.zeros(n_rows, dtype=self.w_dtype, device=h.recv_rows.device) if g_rw is None \
+            else g_rw.to(self.w_dtype)
         self.saved = (g_h, g_x)
-        self.back_x, wx = _a2a_async(g_tok, h.send_counts, h.recv_counts, self.group)
-        self.back_w, ww = _a2a_async(g_wtok, h.send_counts, h.recv_counts, self.group)
-        self.works = [wx, ww]
-        if self.link is not None:
-            row = hidden * g_tok.element_size() + self.k * g_wtok.element_size()
-            self.link.wrap_works(self.works, _off_rank_bytes(h.recv_counts, h.send_counts, self.me, row))
+        self.back = h.combine_async(g_rows, slot_values=g_rw)
 
     def finish_backward(self) -> tuple:
-        for work, _ in self.works:
-            work.wait()
-        h, (g_h, g_x) = self.handle, self.saved
-        n = h.num_tokens
-        g_xd = torch.zeros(n, self.x_shape[-1], dtype=self.back_x.dtype, device=self.back_x.device).index_add_(
-            0, h.send_token_idx, self.back_x).view(self.x_shape)
-        g_w = torch.zeros(n, self.k, dtype=self.w_dtype, device=self.back_w.device).index_add_(
-            0, h.send_token_idx, self.back_w)
-        self.works = self.back_x = self.back_w = self.saved = None
+        g_xd, g_w = self.back.wait()
+        g_h, g_x = self.saved
+        self.back = self.saved = None
+        g_xd = g_xd.view(self.x_shape)
         return (g_h, g_xd if g_x is None else g_x + g_xd, g_w, None)
 
 
 class CombineNode:
     """state (h, x, y) -> (h, x, routed [N, H], shared(x)); backward sends token gradients out to the expert
-    rows. The shared experts of the same micro-batch run while the combine (and its backward) travels."""
+    rows (the handle's resend: combine's backward is a dispatch). The shared experts of the same micro-batch
+    run while the combine (and its backward) travels."""
 
-    def __init__(self, dnode: DispatchNode, link, shared, aux_scale: float) -> None:
-        self.d, self.link, self.shared, self.aux_scale = dnode, link, shared, aux_scale
+    def __init__(self, dnode: DispatchNode, layer, aux_scale: float) -> None:
+        self.d, self.layer, self.aux_scale = dnode, layer, aux_scale
         self.segments: list[Segment] = []
 
     def start(self, y: torch.Tensor, x: torch.Tensor) -> None:
-        self.ch = ep_ops.combine_async(y.detach(), self.d.handle)
-        if self.link is not None:
-            h = self.d.handle
-            self.ch.delay(self.link, _off_rank_bytes(
-                h.recv_counts, h.send_counts, self.d.me, y.shape[-1] * y.element_size()))
-        self.shared_out = None
-        if self.shared is not None:
-            seg = Segment(lambda xn: ((self.shared(xn),), []), (x,), self.aux_scale)
-            self.segments = [seg]
-            self.shared_out = seg.outs[0]
+        self.transfer = self.d.handle.combine_async(y.detach())
+        seg = Segment(lambda xn: ((self.layer.shared_phase(xn),), []), (x,), self.aux_scale)
+        self.segments = [seg]
+        self.shared_out = seg.outs[0]
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.ch.wait()
-        self.ch = None
+        out = self.transfer.wait()
+        self.transfer = None
         return out, self.shared_out
 
     def start_backward(self, grads: tuple, split: bool = False) -> None:
         g_h, g_x, g_routed, g_shared = grads
-        h = self.d.handle
-        send = g_routed.reshape(-1, g_routed.shape[-1]).index_select(0, h.send_token_idx)
-        self.back, work = _a2a_async(send, h.recv_counts, h.send_counts, self.d.group)
-        self.works = [work]
-        if self.link is not None:
-            self.link.wrap_works(self.works, _off_rank_bytes(
-                h.send_counts, h.recv_counts, self.d.me, send.shape[-1] * send.element_size()))
-        if self.segments and g_shared is not None:
+        self.back = self.d.handle.resend_async(g_routed.reshape(-1, g_routed.shape[-1]))
+        if g_shared is not None:
             (g_xs,) = self.segments[0].backward((g_shared,), split)
             if g_xs is not None:
                 g_x = g_xs if g_x is None else g_x + g_xs
         self.saved = (g_h, g_x)
 
     def finish_backward(self) -> tuple:
-        for work, _ in self.works:
-            work.wait()
-        g_y = self.back.index_select(0, self.d.handle.recv_rows)
+        g_y = self.back.wait()
         g_h, g_x = self.saved
-        self.works = self.back = self.saved = None
+        self.back = self.saved = None
         return (g_h, g_x, g_y)
 
 
-def is_ep_dispatcher(dispatcher: object) -> bool:
-    """True for parallel.shard's EPDispatcher (the phase engine drives its all-to-alls itself)."""
-    if not hasattr(dispatcher, "ep_group"):
+def overlapped(layer) -> bool:
+    """Whether the engine drives this layer's all-to-alls itself (an MoE layer with an EP group)."""
+    d = layer.dispatcher if layer.is_moe else None
+    if d is None or d.group is None:
         return False
-    if getattr(dispatcher, "tp_group", None) is not None:
+    if d.tp_group is not None:
         raise NotImplementedError("the pipeline executor does not yet run EP dispatch with tp > 1 "
                                   "(tokens split over TP before dispatch); use tp=1 with pp x ep")
     return True
 
 
 def stage_forward(stage, x: torch.Tensor, labels: torch.Tensor | None, loss_scale: float,
-                  aux_scale: float, link=None) -> Phases:
+                  aux_scale: float) -> Phases:
     """Generator: the forward of `stage` on x (input_ids on the first stage, hidden states elsewhere).
 
     Returns (output, tape): hidden states, or on the last stage the loss sum(CE over tokens) / loss_scale
@@ -261,14 +214,12 @@ def stage_forward(stage, x: torch.Tensor, labels: torch.Tensor | None, loss_scal
         state = seg.outs
 
     def aux_of(layer) -> list:
-        gate = getattr(layer.mlp, "gate", None)
-        a = getattr(gate, "last_aux_loss", None)
-        return [a] if a is not None else []
+        return [layer.aux_loss] if layer.aux_loss is not None else []
 
     if stage.is_first:
         pending.append(lambda ids: ((stage.embed_tokens(ids),), []))
     for layer in stage.layers.values():
-        if not (layer.is_moe and is_ep_dispatcher(layer.mlp.dispatcher)):
+        if not overlapped(layer):
             pending.append(lambda h, layer=layer: ((layer(h, cos, sin),), aux_of(layer)))
             continue
 
@@ -279,23 +230,22 @@ def stage_forward(stage, x: torch.Tensor, labels: torch.Tensor | None, loss_scal
 
         pending.append(attention_gate)
         flush()
-        dnode = DispatchNode(layer.mlp.dispatcher, link)
+        dnode = DispatchNode(layer.dispatcher)
         dnode.start(state[1], state[3], state[2])
         yield
-        recv, recv_w = dnode.finish()
+        rows, row_w = dnode.finish()
         tape.append(dnode)
-        state = (state[0], state[1], recv, recv_w)
+        state = (state[0], state[1], rows, row_w)
         tpe = dnode.handle.tokens_per_expert
-        pending.append(lambda h1, xn, r, rw, layer=layer, tpe=tpe:
-                       ((h1, xn, layer.expert_phase(r, _Rows(tpe, rw))), []))
+        pending.append(lambda h1, xn, r, rw, layer=layer, tpe=tpe: ((h1, xn, layer.expert_phase(r, tpe, rw)), []))
         flush()
-        cnode = CombineNode(dnode, link, layer.mlp.shared_experts, aux_scale)
+        cnode = CombineNode(dnode, layer, aux_scale)
         cnode.start(state[2], state[1])
         yield
         routed, shared_out = cnode.finish()
         tape.append(cnode)
         state = (state[0], state[1], routed, shared_out)
-        pending.append(lambda h1, xn, r, sh: ((h1 + (r.view_as(xn) if sh is None else r.view_as(xn) + sh),), []))
+        pending.append(lambda h1, xn, r, sh, layer=layer: ((layer.finish_phase(h1, r, sh),), []))
     if stage.is_last:
         def head(h):
             logits = stage.lm_head(stage.norm(h)).float()

@@ -6,8 +6,9 @@ L // S layers and the remainder goes to interior stages first (the end stages al
 A stage *references* the submodules of the model it was cut from, so parameter objects and names survive:
 `stage.full_named_parameters()` yields the model's own names (`model.layers.3.mlp.gate.weight`, ...).
 
-Works by attribute names of runtime.model.deepseek's DeepseekModel (`model.embed_tokens`, `model.layers`,
-`model.norm`, `lm_head`, `rotary`, `mtp`) without importing runtime (dependencies point runtime -> parallel).
+The model cuts its own stages: `build_stages` asks `model.pipeline_stage(stage, num_stages, layers)`, which
+hands this module's `PipelineStage` the parts explicitly (embedding, decoder layers by id, final norm, head,
+rotary embedding, and the names of those parts in the model), so nothing here knows a model's attributes.
 """
 
 from __future__ import annotations
@@ -39,28 +40,30 @@ def layer_split(num_layers: int, num_stages: int) -> list[range]:
 
 
 class PipelineStage(nn.Module):
-    """One pipeline stage: [embedding] + decoder layers [first, last) + [final norm + LM head].
+    """One pipeline stage: [embedding] + decoder layers + [final norm + LM head].
 
     `forward(x)` is the plain (non-overlapped) forward: x is input_ids [B,T] on the first stage, hidden
     states [B,T,H] elsewhere; returns hidden states, or normed-and-projected logits on the last stage. The
-    executor runs the same computation phase by phase (parallel/pipeline/overlap.py).
+    executor runs the same computation phase by phase (parallel/pipeline/overlap.py). `names` gives each
+    part's name in the whole model: keys "embed", "layers", "norm", "head".
     """
 
-    def __init__(self, model: nn.Module, stage: int, num_stages: int, layers: range) -> None:
+    def __init__(self, stage: int, num_stages: int, *, embed: nn.Module | None, layers: dict[int, nn.Module],
+                 norm: nn.Module | None, head: nn.Module | None, rotary, names: dict[str, str]) -> None:
         super().__init__()
-        if len(getattr(model, "mtp", ())):
-            raise ValueError("pipeline stages do not support MTP modules yet (the MTP block needs the "
-                             "embedding on the last stage); build the model with mtp=False")
-        if num_stages > 1 and model.lm_head.weight is model.model.embed_tokens.weight:
-            raise ValueError("pipeline stages do not support tied embeddings (tie_word_embeddings=True)")
         self.stage, self.num_stages = stage, num_stages
         self.is_first, self.is_last = stage == 0, stage == num_stages - 1
-        self.layer_ids = list(layers)
-        self.embed_tokens = model.model.embed_tokens if self.is_first else None
-        self.layers = nn.ModuleDict({str(i): model.model.layers[i] for i in layers})
-        self.norm = model.model.norm if self.is_last else None
-        self.lm_head = model.lm_head if self.is_last else None
-        self.rotary = model.rotary  # plain object, not a module: no parameters
+        if self.is_first != (embed is not None) or self.is_last != (head is not None and norm is not None):
+            raise ValueError(f"stage {stage} of {num_stages}: the embedding belongs to the first stage and the "
+                             "norm and head to the last, exactly")
+        self.layer_ids = sorted(layers)
+        self.embed_tokens = embed
+        self.layers = nn.ModuleDict({str(i): layers[i] for i in self.layer_ids})
+        self.norm = norm
+        self.lm_head = head
+        self.rotary = rotary  # plain object, not a module: no parameters
+        self._prefix = {"embed_tokens": names["embed"], "layers": names["layers"], "norm": names["norm"],
+                        "lm_head": names["head"]}
 
     def rope(self, t: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary(torch.arange(t, device=device), dtype)
@@ -76,41 +79,41 @@ class PipelineStage(nn.Module):
 
     def full_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters under the names they have in the whole model (checkpoint names)."""
-        prefix = {"embed_tokens": "model.embed_tokens", "layers": "model.layers", "norm": "model.norm",
-                  "lm_head": "lm_head"}
         for name, p in self.named_parameters():
             head, rest = name.split(".", 1)
-            yield f"{prefix[head]}.{rest}", p
+            yield f"{self._prefix[head]}.{rest}", p
 
 
 def build_stages(model: nn.Module, schedule: Schedule, pp_rank: int) -> dict[int, PipelineStage]:
-    """{chunk: stage module} that pipeline rank `pp_rank` holds under `schedule` (DualPipe(V): two)."""
+    """{chunk: stage module} that pipeline rank `pp_rank` holds under `schedule` (DualPipe(V): two), cut by
+    the model's own `pipeline_stage(stage, num_stages, layers)` with the layers of `layer_split`."""
     if not 0 <= pp_rank < schedule.pp:
         raise ScheduleError(f"pp_rank {pp_rank} out of range for a {schedule.pp}-rank schedule")
-    split = layer_split(len(model.model.layers), schedule.num_stages)
-    return {c: PipelineStage(model, s, schedule.num_stages, split[s])
-            for c, s in schedule.stages_of(pp_rank).items()}
+    split = layer_split(model.config.num_hidden_layers, schedule.num_stages)
+    return {c: model.pipeline_stage(s, schedule.num_stages, split[s]) for c, s in schedule.stages_of(pp_rank).items()}
 
 
-def _flat_grads(stage: nn.Module) -> torch.Tensor:
+def _flat_grads(stage: nn.Module, device: torch.device) -> torch.Tensor:
     parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in stage.parameters()]
-    if not parts:
-        return torch.zeros(0)
+    if not parts:  # a stage without parameters still sends (an empty tensor, on the p2p device)
+        return torch.zeros(0, device=device)
     return torch.cat(parts)
 
 
 def sum_mirrored_grads(stages: dict[int, PipelineStage], schedule: Schedule, pp_rank: int,
-                       pp_group: dist.ProcessGroup, pp_ranks: list[int]) -> None:
+                       pp_group: dist.ProcessGroup, pp_ranks: list[int], device: torch.device | str = "cpu"
+                       ) -> None:
     """DualPipe: make both copies of every stage hold the sum of their gradients.
 
     Rank r's chunk 0 (stage r) and rank P-1-r's chunk 1 are the same stage; each rank sends both chunks'
     flattened gradients to its mirror and adds what it receives (chunk 0 gets the mirror's chunk 1 and vice
     versa). Both copies end bit-identical (a + b == b + a). No-op for schedules with one copy per stage.
+    `device` is where a stage without parameters makes its empty buffer (the stages' device).
     """
     if schedule.kind != "dualpipe":
         return
     peer = pp_ranks[schedule.pp - 1 - pp_rank]
-    mine = [_flat_grads(stages[0]), _flat_grads(stages[1])]
+    mine = [_flat_grads(stages[0], device), _flat_grads(stages[1], device)]
     peer_c0 = torch.empty_like(mine[1])  # the mirror's chunk 0 is the stage of my chunk 1, and vice versa
     peer_c1 = torch.empty_like(mine[0])
     ops = [dist.P2POp(dist.isend, mine[0], peer, pp_group), dist.P2POp(dist.isend, mine[1], peer, pp_group),

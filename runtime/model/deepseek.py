@@ -5,28 +5,36 @@ deliberate changes that make loading a name->slice mapping: routed experts are s
 (`...mlp.experts.gate_proj` [E, I, H] holds checkpoint tensors `...mlp.experts.{e}.gate_proj.weight`), and
 the MTP module (checkpoint layer index `num_hidden_layers + k`) lives at `mtp.{k}`.
 
-Every linear layer is a module attribute, so tensor parallelism can swap in Column/RowParallelLinear; head
-counts are read from weight shapes, not the config, so a layer with a shard of the heads just works. A
-decoder layer's forward is written as phases (attention; gate; dispatch; experts; combine; shared) that a
-schedule can interleave across micro-batches; the dispatcher is an attribute an EP implementation replaces.
+The layout is given at construction: the model is built with a `parallel.expert.Dispatcher` (made from the
+Mesh: one process, EP, EP under TP), so each MoE layer holds only its rank's experts and routes through that
+dispatcher; `tp_plan()` says how tensor parallelism splits each linear layer (parallel.shard applies it),
+and `pipeline_stage()` cuts a pipeline stage. Head counts are read from weight shapes, not the config, so a
+layer with a shard of the heads just works.
+
+There is one decoder layer, run by training, serving and the pipeline's overlap engine alike. Its forward
+is written as phases (attention; gate; dispatch; experts; combine; shared experts) that the overlap engine
+(parallel/pipeline/overlap.py) composes across micro-batches. Attention takes a context: none (causal over
+the given tokens), a contiguous `LatentCache` (runtime/model/latent_cache.py) or the serving step's paged
+cache (runtime/serve/step.py).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ops import IGNORE_INDEX
 from ops.kernels import grouped_swiglu as selected_grouped_swiglu
-from ops.mla import mla_absorbed, mla_expanded
-from ops.moe import grouped_swiglu, route, sequence_balance_loss, sort_by_expert, swiglu
+from ops.mla import mla_expanded
+from ops.moe import grouped_swiglu, route, sequence_balance_loss, swiglu
 from ops.norm import RMSNorm
 from ops.rope import apply_rope, inv_freq_and_attention_factor, rope_cos_sin, softmax_scale
+from parallel.expert import Dispatcher
+from parallel.pipeline.stages import PipelineStage
+from parallel.shard import mark_expert_shard
 from runtime.model.config import ModelConfig
-
-IGNORE_INDEX = -100
+from runtime.model.latent_cache import LatentCache
 
 
 class Rotary:
@@ -42,41 +50,6 @@ class Rotary:
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         return rope_cos_sin(self.inv_freq, self.attention_factor, positions, dtype)
-
-
-class LatentCache:
-    """Contiguous per-layer MLA cache: latent [B, S_max, kv_lora_rank] and rotated k_pe [B, S_max, dr].
-
-    All rows share one `length` (the serving engine builds its paged cache on the same per-layer layout).
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        batch: int,
-        max_len: int,
-        kv_lora_rank: int,
-        rope_dim: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        self.latent = torch.zeros(num_layers, batch, max_len, kv_lora_rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(num_layers, batch, max_len, rope_dim, dtype=dtype, device=device)
-        self.length = 0
-        self.max_len = max_len
-
-    def append(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write T new positions for `layer` at [length, length+T); return the layer's filled prefix."""
-        t = latent.shape[1]
-        end = self.length + t
-        if end > self.max_len:
-            raise ValueError(f"latent cache full: {self.length} + {t} tokens > max_len {self.max_len}")
-        self.latent[layer, :, self.length : end] = latent
-        self.k_pe[layer, :, self.length : end] = k_pe
-        return self.latent[layer, :, :end], self.k_pe[layer, :, :end]
-
-    def advance(self, t: int) -> None:
-        self.length += t
 
 
 class MLA(nn.Module):
@@ -116,23 +89,17 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe, cos, sin, self.interleave)
         return q_nope, q_pe, latent, k_pe
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: LatentCache | None = None,
-        layer_idx: int = 0,
-        absorbed: bool = False,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn=None, layer_idx: int = 0
+                ) -> torch.Tensor:
+        """x [B,T,D] -> [B,T,D]. `attn` is the attention context (`attend(layer_idx, mla, q_nope, q_pe,
+        latent, k_pe) -> [B,T,h,dv]`: a cache writes the new latents and attends over its prefix); None:
+        causal attention over these tokens alone."""
         b, t, _ = x.shape
         q_nope, q_pe, latent, k_pe = self.project(x, cos, sin)
-        offset = 0
-        if cache is not None:
-            offset = cache.length
-            latent, k_pe = cache.append(layer_idx, latent, k_pe)
-        attn = mla_absorbed if absorbed else mla_expanded
-        out = attn(q_nope, q_pe, latent, k_pe, self.kv_b_proj.weight, self.scale, q_offset=offset)
+        if attn is None:
+            out = mla_expanded(q_nope, q_pe, latent, k_pe, self.kv_b_proj.weight, self.scale)
+        else:
+            out = attn.attend(layer_idx, self, q_nope, q_pe, latent, k_pe)
         return self.o_proj(out.reshape(b, t, -1))
 
 
@@ -152,7 +119,7 @@ class MLP(nn.Module):
 class Gate(nn.Module):
     """Router: fp32 logits, then `ops.moe.route`. Keeps the last load and balance loss for the trainer."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, expert_mask=None) -> None:
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
@@ -162,7 +129,7 @@ class Gate(nn.Module):
         else:
             self.e_score_correction_bias = None
         self.aux_loss_coef = 0.0
-        self.expert_mask = None  # optional candidate restriction, e.g. node-limited routing under EP
+        self.expert_mask = expert_mask  # optional candidate restriction: node-limited routing under EP
         self.last_aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
 
@@ -193,8 +160,10 @@ class Gate(nn.Module):
             routed_scaling_factor=c.routed_scaling_factor,
             expert_mask=self.expert_mask,
         )
-        with torch.no_grad():
-            self.last_load = torch.bincount(idx.reshape(-1), minlength=c.n_routed_experts)
+        with torch.no_grad():  # expert loads for the balancer (scatter_add: bincount would sync on CUDA)
+            flat = idx.reshape(-1)
+            self.last_load = torch.zeros(c.n_routed_experts, dtype=torch.long, device=flat.device).scatter_add_(
+                0, flat, torch.ones_like(flat))
         if self.training and self.aux_loss_coef > 0:
             self.last_aux_loss = self.aux_loss_coef * sequence_balance_loss(
                 scores, idx, x.shape[0], c.n_routed_experts, c.num_experts_per_tok
@@ -204,149 +173,110 @@ class Gate(nn.Module):
         return w, idx
 
 
-@dataclass
-class DispatchHandle:
-    """What `combine` needs. `recv_x` rows are sorted by local expert; `tokens_per_expert` [n_local] counts
-    them; `weights` [rows] are their routing weights (applied before combine, which is an unweighted sum)."""
-
-    src: torch.Tensor
-    tokens_per_expert: torch.Tensor
-    weights: torch.Tensor
-    num_tokens: int
-
-
-class LocalDispatcher:
-    """Single-process dispatch: sort (token, slot) pairs by expert; combine scatters them back and sums."""
-
-    def __init__(self, num_experts: int) -> None:
-        self.num_experts = num_experts
-
-    def dispatch(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
-    ) -> tuple[torch.Tensor, DispatchHandle]:
-        k = topk_idx.shape[1]
-        order, counts = sort_by_expert(topk_idx, self.num_experts)
-        src = order // k
-        return x[src], DispatchHandle(src, counts, topk_weights.reshape(-1)[order], x.shape[0])
-
-    def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        out = y.new_zeros(handle.num_tokens, y.shape[-1])
-        return out.index_add_(0, handle.src, y)
-
-
 class GroupedExperts(nn.Module):
-    """Routed experts with stacked weights [n_local, out, in] (nn.Linear layout per expert).
+    """This rank's routed experts with stacked weights [n_local, out, in] (nn.Linear layout per expert).
 
-    `expert_offset` is the global id of local expert 0 (0 here; EP sets it). Forward runs the grouped GEMM
-    over rows sorted by expert and applies the routing weights.
+    `expert_offset` is the global id of local expert 0. Forward runs the grouped GEMM over rows sorted by
+    expert (`tokens_per_expert` rows each) and applies their routing weights.
     """
 
-    def __init__(self, num_experts: int, hidden: int, inter: int) -> None:
+    def __init__(self, num_experts: int, hidden: int, inter: int, expert_offset: int = 0) -> None:
         super().__init__()
         self.gate_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
         self.up_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
-        self.expert_offset = 0
+        self.expert_offset = expert_offset
         self.force_loop = False  # benchmarking / fallback switch
 
-    def forward(self, recv_x: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    def forward(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.force_loop:
-            y = grouped_swiglu(recv_x, self.gate_proj, self.up_proj, self.down_proj, handle.tokens_per_expert, True)
+            y = grouped_swiglu(rows, self.gate_proj, self.up_proj, self.down_proj, tokens_per_expert, True)
         else:  # the Triton grouped GEMM on CUDA (inference), the torch grouped op elsewhere
-            y = selected_grouped_swiglu(recv_x, self.gate_proj, self.up_proj, self.down_proj,
-                                        handle.tokens_per_expert)
-        return y * handle.weights[:, None].to(y.dtype)
+            y = selected_grouped_swiglu(rows, self.gate_proj, self.up_proj, self.down_proj, tokens_per_expert)
+        return y * weights[:, None].to(y.dtype)
 
 
 class MoE(nn.Module):
-    """Gate + routed experts + shared experts, with the dispatcher as a swappable attribute."""
+    """Gate + this rank's routed experts + shared experts; tokens reach the experts through `dispatcher`."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, dispatcher: Dispatcher) -> None:
         super().__init__()
-        self.gate = Gate(cfg)
-        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.dispatcher = dispatcher
+        self.gate = Gate(cfg, dispatcher.expert_mask(cfg.num_experts_per_tok))
+        local = dispatcher.local_experts
+        self.experts = GroupedExperts(len(local), cfg.hidden_size, cfg.moe_intermediate_size, local.start)
+        mark_expert_shard(self.experts, ("gate_proj", "up_proj", "down_proj"), local.start,
+                          cfg.n_routed_experts // len(local))
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.mlp_bias)
             if cfg.n_shared_experts
             else None
         )
-        self.dispatcher = LocalDispatcher(cfg.n_routed_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, idx = self.gate(x)
-        flat = x.reshape(-1, x.shape[-1])
-        recv_x, handle = self.dispatcher.dispatch(flat, idx, weights)
-        y = self.experts(recv_x, handle)
-        out = self.dispatcher.combine(y, handle).view_as(x)
+        rows, handle = self.dispatcher.dispatch(x.reshape(-1, x.shape[-1]), idx, weights)
+        out = self.dispatcher.combine(self.experts(rows, handle.tokens_per_expert, handle.recv_weights), handle)
+        out = out.view_as(x)
         return out + self.shared_experts(x) if self.shared_experts is not None else out
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: h += attn(norm(h)); h += mlp(norm(h)). The phases are public methods."""
+    """Pre-norm block: h += attn(norm(h)); h += mlp(norm(h)), the MLP dense or MoE.
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    The phases below are what the pipeline's overlap engine composes (the protocol documented in
+    parallel/pipeline/overlap.py); `forward` runs them in order (MoE.forward is the MLP half)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dispatcher: Dispatcher) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = (
-            MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
-        )
+        self.mlp = (MoE(cfg, dispatcher) if cfg.is_moe_layer(layer_idx)
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias))
 
     @property
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoE)
 
     # --- phases -------------------------------------------------------------------------------------------
-    def attention_phase(
-        self,
-        h: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: LatentCache | None = None,
-        cache_layer: int = 0,
-        absorbed: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_phase(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn=None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (h after the attention residual, x = post-attention-normed h, the MLP input)."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, cache_layer, absorbed)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn, self.layer_idx)
         return h, self.post_attention_layernorm(h)
 
+    @property
+    def dispatcher(self) -> Dispatcher | None:
+        return self.mlp.dispatcher if self.is_moe else None
+
     def gate_phase(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(routing weights [N, K], expert ids [N, K]) of the tokens x [B, T, H]."""
         return self.mlp.gate(x)
 
-    def dispatch_phase(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor):
-        return self.mlp.dispatcher.dispatch(x.reshape(-1, x.shape[-1]), idx, weights)
+    def expert_phase(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor, weights: torch.Tensor
+                     ) -> torch.Tensor:
+        """This rank's experts over dispatched rows grouped by expert, routing weights applied."""
+        return self.mlp.experts(rows, tokens_per_expert, weights)
 
-    def expert_phase(self, recv_x: torch.Tensor, handle) -> torch.Tensor:
-        return self.mlp.experts(recv_x, handle)
+    def shared_phase(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared experts (None without): they can run while a combine is in flight."""
+        return self.mlp.shared_experts(x) if self.mlp.shared_experts is not None else None
 
-    def combine_phase(self, y: torch.Tensor, handle) -> torch.Tensor:
-        return self.mlp.dispatcher.combine(y, handle)
+    def finish_phase(self, h: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        """h + routed experts (combined, [N, H]) + shared experts."""
+        out = routed.view_as(h)
+        return h + (out if shared is None else out + shared)
 
-    def finish_phase(self, h: torch.Tensor, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-        """h + routed experts + shared experts (the shared MLP can run while the combine is in flight)."""
-        out = routed.view_as(x)
-        if self.mlp.shared_experts is not None:
-            out = out + self.mlp.shared_experts(x)
-        return h + out
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """The gate's balance loss of the last forward (None when off)."""
+        return self.mlp.gate.last_aux_loss if self.is_moe else None
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: LatentCache | None = None,
-        cache_layer: int = 0,
-        absorbed: bool = False,
-    ) -> torch.Tensor:
-        h, x = self.attention_phase(h, cos, sin, cache, cache_layer, absorbed)
-        if not self.is_moe:
-            return h + self.mlp(x)
-        weights, idx = self.gate_phase(x)
-        recv_x, handle = self.dispatch_phase(x, weights, idx)
-        y = self.expert_phase(recv_x, handle)
-        return self.finish_phase(h, x, self.combine_phase(y, handle))
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn=None) -> torch.Tensor:
+        h, x = self.attention_phase(h, cos, sin, attn)
+        return h + self.mlp(x)
 
 
 class SharedHead(nn.Module):
@@ -362,8 +292,8 @@ class MTPLayer(DecoderLayer):
     logits = lm_head(shared_head.norm(h')) predict t_{i+2}. Concatenation order and the use of the main
     model's final-normed hidden state follow the vLLM/SGLang readers of the released weights."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
-        super().__init__(cfg, layer_idx)
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dispatcher: Dispatcher) -> None:
+        super().__init__(cfg, layer_idx, dispatcher)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
@@ -378,25 +308,28 @@ class MTPLayer(DecoderLayer):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, dispatcher: Dispatcher) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dispatcher) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class DeepseekModel(nn.Module):
-    """Embedding, decoder layers, final norm, LM head, optional MTP. See module docstring for names."""
+    """Embedding, decoder layers, final norm, LM head, optional MTP. See module docstring for names.
 
-    def __init__(self, cfg: ModelConfig, mtp: bool = True) -> None:
+    `dispatcher` (default: one process, every expert here) decides which experts this rank holds."""
+
+    def __init__(self, cfg: ModelConfig, mtp: bool = True, dispatcher: Dispatcher | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg)
+        dispatcher = dispatcher or Dispatcher(cfg.n_routed_experts)
+        self.model = Backbone(cfg, dispatcher)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         n_mtp = cfg.num_nextn_predict_layers if mtp else 0
-        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(n_mtp))
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k, dispatcher) for k in range(n_mtp))
         self.rotary = Rotary(cfg)
         self.mtp_loss_coef = 0.3
 
@@ -411,14 +344,54 @@ class DeepseekModel(nn.Module):
         h = self.model.embed_tokens(input_ids)
         offset = cache.length if cache is not None else 0
         cos, sin = self.rotary(self.positions(input_ids.shape[1], offset, input_ids.device), h.dtype)
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, cache, i, absorbed)
+        attn = cache.attention(absorbed) if cache is not None else None
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, attn)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         return self.model.norm(h)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)
+
+    # --- how parallelism splits it ------------------------------------------------------------------------
+    def tp_plan(self) -> dict[str, str]:
+        """Module name -> tensor-parallel style (parallel.shard.apply_tp_plan): embeddings split the
+        vocabulary; MLA splits heads (query and kv_b column-parallel, o_proj row-parallel; the latent
+        down-projection stays replicated and enters the per-head region through `enter_tp`, so its norm's
+        gain gets a partial gradient); dense MLPs and shared experts split the intermediate dimension; the
+        LM head is column-parallel with its logits gathered (full vocabulary on every rank)."""
+        plan: dict[str, str] = {}
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Embedding):
+                plan[name] = "vocab"
+            elif isinstance(m, MLA):
+                for proj in ("q_proj", "q_b_proj", "kv_b_proj"):
+                    if hasattr(m, proj):
+                        plan[f"{name}.{proj}"] = "colwise"
+                plan[f"{name}.o_proj"] = "rowwise"
+                plan[f"{name}.kv_a_proj_with_mqa"] = "enter_tp"
+                plan[f"{name}.kv_a_layernorm"] = "partial_grad"
+            elif isinstance(m, MLP):
+                plan[f"{name}.gate_proj"] = plan[f"{name}.up_proj"] = "colwise"
+                plan[f"{name}.down_proj"] = "rowwise"
+        plan["lm_head"] = "colwise_gather"
+        return plan
+
+    def pipeline_stage(self, stage: int, num_stages: int, layers: range) -> PipelineStage:
+        """Pipeline stage `stage` of `num_stages`: decoder layers `layers`, the embedding on the first stage,
+        the final norm and LM head on the last. It references this model's modules (no copies)."""
+        if len(self.mtp):
+            raise ValueError("pipeline stages do not support MTP modules yet (the MTP block needs the "
+                             "embedding on the last stage); build the model with mtp=False")
+        if num_stages > 1 and self.lm_head.weight is self.model.embed_tokens.weight:
+            raise ValueError("pipeline stages do not support tied embeddings (tie_word_embeddings=True)")
+        first, last = stage == 0, stage == num_stages - 1
+        return PipelineStage(
+            stage, num_stages, embed=self.model.embed_tokens if first else None,
+            layers={i: self.model.layers[i] for i in layers}, norm=self.model.norm if last else None,
+            head=self.lm_head if last else None, rotary=self.rotary,
+            names={"embed": "model.embed_tokens", "layers": "model.layers", "norm": "model.norm", "head": "lm_head"})
 
     # --- public API ---------------------------------------------------------------------------------------
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

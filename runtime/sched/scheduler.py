@@ -3,10 +3,11 @@
 Kinds of step: a serving step (one engine batch), a training micro-step's forward and, as its own step,
 its backward (`split_backward`, on by default: a request waits at most for one half), an optimizer step
 (gradient reductions, clip, AdamW, weight version + 1). The driver decides with a `Policy`, broadcasts a
-small fixed-size int64 header over the world group (no pickle), then any payload as int64/fp32 tensors
-(a serving step's `StepPlan`, an RL batch), and all ranks run the step, so their collectives (EP
-all-to-all, gradient all-reduce) line up. Preemption happens only at step boundaries: a serving request
-that arrives during a training step waits for that step to end.
+small fixed-size int64 header over the job's CPU control group (no pickle), then any payload as int64 /
+fp32 CPU tensors (a serving step's `StepPlan`, an RL batch), and all ranks run the step, so their
+collectives (EP all-to-all, gradient all-reduce) line up. With no training work it is a serving loop.
+Preemption happens only at step boundaries: a serving request that arrives during a training step waits
+for that step to end.
 
 Policies (with both kinds of work pending; otherwise whichever has work runs):
 - `serve_first`: serving always; training fills the gaps when no request is waiting or running.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
 
 __all__ = ["Kind", "POLICIES", "SchedulerConfig", "Policy", "Scheduler", "HEADER_LEN", "scheduler_config"]
 
@@ -109,55 +109,21 @@ class StepStats:
         self.seconds[kind.name.lower()] += dt
 
 
-# --- wire format of one plan -------------------------------------------------------------------------------
-# header: [kind, a, b, c, d, e, f, g]. SERVE: a = payload length (0: the engine had nothing to run).
+# --- the header -------------------------------------------------------------------------------------------
+# [kind, a, b, c, d, e, f, g]. SERVE: a = 1 when a StepPlan follows (0: the engine had nothing to run).
 # TRAIN_MICRO: a = source (0 job, 1 rl), job: b = optimizer step index, c = micro index, d = micros;
-# rl: b = rows, c = columns, d = loss (0 ce, 1 grpo), e = has advantages, f = has old_logprobs.
-PLAN_FIELDS = ("ids", "positions", "slots", "starts", "lens", "offsets")
-
-
-def encode_step_plan(plan) -> list[int]:
-    """A serving StepPlan as one flat int list (lengths first), for a single int64 broadcast."""
-    n_tok, n_seg = len(plan.ids), len(plan.starts)
-    out = [n_tok, n_seg]
-    for name in PLAN_FIELDS:
-        out.extend(getattr(plan, name))
-    out.extend(int(w) for w in plan.want_logits)
-    out.extend(len(p) for p in plan.pages)
-    for p in plan.pages:
-        out.extend(p)
-    return out
-
-
-def decode_step_plan(flat: list[int]):
-    from runtime.serve.step import StepPlan
-
-    n_tok, n_seg = flat[0], flat[1]
-    pos = 2
-    vals: dict[str, Any] = {}
-    for name in PLAN_FIELDS:
-        n = n_tok if name in ("ids", "positions", "slots") else n_seg
-        vals[name] = flat[pos : pos + n]
-        pos += n
-    vals["want_logits"] = [bool(w) for w in flat[pos : pos + n_seg]]
-    pos += n_seg
-    counts = flat[pos : pos + n_seg]
-    pos += n_seg
-    pages = []
-    for c in counts:
-        pages.append(flat[pos : pos + c])
-        pos += c
-    return StepPlan(pages=pages, **vals)
+# rl: b = rows, c = columns, d = loss (0 ce, 1 grpo), e = has advantages, f = has old_logprobs, g = has kl.
 
 
 class Scheduler:
-    """Drives `engine` (runtime.serve.Engine) and `work` (runtime.sched.work.TrainWork, or None) on every rank.
+    """Drives `engine` (runtime.serve.Engine) and `work` (runtime.sched.TrainWork, or None) on every rank.
 
     Driver (`is_driver`): call `step()` in a loop; it returns (kind, serving outputs). Other ranks: call
-    `follow()` until it returns False. `group` is the world group (None: a single process)."""
+    `follow()` until it returns False. `group` is the job's CPU control group (`mesh.group("control")`,
+    gloo) over which headers, step plans and train-op payloads travel as CPU tensors; None: one process."""
 
     def __init__(self, engine, work=None, cfg: SchedulerConfig | None = None, weights=None, *, group=None,
-                 src: int = 0, rank: int = 0, device=None) -> None:
+                 src: int = 0, rank: int = 0) -> None:
         from runtime.sched.weights import WeightVersions
 
         self.engine, self.work = engine, work
@@ -166,17 +132,21 @@ class Scheduler:
         if work is not None:
             work.weights = self.weights
         self.group, self.src, self.rank = group, src, rank
-        self.device = device
         self.is_driver = group is None or rank == src
         self.stats = StepStats()
         self._plan_sent = False
         self._last_bcast = time.monotonic()
-        if group is not None and engine is not None and self.is_driver:
+        if group is not None and self.is_driver:
             engine.plan_hook = self._send_plan
         self._publish()  # the gauges (weight_version, ...) exist before the first step: metrics may come first
 
+    def has_work(self) -> bool:
+        """Whether a step would run something (serving requests, or queued / job training)."""
+        return self.engine.has_work() or (self.work is not None and self.work.has_work())
+
     # --- broadcast ------------------------------------------------------------------------------------
-    def _bcast(self, t):
+    def bcast(self, t):
+        """Broadcast a CPU tensor from the driver over the control group (in place; returned)."""
         import torch.distributed as dist
 
         if self.group is not None:
@@ -188,15 +158,10 @@ class Scheduler:
 
         self._last_bcast = time.monotonic()
         vals = [int(kind), *args] + [0] * (HEADER_LEN - 1 - len(args))
-        t = torch.tensor(vals, dtype=torch.int64, device=self.device)
-        return self._bcast(t).tolist()
+        return self.bcast(torch.tensor(vals, dtype=torch.int64)).tolist()
 
     def _send_plan(self, plan) -> None:
-        import torch
-
-        flat = encode_step_plan(plan)
-        self._bcast(torch.tensor([len(flat)], dtype=torch.int64, device=self.device))
-        self._bcast(torch.tensor(flat, dtype=torch.int64, device=self.device))
+        plan.broadcast(self.bcast)
         self._plan_sent = True
 
     # --- driver ---------------------------------------------------------------------------------------
@@ -221,20 +186,20 @@ class Scheduler:
         t0 = time.perf_counter()
         outputs: list = []
         if kind == Kind.SERVE:
+            self._plan_sent = False
             if self.group is not None:
                 self._header(Kind.SERVE)
-                self._plan_sent = False
             self._eval()
             outputs = self.engine.step()
             if self.group is not None and not self._plan_sent:
-                import torch
+                from runtime.serve.step import StepPlan
 
-                self._bcast(torch.zeros(1, dtype=torch.int64, device=self.device))
+                StepPlan.broadcast_none(self.bcast)
         elif kind == Kind.TRAIN_MICRO:
             item = self.work.peek()
             if self.group is not None:
                 self._header(Kind.TRAIN_MICRO, *item.header())
-                self.work.broadcast_payload(item, self._bcast)
+                self.work.broadcast_payload(item, self.bcast)
             self.work.run_micro(self.work.pop(), backward=False)
             if not self.policy.cfg.split_backward and self.work.pending_backward():
                 self._backward()
@@ -271,10 +236,7 @@ class Scheduler:
             self.engine.model.eval()
 
     def _publish(self) -> None:
-        m = self.engine.metrics if self.engine is not None else None
-        if m is None:
-            return
-        g = m.gauges
+        g = self.engine.metrics.gauges
         g["weight_version"] = self.weights.version
         for k in ("serve", "train_micro", "train_bwd", "optim"):
             g[f"scheduler_{k}_steps"] = self.stats.counts[k]
@@ -286,24 +248,19 @@ class Scheduler:
     # --- other ranks ----------------------------------------------------------------------------------
     def follow(self) -> bool:
         """Receive and run one step; False once the driver sent STOP."""
-        import torch
-
         head = self._header(Kind.IDLE)
         kind = Kind(head[0])
         if kind == Kind.STOP:
             return False
         if kind == Kind.SERVE:
-            n = int(self._bcast(torch.zeros(1, dtype=torch.int64, device=self.device))[0])
-            if n:
-                flat = self._bcast(torch.zeros(n, dtype=torch.int64, device=self.device)).tolist()
-                from runtime.serve.step import run_plan
+            from runtime.serve.step import StepPlan
 
+            plan = StepPlan.receive(self.bcast)
+            if plan is not None:
                 self._eval()
-                run_plan(self.engine.model, self.engine.cache, decode_step_plan(flat),
-                         getattr(self.engine, "pipe", None))
+                self.engine.run_plan(plan)
         elif kind == Kind.TRAIN_MICRO:
-            item = self.work.receive_payload(head[1:], self._bcast, self.device)
-            self.work.run_micro(item, backward=False)
+            self.work.run_micro(self.work.receive_payload(head[1:], self.bcast), backward=False)
         elif kind == Kind.TRAIN_BWD:
             self.work.run_backward()
         elif kind == Kind.OPTIM:

@@ -1,4 +1,6 @@
-"""Training as schedulable steps on the serving model: `TrainWork` wraps a `runtime.train.Trainer`.
+"""Training as schedulable steps on the serving model: `TrainWork` wraps a `runtime.train.Trainer` (through
+its public API: batch, microbatch_slices, forward_backward, pipeline_step, apply_gradients, mean_over_dp,
+save).
 
 The Trainer's `train_step` runs a whole optimizer step at once; the shared scheduler needs finer steps it
 can interleave with serving: micro-steps (forward + backward of one micro-batch, gradients accumulate) and
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ops import IGNORE_INDEX
 from runtime.sched.rl import RLBatch, batch_loss
 from runtime.sched.scheduler import Kind
 
@@ -57,7 +60,7 @@ class TrainWork:
 
     def __init__(self, trainer, job_steps: int = 0, clip_eps: float = 0.2, reference: bool = False,
                  record: bool = False) -> None:
-        self.pipelined = getattr(trainer, "executor", None) is not None
+        self.pipelined = trainer.pipelined
         if self.pipelined and trainer.schedule.num_stages != trainer.pp:
             raise NotImplementedError(
                 f"serve + train under parallel.pp > 1 needs a schedule with one stage per pipeline rank "
@@ -105,8 +108,8 @@ class TrainWork:
         if self.queue or self.job_left <= 0 or self.pending_micro or self._bwd is not None:
             return
         t = self.trainer
-        inputs, _ = t.data.batch(self.job_cursor, t.dp_rank, t.dp)
-        n = 1 if self.pipelined else len(t._split(inputs.shape[0]))  # pipelined: one executor step
+        inputs, _ = t.batch(self.job_cursor)
+        n = 1 if self.pipelined else len(t.microbatch_slices(inputs.shape[0]))  # pipelined: one executor step
         for i in range(n):
             self.queue.append(TrainItem(Kind.TRAIN_MICRO, "job", step=self.job_cursor, micro=i, micros=n))
         self.queue.append(TrainItem(Kind.OPTIM, "job", step=self.job_cursor))
@@ -144,28 +147,29 @@ class TrainWork:
 
     # --- payload for the other ranks --------------------------------------------------------------------
     def broadcast_payload(self, item: TrainItem, bcast: Callable) -> None:
+        """Driver: a train op's batch to the other ranks (CPU tensors over the control group)."""
         if item.source != "rl":
             return  # job batches: every rank reads its own data share
         b = item.batch
-        dev = self.trainer.device
-        bcast(b.input_ids.to(dev))
-        bcast(b.loss_mask.to(dev))
+        bcast(b.input_ids.cpu())
+        bcast(b.loss_mask.cpu())
         if b.advantages is not None:
-            bcast(b.advantages.to(dev))
+            bcast(b.advantages.cpu())
         if b.old_logprobs is not None:
-            bcast(b.old_logprobs.to(dev))
+            bcast(b.old_logprobs.cpu())
         if b.kl_coef > 0:
-            bcast(torch.tensor([b.kl_coef], dtype=torch.float64, device=dev))
+            bcast(torch.tensor([b.kl_coef], dtype=torch.float64))
 
-    def receive_payload(self, head: list[int], bcast: Callable, device) -> TrainItem:
+    def receive_payload(self, head: list[int], bcast: Callable) -> TrainItem:
+        """The other ranks' side of `broadcast_payload` (head: the step header's fields after the kind)."""
         if head[0] == 0:
             return TrainItem(Kind.TRAIN_MICRO, "job", step=head[1], micro=head[2], micros=head[3])
         rows, cols, loss, has_adv, has_old, has_kl = head[1:7]
-        ids = bcast(torch.zeros(rows, cols, dtype=torch.int64, device=device))
-        mask = bcast(torch.zeros(rows, cols, dtype=torch.float32, device=device))
-        adv = bcast(torch.zeros(rows, dtype=torch.float32, device=device)) if has_adv else None
-        old = bcast(torch.zeros(rows, cols, dtype=torch.float32, device=device)) if has_old else None
-        kl = float(bcast(torch.zeros(1, dtype=torch.float64, device=device))[0]) if has_kl else 0.0
+        ids = bcast(torch.zeros(rows, cols, dtype=torch.int64))
+        mask = bcast(torch.zeros(rows, cols, dtype=torch.float32))
+        adv = bcast(torch.zeros(rows, dtype=torch.float32)) if has_adv else None
+        old = bcast(torch.zeros(rows, cols, dtype=torch.float32)) if has_old else None
+        kl = float(bcast(torch.zeros(1, dtype=torch.float64))[0]) if has_kl else 0.0
         name = {v: k for k, v in LOSS_CODES.items()}[loss]
         return TrainItem(Kind.TRAIN_MICRO, "rl", batch=RLBatch(ids, mask, adv, old, name, kl))
 
@@ -184,12 +188,12 @@ class TrainWork:
         stats: dict[str, float] = {}
         loss = None
         if item.source == "job":
-            inputs, labels = (x.to(t.device) for x in t.data.batch(item.step, t.dp_rank, t.dp))
+            inputs, labels = t.batch(item.step)
             if self.pipelined:  # the whole step's micro-batches through the pipeline schedule
-                ce = t._forward_backward(inputs, labels, t._split(inputs.shape[0]))["ce"]
+                ce = t.forward_backward(inputs, labels, t.microbatch_slices(inputs.shape[0]))["ce"]
                 tokens = int(labels.numel())
             else:
-                sl = t._split(inputs.shape[0])[item.micro]
+                sl = t.microbatch_slices(inputs.shape[0])[item.micro]
                 out, parts = self.model(inputs[sl], labels[sl])
                 loss = out / item.micros
                 ce, tokens = float(parts["ce"].detach()), int(labels[sl].numel())
@@ -234,25 +238,24 @@ class TrainWork:
 
     def _pipelined_ce(self, batch: RLBatch) -> tuple[float, int]:
         """A `ce` op through the pipeline executor: labels are the next tokens where the mask selects them
-        (-100 elsewhere); rows are padded with ignored rows to the schedule's micro-batch count. The
+        (IGNORE_INDEX elsewhere); rows are padded with ignored rows to the schedule's micro-batch count. The
         executor's loss is the token mean over the whole batch, the same as `masked_ce`."""
         if batch.loss != "ce":
             raise ValueError("under parallel.pp > 1 only loss 'ce' is supported (the pipeline executor computes "
                              "the cross-entropy on the last stage)")
         t = self.trainer
         ids, mask = batch.input_ids.to(t.device), batch.loss_mask.to(t.device)
-        labels = torch.where(mask[:, 1:] > 0, ids[:, 1:], torch.full_like(ids[:, 1:], -100))
-        labels = torch.cat([labels, torch.full_like(ids[:, :1], -100)], dim=1)
-        m = t.schedule.chunks
+        labels = torch.where(mask[:, 1:] > 0, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
+        labels = torch.cat([labels, torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
+        m = t.microbatches
         pad = -ids.shape[0] % m
         if pad:
             ids = torch.cat([ids, torch.zeros(pad, ids.shape[1], dtype=ids.dtype, device=ids.device)])
-            labels = torch.cat([labels, torch.full((pad, ids.shape[1]), -100, dtype=labels.dtype,
+            labels = torch.cat([labels, torch.full((pad, ids.shape[1]), IGNORE_INDEX, dtype=labels.dtype,
                                                    device=ids.device)])
         per = ids.shape[0] // m
-        loss = t.executor.run_step([(ids[i * per:(i + 1) * per], labels[i * per:(i + 1) * per])
-                                    for i in range(m)])
-        return float(loss), batch.tokens
+        loss = t.pipeline_step([(ids[i * per:(i + 1) * per], labels[i * per:(i + 1) * per]) for i in range(m)])
+        return loss, batch.tokens
 
     def supports(self, loss: str, kl_coef: float = 0.0) -> str | None:
         """Why a `train` op with this loss cannot run here (None: it can)."""
@@ -309,7 +312,7 @@ class TrainWork:
     def _record(self, job: bool, norm: float, lr: float, version: int, optim_s: float) -> None:
         """metrics.jsonl line (rank 0) and checkpoint (every rank) after an optimizer step. Collective."""
         t, a = self.trainer, self._acc
-        loss = t._mean_over_dp({"ce": a["loss"] / max(1, a["n"])})["ce"]  # the mean over dp shares
+        loss = t.mean_over_dp({"ce": a["loss"] / max(1, a["n"])})["ce"]  # the mean over dp shares
         dt = a["time"] + optim_s
         tokens = a["tokens"] * (getattr(t, "dp", 1) if job else 1)  # job: per-dp shares; ops: whole batch
         self._acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}

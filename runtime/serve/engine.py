@@ -21,8 +21,7 @@ import torch
 
 from runtime.serve.cache import PagedLatentCache, page_hashes
 from runtime.serve.metrics import ServeMetrics
-from runtime.serve.sampling import SamplingParams, logprobs_of, make_generator, sample
-from runtime.serve.step import StepPlan, run_plan
+from runtime.serve.step import PipeStage, SamplingParams, StepPlan, logprobs_of, make_generator, run_plan, sample
 
 __all__ = ["Engine", "EngineError", "RequestOutput", "SamplingParams"]
 
@@ -39,7 +38,7 @@ class EngineError(ValueError):
 class RequestOutput:
     """What one step produced for one request: the new tokens (maybe none) and, at the end, the reason."""
 
-    rid: str
+    key: str
     ids: list[int]
     logprobs: list[float] | None = None
     top_logprobs: list[list[list[float]]] | None = None
@@ -52,7 +51,7 @@ class RequestOutput:
 
 @dataclass
 class Request:
-    rid: str
+    key: str
     prompt: list[int]
     params: SamplingParams
     priority: int
@@ -76,6 +75,10 @@ class Request:
 
 
 class Engine:
+    """The serving engine of one rank. `pipe` (a step.PipeStage): this rank runs only that pipeline stage
+    and its page pool holds only its layers. `group`: the job's control group, over which the ranks agree
+    on the page count when it is sized from free memory (the driver's plans name pages)."""
+
     def __init__(
         self,
         model,
@@ -86,7 +89,8 @@ class Engine:
         page_size: int = 64,
         kv_cache_tokens: int = 0,
         eos_ids: list[int] | None = None,
-        plan_hook: Callable[[StepPlan], None] | None = None,
+        pipe: PipeStage | None = None,
+        group=None,
     ) -> None:
         cfg = model.config
         for name, v in (("max_batch", max_batch), ("max_model_len", max_model_len),
@@ -96,12 +100,13 @@ class Engine:
         self.model = model
         self.max_batch, self.max_model_len = max_batch, max_model_len
         self.max_prefill_tokens, self.page_size = max_prefill_tokens, page_size
+        self.pipe = pipe
         p = model.lm_head.weight
-        n_layers = len(model.model.layers)
+        n_layers = len(model.model.layers) if pipe is None else len(pipe.layer_ids)
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         if kv_cache_tokens <= 0:
             kv_cache_tokens = _tokens_from_free_memory(n_layers * width * p.element_size(), p.device,
-                                                       max_batch * max_model_len)
+                                                       max_batch * max_model_len, group)
         num_pages = max(1, -(-kv_cache_tokens // page_size))
         self.cache = PagedLatentCache(n_layers, num_pages, page_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                                       p.dtype, p.device)
@@ -110,8 +115,7 @@ class Engine:
             eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.eos_ids = set(eos_ids)
         self.vocab_size = cfg.vocab_size
-        self.plan_hook = plan_hook  # multi-rank: broadcast each plan before running it
-        self.pipe = None  # multi-rank pipeline: this rank's PipeStage (set with set_pipeline)
+        self.plan_hook: Callable[[StepPlan], None] | None = None  # the driver broadcasts each plan first
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -119,21 +123,25 @@ class Engine:
         self._seq = itertools.count()
         self._update_gauges()
 
-    def set_pipeline(self, pipe) -> None:
-        """Run only the stage `pipe` (a forward.PipeStage): the page pool then holds only its layers."""
-        c = self.cache
-        self.cache = PagedLatentCache(len(pipe.layer_ids), c.num_pages, c.page_size, c.kv_lora_rank, c.rope_dim,
-                                      c.kv.dtype, c.kv.device)
-        self.pipe = pipe
-        self._update_gauges()
+    @classmethod
+    def from_config(cls, model, serve: dict, pipe: PipeStage | None = None, group=None) -> Engine:
+        """The engine of a job config's `[serve]` section."""
+        return cls(model, max_batch=serve["max_batch"], max_model_len=serve["max_model_len"],
+                   max_prefill_tokens=serve["max_prefill_tokens"], page_size=serve["page_size"],
+                   kv_cache_tokens=serve["kv_cache_tokens"], pipe=pipe, group=group)
+
+    def run_plan(self, plan: StepPlan) -> torch.Tensor:
+        """This rank's part of a step's forward (the driver's `step` calls it; the other ranks run the plans
+        they receive): logits of the wanted rows where this rank gets them."""
+        return run_plan(self.model, self.cache, plan, self.pipe)
 
     # --- public API -----------------------------------------------------------------------------------
     def add_request(
-        self, rid: str, prompt_ids: list[int], params: SamplingParams | None = None, priority: int = 0
+        self, key: str, prompt_ids: list[int], params: SamplingParams | None = None, priority: int = 0
     ) -> None:
         params = params or SamplingParams()
-        if rid in self.requests:
-            raise EngineError("bad_request", f"request id {rid!r} is already active")
+        if key in self.requests:
+            raise EngineError("bad_request", f"request id {key!r} is already active")
         try:
             params.validate()
         except ValueError as e:
@@ -150,17 +158,17 @@ class Engine:
         if -(-total // self.page_size) > self.cache.num_pages:
             raise EngineError("too_long", f"{total} tokens need more pages than the whole KV cache "
                                           f"({self.cache.num_pages} x {self.page_size})")
-        req = Request(rid, list(prompt_ids), params, int(priority), next(self._seq), time.perf_counter())
+        req = Request(key, list(prompt_ids), params, int(priority), next(self._seq), time.perf_counter())
         req.tokens = list(prompt_ids)
         req.generator = None if params.temperature == 0.0 else make_generator(params.seed)
-        self.requests[rid] = req
+        self.requests[key] = req
         self.waiting.append(req)
         self.metrics.inc("requests_total")
         self._update_gauges()
 
-    def abort(self, rid: str) -> RequestOutput | None:
+    def abort(self, key: str) -> RequestOutput | None:
         """End a request now (finish_reason "abort"), returning its pages; None if it is not active."""
-        req = self.requests.get(rid)
+        req = self.requests.get(key)
         if req is None:
             return None
         self.metrics.inc("requests_aborted_total")
@@ -186,7 +194,7 @@ class Engine:
                          self.page_size, want)
             if self.plan_hook is not None:
                 self.plan_hook(plan)
-            logits = run_plan(self.model, self.cache, plan, self.pipe).cpu()
+            logits = self.run_plan(plan).cpu()
             self.metrics.inc("steps_total")
             now = time.perf_counter()
             row = 0
@@ -290,7 +298,7 @@ class Engine:
         tok = sample(logits, p, req.generator)
         req.output.append(tok)
         req.tokens.append(tok)
-        out = RequestOutput(req.rid, [tok], prompt_tokens=len(req.prompt))
+        out = RequestOutput(req.key, [tok], prompt_tokens=len(req.prompt))
         if p.logprobs:
             lp, top = logprobs_of(logits, tok, p.logprobs)
             req.logprobs.append(lp)
@@ -320,13 +328,13 @@ class Engine:
         if req in self.waiting:
             self.waiting.remove(req)
         self._release(req)
-        del self.requests[req.rid]
+        del self.requests[req.key]
         self.metrics.observe("e2e_latency_seconds", time.perf_counter() - req.arrival)
         if reason != "abort":
             self.metrics.inc("requests_finished_total")
         self.metrics.inc("prompt_tokens_total", len(req.prompt))
         return RequestOutput(
-            req.rid, [], finished=True, finish_reason=reason, prompt_tokens=len(req.prompt),
+            req.key, [], finished=True, finish_reason=reason, prompt_tokens=len(req.prompt),
             completion_tokens=len(req.output), cached_tokens=req.cached_tokens,
         )
 
@@ -352,9 +360,9 @@ class Engine:
         g["kv_cache_usage"] = used / self.cache.num_pages
 
 
-def _tokens_from_free_memory(bytes_per_token: int, device: torch.device, cap: int) -> int:
+def _tokens_from_free_memory(bytes_per_token: int, device: torch.device, cap: int, group=None) -> int:
     """KV capacity when serve.kv_cache_tokens = 0: half the free accelerator memory, or on CPU a tenth of
-    the available RAM, never more than max_batch * max_model_len tokens."""
+    the available RAM, never more than max_batch * max_model_len tokens; the minimum over `group`."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = free // 2
@@ -363,4 +371,11 @@ def _tokens_from_free_memory(bytes_per_token: int, device: torch.device, cap: in
             budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 10
         except (ValueError, OSError, AttributeError):
             budget = 1 << 30
-    return max(1, min(cap, budget // max(1, bytes_per_token)))
+    n = max(1, min(cap, budget // max(1, bytes_per_token)))
+    if group is not None:
+        import torch.distributed as dist
+
+        t = torch.tensor([n], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+        n = int(t[0])
+    return n

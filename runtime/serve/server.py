@@ -1,10 +1,16 @@
-"""ZeroMQ ROUTER server in front of the serving engine (one thread: receive, validate, step, reply).
+"""The ZeroMQ ROUTER server: one thread receives, validates, asks the shared scheduler for a step, replies.
 
-Loopback by default. Frames are msgpack maps (never pickle), validated by `runtime.serve.protocol` before they
-reach the engine; every problem gets an `error` reply and the loop goes on. Memory stays bounded: frames
-above the soft bound get `bad_request` (above a hard bound ZeroMQ drops the sender), at most
-`serve.max_queue` requests wait, a request's outputs are bounded by its max_tokens, and socket queues have
-high-water marks. Request ids are per connection: the engine key is (peer identity, id).
+There is one serving loop for every way of serving: the server always drives a `runtime.sched.Scheduler`,
+whose training side is empty unless the job trains (`moerun serve --train`), on one rank or on the driver
+rank of many. Loopback by default. Frames are msgpack maps (never pickle), validated by
+`runtime.serve.protocol` before they reach the engine; every problem gets an `error` reply and the loop goes
+on. Memory stays bounded: frames above the soft bound get `bad_request` (above a hard bound ZeroMQ drops the
+sender), at most `serve.max_queue` requests wait, a request's outputs are bounded by its max_tokens, and
+socket queues have high-water marks.
+
+Request ids are per connection: the wire `id` is the client's `request_id`; the engine is keyed by
+`key` = connection identity + ":" + request_id. Every token reply carries the weight version that computed
+it (`done` also lists `weight_versions`, one per generated token).
 """
 
 from __future__ import annotations
@@ -21,37 +27,42 @@ from runtime.serve.protocol import (
     MAX_FRAME_BYTES,
     GenerateRequest,
     ProtocolError,
+    TrainRequest,
     decode_frame,
     encode,
     error_reply,
+    request_id_of,
     validate_request,
 )
 
-__all__ = ["Server"]
+__all__ = ["Server", "MAX_TRAIN_QUEUE"]
 
-MAX_RECV_PER_TURN = 512  # frames taken per loop turn before the engine steps again
-HEALTH_TIMEOUT_S = 60.0
+MAX_RECV_PER_TURN = 512  # frames taken per loop turn before the scheduler steps again
+MAX_TRAIN_QUEUE = 256  # queued train ops at most (each holds its batch)
+HEALTH_PRIORITY = 2**31 - 1
 
 
 @dataclass
 class _Active:
     envelope: list[bytes]
-    cid: str  # client's id
+    request_id: str
     req: GenerateRequest
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # weight version of each generated token
 
 
 class Server:
-    """`Server(engine, bind=...)`; `serve_forever()` or `start()` in a thread; `endpoint` is the bound address.
+    """`Server(scheduler, bind=...)`; `serve_forever()` or `start()` in a thread; `endpoint` is the bound address.
 
-    `engine` is a `runtime.serve.Engine`; `tokenizer` (optional) turns `prompt` strings into ids.
+    `scheduler` is a `runtime.sched.Scheduler` (its engine serves; its work, if any, trains); `tokenizer`
+    (optional) turns `prompt` strings into ids and generated ids into `text`.
     """
 
     def __init__(
         self,
-        engine,
+        scheduler,
         *,
         bind: str = "tcp://127.0.0.1:5555",
         max_queue: int = 1024,
@@ -60,12 +71,12 @@ class Server:
         info: dict | None = None,
         context: zmq.Context | None = None,
     ) -> None:
-        self.engine = engine
+        self.scheduler = scheduler
+        self.engine = scheduler.engine
         self.max_queue = max_queue
         self.max_frame_bytes = max_frame_bytes
         self.tokenizer = tokenizer
         self.extra_info = info or {}
-        self.weight_version = 0
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -74,20 +85,27 @@ class Server:
         self.sock.setsockopt(zmq.SNDHWM, 100000)
         self.sock.bind(bind)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.active: dict[str, _Active] = {}
+        self.active: dict[str, _Active] = {}  # by engine key
         self._health_waiters: list[tuple[list[bytes], str | None, float]] = []
-        self._health_rid: str | None = None
+        self._health_key: str | None = None
         self._health_n = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.on_idle = None  # called about every 50 ms while there is nothing to do (multi-rank keep-alive)
         self.started = time.time()
+
+    @property
+    def weight_version(self) -> int:
+        return self.scheduler.weights.version
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> Server:
         self._thread = threading.Thread(target=self.serve_forever, name="moerun-server", daemon=True)
         self._thread.start()
         return self
+
+    def request_stop(self) -> None:
+        """Ask the loop to end after the current turn (safe from a signal handler or another thread)."""
+        self._stop.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -99,7 +117,7 @@ class Server:
         poller.register(self.sock, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                busy = self._busy()
+                busy = self.scheduler.has_work()
                 if dict(poller.poll(0 if busy else 50)).get(self.sock):
                     for _ in range(MAX_RECV_PER_TURN):
                         try:
@@ -107,23 +125,15 @@ class Server:
                         except zmq.Again:
                             break
                         self._handle(parts)
-                self._turn(busy)
+                if self.scheduler.has_work():
+                    self._step()
+                else:
+                    self.scheduler.keepalive()
         finally:
-            self._close()
-
-    # the loop's three hooks (CoServer runs the shared scheduler in them)
-    def _busy(self) -> bool:
-        return self.engine.has_work()
-
-    def _turn(self, busy: bool) -> None:
-        """After the turn's messages: one engine step if there is work, else the idle hook."""
-        if self.engine.has_work():
-            self._step()
-        elif self.on_idle is not None:
-            self.on_idle()
-
-    def _close(self) -> None:
-        self.sock.close(0)
+            try:
+                self.scheduler.stop()
+            finally:
+                self.sock.close(0)
 
     # --- requests -------------------------------------------------------------------------------------
     def _send(self, envelope: list[bytes], msg: dict) -> None:
@@ -137,27 +147,29 @@ class Server:
         else:
             self._send(parts[:1], error_reply("bad_request", f"expected one frame per message, got {len(parts) - 1}"))
             return
-        rid = None
+        request_id = None
         try:
             msg = decode_frame(frame, self.max_frame_bytes)
-            rid = msg.get("id") if isinstance(msg.get("id"), str) and len(msg["id"]) <= 256 else None
+            request_id = request_id_of(msg)
             op, payload = validate_request(
                 msg, vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len
             )
             getattr(self, f"_op_{op}")(envelope, payload)
         except ProtocolError as e:
             self.engine.metrics.inc("errors_total")
-            self._send(envelope, error_reply(e.code, e.message, e.rid if e.rid is not None else rid))
+            rid = e.request_id if e.request_id is not None else request_id
+            self._send(envelope, error_reply(e.code, e.message, rid))
         except Exception as e:  # never let one request take the server down
             self.engine.metrics.inc("errors_total")
-            self._send(envelope, error_reply("internal", f"{type(e).__name__}: {e}", rid))
+            self._send(envelope, error_reply("internal", f"{type(e).__name__}: {e}", request_id))
 
-    def _key(self, envelope: list[bytes], cid: str) -> str:
-        return envelope[0].hex() + ":" + cid
+    @staticmethod
+    def _key(envelope: list[bytes], request_id: str) -> str:
+        return envelope[0].hex() + ":" + request_id
 
     def _op_generate(self, envelope: list[bytes], req: GenerateRequest) -> None:
         from runtime.serve.engine import EngineError
-        from runtime.serve.sampling import SamplingParams
+        from runtime.serve.step import SamplingParams
 
         key = self._key(envelope, req.id)
         if key in self.active:
@@ -181,48 +193,71 @@ class Server:
             raise ProtocolError(e.code, str(e), req.id) from None
         self.active[key] = _Active(envelope, req.id, req)
 
-    def _op_abort(self, envelope: list[bytes], cid: str) -> None:
-        key = self._key(envelope, cid)
+    def _op_abort(self, envelope: list[bytes], request_id: str) -> None:
+        key = self._key(envelope, request_id)
         if key not in self.active:
             # Another connection's request (e.g. `moerun client abort`): only when the id is unambiguous.
-            others = [k for k, a in self.active.items() if a.cid == cid]
+            others = [k for k, a in self.active.items() if a.request_id == request_id]
             if len(others) != 1:
                 why = "no active request" if not others else f"{len(others)} active requests"
-                raise ProtocolError("bad_request", f"{why} with id {cid!r}", cid)
+                raise ProtocolError("bad_request", f"{why} with id {request_id!r}", request_id)
             key = others[0]
             if envelope != self.active[key].envelope:
-                self._send(envelope, {"op": "aborted", "id": cid})
+                self._send(envelope, {"op": "aborted", "id": request_id})
         out = self.engine.abort(key)
         if out is not None:
             self._deliver(out)
 
-    def _op_health(self, envelope: list[bytes], cid: str | None) -> None:
+    def _op_health(self, envelope: list[bytes], request_id: str | None) -> None:
         """A real one-token generation through the engine; replies when it is done."""
-        from runtime.serve.sampling import SamplingParams
+        from runtime.serve.step import SamplingParams
 
         if len(self._health_waiters) >= self.max_queue:
-            raise ProtocolError("queue_full", "too many health checks in flight", cid)
-        self._health_waiters.append((envelope, cid, time.perf_counter()))
-        if self._health_rid is None:
+            raise ProtocolError("queue_full", "too many health checks in flight", request_id)
+        self._health_waiters.append((envelope, request_id, time.perf_counter()))
+        if self._health_key is None:
             self._health_n += 1
-            self._health_rid = f"health:{self._health_n}"
+            self._health_key = f"health:{self._health_n}"
             bos = self.engine.model.config.bos_token_id
             prompt = [bos if isinstance(bos, int) and 0 <= bos < self.engine.vocab_size else 0]
-            self.engine.add_request(self._health_rid, prompt, SamplingParams(max_tokens=1, ignore_eos=True),
-                                    priority=2**31 - 1)
+            self.engine.add_request(self._health_key, prompt, SamplingParams(max_tokens=1, ignore_eos=True),
+                                    priority=HEALTH_PRIORITY)
 
-    def _op_info(self, envelope: list[bytes], cid: str | None) -> None:
-        self._send(envelope, self._with_id({"op": "info", **self.info()}, cid))
+    def _op_info(self, envelope: list[bytes], request_id: str | None) -> None:
+        self._send(envelope, self._with_id({"op": "info", **self.info()}, request_id))
 
-    def _op_metrics(self, envelope: list[bytes], cid: str | None) -> None:
+    def _op_metrics(self, envelope: list[bytes], request_id: str | None) -> None:
         m = self.engine.metrics
         self._send(envelope, self._with_id(
-            {"op": "metrics", "metrics": m.as_dict(), "prometheus": m.prometheus()}, cid))
+            {"op": "metrics", "metrics": m.as_dict(), "prometheus": m.prometheus()}, request_id))
+
+    def _op_train(self, envelope: list[bytes], req: TrainRequest) -> None:
+        from runtime.sched.rl import RLBatch
+
+        work = self.scheduler.work
+        if work is None:
+            raise ProtocolError("bad_request", "this server does not train: start it with `moerun serve "
+                                "--train` (or give the Scheduler a TrainWork)", req.id)
+        why = work.supports(req.loss, req.kl_coef)
+        if why is not None:
+            raise ProtocolError("bad_request", why, req.id)
+        if len(work.queue) >= MAX_TRAIN_QUEUE:
+            raise ProtocolError("queue_full", f"{len(work.queue)} training steps are queued; retry later", req.id)
+        batch = RLBatch.from_lists(req.input_ids, req.loss_mask, req.advantages, req.old_logprobs, req.loss,
+                                   req.kl_coef)
+
+        def done(result: dict) -> None:
+            if "error" in result:
+                self._send(envelope, error_reply("internal", result["error"], req.id))
+            else:
+                self._send(envelope, {"op": "trained", "id": req.id, **result})
+
+        work.submit(batch, req.optimizer_step, done)
 
     @staticmethod
-    def _with_id(msg: dict, cid: str | None) -> dict:
-        if cid is not None:
-            msg["id"] = cid
+    def _with_id(msg: dict, request_id: str | None) -> dict:
+        if request_id is not None:
+            msg["id"] = request_id
         return msg
 
     def info(self) -> dict[str, Any]:
@@ -253,19 +288,28 @@ class Server:
                 "dtype": str(e.cache.kv.dtype).removeprefix("torch."),
             },
             "tokenizer": self.tokenizer is not None,
+            "training": self.scheduler.work is not None,
             "weight_version": self.weight_version,
             "uptime_s": time.time() - self.started,
         }
 
-    # --- engine steps -----------------------------------------------------------------------------------
+    # --- scheduler steps --------------------------------------------------------------------------------
     def _step(self) -> None:
+        from runtime.sched.scheduler import Kind
+
         try:
-            outputs = self.engine.step()
-        except Exception as exc:  # a failed step: fail everyone in flight, keep serving
-            self._fail_in_flight(f"engine step failed: {type(exc).__name__}: {exc}")
+            kind, outputs = self.scheduler.step()
+        except Exception as exc:
+            msg = f"step failed: {type(exc).__name__}: {exc}"
+            self._fail_in_flight(msg)
+            if self.scheduler.work is not None:
+                self.scheduler.work.fail_all(msg)
+            if self.scheduler.group is not None:
+                raise  # other ranks may be mid-step: going on would desynchronise them; the job ends
             return
-        for out in outputs:
-            self._deliver(out)
+        if kind == Kind.SERVE:
+            for out in outputs:
+                self._deliver(out)
 
     def _fail_in_flight(self, msg: str) -> None:
         """After a failed step: end every request in the engine and every waiting health check with an
@@ -276,50 +320,54 @@ class Server:
             self.engine.abort(key)
             act = self.active.pop(key, None)
             if act is not None:
-                ended.append((act.envelope, act.cid))
-        waiters, self._health_waiters, self._health_rid = self._health_waiters, [], None
-        for envelope, cid in ended:
-            self._send(envelope, error_reply("internal", msg, cid))
-        for envelope, cid, _ in waiters:
-            self._send(envelope, self._with_id(error_reply("internal", msg), cid))
+                ended.append((act.envelope, act.request_id))
+        waiters, self._health_waiters, self._health_key = self._health_waiters, [], None
+        for envelope, request_id in ended:
+            self._send(envelope, error_reply("internal", msg, request_id))
+        for envelope, request_id, _ in waiters:
+            self._send(envelope, self._with_id(error_reply("internal", msg), request_id))
 
     def _deliver(self, out) -> None:
-        if out.rid == self._health_rid:
+        if out.key == self._health_key:
             if out.finished:
-                ok = len(out.ids) == 1 or out.completion_tokens == 1
-                now = time.perf_counter()
-                waiters, self._health_waiters, self._health_rid = self._health_waiters, [], None
-                for envelope, cid, t0 in waiters:
-                    self._send(envelope, self._with_id(
-                        {"op": "health", "ok": ok, "status": "ok" if ok else "degraded",
-                         "latency_s": now - t0, "running": len(self.engine.running),
-                         "waiting": len(self.engine.waiting), "weight_version": self.weight_version}, cid))
+                self._answer_health(len(out.ids) == 1 or out.completion_tokens == 1)
             return
-        act = self.active.get(out.rid)
+        act = self.active.get(out.key)
         if act is None:
             return
+        version = self.weight_version
         act.ids.extend(out.ids)
+        act.versions.extend([version] * len(out.ids))
         lp = act.req.logprobs > 0
         if lp and out.logprobs:
             act.logprobs.extend(out.logprobs)
             act.top_logprobs.extend(out.top_logprobs)
         if act.req.stream and out.ids:
-            msg = {"op": "token", "id": act.cid, "ids": out.ids, "weight_version": self.weight_version}
+            msg = {"op": "token", "id": act.request_id, "ids": out.ids, "weight_version": version}
             if lp:
                 msg["logprobs"], msg["top_logprobs"] = out.logprobs, out.top_logprobs
             if act.req.prompt is not None and self.tokenizer is not None:
                 msg["text"] = self.tokenizer.decode(out.ids)
             self._send(act.envelope, msg)
         if out.finished:
-            del self.active[out.rid]
+            del self.active[out.key]
             done = {
-                "op": "done", "id": act.cid, "ids": act.ids, "finish_reason": out.finish_reason,
+                "op": "done", "id": act.request_id, "ids": act.ids, "finish_reason": out.finish_reason,
                 "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(act.ids),
                           "cached_tokens": out.cached_tokens},
-                "weight_version": self.weight_version,
+                "weight_version": version, "weight_versions": act.versions,
             }
             if lp:
                 done["logprobs"], done["top_logprobs"] = act.logprobs, act.top_logprobs
             if act.req.prompt is not None and self.tokenizer is not None:
                 done["text"] = self.tokenizer.decode(act.ids)
             self._send(act.envelope, done)
+
+    def _answer_health(self, ok: bool) -> None:
+        now = time.perf_counter()
+        waiters, self._health_waiters, self._health_key = self._health_waiters, [], None
+        for envelope, request_id, t0 in waiters:
+            self._send(envelope, self._with_id(
+                {"op": "health", "ok": ok, "status": "ok" if ok else "degraded", "latency_s": now - t0,
+                 "running": len(self.engine.running), "waiting": len(self.engine.waiting),
+                 "weight_version": self.weight_version}, request_id))

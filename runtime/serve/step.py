@@ -1,16 +1,21 @@
-"""One serving step's forward: prefill chunks and decode tokens of many sequences in one batched pass.
+"""One serving step: its plan, its forward over the paged latent cache, and the sampling of its tokens.
 
 The step is described by a `StepPlan` of plain integers (token ids, positions, cache slots, per-sequence
-segments and block tables), so rank 0 can broadcast it and every rank runs the same forward on its own
-copy of the page pool. Token-wise work (embedding, projections, norms, MoE) runs once over all the step's
-tokens; attention splits by segment: decode tokens (one new token after a cached prefix) use the absorbed
-form straight over the paged latent cache (`ops.kernels.mla_decode_paged`: the Triton kernel on CUDA,
-the torch reference elsewhere); prefill chunks use the expanded form over their sequence's gathered
-latents, causal from their offset.
+segments and block tables), so the driver rank can broadcast it (one wire encoding: a flat int64 tensor over
+the control group) and every rank runs the same forward on its own copy of the page pool. The forward is the
+model's own decoder layers (`DecoderLayer.forward`) with a `PagedAttention` context: token-wise work
+(embedding, projections, norms, MoE with its all-to-all) runs once over all the step's tokens; attention
+splits by segment: decode tokens (one new token after a cached prefix) use the absorbed form straight over
+the paged latent cache (`ops.kernels.mla_decode_paged`: Triton on CUDA, the torch reference elsewhere);
+prefill chunks use the expanded form over their sequence's gathered latents, causal from their offset.
+
+Sampling (greedy, temperature, top-k, top-p, with a per-request generator so a seed reproduces the samples
+whatever else is in the batch) and log-probabilities of the model's own distribution run on the driver.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,29 +23,78 @@ import torch
 from ops.kernels import mla_decode_paged
 from ops.mla import absorb_query, mla_expanded, split_kv_b
 from ops.paged_attention import gather_kv, write_kv_slots
-from runtime.serve.cache import PagedLatentCache
 
-__all__ = ["PipeStage", "StepPlan", "run_plan"]
+__all__ = ["MAX_PLAN_INTS", "PagedAttention", "PipeStage", "SamplingParams", "StepPlan", "logprobs_of",
+           "make_generator", "run_plan", "sample"]
+
+MAX_LOGPROBS = 20
+MAX_PLAN_INTS = 8 << 20  # one broadcast plan: a few integers per scheduled token and page
 
 
+# --- sampling -------------------------------------------------------------------------------------------------
 @dataclass
-class PipeStage:
-    """This rank's place in a forward-only serving pipeline (global ranks for point-to-point sends).
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+    stop_ids: list[int] = field(default_factory=list)
+    logprobs: int = 0  # 0: none; k in 1..20: chosen token's logprob + the k best
+    ignore_eos: bool = False
 
-    The stage runs decoder layers `layer_ids` (its page pool holds only those layers, in that order); the
-    first stage embeds, the last applies the final norm and LM head. `logits_to` is the global rank the last
-    stage sends the wanted logits rows to (the engine's rank), or None on stages that send none;
-    `logits_from` is where the engine's rank receives them.
-    """
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not (self.temperature >= 0.0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
 
-    layer_ids: list[int]
-    first: bool
-    last: bool
-    prev_rank: int | None = None
-    next_rank: int | None = None
-    logits_to: int | None = None
-    logits_from: int | None = None
-    micro: int = 1  # split each step into this many micro-batches, which flow through the stages together
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token id from a logits row [V] (fp32)."""
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits))
+    scores = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def logprobs_of(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[list[float]]]:
+    """(log p(token), [[id, logprob] x k best]) under log_softmax of the raw logits (before temperature)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(lp, k) if k > 0 else None
+    best = [] if top is None else [[int(i), float(v)] for v, i in zip(top.values, top.indices)]
+    return float(lp[token]), best
+
+
+# --- the plan --------------------------------------------------------------------------------------------------
+_TOKEN_FIELDS = ("ids", "positions", "slots")
+_SEGMENT_FIELDS = ("starts", "lens", "offsets")
 
 
 @dataclass
@@ -72,15 +126,11 @@ class StepPlan:
             self.positions.append(p)
             self.slots.append(pages[p // page_size] * page_size + p % page_size)
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> StepPlan:
-        return cls(**d)
-
     def __len__(self) -> int:
         return len(self.starts)
+
+    def is_decode(self, i: int) -> bool:
+        return self.lens[i] == 1 and self.offsets[i] > 0
 
     def split(self, parts: int) -> list[StepPlan]:
         """Consecutive groups of segments with about equal token counts: the step's micro-batches."""
@@ -90,7 +140,7 @@ class StepPlan:
             cur.starts.append(len(cur.ids))
             for name in ("lens", "offsets", "pages", "want_logits"):
                 getattr(cur, name).append(getattr(self, name)[i])
-            for name in ("ids", "positions", "slots"):
+            for name in _TOKEN_FIELDS:
                 getattr(cur, name).extend(getattr(self, name)[s : s + n])
             acc += n
             if len(out) < parts - 1 and acc * parts >= total * (len(out) + 1) and i < len(self) - 1:
@@ -99,13 +149,132 @@ class StepPlan:
         out.append(cur)
         return out
 
+    # the one wire encoding: [n_tokens, n_segments, token fields, segment fields, want, page counts, pages]
+    def encode(self) -> list[int]:
+        out = [len(self.ids), len(self.starts)]
+        for name in _TOKEN_FIELDS + _SEGMENT_FIELDS:
+            out.extend(getattr(self, name))
+        out.extend(int(w) for w in self.want_logits)
+        out.extend(len(p) for p in self.pages)
+        for p in self.pages:
+            out.extend(p)
+        return out
 
-def _is_decode(plan: StepPlan, i: int) -> bool:
-    return plan.lens[i] == 1 and plan.offsets[i] > 0
+    @classmethod
+    def decode(cls, flat: list[int]) -> StepPlan:
+        n_tok, n_seg = flat[0], flat[1]
+        pos, vals = 2, {}
+        for name in _TOKEN_FIELDS + _SEGMENT_FIELDS:
+            n = n_tok if name in _TOKEN_FIELDS else n_seg
+            vals[name] = flat[pos : pos + n]
+            pos += n
+        want = [bool(w) for w in flat[pos : pos + n_seg]]
+        counts = flat[pos + n_seg : pos + 2 * n_seg]
+        pos += 2 * n_seg
+        pages = []
+        for c in counts:
+            pages.append(flat[pos : pos + c])
+            pos += c
+        return cls(pages=pages, want_logits=want, **vals)
+
+    def broadcast(self, bcast: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Driver side: send this plan (length, then the flat ints) through `bcast` (a broadcast from the
+        driver). A plan over `MAX_PLAN_INTS` is refused before anything is sent, so the ranks stay in step."""
+        flat = self.encode()
+        if len(flat) > MAX_PLAN_INTS:
+            raise ValueError(f"step plan of {len(flat)} integers exceeds MAX_PLAN_INTS = {MAX_PLAN_INTS}; "
+                             "nothing was sent (lower serve.max_batch or serve.max_prefill_tokens)")
+        bcast(torch.tensor([len(flat)], dtype=torch.int64))
+        bcast(torch.tensor(flat, dtype=torch.int64))
+
+    @staticmethod
+    def broadcast_none(bcast: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Driver side: this serving step ran nothing (the followers' `receive` returns None)."""
+        bcast(torch.zeros(1, dtype=torch.int64))
+
+    @classmethod
+    def receive(cls, bcast: Callable[[torch.Tensor], torch.Tensor]) -> StepPlan | None:
+        """Follower side of `broadcast` / `broadcast_none`; a length outside the bound is refused before
+        anything is allocated for it (a corrupt or mismatched sender)."""
+        n = int(bcast(torch.zeros(1, dtype=torch.int64))[0])
+        if n == 0:
+            return None
+        if not 2 <= n <= MAX_PLAN_INTS:
+            raise ValueError(f"broadcast step plan length {n} is outside [2, {MAX_PLAN_INTS}] (MAX_PLAN_INTS): "
+                             "a corrupt or mismatched sender")
+        return cls.decode(bcast(torch.zeros(n, dtype=torch.int64)).tolist())
+
+
+# --- attention over the page pool ------------------------------------------------------------------------------
+class PagedAttention:
+    """The attention context of one serving step (see `runtime.model.deepseek.MLA.forward`): writes the
+    step's latents into the page pool and attends each segment over its cached prefix. `layer_slots` maps a
+    decoder layer id to its index in the pool (a pipeline stage's pool holds only its layers)."""
+
+    def __init__(self, cache, plan: StepPlan, layer_slots: dict[int, int], device: torch.device) -> None:
+        self.cache, self.plan, self.layer_slots = cache, plan, layer_slots
+        self.slots = torch.tensor(plan.slots, dtype=torch.long, device=device)
+        self.decode = [i for i in range(len(plan)) if plan.is_decode(i)]
+        self.prefill = [i for i in range(len(plan)) if not plan.is_decode(i)]
+        self.dec_rows = torch.tensor([plan.starts[i] for i in self.decode], dtype=torch.long, device=device)
+        if self.decode:
+            width = max(len(plan.pages[i]) for i in self.decode)
+            self.table = torch.zeros(len(self.decode), width, dtype=torch.int32, device=device)
+            for j, i in enumerate(self.decode):
+                self.table[j, : len(plan.pages[i])] = torch.tensor(plan.pages[i], dtype=torch.int32)
+            self.seq_lens = torch.tensor([plan.offsets[i] + 1 for i in self.decode], dtype=torch.int32,
+                                         device=device)
+            self.max_len = max(plan.offsets[i] + 1 for i in self.decode)
+        self.page_rows = {i: torch.tensor(plan.pages[i], dtype=torch.long, device=device) for i in self.prefill}
+
+    def attend(self, layer_idx: int, attn, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+               k_pe: torch.Tensor) -> torch.Tensor:
+        """q_nope [1,N,h,dn], q_pe [1,N,h,dr], latent [1,N,r], k_pe [1,N,dr] -> out [1,N,h,dv]."""
+        plan, r = self.plan, self.cache.kv_lora_rank
+        kv_pages = self.cache.layer(self.layer_slots[layer_idx])
+        write_kv_slots(kv_pages, self.slots, latent[0], k_pe[0])
+        n, heads, dn = q_nope.shape[1], q_nope.shape[2], q_nope.shape[3]
+        w = attn.kv_b_proj.weight
+        out = q_nope.new_empty(n, heads, w.shape[0] // heads - dn)
+        if self.decode:
+            w_uk, w_uv = split_kv_b(w, heads, dn)
+            q_lat = absorb_query(q_nope[:, self.dec_rows], w_uk)[0]  # [B, H, r]
+            o_lat = mla_decode_paged(q_lat, q_pe[0, self.dec_rows], kv_pages, self.table, self.seq_lens,
+                                     attn.scale, max_seq_len=self.max_len)
+            out[self.dec_rows] = torch.einsum("bhr,hvr->bhv", o_lat, w_uv)
+        for i in self.prefill:
+            s, t, off = plan.starts[i], plan.lens[i], plan.offsets[i]
+            lat, kpe = gather_kv(kv_pages, self.page_rows[i], off + t, r)
+            o = mla_expanded(q_nope[:, s : s + t], q_pe[:, s : s + t], lat[None], kpe[None], w, attn.scale,
+                             q_offset=off)
+            out[s : s + t] = o[0]
+        return out[None]
+
+
+# --- the forward ------------------------------------------------------------------------------------------------
+@dataclass
+class PipeStage:
+    """This rank's place in a forward-only serving pipeline.
+
+    The stage runs decoder layers `layer_ids` (its page pool holds only those layers, in that order); the
+    first stage embeds, the last applies the final norm and LM head. `group` is the pipeline's process group
+    (`mesh.group("pp")`) and `prev`, `next`, `logits_to`, `logits_from` are group ranks: the neighbours, the
+    rank the last stage sends the wanted logits rows to (the engine's), and where the engine's rank receives
+    them (None where a rank sends or receives none)."""
+
+    layer_ids: list[int]
+    first: bool
+    last: bool
+    group: object = None
+    prev: int | None = None
+    next: int | None = None
+    logits_to: int | None = None
+    logits_from: int | None = None
+    micro: int = 1  # split each step into this many micro-batches, which flow through the stages together
 
 
 @torch.no_grad()
-def run_plan(model, cache: PagedLatentCache, plan: StepPlan, pipe: PipeStage | None = None) -> torch.Tensor:
+def run_plan(model, cache, plan: StepPlan, pipe: PipeStage | None = None) -> torch.Tensor:
     """Run the step; returns fp32 logits [n_wanted, V], one row per segment with want_logits, in order.
 
     With `pipe`, only this stage's layers run: hidden states come from the previous stage and go to the
@@ -114,107 +283,50 @@ def run_plan(model, cache: PagedLatentCache, plan: StepPlan, pipe: PipeStage | N
     micro-batch k, stage s already computes k+1 (every rank cuts the same plan the same way).
     """
     if pipe is None:
-        return _run(model, cache, plan, None, [])
+        return _forward(model, cache, plan, None, [])
     import torch.distributed as dist
 
     works: list = []
     subs = plan.split(max(1, min(pipe.micro, len(plan))))
-    outs = [_run(model, cache, sub, pipe, works) for sub in subs]
+    outs = [_forward(model, cache, sub, pipe, works) for sub in subs]
     if pipe.logits_from is not None and not pipe.last:  # the engine's rank: logits come back in order
         outs = []
         for sub in subs:
             logits = torch.empty(sum(sub.want_logits), model.config.vocab_size, dtype=torch.float32,
                                  device=model.lm_head.weight.device)
             if logits.shape[0]:
-                dist.recv(logits, pipe.logits_from)
+                dist.recv(logits, group=pipe.group, group_src=pipe.logits_from)
             outs.append(logits)
-    for w in works:
-        w.wait()
+    for work, _ in works:
+        work.wait()
     return torch.cat(outs) if outs else torch.zeros(0, model.config.vocab_size)
 
 
-def _run(model, cache: PagedLatentCache, plan: StepPlan, pipe: PipeStage | None, works: list) -> torch.Tensor:
+def _forward(model, cache, plan: StepPlan, pipe: PipeStage | None, works: list) -> torch.Tensor:
     import torch.distributed as dist
 
     dev = model.lm_head.weight.device
-    ids = torch.tensor(plan.ids, dtype=torch.long, device=dev)[None]
-    positions = torch.tensor(plan.positions, dtype=torch.long, device=dev)
-    slots = torch.tensor(plan.slots, dtype=torch.long, device=dev)
-    n = ids.shape[1]
-    decode = [i for i in range(len(plan)) if _is_decode(plan, i)]
-    prefill = [i for i in range(len(plan)) if not _is_decode(plan, i)]
-    dec_rows = torch.tensor([plan.starts[i] for i in decode], dtype=torch.long, device=dev)
-    if decode:
-        width = max(len(plan.pages[i]) for i in decode)
-        table = torch.zeros(len(decode), width, dtype=torch.int32, device=dev)
-        for j, i in enumerate(decode):
-            table[j, : len(plan.pages[i])] = torch.tensor(plan.pages[i], dtype=torch.int32)
-        seq_lens = torch.tensor([plan.offsets[i] + 1 for i in decode], dtype=torch.int32, device=dev)
-        max_len = max(plan.offsets[i] + 1 for i in decode)
-    page_rows = {i: torch.tensor(plan.pages[i], dtype=torch.long, device=dev) for i in prefill}
-
-    dtype = model.lm_head.weight.dtype
+    layer_ids = list(range(len(model.model.layers))) if pipe is None else pipe.layer_ids
+    ctx = PagedAttention(cache, plan, {li: i for i, li in enumerate(layer_ids)}, dev)
+    n = len(plan.ids)
     if pipe is None or pipe.first:
-        h = model.model.embed_tokens(ids)
+        h = model.model.embed_tokens(torch.tensor(plan.ids, dtype=torch.long, device=dev)[None])
     else:
-        h = torch.empty(1, n, model.config.hidden_size, dtype=dtype, device=dev)
-        dist.recv(h, pipe.prev_rank)
-    cos, sin = model.rotary(positions, h.dtype)
-    r = cache.kv_lora_rank
-    layer_ids = range(len(model.model.layers)) if pipe is None else pipe.layer_ids
-    for ci, li in enumerate(layer_ids):
-        layer = model.model.layers[li]
-        attn = layer.self_attn
-        q_nope, q_pe, latent, k_pe = attn.project(layer.input_layernorm(h), cos, sin)
-        kv_pages = cache.layer(ci)
-        write_kv_slots(kv_pages, slots, latent[0], k_pe[0])
-        heads, dn = q_nope.shape[2], q_nope.shape[3]
-        w = attn.kv_b_proj.weight
-        out = q_nope.new_empty(n, heads, w.shape[0] // heads - dn)
-        if decode:
-            w_uk, w_uv = split_kv_b(w, heads, dn)
-            q_lat = absorb_query(q_nope[:, dec_rows], w_uk)[0]  # [B, H, r]
-            o_lat = mla_decode_paged(q_lat, q_pe[0, dec_rows], kv_pages, table, seq_lens, attn.scale,
-                                     max_seq_len=max_len)
-            out[dec_rows] = torch.einsum("bhr,hvr->bhv", o_lat, w_uv)
-        for i in prefill:
-            s, t, off = plan.starts[i], plan.lens[i], plan.offsets[i]
-            lat, kpe = gather_kv(kv_pages, page_rows[i], off + t, r)
-            o = mla_expanded(
-                q_nope[:, s : s + t], q_pe[:, s : s + t], lat[None], kpe[None], w, attn.scale, q_offset=off
-            )
-            out[s : s + t] = o[0]
-        h = h + attn.o_proj(out.reshape(1, n, -1))
-        x = layer.post_attention_layernorm(h)
-        if not layer.is_moe:
-            h = h + layer.mlp(x)
-        else:
-            weights, idx = layer.gate_phase(x)
-            recv_x, handle = layer.dispatch_phase(x, weights, idx)
-            y = layer.expert_phase(recv_x, handle)
-            h = layer.finish_phase(h, x, layer.combine_phase(y, handle))
-    rows = [plan.starts[i] + plan.lens[i] - 1 for i in range(len(plan)) if plan.want_logits[i]]
+        h = torch.empty(1, n, model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=dev)
+        dist.recv(h, group=pipe.group, group_src=pipe.prev)
+    cos, sin = model.rotary(torch.tensor(plan.positions, dtype=torch.long, device=dev), h.dtype)
+    for li in layer_ids:
+        h = model.model.layers[li](h, cos, sin, ctx)
     vocab = model.config.vocab_size
     if pipe is not None and not pipe.last:
         h = h.contiguous()
-        works.append(dist.isend(h, pipe.next_rank))
-        works.append(_Keep(h))
+        works.append((dist.isend(h, group=pipe.group, group_dst=pipe.next), h))
         return torch.zeros(0, vocab, dtype=torch.float32, device=dev)
+    rows = [plan.starts[i] + plan.lens[i] - 1 for i in range(len(plan)) if plan.want_logits[i]]
     if not rows:
         return h.new_zeros(0, vocab, dtype=torch.float32)
-    last = model.model.norm(h[0, torch.tensor(rows, dtype=torch.long, device=dev)])
-    logits = model.head(last).float().contiguous()
-    if pipe is not None and pipe.logits_to is not None and pipe.logits_to != dist.get_rank():
-        works.append(dist.isend(logits, pipe.logits_to))
-        works.append(_Keep(logits))
+    logits = model.head(model.model.norm(h[0, torch.tensor(rows, dtype=torch.long, device=dev)])).float()
+    if pipe is not None and pipe.logits_to is not None:
+        logits = logits.contiguous()
+        works.append((dist.isend(logits, group=pipe.group, group_dst=pipe.logits_to), logits))
     return logits
-
-
-class _Keep:
-    """Holds a tensor alive until its asynchronous send has been waited for."""
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.t = t
-
-    def wait(self) -> None:
-        self.t = None

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed import ProcessGroup
 
+from parallel.shard import to_full, to_local
 from runtime.model.hf_checkpoint import INDEX_NAME, checkpoint_name
 
 FORMAT = "moerun-train-checkpoint/1"
@@ -53,43 +53,6 @@ def config_hash(config: dict) -> str:
         for k in keys:
             picked.get(sec, {}).pop(k, None)
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# --- shard <-> full ------------------------------------------------------------------------------------------
-def _size(group: ProcessGroup | None) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _gather(t: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
-    if _size(group) == 1:
-        return t
-    t = t.contiguous()
-    parts = [torch.empty_like(t) for _ in range(_size(group))]
-    dist.all_gather(parts, t, group=group)
-    return torch.cat(parts, dim)
-
-
-def to_full(t: torch.Tensor, info: dict, tp_group: ProcessGroup | None,
-            ep_group: ProcessGroup | None) -> torch.Tensor:
-    """A local shard -> the full tensor, from its shard marks (parallel.shard). Collective over tp/ep."""
-    if info.get("tp_dim") is not None:
-        t = _gather(t, info["tp_dim"], tp_group)
-    if info.get("ep_offset") is not None:
-        t = _gather(t, 0, ep_group)
-    return t
-
-
-def to_local(full: torch.Tensor, info: dict, local_shape: torch.Size) -> torch.Tensor:
-    """The full tensor -> this rank's shard (the inverse of `to_full`, for any layout)."""
-    if info.get("tp_dim") is not None:
-        d, n, r = info["tp_dim"], info["tp_size"], info["tp_rank"]
-        full = full.narrow(d, r * (full.shape[d] // n), full.shape[d] // n)
-    if info.get("ep_offset") is not None:
-        full = full.narrow(0, info["ep_offset"], local_shape[0])
-    if tuple(full.shape) != tuple(local_shape):
-        raise TrainCheckpointError(f"checkpoint tensor of shape {tuple(full.shape)} does not slice to the "
-                                   f"local shape {tuple(local_shape)}")
-    return full
 
 
 # --- files -------------------------------------------------------------------------------------------------

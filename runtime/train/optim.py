@@ -23,6 +23,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from cluster import group_rank, group_size
+
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup over `warmup_steps` steps reaching
@@ -33,14 +35,6 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: i
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def _size(group: ProcessGroup | None) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _rank(group: ProcessGroup | None) -> int:
-    return 0 if group is None else dist.get_rank(group)
 
 
 @dataclass
@@ -61,9 +55,9 @@ class _Bucket:
             self.slots.append(Slot(name, p, off))
             off += p.numel()
         self.total = off
-        n = _size(group)
+        n = group_size(group)
         self.shard = -(-self.total // n) if self.total else 0
-        self.lo = min(self.total, _rank(group) * self.shard)
+        self.lo = min(self.total, group_rank(group) * self.shard)
         self.hi = min(self.total, self.lo + self.shard)
         self.master = self._gather_local(lambda s: s.param.detach())
         self.exp_avg = torch.zeros_like(self.master)
@@ -84,7 +78,7 @@ class _Bucket:
 
     def _all_gather(self, local: torch.Tensor) -> torch.Tensor:
         """The whole flat space from every rank's slice."""
-        n = _size(self.group)
+        n = group_size(self.group)
         if n == 1:
             return local
         padded = torch.zeros(self.shard, dtype=local.dtype, device=local.device)
@@ -189,7 +183,7 @@ def global_grad_norm(grads: Iterable[torch.Tensor], group: ProcessGroup | None =
     total = torch.zeros((), dtype=torch.float64, device=device)
     for g in grads:
         total += g.detach().float().pow(2).sum().double().to(device)
-    if _size(group) > 1:
+    if group_size(group) > 1:
         dist.all_reduce(total, group=group)
     return math.sqrt(float(total))
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.balance import ExpertBalancer
+from parallel.link import EmulatedLink
 from parallel.shard import all_reduce_data_parallel_grads, all_reduce_partial_grads, shard_marks
 from runtime.model.loading import load_model
 from runtime.train import checkpoint as ckpt
@@ -76,7 +77,8 @@ class Trainer:
         # This rank's TP/EP shard of every layer (an HF dir, a training checkpoint or builtin:NAME); under pp
         # `_build_pipeline` keeps only this rank's stages.
         self.model = load_model(path, mesh, dtype=self.dtype, device=str(self.device), seed=tr["seed"], mtp=mtp,
-                                all_layers=True, max_nodes_per_token=config["parallel"]["max_nodes_per_token"])
+                                all_layers=True, max_nodes_per_token=par["max_nodes_per_token"],
+                                link=EmulatedLink.from_config(par["emulate_link"]))
         if tr.get("fp8"):
             from ops.fp8_train import convert_to_fp8_training
 
@@ -109,7 +111,6 @@ class Trainer:
 
     # --- what this rank holds -------------------------------------------------------------------------
     def _build_pipeline(self, par: dict) -> None:
-        from parallel.link import EmulatedLink
         from parallel.pipeline import build
         from parallel.pipeline.executor import PipelineExecutor
         from parallel.pipeline.stages import build_stages
@@ -117,8 +118,7 @@ class Trainer:
         self.schedule = build(par["schedule"], self.pp, self.microbatches)
         self.stages = build_stages(self.model, self.schedule, self.mesh.coord("pp"))
         self._chunk0 = {n for n, _ in self.stages[0].full_named_parameters()}
-        self.executor = PipelineExecutor(self.stages, self.schedule, self.mesh,
-                                         link=EmulatedLink.from_config(par["emulate_link"]))
+        self.executor = PipelineExecutor(self.stages, self.schedule, self.mesh)
 
     def _holds_module(self, module: nn.Module) -> bool:
         if not self.stages:
@@ -164,7 +164,8 @@ class Trainer:
     def _in_chunk0(self, name: str) -> bool:
         return name in self._chunk0
 
-    def _split(self, n: int) -> list[slice]:
+    def microbatch_slices(self, n: int) -> list[slice]:
+        """How `n` sequences of this rank's share split into micro-batches (equal ones under pp)."""
         m = self.microbatches
         if self.pp > 1 and n % m:
             raise ValueError(f"the pipeline needs train.global_batch / dp = {n} sequences to split into "
@@ -185,11 +186,11 @@ class Trainer:
         self.model.train()
         for p in self.model.parameters():
             p.grad = None
-        chunks = self._split(inputs.shape[0])
-        parts_sum = self._forward_backward(inputs, labels, chunks)
+        chunks = self.microbatch_slices(inputs.shape[0])
+        parts_sum = self.forward_backward(inputs, labels, chunks)
         upd = self.apply_gradients()
         norm, lr, loads = upd["grad_norm"], upd["lr"], upd["loads"]
-        losses = self._mean_over_dp(parts_sum)
+        losses = self.mean_over_dp(parts_sum)
         dt = time.perf_counter() - t0
         tokens = self.data.global_batch * self.data.seq_len
         m: dict[str, Any] = {"step": self.step, "loss": losses.pop("ce"), "lr": lr, "grad_norm": norm,
@@ -236,8 +237,22 @@ class Trainer:
         for layer, counts in enumerate(theirs):
             self.balancer.record(layer, torch.repeat_interleave(experts, counts))
 
-    def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor,
-                          chunks: list[slice]) -> dict[str, float]:
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This data-parallel rank's share (inputs, labels) of optimizer step `step`'s data, on its device."""
+        inputs, labels = self.data.batch(step, self.dp_rank, self.dp)
+        return inputs.to(self.device), labels.to(self.device)
+
+    @property
+    def pipelined(self) -> bool:
+        return self.executor is not None
+
+    def pipeline_step(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Forward and backward of the pipeline schedule over these (input_ids, labels) micro-batches
+        (gradients accumulate); the step's loss (collective over the pipeline)."""
+        return float(self.executor.run_step(microbatches))
+
+    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor,
+                         chunks: list[slice]) -> dict[str, float]:
         """Gradients of this rank's share of the step loss; returns the loss parts (ce, mtp, aux) averaged
         over its micro-batches."""
         self._aux_seen = 0.0
@@ -257,7 +272,8 @@ class Trainer:
             out = {"ce": total - float(aux), "aux": float(aux)}
         return out
 
-    def _mean_over_dp(self, parts: dict[str, float]) -> dict[str, float]:
+    def mean_over_dp(self, parts: dict[str, float]) -> dict[str, float]:
+        """Loss parts averaged over the data-parallel ranks (collective over dp)."""
         keys = sorted(parts)
         if self.dp_group is None:
             return dict(parts)
@@ -315,8 +331,7 @@ class Trainer:
         first_loss = last_loss = float("nan")
         die_after = os.environ.get("MOERUN_TEST_EXIT_AFTER_STEP")
         while self.step < total:
-            batch = self.data.batch(self.step, self.dp_rank, self.dp)
-            m = self.train_step(batch)
+            m = self.train_step(self.batch(self.step))
             n_done += 1
             last_loss = m["loss"]
             if n_done == 1:
