@@ -181,7 +181,8 @@ def lower(schedule: Schedule, how: str = "lockstep", check: bool = True) -> Sche
     """The POST / WAIT program of `schedule` (a builder's schedule). how="lockstep" (default, cannot deadlock
     under NCCL's semantics, see the module docstring) or "per-op" (each SEND / RECV posted alone, each
     RECV waited at once: the executor's posting before lowering, which deadlocks on NCCL). With check=True
-    the result is validated (validate.py), so a lock-step program that could hang raises here."""
+    a lock-step program is validated (validate.py), so one that could hang raises here; a per-op program
+    is returned unchecked (it exists to be rejected: validate() it to see why)."""
     if how not in LOWERINGS:
         raise ScheduleError(f"unknown lowering {how!r}; valid: {', '.join(LOWERINGS)}")
     if schedule.lowered:
