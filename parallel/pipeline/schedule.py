@@ -2,7 +2,8 @@
 
 A builder is a pure function of (pp ranks, chunks = micro-batches) that returns a `Schedule`; nothing here
 knows about tensors or processes, so the same object is validated (`validate.py`), simulated
-(`simulate.py`), drawn (`trace.py`) and executed (the executor walks `schedule.ranks[my_rank]`).
+(`simulate.py`), drawn (`trace.py`), and lowered (`lower.py`) to the p2p program that the executor runs,
+which the validator and simulator consume as well.
 
 Vocabulary
 - stage: a contiguous slice of the model's layers. Stages are numbered along the data flow of a
