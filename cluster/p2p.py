@@ -320,7 +320,7 @@ class _Pair:
         ctrl_in, pending = [], []
         for op in mine:
             if op.kind == "send":
-                token = torch.empty(_TOKEN_BYTES, dtype=torch.uint8)
+                token = torch.empty(_TOKEN_BYTES, dtype=torch.uint8, device="cpu")
                 ctrl_in.append((op, token, dist.irecv(token, peer, group=c.group, tag=_CTRL_TAG)))
             else:  # announce the started receive, then take the data
                 pending.append((dist.isend(_token(op), peer, group=c.group, tag=_CTRL_TAG),

@@ -93,7 +93,7 @@ def test_single_rank_step_places_every_tensor() -> None:
 
     model = tiny_model()
     sched = build("zb1p", 1, 2)
-    ex = PipelineExecutor(build_stages(model, sched, 0), sched, pp_ranks=[0], pp_rank=0, backend="gloo")
+    ex = PipelineExecutor(build_stages(model, sched, 0), sched, pp_ranks=[0], pp_rank=0)
     mode = FactoryDevices()
     with mode:
         ex.run_step(microbatches(model.config.vocab_size, 2))
@@ -117,17 +117,15 @@ def _devices_worker(rank: int, world: int) -> None:
     model = tiny_model()
     sched = build("dualpipev", 2, 4)
     stages = build_stages(model, sched, rank)
-    ex = PipelineExecutor(stages, sched, pp_group=group, pp_ranks=ranks, pp_rank=rank, backend="gloo")
-    fwd = PipelineExecutor(stages, forward_only(sched), pp_group=group, pp_ranks=ranks, pp_rank=rank,
-                           backend="gloo")
+    ex = PipelineExecutor(stages, sched, pp_group=group, pp_ranks=ranks, pp_rank=rank)
+    fwd = PipelineExecutor(stages, forward_only(sched), pp_group=group, pp_ranks=ranks, pp_rank=rank)
     with mode:
         ex.run_step(mbs)
         fwd.run_forward([ids for ids, _ in mbs])
     # pp=1 x ep=2: dispatch / combine nodes, their backward all-to-alls, split into I and W
     model = parallelize(tiny_model(), None, group)
     one = build("zb1p", 1, 2)
-    ex = PipelineExecutor(build_stages(model, one, 0), one, pp_group=None, pp_ranks=[0], pp_rank=0,
-                          backend="gloo")
+    ex = PipelineExecutor(build_stages(model, one, 0), one, pp_group=None, pp_ranks=[0], pp_rank=0)
     with mode:
         ex.run_step(mbs[:2])
     assert not mode.missing, f"rank {rank}: tensors created without a device: {sorted(set(mode.missing))}"
