@@ -216,8 +216,8 @@ class EmulatedChannel:
                 raise ValueError(f"nccl-emulated p2p moves CPU tensors over gloo; {op} is on {op.tensor.device}")
             if op.peer == self.me:
                 raise ValueError(f"{op}: a rank cannot send to or receive from itself")
-            if op.kind == "recv" and not op.tensor.is_contiguous():
-                raise ValueError(f"{op}: the receive buffer must be contiguous")
+            if not op.tensor.is_contiguous():
+                raise ValueError(f"{op}: p2p tensors must be contiguous")
         peers = list(dict.fromkeys(op.peer for op in ops))
         with self.lock:
             self.seq += 1
@@ -285,6 +285,7 @@ class _Pair:
                     item.state = "done"
             if last:
                 item.done.set()
+            del item  # the worker keeps no tensor alive between groups
 
     def _deadline_wait(self, work, deadline: float, what: str, item: _Item) -> None:
         left = deadline - time.monotonic()
@@ -334,7 +335,7 @@ class _Pair:
                 raise P2PError(f"nccl-emulated p2p: rank {c.me}'s {op} ({op.tensor.numel()} elements) meets rank "
                                f"{peer}'s receive of {name or '(unnamed)'} ({count} elements): p2p matches in "
                                "posting order, so the two ranks post their messages in different orders")
-            pending.append((dist.isend(op.tensor.contiguous(), peer, group=c.group, tag=_DATA_TAG), f"its {op}"))
+            pending.append((dist.isend(op.tensor, peer, group=c.group, tag=_DATA_TAG), f"its {op}"))
         for work, what in pending:
             self._deadline_wait(work, deadline, what, item)
         if item.barrier is not None:  # the group holds every one of its queues until all its ops are done
