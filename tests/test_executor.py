@@ -170,7 +170,8 @@ def test_old_posting_order_hangs_under_nccl_emulation_only() -> None:
     res = mpirun(2, [], python_args=args, timeout=120)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert sorted(re.findall(r"PASS 1f1b pp=2 ep=1 chunks=4 rank=(\d) per-op", res.stdout)) == ["0", "1"]
-    env = base_env(MOERUN_P2P="nccl-emulated", MOERUN_P2P_TIMEOUT="3")
+    # both ranks time out together; each first waits MOERUN_DEAD_AFTER_S for a root cause from the other
+    env = base_env(MOERUN_P2P="nccl-emulated", MOERUN_P2P_TIMEOUT="3", MOERUN_DEAD_AFTER_S="4")
     res = mpirun(2, [], env=env, python_args=args, timeout=120)
     out = res.stdout + res.stderr
     assert res.returncode != 0 and "PASS" not in res.stdout, out[-3000:]
