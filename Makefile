@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 NP ?= 4
 
-.PHONY: venv demo test test-fast lint clean
+.PHONY: venv demo test test-fast lint clean gpu-check
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: venv
 
 test: venv
 	PATH=$(CURDIR)/$(BIN):$$PATH OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
+
+# The checks that need a GPU (CUDA model vs CPU, bf16 training, compiled Triton kernels vs their torch twins,
+# serve on CUDA), one verdict line each; without a CUDA device one SKIP line and exit 0 (tools/gpu_check.py).
+gpu-check: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python tools/gpu_check.py
 
 lint: venv
 	$(BIN)/ruff check .

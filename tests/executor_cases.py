@@ -7,7 +7,11 @@ backward, accumulate). Per-micro-batch losses must agree within 1e-6, the step l
 gradient of this rank's stages (experts gathered over ep) within 1e-5; then the forward-only schedule's
 logits (inference through the pipeline) on every rank against the reference model's.
 
-    mpirun -np 4 python tests/executor_cases.py 1f1b:2:1:4 dualpipev:2:2:4 ...   (kind:pp:ep:chunks)
+    mpirun -np 4 python tests/executor_cases.py 1f1b:2:1:4 dualpipev:2:2:4 ...   (kind:pp:ep:chunks[:lowering])
+
+The p2p backend is the environment's (MOERUN_P2P=nccl-emulated runs it all under the NCCL emulation). A
+fifth field "per-op" runs the posting the executor had before lock-step lowering (unchecked), which the
+emulation must reject.
 """
 
 from __future__ import annotations
@@ -83,10 +87,11 @@ def _groups(rank: int, world: int, pp: int, ep: int) -> dict:
     return mine
 
 
-def run_case(rank: int, world: int, kind: str, pp: int, ep: int, chunks: int, base) -> str:
+def run_case(rank: int, world: int, kind: str, pp: int, ep: int, chunks: int, base, lowering: str = "lockstep") -> str:
     from parallel.expert import Dispatcher
     from parallel.pipeline import build, forward_only
     from parallel.pipeline.executor import PipelineExecutor
+    from parallel.pipeline.lower import lower
     from parallel.pipeline.stages import build_stages
     from parallel.shard import all_reduce_data_parallel_grads, gather_full
     from runtime.model.loading import shard_model
@@ -102,9 +107,10 @@ def run_case(rank: int, world: int, kind: str, pp: int, ep: int, chunks: int, ba
     if ep > 1:
         model = shard_model(model, Dispatcher(model.config.n_routed_experts, groups["ep"][0]))
     stages = build_stages(model, sched, pp_rank)
-    ex = PipelineExecutor(stages, sched, pp_group=pp_group, pp_ranks=pp_ranks, pp_rank=pp_rank)
+    ex = PipelineExecutor(stages, lower(sched, lowering), pp_group=pp_group, pp_ranks=pp_ranks, pp_rank=pp_rank,
+                          check=lowering == "lockstep")
     loss = ex.run_step(mbs)
-    where = f"{kind} pp={pp} ep={ep} chunks={chunks} rank={rank}"
+    where = f"{kind} pp={pp} ep={ep} chunks={chunks} rank={rank}" + ("" if lowering == "lockstep" else f" {lowering}")
     torch.testing.assert_close(loss, torch.stack(ref_losses).sum(), **LOSS_TOL, msg=lambda m: f"{where} loss: {m}")
     assert sorted(ex.last_losses) == list(range(chunks)), (where, sorted(ex.last_losses))
     for m, v in ex.last_losses.items():
@@ -123,7 +129,8 @@ def run_case(rank: int, world: int, kind: str, pp: int, ep: int, chunks: int, ba
         assert ref_grads[n].grad.abs().max() > 0, f"{where}: reference gradient of {n} is zero (weak test)"
         checked += 1
     # inference through the same stages: logits of every micro-batch on every pipeline rank
-    fwd = PipelineExecutor(stages, forward_only(sched), pp_group=pp_group, pp_ranks=pp_ranks, pp_rank=pp_rank)
+    fwd = PipelineExecutor(stages, lower(forward_only(sched), lowering), pp_group=pp_group, pp_ranks=pp_ranks,
+                           pp_rank=pp_rank, check=lowering == "lockstep")
     logits = fwd.run_forward([ids for ids, _ in mbs])
     with torch.no_grad():
         for m, (ids, _) in enumerate(mbs):
@@ -138,8 +145,9 @@ def main(argv: list[str]) -> int:
         torch.manual_seed(0)
         base = tiny_model()
         for spec in argv:
-            kind, pp, ep, chunks = spec.split(":")
-            print(run_case(mesh.rank, mesh.world_size, kind, int(pp), int(ep), int(chunks), base), flush=True)
+            kind, pp, ep, chunks, *lowering = spec.split(":")
+            print(run_case(mesh.rank, mesh.world_size, kind, int(pp), int(ep), int(chunks), base, *lowering),
+                  flush=True)
     return 0
 
 

@@ -61,7 +61,7 @@ def test_single_rank_executor_equals_reference(kind: str) -> None:
     sched = build(kind, 1, 3)
     mbs = microbatches(model.config.vocab_size, 3)
     ref_losses = reference(ref, mbs)
-    ex = PipelineExecutor(build_stages(model, sched, 0), sched, pp_ranks=[0], pp_rank=0, backend="gloo")
+    ex = PipelineExecutor(build_stages(model, sched, 0), sched, pp_ranks=[0], pp_rank=0)
     loss = ex.run_step(mbs)
     torch.testing.assert_close(loss, torch.stack(ref_losses).sum(), atol=1e-6, rtol=0)
     for m, v in ex.last_losses.items():
@@ -82,14 +82,14 @@ def test_single_rank_forward_only() -> None:
     model = tiny_model()
     sched = forward_only(build("1f1b", 1, 2))
     mbs = microbatches(model.config.vocab_size, 2)
-    ex = PipelineExecutor(build_stages(model, sched, 0), sched, pp_ranks=[0], pp_rank=0, backend="gloo")
+    ex = PipelineExecutor(build_stages(model, sched, 0), sched, pp_ranks=[0], pp_rank=0)
     logits = ex.run_forward([ids for ids, _ in mbs])
     for (ids, _), got in zip(mbs, logits, strict=True):
         torch.testing.assert_close(got, model.logits(ids), atol=1e-6, rtol=1e-6)
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ScheduleError, match="forward-only"):
         PipelineExecutor(build_stages(model, build("1f1b", 1, 2), 0), build("1f1b", 1, 2), pp_ranks=[0],
-                         pp_rank=0, backend="gloo").run_forward([ids for ids, _ in mbs])
+                         pp_rank=0).run_forward([ids for ids, _ in mbs])
 
 
 def test_executor_rejects_bad_input() -> None:
@@ -97,13 +97,13 @@ def test_executor_rejects_bad_input() -> None:
     sched = build("1f1b", 2, 4)
     stages = build_stages(model, sched, 0)
     with pytest.raises(ScheduleError, match="must hold stages"):
-        PipelineExecutor(stages, sched, pp_ranks=[0, 1], pp_rank=1, backend="gloo")
+        PipelineExecutor(stages, sched, pp_ranks=[0, 1], pp_rank=1)
     with pytest.raises(ScheduleError, match="pp=2 ranks but the pp group has 3"):
-        PipelineExecutor(stages, sched, pp_ranks=[0, 1, 2], pp_rank=0, backend="gloo")
+        PipelineExecutor(stages, sched, pp_ranks=[0, 1, 2], pp_rank=0)
     with pytest.raises(ValueError, match="needs a mesh"):
         PipelineExecutor(stages, sched)
     one = build("1f1b", 1, 2)
-    ex = PipelineExecutor(build_stages(model, one, 0), one, pp_ranks=[0], pp_rank=0, backend="gloo")
+    ex = PipelineExecutor(build_stages(model, one, 0), one, pp_ranks=[0], pp_rank=0)
     with pytest.raises(ValueError, match="built for 2 micro-batches, got 3"):
         ex.run_step(microbatches(model.config.vocab_size, 3))
     import dataclasses
@@ -115,14 +115,19 @@ def test_executor_rejects_bad_input() -> None:
         build_stages(with_mtp, one, 0)
 
 
-def test_executor_refuses_rendezvous_deadlock_on_nccl() -> None:
-    """On NCCL a send may wait for its receive; DualPipeV as built could then hang, so it is refused."""
+def test_executor_runs_lowered_programs_and_refuses_ones_that_deadlock() -> None:
+    """A builder's schedule is lowered lock-step (DualPipe(V) included, no refusal); a lowered program that
+    deadlocks under NCCL's semantics (the per-op posting) is refused unless check=False."""
+    from parallel.pipeline.lower import lower
+
     model = tiny_model()
     sched = build("dualpipev", 2, 4)
-    with pytest.raises(ScheduleError, match="deadlock"):
-        PipelineExecutor(build_stages(model, sched, 0), sched, pp_ranks=[0, 1], pp_rank=0, backend="nccl")
-    ok = build("1f1b", 2, 4)
-    PipelineExecutor(build_stages(model, ok, 0), ok, pp_ranks=[0, 1], pp_rank=0, backend="nccl")
+    ex = PipelineExecutor(build_stages(model, sched, 0), sched, pp_ranks=[0, 1], pp_rank=0)
+    assert ex.schedule.lowered == "lockstep" and ex.actions == lower(sched).ranks[0]
+    old = lower(build("1f1b", 2, 4), "per-op")
+    with pytest.raises(ScheduleError, match="deadlock under NCCL p2p semantics"):
+        PipelineExecutor(build_stages(model, old, 0), old, pp_ranks=[0, 1], pp_rank=0)
+    PipelineExecutor(build_stages(model, old, 0), old, pp_ranks=[0, 1], pp_rank=0, check=False)
 
 
 CASES = ["1f1b:2:1:4", "1f1b:4:1:4", "zb1p:2:1:4", "dualpipe:2:1:4", "dualpipe:4:1:8", "dualpipev:2:1:4",
@@ -131,17 +136,46 @@ CASES = ["1f1b:2:1:4", "1f1b:4:1:4", "zb1p:2:1:4", "dualpipe:2:1:4", "dualpipe:4
 
 @pytest.mark.mpi
 @pytest.mark.timeout(420)
-def test_schedules_equal_reference_under_mpirun() -> None:
+@pytest.mark.parametrize("backend", ["torch", "nccl-emulated"])
+def test_schedules_equal_reference_under_mpirun(backend: str) -> None:
     """4 ranks under real mpirun, each case on its own groups: pp=2 cases run two pipelines side by side
-    (dp=2), dualpipev pp=2 x ep=2 uses the EP dispatcher's all-to-alls through the phase engine."""
-    from launchers import mpirun, mpirun_path
+    (dp=2), dualpipev pp=2 x ep=2 uses the EP dispatcher's all-to-alls through the phase engine. Once on
+    plain gloo, once under the NCCL p2p emulation (MOERUN_P2P=nccl-emulated: per-pair FIFO, rendezvous
+    sends), where a program that could hang on NCCL fails within MOERUN_P2P_TIMEOUT instead."""
+    from launchers import base_env, mpirun, mpirun_path
 
     if mpirun_path() is None:
         pytest.skip("mpirun not found")
-    res = mpirun(4, [], python_args=["tests/executor_cases.py", *CASES], timeout=400)
+    env = base_env(MOERUN_P2P=backend, MOERUN_P2P_TIMEOUT="60")
+    res = mpirun(4, [], env=env, python_args=["tests/executor_cases.py", *CASES], timeout=400)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     for case in CASES:
         kind, pp, ep, chunks = case.split(":")
         passed = re.findall(rf"PASS {kind} pp={pp} ep={ep} chunks={chunks} rank=(\d)", res.stdout)
         assert sorted(map(int, passed)) == [0, 1, 2, 3], (case, out[-3000:])
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(180)
+def test_old_posting_order_hangs_under_nccl_emulation_only() -> None:
+    """The executor's posting before lock-step lowering (each RECV posted alone and waited at once, each
+    SEND alone) runs 1F1B pp=2 to parity on plain gloo, and under the NCCL emulation ends within the
+    (short) p2p timeout with an error naming the stuck sends: the deadlock NCCL would hang in."""
+    from launchers import base_env, mpirun, mpirun_path
+
+    if mpirun_path() is None:
+        pytest.skip("mpirun not found")
+    args = ["tests/executor_cases.py", "1f1b:2:1:4:per-op"]
+    res = mpirun(2, [], python_args=args, timeout=120)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert sorted(re.findall(r"PASS 1f1b pp=2 ep=1 chunks=4 rank=(\d) per-op", res.stdout)) == ["0", "1"]
+    # both ranks time out together; each first waits MOERUN_DEAD_AFTER_S for a root cause from the other
+    env = base_env(MOERUN_P2P="nccl-emulated", MOERUN_P2P_TIMEOUT="3", MOERUN_DEAD_AFTER_S="4")
+    res = mpirun(2, [], env=env, python_args=args, timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "PASS" not in res.stdout, out[-3000:]
+    assert "P2PTimeout" in out, out[-3000:]
+    # whichever rank times out first names its stuck send (the other may see that rank give up first)
+    assert re.search(r"rank (0: its send act s0 mb1 -> rank 1|1: its send grad s1 mb0 -> rank 0) \(rank [01] "
+                     r"has not started the matching receive\): not matched within 3 s", out), out[-3000:]

@@ -93,7 +93,7 @@ def test_single_rank_step_places_every_tensor() -> None:
 
     model = tiny_model()
     sched = build("zb1p", 1, 2)
-    ex = PipelineExecutor(build_stages(model, sched, 0), sched, pp_ranks=[0], pp_rank=0, backend="gloo")
+    ex = PipelineExecutor(build_stages(model, sched, 0), sched, pp_ranks=[0], pp_rank=0)
     mode = FactoryDevices()
     with mode:
         ex.run_step(microbatches(model.config.vocab_size, 2))
@@ -118,9 +118,8 @@ def _devices_worker(rank: int, world: int) -> None:
     model = tiny_model()
     sched = build("dualpipev", 2, 4)
     stages = build_stages(model, sched, rank)
-    ex = PipelineExecutor(stages, sched, pp_group=group, pp_ranks=ranks, pp_rank=rank, backend="gloo")
-    fwd = PipelineExecutor(stages, forward_only(sched), pp_group=group, pp_ranks=ranks, pp_rank=rank,
-                           backend="gloo")
+    ex = PipelineExecutor(stages, sched, pp_group=group, pp_ranks=ranks, pp_rank=rank)
+    fwd = PipelineExecutor(stages, forward_only(sched), pp_group=group, pp_ranks=ranks, pp_rank=rank)
     with mode:
         ex.run_step(mbs)
         fwd.run_forward([ids for ids, _ in mbs])
@@ -128,8 +127,7 @@ def _devices_worker(rank: int, world: int) -> None:
     base = tiny_model()
     model = shard_model(base, Dispatcher(base.config.n_routed_experts, group))
     one = build("zb1p", 1, 2)
-    ex = PipelineExecutor(build_stages(model, one, 0), one, pp_group=None, pp_ranks=[0], pp_rank=0,
-                          backend="gloo")
+    ex = PipelineExecutor(build_stages(model, one, 0), one, pp_group=None, pp_ranks=[0], pp_rank=0)
     with mode:
         ex.run_step(mbs[:2])
     assert not mode.missing, f"rank {rank}: tensors created without a device: {sorted(set(mode.missing))}"

@@ -228,23 +228,6 @@ def test_validator_rejects_deadlock():
                                       r"rank 1 waits at action 0 \(RECV act s0 mb0 <- r0\)")
 
 
-@pytest.mark.parametrize("kind", ["gpipe", "1f1b", "zb1p"])
-def test_single_direction_schedules_survive_rendezvous_sends(kind):
-    for pp, chunks in ((2, 3), (4, 8), (8, 17)):
-        validate(build(kind, pp, chunks), rendezvous=True)
-
-
-def test_rendezvous_mode_finds_cross_sends():
-    """DualPipeV as built relies on asynchronous sends (gloo): if a send waited for the peer's receive
-    (NCCL without batching the two), ranks 0 and 1 would each sit in a SEND the other receives later."""
-    s = build("dualpipev", 2, 4)
-    validate(s)
-    _rejects_rdv = pytest.raises(ScheduleError, match=r"deadlock: rank 0 waits at action \d+ \(SEND grad s3 mb0 "
-                                                      r"-> r1\), rank 1 waits at action \d+ \(SEND act s2 mb1")
-    with _rejects_rdv:
-        validate(s, rendezvous=True)
-
-
 def test_validator_rejects_action_on_wrong_rank():
     s = build("gpipe", 2, 2)
     moved = s.ranks[0][0]

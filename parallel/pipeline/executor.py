@@ -6,9 +6,14 @@
     # gradients are now accumulated in the stage modules' .grad; loss (a 0-dim tensor) on every pp rank
     logits = PipelineExecutor(stages, forward_only(schedule), mesh).run_forward([ids, ...])  # inference
 
-Every pipeline rank walks `schedule.ranks[pp_rank]` in order:
-- RECV: `irecv` from the peer into a buffer of the activation shape [B, T, H] and wait for it (a RECV blocks).
-- SEND: `isend` of the tensor the matching compute left in the outbox; handles are waited at step end.
+Every pipeline rank walks its program: `lower(schedule)` (lower.py) turns the builder's SEND / RECV into
+POST / WAIT actions in lock-step order, so the program cannot deadlock under NCCL's p2p semantics (the
+constructor validates it; pass an already lowered schedule to run that one instead).
+- POST: one group of sends and receives through `cluster.p2p` (batch_isend_irecv, or the NCCL emulation
+  with MOERUN_P2P=nccl-emulated): a send takes the tensor its compute left in the outbox; a receive gets a
+  fresh buffer of the activation shape [B, T, H]. Receives are posted early (prefetched).
+- WAIT: waits for those ops; a received tensor goes to the inbox of the compute that consumes it, which
+  comes right after. The step ends with a WAIT for every send.
 - F / B / I / W / FB on the local chunk, phase by phase (parallel/pipeline/overlap.py). FB runs its forward
   and backward interleaved so that each one's all-to-all is in flight while the other computes.
 - Where consecutive stages sit on one rank (DualPipeV's turn) the activation / gradient is handed over
@@ -33,10 +38,9 @@ of every stage are summed at the end of the step, so both hold the full gradient
 
 p2p ordering: messages between two ranks are matched in posting order (NCCL has no tags; gloo tag 0
 likewise) and activations and gradients have the same shape, so a mis-ordered pair would be silent. The
-builders order every rank's RECVs from a peer as that peer's SENDs (the validator checks it), and the
-executor posts exactly in action order. Sends never block on gloo. On NCCL a send may wait until its peer
-posts the receive; the executor then checks `validate(schedule, rendezvous=True)` and refuses schedules that
-could hang (DualPipe(V) as built today) with a clear error, instead of hanging (see docs/pipeline.md).
+builders order every rank's RECVs from a peer as that peer's SENDs, the lowering keeps that order, the
+validator checks it, and the executor posts exactly in program order (the NCCL emulation also checks
+each message's name at run time). See docs/pipeline.md, "p2p under NCCL".
 """
 
 from __future__ import annotations
@@ -48,10 +52,12 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from cluster import p2p
 from ops import IGNORE_INDEX
 
+from .lower import lower
 from .overlap import run, run_pair, stage_backward, stage_forward, stage_weight_backward
-from .schedule import ACT, BI, FB, GRAD, RECV, SEND, Action, B, F, Schedule, ScheduleError, W
+from .schedule import ACT, BI, FB, GRAD, POST, SEND, WAIT, Action, B, F, Schedule, ScheduleError, W
 from .stages import PipelineStage, sum_mirrored_grads
 from .validate import validate
 
@@ -60,14 +66,14 @@ class PipelineExecutor:
     """Runs one training step of `schedule` on this rank's stages. See the module docstring.
 
     `mesh` is a cluster Mesh (its "pp" group is used), or pass `pp_group` / `pp_ranks` / `pp_rank` directly.
+    `schedule` is a builder's schedule (lowered here, lock-step) or an already lowered one; check=False
+    skips validating a lowered one (tests use it to run a program that deadlocks on NCCL).
     """
 
     def __init__(self, stages: dict[int, PipelineStage], schedule: Schedule, mesh=None, *, pp_group=None,
-                 pp_ranks: list[int] | None = None, pp_rank: int | None = None,
-                 backend: str | None = None) -> None:
+                 pp_ranks: list[int] | None = None, pp_rank: int | None = None, check: bool = True) -> None:
         if mesh is not None:
             pp_group, pp_ranks, pp_rank = mesh.group("pp"), mesh.ranks("pp"), mesh.coord("pp")
-            backend = backend or mesh.backend
         if pp_ranks is None or pp_rank is None:
             raise ValueError("PipelineExecutor needs a mesh, or pp_group, pp_ranks and pp_rank")
         if len(pp_ranks) != schedule.pp:
@@ -77,17 +83,58 @@ class PipelineExecutor:
         if got != held:
             raise ScheduleError(f"pp rank {pp_rank} must hold stages {held} (chunk: stage) under "
                                 f"{schedule.kind}, got {got}")
-        backend = backend or (dist.get_backend(pp_group) if dist.is_initialized() else "gloo")
-        if backend == "nccl":
-            validate(schedule, rendezvous=True)  # a send may wait for its receive: refuse what could hang
+        if not schedule.lowered:
+            schedule = lower(schedule)  # validated there
+        elif check:
+            validate(schedule)
         self.stages, self.schedule = stages, schedule
         self.pp_group, self.pp_ranks, self.pp_rank = pp_group, pp_ranks, pp_rank
         self.actions = schedule.ranks[pp_rank]
         self.last_losses: dict[int, torch.Tensor] = {}
+        self._p2p = None  # made on the first POST: a pp=1 program has none and needs no process group
 
     # ------------------------------------------------------------------------------------------ helpers
     def _peer(self, a: Action) -> int:
         return self.pp_ranks[a.peer]
+
+    def _post(self, a: Action, act_shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+        """POST: one group; sends take their tensor from the outbox, receives get a new buffer."""
+        ops = []
+        for op in a.ops:
+            if op.kind == SEND:
+                t = self.box.pop((op.what, op.stage, op.mb)).contiguous()
+            else:
+                t = torch.empty(act_shape, dtype=dtype, device=device)
+            ops.append(p2p.Op("send" if op.kind == SEND else "recv", t, self._peer(op),
+                              f"{op.what} s{op.stage} mb{op.mb}"))
+        if self._p2p is None:
+            self._p2p = p2p.channel(self.pp_group)
+        for op, work, p in zip(a.ops, self._p2p.post(ops), ops, strict=True):
+            self.inflight[op] = (work, p.tensor)
+
+    def _wait(self, a: Action) -> None:
+        """WAIT: the named ops are done; received tensors go to the inbox of their consumer."""
+        for op in a.ops:
+            work, t = self.inflight.pop(op)
+            work.wait()
+            if op.kind != SEND:
+                self.box[(op.what, op.stage, op.mb)] = t
+
+    def _p2p_action(self, a: Action, act_shape: tuple, dtype: torch.dtype, device: torch.device) -> bool:
+        """Run `a` if it is a POST or WAIT; False for a compute action."""
+        if a.kind == POST:
+            self._post(a, act_shape, dtype, device)
+        elif a.kind == WAIT:
+            self._wait(a)
+        else:
+            return False
+        return True
+
+    def _check_drained(self) -> None:
+        leftovers = list(self.box) + list(self.tapes) + list(self.deferred) + [str(op) for op in self.inflight]
+        if leftovers:
+            raise RuntimeError(f"pipeline step ended with unconsumed work on pp rank {self.pp_rank}: "
+                               f"{leftovers[:6]}")
 
     def _forward(self, a_stage: int, mb: int, chunk: int):
         stage = self.stages[chunk]
@@ -147,24 +194,16 @@ class PipelineExecutor:
         self.total_tokens = 1
         self.box, self.tapes, self.outputs = {}, {}, {}
         self.mb_losses = torch.zeros(len(input_ids), dtype=torch.float64, device=device)
-        sends: list = []
+        self.deferred, self.inflight = deque(), {}
         for a in self.actions:
-            if a.kind == RECV:
-                buf = torch.empty(act_shape, dtype=dtype, device=device)
-                dist.irecv(buf, self._peer(a), group=self.pp_group).wait()
-                self.box[(a.what, a.stage, a.mb)] = buf
-                continue
-            if a.kind == SEND:
-                t = self.box.pop((a.what, a.stage, a.mb)).contiguous()
-                sends.append((dist.isend(t, self._peer(a), group=self.pp_group), t))
+            if self._p2p_action(a, act_shape, dtype, device):
                 continue
             if a.kind == F:
                 run(self._forward(a.stage, a.mb, a.chunk))
             else:
                 raise ScheduleError(f"{a.kind} in a forward-only schedule")
-        for work, _ in sends:
-            work.wait()
-        self.tapes.clear()
+        self.tapes.clear()  # forward-only tapes hold no graph; nothing will run backward through them
+        self._check_drained()
         last = sched.num_stages - 1
         out = []
         for m in range(sched.chunks):
@@ -199,18 +238,11 @@ class PipelineExecutor:
         self.outputs: dict = {}
         self.deferred: deque = deque()
         self.mb_losses = torch.zeros(len(self.mbs), dtype=torch.float64, device=device)
-        sends: list = []
+        self.inflight: dict = {}
 
         self.busy_s = 0.0
         for a in self.actions:
-            if a.kind == RECV:
-                buf = torch.empty(act_shape, dtype=dtype, device=device)
-                dist.irecv(buf, self._peer(a), group=self.pp_group).wait()
-                self.box[(a.what, a.stage, a.mb)] = buf
-                continue
-            if a.kind == SEND:
-                t = self.box.pop((a.what, a.stage, a.mb)).contiguous()
-                sends.append((dist.isend(t, self._peer(a), group=self.pp_group), t))
+            if self._p2p_action(a, act_shape, dtype, device):
                 continue
             t0 = time.perf_counter()
             if a.kind == F:
@@ -225,12 +257,7 @@ class PipelineExecutor:
             else:
                 raise ScheduleError(f"unknown action kind {a.kind!r}")
             self.busy_s += time.perf_counter() - t0
-        for work, _ in sends:
-            work.wait()
-        leftovers = list(self.box) + list(self.tapes) + list(self.deferred)
-        if leftovers:
-            raise RuntimeError(f"pipeline step ended with unconsumed work on pp rank {self.pp_rank}: "
-                               f"{leftovers[:6]}")
+        self._check_drained()
         sum_mirrored_grads(self.stages, sched, self.pp_rank, self.pp_group, self.pp_ranks, device)
         if len(self.pp_ranks) > 1:
             dist.all_reduce(self.mb_losses, group=self.pp_group)

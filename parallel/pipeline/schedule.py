@@ -2,7 +2,8 @@
 
 A builder is a pure function of (pp ranks, chunks = micro-batches) that returns a `Schedule`; nothing here
 knows about tensors or processes, so the same object is validated (`validate.py`), simulated
-(`simulate.py`), drawn (`trace.py`) and executed (the executor walks `schedule.ranks[my_rank]`).
+(`simulate.py`), drawn (`trace.py`), and lowered (`lower.py`) to the p2p program that the executor runs,
+which the validator and simulator consume as well.
 
 Vocabulary
 - stage: a contiguous slice of the model's layers. Stages are numbered along the data flow of a
@@ -20,11 +21,15 @@ Action kinds
   (b_stage, b_mb), as DualPipe runs them.
 - SEND / RECV: p2p of `what` ("act": output of `stage`'s forward, consumed by stage+1; "grad": input gradient
   made by `stage`'s backward, consumed by stage-1) for micro-batch `mb`, to / from rank `peer`.
-  Semantics the validator, simulator and executor share: SEND is asynchronous (an isend whose handle is
-  waited at the end of the step); RECV blocks until the data has arrived. Messages between two ranks are
-  matched in posting order (NCCL has no tags), so a rank's RECVs from a peer come in the order of that peer's
-  SENDs to it. The builders put SENDs right after the compute that produced the data and RECVs right before
-  the compute that needs them, hoisted earlier where that order requires it.
+  In a builder's (abstract) schedule: SEND is asynchronous, RECV blocks until the data has arrived.
+  Messages between two ranks are matched in posting order (NCCL has no tags), so a rank's RECVs from a peer
+  come in the order of that peer's SENDs to it. The builders put SENDs right after the compute that produced
+  the data and RECVs right before the compute that needs them, hoisted earlier where that order requires it.
+- POST / WAIT: the p2p program the executor runs, made from the abstract SEND / RECV by `lower.py`. POST
+  carries `ops`, a group of SEND / RECV actions posted together (one batch_isend_irecv); WAIT carries the
+  ops whose completion it waits for (before the compute that consumes a receive; every send at the end).
+  A lowered schedule holds POST / WAIT and no bare SEND / RECV; the validator checks it under NCCL's p2p
+  semantics (validate.py, p2p_model.py).
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 F, B, BI, W, FB, SEND, RECV = "F", "B", "I", "W", "FB", "SEND", "RECV"  # BI: the "I" kind
+POST, WAIT = "POST", "WAIT"
 COMPUTE_KINDS = (F, B, BI, W, FB)
-KINDS = COMPUTE_KINDS + (SEND, RECV)
+KINDS = COMPUTE_KINDS + (SEND, RECV, POST, WAIT)
 ACT, GRAD = "act", "grad"
 SCHEDULE_KINDS = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
 
@@ -60,8 +66,11 @@ class Action:
     peer: int = -1  # SEND / RECV: the other rank
     what: str = ""  # SEND / RECV: ACT or GRAD
     phase: int = 0  # builder's phase tag (DualPipe: 1..8), informational only
+    ops: tuple[Action, ...] = ()  # POST / WAIT: the SEND / RECV actions posted or waited for
 
     def __str__(self) -> str:
+        if self.kind in (POST, WAIT):
+            return f"{self.kind}[{', '.join(str(o) for o in self.ops)}]"
         if self.kind == FB:
             return f"FB(F{self.mb}@s{self.stage}|B{self.b_mb}@s{self.b_stage})"
         if self.kind in (SEND, RECV):
@@ -121,6 +130,12 @@ class Schedule:
     @property
     def forward_only(self) -> bool:
         return bool(self.meta.get("forward_only"))
+
+    @property
+    def lowered(self) -> str | None:
+        """The lowering that made this schedule's POST / WAIT program ("lockstep", "per-op"), or None for a
+        builder's schedule with abstract SEND / RECV."""
+        return self.meta.get("lowering")
 
     def compute_actions(self, rank: int) -> list[Action]:
         return [a for a in self.ranks[rank] if a.kind in COMPUTE_KINDS]
@@ -400,7 +415,10 @@ def forward_only(schedule: Schedule) -> Schedule:
     """The same schedule without backward work, for inference through the pipeline (e.g. logits under pp).
 
     Forwards keep their order and placement; an FB becomes its F; B, I, W and gradient transfers go.
+    Apply it before lowering (`lower(forward_only(s))`).
     """
+    if schedule.lowered:
+        raise ScheduleError("forward_only needs a builder's schedule, not a lowered one: lower(forward_only(s))")
     ranks = []
     for acts in schedule.ranks:
         out = []

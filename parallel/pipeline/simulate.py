@@ -15,6 +15,10 @@ Model. Every rank runs its actions in order, one at a time. A compute action occ
 F = f + a2a_f, B = b + a2a_b, I = b - w + a2a_b, W = w, FB = fb (defaults to F + B: no overlap gain).
 A SEND takes no rank time; its data reaches the peer `comm` later. A RECV waits for that arrival. The
 step starts at 0 on every rank and ends when the last rank finishes (the makespan).
+A lowered schedule (POST / WAIT, lower.py) is timed under NCCL's p2p semantics (p2p_model.py): a POST takes
+no rank time; a posted group starts when the groups ahead of it in its rank-pair queues have finished; a
+message completes `comm` after both its send's and its receive's groups have started; a WAIT holds its
+rank until the groups of the ops it names have finished. So `comm` also prices the rendezvous.
 
 Bubble (what is compared with the DualPipe README table): a rank's bubble is its idle time within the
 step, `makespan - busy`, where busy is the summed cost of its compute actions (an FB counts once, at fb).
@@ -33,7 +37,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from .schedule import BI, FB, RECV, SEND, B, F, Schedule, ScheduleError, W
+from .p2p_model import P2PModel
+from .schedule import BI, FB, POST, RECV, SEND, WAIT, B, F, Schedule, ScheduleError, W
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,7 @@ def simulate(schedule: Schedule, costs: Costs | None = None, check: bool = True)
     live = [0] * pp
     peak = [0] * pp
     arrival: dict[tuple, float] = {}
+    model = P2PModel(pp, comm=costs.comm)
     spans: list[Span] = []
     progress = True
     while progress:
@@ -177,6 +183,13 @@ def simulate(schedule: Schedule, costs: Costs | None = None, check: bool = True)
                     if key not in arrival:
                         break
                     clock[r] = max(clock[r], arrival[key])
+                elif a.kind == POST:
+                    model.post(r, a.ops, clock[r])
+                elif a.kind == WAIT:
+                    done = [model.done_time(r, op) for op in a.ops]
+                    if any(t is None for t in done):
+                        break
+                    clock[r] = max([clock[r], *done])
                 else:
                     d = costs.action_time(a)
                     start = clock[r]

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cluster import p2p
+
 from .schedule import Schedule, ScheduleError
 
 
@@ -116,9 +118,9 @@ def sum_mirrored_grads(stages: dict[int, PipelineStage], schedule: Schedule, pp_
     mine = [_flat_grads(stages[0], device), _flat_grads(stages[1], device)]
     peer_c0 = torch.empty_like(mine[1])  # the mirror's chunk 0 is the stage of my chunk 1, and vice versa
     peer_c1 = torch.empty_like(mine[0])
-    ops = [dist.P2POp(dist.isend, mine[0], peer, pp_group), dist.P2POp(dist.isend, mine[1], peer, pp_group),
-           dist.P2POp(dist.irecv, peer_c0, peer, pp_group), dist.P2POp(dist.irecv, peer_c1, peer, pp_group)]
-    for work in dist.batch_isend_irecv(ops):
+    ops = [p2p.Op("send", mine[0], peer, "mirror grads chunk 0"), p2p.Op("send", mine[1], peer, "mirror grads chunk 1"),
+           p2p.Op("recv", peer_c0, peer, "mirror grads chunk 0"), p2p.Op("recv", peer_c1, peer, "mirror grads chunk 1")]
+    for work in p2p.channel(pp_group).post(ops):
         work.wait()
     for chunk, incoming in ((0, peer_c1), (1, peer_c0)):
         offset = 0

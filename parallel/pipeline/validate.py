@@ -1,16 +1,24 @@
 """Schedule validator: complete, placed right, dependencies respected, sends matched, no deadlock.
 
-The deadlock check runs the programs with the blocking semantics the executor uses (SEND asynchronous,
-RECV blocks until its SEND has run): ranks advance while they can; if some rank is left blocked forever the
-schedule deadlocks. A compute action whose input is not on its rank when its turn comes (never received,
-or its forward not yet run) is a dependency error, since nothing later in the program can supply it.
+Two kinds of program, two semantics:
+- A builder's schedule (abstract SEND / RECV): SEND asynchronous, RECV blocks until its SEND has run. This
+  proves the dependency structure; it is what the lowering starts from, not what runs.
+- A lowered schedule (POST / WAIT, lower.py): exactly what the executor posts, run under NCCL's p2p
+  semantics (p2p_model.py): per rank pair a FIFO of posted groups, ops of a group progressing together,
+  sends that finish only when the peer's receive has started. `per_rank_queue=True` checks the stricter
+  reading with one queue per rank for all its peers.
+The deadlock check runs all programs: ranks advance while they can; a rank left blocked forever is a
+deadlock, reported with what each stuck rank waits for. A compute action whose input is not on its rank
+when its turn comes (never received or not yet waited for, or its forward not yet run) is a dependency
+error, since nothing later in the program can supply it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-from .schedule import ACT, BI, FB, GRAD, KINDS, RECV, SEND, Action, B, F, Schedule, ScheduleError, W
+from .p2p_model import P2PModel
+from .schedule import ACT, BI, FB, GRAD, KINDS, POST, RECV, SEND, WAIT, Action, B, F, Schedule, ScheduleError, W
 
 _MAX_LISTED = 6
 
@@ -33,24 +41,54 @@ def _check_shape(s: Schedule) -> list[str]:
             problems.append(f"a route has {len(route)} stages, expected {s.num_stages}")
     if problems:
         return problems
+    bare, lowered = (SEND, RECV), (POST, WAIT)
+    what = "a lowered schedule" if s.lowered else "a builder's schedule"
     for r, acts in enumerate(s.ranks):
         for a in acts:
             if a.kind not in KINDS:
                 problems.append(f"rank {r}: unknown action kind {a.kind!r}")
+                continue
+            if a.kind in (lowered if not s.lowered else bare):
+                problems.append(f"rank {r}: {a} in {what} (a builder's has SEND / RECV, a lowered one "
+                                "POST / WAIT)")
+                continue
+            if a.kind in lowered:
+                if not a.ops or any(o.kind not in bare for o in a.ops):
+                    problems.append(f"rank {r}: {a} must carry SEND / RECV ops")
+                    continue
+                problems += [f"rank {r}: {a}: {p}" for o in a.ops for p in _check_p2p(s, r, o)]
                 continue
             pairs = [(a.stage, a.mb)] + ([(a.b_stage, a.b_mb)] if a.kind == FB else [])
             if any(not (0 <= st < s.num_stages and 0 <= m < s.chunks) for st, m in pairs):
                 problems.append(f"rank {r}: {a} names a stage or micro-batch out of range")
                 continue
             if a.kind in (SEND, RECV):
-                if a.what not in (ACT, GRAD) or not (0 <= a.peer < s.pp) or a.peer == r:
-                    problems.append(f"rank {r}: {a} has a bad peer or payload")
+                problems += [f"rank {r}: {p}" for p in _check_p2p(s, r, a)]
                 continue
             for _k, st, m, c in a.computes():
                 if (s.rank_of(st, m), s.chunk_of(st, m)) != (r, c):
                     problems.append(f"rank {r}: {a} belongs on rank {s.rank_of(st, m)} "
                                     f"chunk {s.chunk_of(st, m)}")
     return problems
+
+
+def _check_p2p(s: Schedule, r: int, a: Action) -> list[str]:
+    if not (0 <= a.stage < s.num_stages and 0 <= a.mb < s.chunks):
+        return [f"{a} names a stage or micro-batch out of range"]
+    if a.what not in (ACT, GRAD) or not (0 <= a.peer < s.pp) or a.peer == r:
+        return [f"{a} has a bad peer or payload"]
+    return []
+
+
+def _p2p_ops(acts) -> list[Action]:
+    """The SEND / RECV ops of a program in posting order (bare, or inside POSTs)."""
+    out = []
+    for a in acts:
+        if a.kind in (SEND, RECV):
+            out.append(a)
+        elif a.kind == POST:
+            out.extend(a.ops)
+    return out
 
 
 def _check_complete(s: Schedule) -> list[str]:
@@ -77,10 +115,9 @@ def _check_matching(s: Schedule) -> list[str]:
     sends: Counter = Counter()
     recvs: Counter = Counter()
     problems = []
-    for r, acts in enumerate(s.ranks):
-        for a in acts:
-            if a.kind not in (SEND, RECV):
-                continue
+    ops = [_p2p_ops(acts) for acts in s.ranks]
+    for r in range(s.pp):
+        for a in ops[r]:
             src, dst = (r, a.peer) if a.kind == SEND else (a.peer, r)
             nxt = a.stage + 1 if a.what == ACT else a.stage - 1
             if not 0 <= nxt < s.num_stages:
@@ -100,8 +137,8 @@ def _check_matching(s: Schedule) -> list[str]:
     # p2p messages between two ranks are matched in posting order: the receiver must follow the sender's
     for src in range(s.pp):
         for dst in range(s.pp):
-            sent = [(a.what, a.stage, a.mb) for a in s.ranks[src] if a.kind == SEND and a.peer == dst]
-            got = [(a.what, a.stage, a.mb) for a in s.ranks[dst] if a.kind == RECV and a.peer == src]
+            sent = [(a.what, a.stage, a.mb) for a in ops[src] if a.kind == SEND and a.peer == dst]
+            got = [(a.what, a.stage, a.mb) for a in ops[dst] if a.kind == RECV and a.peer == src]
             for i, (x, y) in enumerate(zip(sent, got)):
                 if x != y:
                     problems.append(f"p2p order rank {src}->{dst}: message {i} is sent as {x[0]} of stage "
@@ -110,55 +147,52 @@ def _check_matching(s: Schedule) -> list[str]:
     return problems
 
 
-def _walk(s: Schedule, rendezvous: bool = False) -> list[str]:
-    """Run all programs with blocking RECVs; report dependency violations and deadlock.
 
-    rendezvous=True models NCCL: each run of adjacent SEND/RECV actions is one batch_isend_irecv group that
-    completes only once the peers have posted the matching halves of all its messages.
-    """
-    pc = [0] * s.pp
-    posted: set = set()  # (kind, src, dst, what, stage, mb) of posted p2p halves (rendezvous mode)
-    have: list[set] = [set() for _ in range(s.pp)]  # (what, stage, mb) present on a rank
-    done: list[set] = [set() for _ in range(s.pp)]  # (kind, stage, mb) computed on a rank
-    sent: set = set()
-    problems: list[str] = []
+class _Data:
+    """What each rank holds while the programs run: data present, compute done; checks a compute's inputs."""
 
-    def need(r: int, a: Action, item: tuple, why: str) -> bool:
-        if item in have[r] or item in done[r]:
+    def __init__(self, s: Schedule) -> None:
+        self.s = s
+        self.have: list[set] = [set() for _ in range(s.pp)]  # (what, stage, mb) present on a rank
+        self.done: list[set] = [set() for _ in range(s.pp)]  # (kind, stage, mb) computed on a rank
+        self.problems: list[str] = []
+
+    def need(self, r: int, a: Action, item: tuple, why: str) -> bool:
+        if item in self.have[r] or item in self.done[r]:
             return True
-        problems.append(f"rank {r}: {a} runs before {why}")
+        self.problems.append(f"rank {r}: {a} runs before {why}")
         return False
 
-    def run(r: int, a: Action) -> bool:
-        if a.kind == SEND:
-            key = (r, a.peer, a.what, a.stage, a.mb)
-            if not need(r, a, (a.what, a.stage, a.mb),
-                        f"{a.what} of stage {a.stage} mb {a.mb} is computed on this rank"):
-                return False
-            sent.add(key)
-            return True
-        if a.kind == RECV:
-            return True
+    def produced(self, r: int, a: Action, op: Action) -> bool:
+        return self.need(r, a, (op.what, op.stage, op.mb),
+                         f"{op.what} of stage {op.stage} mb {op.mb} is computed on this rank")
+
+    def compute(self, r: int, a: Action) -> bool:
         ok = True
         for k, st, m, _c in a.computes():
             if k == F:
                 if st > 0:
-                    ok &= need(r, a, (ACT, st - 1, m),
-                               f"the activation of stage {st - 1} mb {m} is on this rank")
-                done[r].add((F, st, m))
-                have[r].add((ACT, st, m))
+                    ok &= self.need(r, a, (ACT, st - 1, m), f"the activation of stage {st - 1} mb {m} is on this rank")
+                self.done[r].add((F, st, m))
+                self.have[r].add((ACT, st, m))
             elif k in (B, BI):
-                ok &= need(r, a, (F, st, m), "its forward")
-                if st < s.num_stages - 1:
-                    ok &= need(r, a, (GRAD, st + 1, m),
-                               f"the gradient from stage {st + 1} mb {m} is on this rank")
-                done[r].add((k, st, m))
-                have[r].add((GRAD, st, m))
+                ok &= self.need(r, a, (F, st, m), "its forward")
+                if st < self.s.num_stages - 1:
+                    ok &= self.need(r, a, (GRAD, st + 1, m),
+                                    f"the gradient from stage {st + 1} mb {m} is on this rank")
+                self.done[r].add((k, st, m))
+                self.have[r].add((GRAD, st, m))
             elif k == W:
-                ok &= need(r, a, (BI, st, m), "its input-gradient backward (I)")
-                done[r].add((W, st, m))
+                ok &= self.need(r, a, (BI, st, m), "its input-gradient backward (I)")
+                self.done[r].add((W, st, m))
         return ok
 
+
+def _walk(s: Schedule) -> list[str]:
+    """A builder's program with asynchronous SENDs and blocking RECVs: dependency violations and deadlock."""
+    pc = [0] * s.pp
+    data = _Data(s)
+    sent: set = set()
     progress = True
     while progress:
         progress = False
@@ -166,48 +200,94 @@ def _walk(s: Schedule, rendezvous: bool = False) -> list[str]:
             acts = s.ranks[r]
             while pc[r] < len(acts):
                 a = acts[pc[r]]
-                if rendezvous and a.kind in (SEND, RECV):
-                    end = pc[r]
-                    while end < len(acts) and acts[end].kind in (SEND, RECV):
-                        end += 1
-                    group = acts[pc[r]:end]
-                    halves = [(g.kind, *((r, g.peer) if g.kind == SEND else (g.peer, r)), g.what, g.stage, g.mb)
-                              for g in group]
-                    posted.update(halves)
-                    other = {SEND: RECV, RECV: SEND}
-                    if not all((other[h[0]], *h[1:]) in posted for h in halves):
+                if a.kind == SEND:
+                    if not data.produced(r, a, a):
+                        return data.problems
+                    sent.add((r, a.peer, a.what, a.stage, a.mb))
+                elif a.kind == RECV:
+                    if (a.peer, r, a.what, a.stage, a.mb) not in sent:
                         break
-                    for g in group:
-                        if g.kind == SEND and not run(r, g):
-                            return problems
-                        if g.kind == RECV:
-                            have[r].add((g.what, g.stage, g.mb))
-                    pc[r] = end
-                    progress = True
-                    continue
-                if a.kind == RECV:
-                    key = (a.peer, r, a.what, a.stage, a.mb)
-                    if key not in sent:
+                    data.have[r].add((a.what, a.stage, a.mb))
+                elif not data.compute(r, a):
+                    return data.problems
+                pc[r] += 1
+                progress = True
+    stuck = [f"rank {r} waits at action {pc[r]} ({s.ranks[r][pc[r]]})" for r in range(s.pp) if pc[r] < len(s.ranks[r])]
+    if stuck:
+        data.problems.append("deadlock: " + ", ".join(stuck))
+    return data.problems
+
+
+def _walk_lowered(s: Schedule, per_rank_queue: bool = False) -> list[str]:
+    """A lowered program under NCCL's p2p semantics (p2p_model.py): dependency violations, ops posted or
+    waited wrongly, and deadlock."""
+    model = P2PModel(s.pp, per_rank=per_rank_queue)
+    pc = [0] * s.pp
+    data = _Data(s)
+    posted: list[set] = [set() for _ in range(s.pp)]
+    waited: list[set] = [set() for _ in range(s.pp)]
+    problems = data.problems
+    progress = True
+    while progress:
+        progress = False
+        for r in range(s.pp):
+            acts = s.ranks[r]
+            while pc[r] < len(acts):
+                a = acts[pc[r]]
+                if a.kind == POST:
+                    for op in a.ops:
+                        if op in posted[r]:
+                            problems.append(f"rank {r}: {a} posts {op} a second time")
+                        elif op.kind == SEND:
+                            data.produced(r, a, op)  # records a problem if the data is not here yet
+                    if problems:
+                        return problems
+                    posted[r].update(a.ops)
+                    model.post(r, a.ops)
+                    if model.mismatches:
+                        return problems + model.mismatches
+                elif a.kind == WAIT:
+                    for op in a.ops:
+                        if op not in posted[r] or op in waited[r]:
+                            problems.append(f"rank {r}: {a} waits for {op}, which it "
+                                            + ("waited for already" if op in waited[r] else "has not posted"))
+                    if problems:
+                        return problems
+                    if any(model.done_time(r, op) is None for op in a.ops):
                         break
-                    have[r].add((a.what, a.stage, a.mb))
-                elif not run(r, a):
+                    waited[r].update(a.ops)
+                    data.have[r].update((op.what, op.stage, op.mb) for op in a.ops if op.kind == RECV)
+                elif not data.compute(r, a):
                     return problems
                 pc[r] += 1
                 progress = True
-    stuck = [f"rank {r} waits at action {pc[r]} ({s.ranks[r][pc[r]]})"
-             for r in range(s.pp) if pc[r] < len(s.ranks[r])]
+    stuck = [r for r in range(s.pp) if pc[r] < len(s.ranks[r])]
     if stuck:
-        problems.append("deadlock: " + ", ".join(stuck))
+        why = [w for r in stuck for w in model.explain(r)]
+        queue = "per rank" if per_rank_queue else "per rank pair"
+        problems.append(f"deadlock under NCCL p2p semantics (posted groups in order {queue}, sends finish only "
+                        "when the receive has started): "
+                        + ", ".join(f"rank {r} waits at action {pc[r]} ({s.ranks[r][pc[r]]})" for r in stuck)
+                        + ("; " + "; ".join(why[:4]) if why else ""))
+        return problems
+    for r in range(s.pp):
+        left = [op for op in _p2p_ops(s.ranks[r]) if op not in waited[r]]
+        if left:
+            problems.append(f"rank {r}: posts {left[0]} but never waits for it"
+                            + (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))
     return problems
 
 
-def validate(schedule: Schedule, rendezvous: bool = False) -> None:
+def validate(schedule: Schedule, per_rank_queue: bool = False) -> None:
     """Raise ScheduleError naming what is wrong, or return None for a valid schedule.
 
-    rendezvous=True also proves freedom from deadlock when every run of adjacent SEND/RECV actions is posted
-    as one batch_isend_irecv whose sends complete only when the peer posts the receive (NCCL's behaviour).
+    A lowered schedule (lower.py) is run under NCCL's p2p semantics, so passing proves that the program
+    the executor posts cannot deadlock there; per_rank_queue=True uses one queue per rank for all peers
+    instead of one per rank pair (stricter). A builder's schedule is run with asynchronous sends.
     """
-    for check in (_check_shape, _check_complete, _check_matching, _walk):
+    for check in (_check_shape, _check_complete, _check_matching):
         _fail(check(schedule), schedule)
-    if rendezvous:
-        _fail(_walk(schedule, rendezvous=True), schedule)
+    if schedule.lowered:
+        _fail(_walk_lowered(schedule, per_rank_queue), schedule)
+    else:
+        _fail(_walk(schedule), schedule)
