@@ -145,3 +145,28 @@ def test_ckpt_cli_info_and_errors(tmp_path, capsys):
     assert '"step": 1' in capsys.readouterr().out
     assert main(["ckpt", "export", str(tmp_path / "nothing")]) != 0
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_weight_files_get_the_mode_the_umask_allows(tmp_path, umask):
+    """safetensors writes through a private temporary file (0600): weight files of a checkpoint, its export
+    and save_hf_checkpoint must get the mode every other file there gets (0666 minus the umask)."""
+    import runtime
+    from launch.cli import main
+    from runtime.checkpoint import save_hf_checkpoint
+
+    old = os.umask(umask)
+    try:
+        cfg = tiny_config(tmp_path / "run", steps=1, save_every=1)
+        Trainer(cfg, log=lambda m: None).fit()
+        assert main(["ckpt", "export", cfg["train"]["out"], "--out", str(tmp_path / "export")]) == 0
+        save_hf_checkpoint(runtime.load_model("builtin:tiny"), str(tmp_path / "hf"))
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    dirs = [ckpt.latest_checkpoint(cfg["train"]["out"]), str(tmp_path / "export"), str(tmp_path / "hf")]
+    for d in dirs:
+        names = sorted(os.listdir(d))
+        assert any(n.endswith(".safetensors") for n in names) and any(n.endswith(".json") for n in names), names
+        modes = {n: oct(os.stat(os.path.join(d, n)).st_mode & 0o777) for n in names}
+        assert set(modes.values()) == {oct(want)}, (d, modes)

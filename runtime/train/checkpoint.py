@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from runtime.checkpoint import INDEX_NAME, checkpoint_name
+from runtime.checkpoint import INDEX_NAME, checkpoint_name, chmod_as_umask
 
 FORMAT = "moerun-train-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -119,6 +119,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    chmod_as_umask(path)
     _fsync_file(path)
 
 
