@@ -170,3 +170,28 @@ def test_weight_files_get_the_mode_the_umask_allows(tmp_path, umask):
         assert any(n.endswith(".safetensors") for n in names) and any(n.endswith(".json") for n in names), names
         modes = {n: oct(os.stat(os.path.join(d, n)).st_mode & 0o777) for n in names}
         assert set(modes.values()) == {oct(want)}, (d, modes)
+
+
+def _mtp_layers_held(directory: str, num_hidden_layers: int) -> set[int]:
+    from runtime.checkpoint import checkpoint_files
+
+    return {int(n.split(".")[2]) for n in checkpoint_files(directory)
+            if n.startswith("model.layers.") and int(n.split(".")[2]) >= num_hidden_layers}
+
+
+@pytest.mark.parametrize("mtp_loss_coef", [0.3, 0.0], ids=["mtp-trained", "mtp-off"])
+def test_checkpoint_and_export_config_match_the_mtp_weights_held(tmp_path, mtp_loss_coef):
+    """A model trained without its MTP module (mtp_loss_coef = 0 here; pp > 1 in test_train_mpi) is saved
+    and exported with num_nextn_predict_layers = 0, not the 1 of the config it was built from."""
+    from launch.cli import main
+
+    cfg = tiny_config(tmp_path / "run", steps=1, save_every=1, mtp_loss_coef=mtp_loss_coef)
+    Trainer(cfg, log=lambda m: None).fit()
+    assert main(["ckpt", "export", cfg["train"]["out"], "--out", str(tmp_path / "export")]) == 0
+    want = 1 if mtp_loss_coef else 0
+    for d in (ckpt.latest_checkpoint(cfg["train"]["out"]), str(tmp_path / "export")):
+        with open(os.path.join(d, "config.json")) as f:
+            hf_config = json.load(f)
+        n = hf_config["num_hidden_layers"]
+        assert hf_config["num_nextn_predict_layers"] == want, d
+        assert _mtp_layers_held(d, n) == set(range(n, n + want)), d
