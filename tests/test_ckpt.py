@@ -195,3 +195,25 @@ def test_checkpoint_and_export_config_match_the_mtp_weights_held(tmp_path, mtp_l
         n = hf_config["num_hidden_layers"]
         assert hf_config["num_nextn_predict_layers"] == want, d
         assert _mtp_layers_held(d, n) == set(range(n, n + want)), d
+
+
+def test_exported_tokenizer_gives_hf_and_moerun_the_same_prompt_ids(tmp_path):
+    """The server encodes a prompt with BOS (whenever the model has a bos id); transformers' tokenizer loaded
+    from the export must give the same ids for the same text, BOS included, and decode them alike."""
+    from transformers import AutoTokenizer
+
+    from launch.cli import main
+    from runtime.tokenizer import ByteTokenizer, load_tokenizer
+
+    cfg = tiny_config(tmp_path / "run", steps=1, save_every=1)
+    Trainer(cfg, log=lambda m: None).fit()
+    out = str(tmp_path / "export")
+    assert main(["ckpt", "export", cfg["train"]["out"], "--out", out]) == 0
+    ours = load_tokenizer(out)
+    hf = AutoTokenizer.from_pretrained(out)
+    assert ours.bos_id == hf.bos_token_id == ByteTokenizer.BOS
+    for text in ("Hello", "Ada and Bram crossed the bridge. Grüße ✓\n", " leading space", "日本語"):
+        served = ours.encode(text, add_bos=ours.bos_id is not None)  # what runtime/server.py sends the engine
+        assert served[0] == ByteTokenizer.BOS and served[1:] == ByteTokenizer().encode(text)
+        assert hf(text)["input_ids"] == served, text
+        assert hf.decode(served, skip_special_tokens=True) == ours.decode(served) == text
