@@ -4,8 +4,9 @@ Never a fixed port. In order of preference:
   1. `MASTER_ADDR`/`MASTER_PORT` given by the launcher (torchrun) or the user: use them as given.
   2. An MPI launcher with mpi4py: rank 0 binds port 0 (the OS picks a free one) and broadcasts
      (address, port) over MPI.
-  3. Plain `srun` (no MPI wire-up): rank 0's host is the first host of `SLURM_STEP_NODELIST` (or
-     `MOERUN_MASTER_ADDR`), and the port is derived from the job and step ids:
+  3. Plain `srun` (no MPI wire-up): rank 0's host is `MOERUN_MASTER_ADDR` (the scripts of `moerun slurm`
+     export the batch host's address there), else the first host of `SLURM_STEP_NODELIST`, and the port is
+     derived from the job and step ids:
          port = 15000 + (SLURM_JOB_ID * 1009 + SLURM_STEP_ID) % 10000
      Two steps of one job, and neighbouring jobs, get different ports; a store that answers but belongs to
      another job is detected by a job token and is a clear error, never a silent join.
@@ -84,8 +85,11 @@ def find_endpoint(info: RankInfo, env: Mapping[str, str] | None = None) -> Endpo
         if comm is not None and comm.Get_size() == info.world_size:
             return Endpoint("", 0, "mpi", "")  # filled in by rendezvous(): rank 0 binds first
     if info.launcher == "slurm" or "SLURM_JOB_ID" in env:
-        addr = env.get("MOERUN_MASTER_ADDR") or slurm_master_host(env)
-        check_resolves(addr, "rank 0's host (first of SLURM_STEP_NODELIST)")
+        if env.get("MOERUN_MASTER_ADDR"):
+            addr, what = env["MOERUN_MASTER_ADDR"], "MOERUN_MASTER_ADDR"
+        else:
+            addr, what = slurm_master_host(env), "rank 0's host (first of SLURM_STEP_NODELIST)"
+        check_resolves(addr, what)
         token = f"slurm-{env.get('SLURM_JOB_ID')}.{env.get('SLURM_STEP_ID', '0')}"
         port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else slurm_port(env)
         return Endpoint(addr, port, "slurm", token)

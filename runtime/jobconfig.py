@@ -2,7 +2,7 @@
 
 Pure Python (no torch), so the launcher can read and check a config before any rank starts. Unknown
 sections or keys are errors that name the key and list the valid ones; values are checked against the
-type of their default. The schema is DESIGN.md's config contract; extensions are documented in docs/.
+type of their default. Every key and its default: docs/config.md.
 """
 
 from __future__ import annotations

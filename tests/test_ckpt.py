@@ -145,3 +145,75 @@ def test_ckpt_cli_info_and_errors(tmp_path, capsys):
     assert '"step": 1' in capsys.readouterr().out
     assert main(["ckpt", "export", str(tmp_path / "nothing")]) != 0
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_weight_files_get_the_mode_the_umask_allows(tmp_path, umask):
+    """safetensors writes through a private temporary file (0600): weight files of a checkpoint, its export
+    and save_hf_checkpoint must get the mode every other file there gets (0666 minus the umask)."""
+    import runtime
+    from launch.cli import main
+    from runtime.model.hf_checkpoint import save_hf_checkpoint
+
+    old = os.umask(umask)
+    try:
+        cfg = tiny_config(tmp_path / "run", steps=1, save_every=1)
+        Trainer(cfg, log=lambda m: None).fit()
+        assert main(["ckpt", "export", cfg["train"]["out"], "--out", str(tmp_path / "export")]) == 0
+        save_hf_checkpoint(runtime.load_model("builtin:tiny"), str(tmp_path / "hf"))
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    dirs = [ckpt.latest_checkpoint(cfg["train"]["out"]), str(tmp_path / "export"), str(tmp_path / "hf")]
+    for d in dirs:
+        names = sorted(os.listdir(d))
+        assert any(n.endswith(".safetensors") for n in names) and any(n.endswith(".json") for n in names), names
+        modes = {n: oct(os.stat(os.path.join(d, n)).st_mode & 0o777) for n in names}
+        assert set(modes.values()) == {oct(want)}, (d, modes)
+
+
+def _mtp_layers_held(directory: str, num_hidden_layers: int) -> set[int]:
+    from runtime.model.hf_checkpoint import checkpoint_files
+
+    return {int(n.split(".")[2]) for n in checkpoint_files(directory)
+            if n.startswith("model.layers.") and int(n.split(".")[2]) >= num_hidden_layers}
+
+
+@pytest.mark.parametrize("mtp_loss_coef", [0.3, 0.0], ids=["mtp-trained", "mtp-off"])
+def test_checkpoint_and_export_config_match_the_mtp_weights_held(tmp_path, mtp_loss_coef):
+    """A model trained without its MTP module (mtp_loss_coef = 0 here; pp > 1 in test_train_mpi) is saved
+    and exported with num_nextn_predict_layers = 0, not the 1 of the config it was built from."""
+    from launch.cli import main
+
+    cfg = tiny_config(tmp_path / "run", steps=1, save_every=1, mtp_loss_coef=mtp_loss_coef)
+    Trainer(cfg, log=lambda m: None).fit()
+    assert main(["ckpt", "export", cfg["train"]["out"], "--out", str(tmp_path / "export")]) == 0
+    want = 1 if mtp_loss_coef else 0
+    for d in (ckpt.latest_checkpoint(cfg["train"]["out"]), str(tmp_path / "export")):
+        with open(os.path.join(d, "config.json")) as f:
+            hf_config = json.load(f)
+        n = hf_config["num_hidden_layers"]
+        assert hf_config["num_nextn_predict_layers"] == want, d
+        assert _mtp_layers_held(d, n) == set(range(n, n + want)), d
+
+
+def test_exported_tokenizer_gives_hf_and_moerun_the_same_prompt_ids(tmp_path):
+    """The server encodes a prompt with BOS (whenever the model has a bos id); transformers' tokenizer loaded
+    from the export must give the same ids for the same text, BOS included, and decode them alike."""
+    from transformers import AutoTokenizer
+
+    from launch.cli import main
+    from runtime.model.tokenizer import ByteTokenizer, load_tokenizer
+
+    cfg = tiny_config(tmp_path / "run", steps=1, save_every=1)
+    Trainer(cfg, log=lambda m: None).fit()
+    out = str(tmp_path / "export")
+    assert main(["ckpt", "export", cfg["train"]["out"], "--out", out]) == 0
+    ours = load_tokenizer(out)
+    hf = AutoTokenizer.from_pretrained(out)
+    assert ours.bos_id == hf.bos_token_id == ByteTokenizer.BOS
+    for text in ("Hello", "Ada and Bram crossed the bridge. Grüße ✓\n", " leading space", "日本語"):
+        served = ours.encode(text, add_bos=ours.bos_id is not None)  # what runtime/serve/server.py sends the engine
+        assert served[0] == ByteTokenizer.BOS and served[1:] == ByteTokenizer().encode(text)
+        assert hf(text)["input_ids"] == served, text
+        assert hf.decode(served, skip_special_tokens=True) == ours.decode(served) == text

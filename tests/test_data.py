@@ -1,4 +1,4 @@
-"""Data order (DESIGN.md contract), data-parallel slices, seeded shuffling, token-file validation."""
+"""Data order (as docs/training.md states it), data-parallel slices, seeded shuffling, token-file validation."""
 
 from __future__ import annotations
 

@@ -88,6 +88,27 @@ def test_fail_rank_drill_stops_the_job_and_names_the_rank():
     assert "rank 2" in out.stderr and "died" in out.stderr
     assert "selftest passed" not in out.stdout
     assert leftover_pids(tag) == []
+    _check_drill_lines_in_docs(out.stderr)
+
+
+def _check_drill_lines_in_docs(stderr: str) -> None:
+    """docs/launching.md shows the drill's output: each of its lines starts a line the code printed (HOST is
+    the host name, `...` anything; survivors' lines only where one got to print before mpirun killed it)."""
+    import re
+
+    text = (ROOT / "docs" / "launching.md").read_text()
+    block = re.search(r"<!-- fail-rank-drill -->\n```\n(.*?)```", text, re.S).group(1).splitlines()
+    assert block[0] == "$ moerun launch -n 4 -- selftest --fail-rank 2"
+    got = [ln.strip() for ln in stderr.splitlines() if ln.startswith("[moerun]")]
+    wild = {"HOST": re.escape(socket.gethostname()), "...": ".*", "status 137": r"status \d+"}
+    for doc_line in block[1:]:
+        survivor = re.match(r"\[moerun\] rank [013]: stopping because ", doc_line)
+        parts = re.split(r"(HOST|\.\.\.|status 137|^\[moerun\] rank [013]:)", doc_line)
+        pattern = "".join(wild.get(p, r"\[moerun\] rank \d+:" if p.startswith("[moerun] rank") and p.endswith(":")
+                                    else re.escape(p)) for p in parts)
+        if survivor and not any("stopping because" in g for g in got):
+            continue  # mpirun was faster than every survivor's watchdog this time
+        assert any(re.match(pattern, g) for g in got), (doc_line, pattern, got)
 
 
 def _free_port() -> int:

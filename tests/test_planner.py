@@ -331,3 +331,21 @@ def test_plan_imports_no_torch():
             " '--json']); assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_layout_filter_lists_every_matching_layout(capsys):
+    """docs/tuning.md: with --layout "every matching layout is listed", not the first 10 of them."""
+    import json
+
+    from launch.cli import main
+
+    argv = ["plan", "--model", "deepseek-v3", "--nodes", "256", "--gpus-per-node", "8", "--gpu", "h800",
+            "--layout", "pp=16,ep=64,tp=1", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["candidates"] > 10 and len(out["layouts"]) == out["candidates"]
+    assert all((r["pp"], r["ep"], r["tp"]) == (16, 64, 1) for r in out["layouts"])
+    assert main([*argv, "--top", "3"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["layouts"]) == 3
+    assert main(argv[:-3] + ["--json"]) == 0  # no --layout: the best 10
+    assert len(json.loads(capsys.readouterr().out)["layouts"]) == 10

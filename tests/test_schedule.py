@@ -9,7 +9,8 @@ import pytest
 from parallel.pipeline import ScheduleError, build, forward_only, phase_steps, validate
 from parallel.pipeline.schedule import BI, FB, RECV, SEND, B, F, W
 
-# REFERENCE.md, DualPipe section: per-rank step counts of DualPipe, 8 ranks, 20 chunks, eight phases.
+# Per-rank step counts of DualPipe (the eight step loops of deepseek-ai/DualPipe's dualpipe.py), 8 ranks,
+# 20 chunks.
 DUALPIPE_8_20 = {
     0: [6, 1, 3, 3, 3, 1, 3, 1],
     1: [4, 2, 2, 4, 2, 2, 2, 2],

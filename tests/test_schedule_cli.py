@@ -48,7 +48,7 @@ def test_table(capsys):
     lines = out.splitlines()
     assert lines[1].split() == ["rank", "busy", "bubble", "bubble%", "peak", "act"]
     assert [ln.split()[0] for ln in lines[2:6]] == ["0", "1", "2", "3"]
-    assert "makespan 33; worst bubble 9; README formula 9" in out  # default f=1, b=2: (4-1)(1+2)
+    assert "makespan 33; worst bubble 9; bubble formula (DualPipe README) 9" in out  # default f=1, b=2: (4-1)(1+2)
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -1,8 +1,10 @@
 """moerun under real Slurm: srun, sbatch scripts from `moerun slurm`, and mpirun inside a batch job.
 
 The cluster is two emulated nodes (n1, n2) on this host (tests/slurm_cluster.py). The node names do not
-resolve, so the jobs get `MOERUN_MASTER_ADDR=127.0.0.1`; one test checks that without it the job fails at
-once with a message naming the address. Without slurm-wlm/munge (or root for the daemons) these skip.
+resolve: the scripts of `moerun slurm` find rank 0's address themselves (Slurm's NodeAddr of the batch host,
+127.0.0.1 here), so those jobs are submitted without `MOERUN_MASTER_ADDR`; plain `srun` jobs get
+`MOERUN_MASTER_ADDR=127.0.0.1`, and one test checks that without it the job fails at once with a message
+naming the address. Without slurm-wlm/munge (or root for the daemons) these skip.
 """
 
 from __future__ import annotations
@@ -22,14 +24,29 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "DEADLINE", "PREEMPTED"}
 
 
-def _job_env() -> dict[str, str]:
+def _job_env(master_addr: bool = True) -> dict[str, str]:
     # The venv's bin first, so the job's mpirun / moerun are this install's.
-    return dict(JOB_ENV, PATH=f"{Path(venv_bin('python')).parent}:{os.environ.get('PATH', '')}")
+    env = dict(JOB_ENV, PATH=f"{Path(venv_bin('python')).parent}:{os.environ.get('PATH', '')}")
+    if not master_addr:
+        env.pop("MOERUN_MASTER_ADDR")
+    return env
 
 
-def submit_and_wait(cluster: SlurmCluster, script: Path, deadline_s: float = 180) -> tuple[str, str, str]:
-    """sbatch `script` and poll scontrol until the job ends; return (JobState, ExitCode, job id)."""
-    r = cluster.run(["sbatch", "--parsable", str(script)], env=_job_env(), cwd=script.parent, timeout=60)
+def _names_do_not_resolve() -> None:
+    for name in ("n1", "n2"):
+        try:
+            socket.getaddrinfo(name, None)
+            pytest.skip(f"the name {name} resolves on this machine")
+        except socket.gaierror:
+            pass
+
+
+def submit_and_wait(cluster: SlurmCluster, script: Path, deadline_s: float = 180,
+                    master_addr: bool = True) -> tuple[str, str, str]:
+    """sbatch `script` (with MOERUN_MASTER_ADDR=127.0.0.1 in the environment it exports to the job unless
+    `master_addr` is false) and poll scontrol until the job ends; return (JobState, ExitCode, job id)."""
+    r = cluster.run(["sbatch", "--parsable", str(script)], env=_job_env(master_addr), cwd=script.parent,
+                    timeout=60)
     job_id = r.stdout.strip().split(";")[0]
     assert job_id.isdigit(), r.stdout
     deadline = time.monotonic() + deadline_s
@@ -47,7 +64,8 @@ def submit_and_wait(cluster: SlurmCluster, script: Path, deadline_s: float = 180
 def write_sbatch(where: Path, name: str, *command: str) -> Path:
     """`moerun slurm --nodes 2 --ntasks-per-node 2 COMMAND` run in `where`; its stdout saved as `name`."""
     argv = [venv_bin("moerun"), "slurm", "--nodes", "2", "--ntasks-per-node", "2", "--time", "5", *command]
-    gen = subprocess.run(argv, capture_output=True, text=True, cwd=where, timeout=60)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MOERUN_"))}
+    gen = subprocess.run(argv, capture_output=True, text=True, cwd=where, timeout=60, env=env)
     assert gen.returncode == 0, gen.stderr
     script = where / name
     script.write_text(gen.stdout)
@@ -79,11 +97,7 @@ def test_srun_info_two_nodes(slurm_cluster: SlurmCluster) -> None:  # noqa: F811
 @pytest.mark.timeout(180)
 def test_srun_unresolvable_master_is_a_clear_error(slurm_cluster: SlurmCluster) -> None:  # noqa: F811
     """selftest rendezvous: rank 0's host is `n1` (first of SLURM_STEP_NODELIST), which does not resolve."""
-    try:
-        socket.getaddrinfo("n1", None)
-        pytest.skip("the name n1 resolves on this machine")
-    except socket.gaierror:
-        pass
+    _names_do_not_resolve()
     r = slurm_cluster.run(["srun", "-N", "2", "-n", "2", venv_bin("moerun"), "selftest"], check=False,
                           env={"OMP_NUM_THREADS": "1"}, timeout=150)
     assert r.returncode != 0
@@ -93,15 +107,25 @@ def test_srun_unresolvable_master_is_a_clear_error(slurm_cluster: SlurmCluster) 
 @pytest.mark.slurm
 @pytest.mark.timeout(240)
 def test_sbatch_selftest_from_moerun_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
-    """The config file reaches every rank (absolute path): its tp=2 shows in rank 0's summary line."""
+    """The config file reaches every rank (absolute path): its tp=2 shows in rank 0's summary line. Node
+    names n1, n2 do not resolve and nothing sets MOERUN_MASTER_ADDR: the script exports the batch host's
+    address (Slurm's NodeAddr, 127.0.0.1). The pass-through #SBATCH options are taken by real sbatch."""
+    _names_do_not_resolve()
     (tmp_path / "job.toml").write_text("[parallel]\ntp = 2\n")
-    script = write_sbatch(tmp_path, "selftest.sbatch", "job.toml", "--", "selftest")
-    state, code, job_id = submit_and_wait(slurm_cluster, script)
+    script = write_sbatch(tmp_path, "selftest.sbatch", "job.toml", "--partition", "test", "--account", "acct",
+                          "--cpus-per-task", "1", "--mem", "100M", "--exclusive", "--sbatch", "comment=moerun-test",
+                          "--", "selftest")
+    state, code, job_id = submit_and_wait(slurm_cluster, script, master_addr=False)
     out_file = tmp_path / f"moerun-selftest-{job_id}.out"
     output = out_file.read_text() if out_file.exists() else f"(no {out_file.name})"
     assert (state, code) == ("COMPLETED", "0:0"), f"{state} {code}\n{output}\n{slurm_cluster.logs()}"
     assert f"moerun: job {job_id} on 2 node(s): n[1-2]" in output, output
+    assert "moerun: rank 0 on n1, rendezvous address 127.0.0.1" in output, output
     assert "selftest passed" in output and "on 4 ranks" in output and "tp=2" in output, output
+    out = slurm_cluster.run(["scontrol", "show", "job", "-o", job_id]).stdout
+    job = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    assert job["Partition"] == "test" and job["TimeLimit"] == "00:05:00" and job["Comment"] == "moerun-test", job
+    assert job["OverSubscribe"] == "NO" and job["MinMemoryNode"] == "100M" and job["Account"] == "acct", job
 
 
 @pytest.mark.slurm
@@ -109,7 +133,7 @@ def test_sbatch_selftest_from_moerun_slurm(slurm_cluster: SlurmCluster, tmp_path
 def test_sbatch_failing_rank_fails_the_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
     """--kill-on-bad-exit=1 in the script: one dead rank ends the step, and the job is FAILED."""
     script = write_sbatch(tmp_path, "fail.sbatch", "--", "selftest", "--fail-rank", "3")
-    state, code, job_id = submit_and_wait(slurm_cluster, script)
+    state, code, job_id = submit_and_wait(slurm_cluster, script, master_addr=False)
     output = (tmp_path / f"moerun-selftest-{job_id}.out").read_text()
     assert state == "FAILED" and code != "0:0", f"{state} {code}\n{output}"
     assert "rank 3" in output, output

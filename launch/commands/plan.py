@@ -51,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training tokens, for total GPU-hours and days (default 1e12; 14.8T works)")
     g.add_argument("--layout", help="fix some fields, search the rest: pp=16,ep=64,tp=1[,dp=,schedule=,mbs=,"
                                     "recompute=]")
-    g.add_argument("--top", type=int, default=10, help="how many layouts to show (default 10)")
+    g.add_argument("--top", type=int, default=None,
+                   help="how many layouts to show (default 10; with --layout, every matching one)")
     g.add_argument("--seq-len", type=int, default=4096, help="sequence length (default 4096, as DeepSeek-V3)")
     g.add_argument("--global-batch", type=int, default=15360,
                    help="sequences per optimizer step (default 15360, where V3's batch schedule ends)")
@@ -98,7 +99,7 @@ def _run_layouts(args: argparse.Namespace) -> int:
 
     if not args.model or not args.nodes:
         raise ValueError("--model and --nodes are required (see moerun plan --help)")
-    if args.top < 1:
+    if args.top is not None and args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
     model = load_model(args.model)
     gpu = get_gpu(args.gpu)
@@ -109,7 +110,8 @@ def _run_layouts(args: argparse.Namespace) -> int:
                   batch_ramp_start=ramp_start, batch_ramp_tokens=ramp_tokens)
     planner = Planner(model, gpu, args.nodes, args.gpus_per_node, setup, tokens=args.tokens)
     fixed = parse_layout(args.layout) if args.layout else {}
-    res = planner.search(fixed, top=args.top, include_unfit=bool(fixed))
+    top = args.top if args.top is not None else (1 << 30 if fixed else 10)  # --layout: every match
+    res = planner.search(fixed, top=top, include_unfit=bool(fixed))
     evs = res["evaluations"]
     rows = [ev.as_dict(planner.world, planner.s, model, gpu, args.tokens) for ev in evs]
     fitting = [r for r in rows if r["fits"]]

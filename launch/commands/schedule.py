@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     for r in res.ranks:
         pct = 100.0 * r.bubble / res.makespan if res.makespan else 0.0
         print(f"{r.rank:>4}  {_fmt(r.busy):>10}  {_fmt(r.bubble):>10}  {pct:>6.1f}%  {r.peak_activations:>8}")
-    print(f"makespan {_fmt(res.makespan)}; worst bubble {_fmt(res.worst_bubble)}; README formula "
+    print(f"makespan {_fmt(res.makespan)}; worst bubble {_fmt(res.worst_bubble)}; bubble formula (DualPipe README) "
           + ("n/a" if formula is None else _fmt(formula)))
     for label, path in (("trace", args.trace), ("png", args.png)):
         if path:

@@ -44,7 +44,7 @@ KINDS = COMPUTE_KINDS + (SEND, RECV, POST, WAIT)
 ACT, GRAD = "act", "grad"
 SCHEDULE_KINDS = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
 
-# DualPipe's eight phases, in order (names as in DeepSeek's README / REFERENCE.md).
+# DualPipe's eight phases, in order (the step loops of deepseek-ai/DualPipe's dualpipe.py).
 DUALPIPE_PHASES = ("F0", "F0F1", "B1W1F1", "F0B1F1B0", "B1F1B0", "B1B0", "WB0", "W")
 
 

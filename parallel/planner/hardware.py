@@ -8,7 +8,7 @@ Sources (short names used below):
   (the datasheet's figures are "with sparsity", i.e. 2x these), 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s.
 - [NV-H200] NVIDIA H200 datasheet (SXM): same tensor-core peaks as H100 SXM, 141 GB HBM3e at 4.8 TB/s,
   NVLink 900 GB/s.
-- [V3] DeepSeek-V3 technical report (arXiv 2412.19437) and ../shared/REFERENCE.md: the H800 is the H100 SXM
+- [V3] DeepSeek-V3 technical report (arXiv 2412.19437): the H800 is the H100 SXM
   with NVLink cut to 400 GB/s (160 GB/s achievable within a node), 8 x 400 Gb/s InfiniBand per node
   (50 GB/s per GPU); 20 of the 132 SMs are given to communication during training.
 - [DeepEP] deepseek-ai/DeepEP README, normal kernels on H800 (4096 tokens, hidden 7168, top-8, FP8 dispatch,

@@ -40,6 +40,14 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
 
 
+def chmod_as_umask(path: str) -> None:
+    """safetensors writes through a private temporary file (mode 0600); give a weight file the mode an
+    ordinary open() gives the JSON beside it (0666 less the umask), so others can read what the umask allows."""
+    mask = os.umask(0o077)  # the only portable way to read the umask is to set it
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model; the message names the tensor and the file."""
 
@@ -347,6 +355,7 @@ def save_hf_checkpoint(
     weight_map = {}
     for fname, shard in zip(names, shards):
         save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+        chmod_as_umask(os.path.join(path, fname))
         weight_map.update({k: fname for k in shard})
     with open(os.path.join(path, INDEX_NAME), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)

@@ -2,7 +2,8 @@
 
 builtin models tokenize bytes (`runtime.model.tokenizer.ByteTokenizer`: UTF-8 byte b is id b, then BOS/EOS/PAD);
 `write_byte_tokenizer` writes the same mapping as an HF `tokenizer.json` (byte-level pre-tokenizer, one
-token per byte, no merges) that `runtime.model.tokenizer.load_tokenizer` and transformers' AutoTokenizer read.
+token per byte, no merges, BOS prepended like the server does) that `runtime.model.tokenizer.load_tokenizer`
+and transformers' AutoTokenizer read.
 HF model directories have their own tokenizer files, which `copy_tokenizer_files` carries along."""
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def write_byte_tokenizer(directory: str) -> None:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     from runtime.model.tokenizer import ByteTokenizer
 
@@ -39,10 +40,15 @@ def write_byte_tokenizer(directory: str) -> None:
     tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
     if tok.token_to_id("<bos>") != ByteTokenizer.BOS or tok.get_vocab_size(True) != ByteTokenizer.VOCAB_SIZE:
         raise AssertionError("byte tokenizer ids do not match runtime.model.tokenizer.ByteTokenizer")
+    # BOS first, as the server encodes a prompt (and DeepSeek's own tokenizers do): transformers' tokenizer
+    # loaded from this directory then gives the same ids for the same text.
+    bos = [("<bos>", ByteTokenizer.BOS)]
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=bos)
     tok.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
-                   "pad_token": "<pad>", "model_max_length": 4096}, f, indent=1)
+                   "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False,
+                   "model_max_length": 4096}, f, indent=1)
 
 
 def copy_tokenizer_files(source: str | None, directory: str) -> list[str]:

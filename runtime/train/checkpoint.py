@@ -31,13 +31,14 @@ import torch
 import torch.distributed as dist
 
 from parallel.shard import to_full, to_local
-from runtime.model.hf_checkpoint import INDEX_NAME, checkpoint_name
+from runtime.model.hf_checkpoint import INDEX_NAME, checkpoint_name, chmod_as_umask
 
 FORMAT = "moerun-train-checkpoint/1"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 OPT_KINDS = ("master", "exp_avg", "exp_avg_sq")
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 # Keys that may change between a run and its resumption without changing what is being trained.
 _HASH_SKIP = {"train": ("steps", "resume", "save_every", "out")}
 
@@ -82,7 +83,16 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    chmod_as_umask(path)
     _fsync_file(path)
+
+
+def with_mtp_held(hf_config: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """`hf_config` saying as many MTP modules (layers num_hidden_layers + k) as the tensors `names` hold: a
+    model trained without its MTP module (pp > 1, or mtp_loss_coef = 0) must not claim one."""
+    n = hf_config["num_hidden_layers"]
+    held = {int(m.group(1)) for name in names if (m := _LAYER_RE.match(name)) and int(m.group(1)) >= n}
+    return {**hf_config, "num_nextn_predict_layers": len(held)}
 
 
 def _crash_hook(step: int, where: str) -> None:
@@ -165,7 +175,7 @@ def _finish(tmp: str, final: str, root: str, step: int, model_config: Any, manif
             with safe_open(os.path.join(tmp, fname), framework="pt") as f:
                 weight_map.update({k: fname for k in f.keys()})
     _write_json(os.path.join(tmp, INDEX_NAME), {"metadata": {}, "weight_map": weight_map})
-    _write_json(os.path.join(tmp, "config.json"), model_config.to_hf_dict())
+    _write_json(os.path.join(tmp, "config.json"), with_mtp_held(model_config.to_hf_dict(), weight_map))
     _write_json(os.path.join(tmp, MANIFEST), {"format": FORMAT, "step": step, **manifest})
     _fsync_dir(tmp)
     if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it whole
@@ -279,6 +289,7 @@ def export_hf(src: str, dest: str, dtype: str | None = None) -> str:
                 tensors[k] = t
     os.makedirs(dest, exist_ok=True)
     _save_tensors(tensors, os.path.join(dest, "model.safetensors"))
+    hf_config = with_mtp_held(hf_config, tensors)
     if dtype is not None:
         hf_config["torch_dtype"] = dtype
         hf_config["dtype"] = dtype

@@ -1,7 +1,7 @@
 """Token data and its order: a 1-D token file (`.npy`, memory-mapped) or `builtin:tinytext`.
 
 The order is a pure function of (step, seed), so a resumed run needs only the step number to continue
-exactly, whatever the layout. Contract (DESIGN.md): window i is `tokens[i*T : i*T + T + 1]` (inputs =
+exactly, whatever the layout. The documented order (docs/training.md): window i is `tokens[i*T : i*T + T + 1]` (inputs =
 window[:-1], labels = window[1:]); optimizer step s (0-based) uses windows `s*B ... (s+1)*B - 1` with
 `shuffle = false`, wrapping around at the end of the data (epochs). With `shuffle = true`, epoch e walks a
 permutation of the windows drawn from `numpy.random.default_rng([seed, e])`. A data-parallel rank takes
