@@ -120,10 +120,12 @@ class Scheduler:
 
     Driver (`is_driver`): call `step()` in a loop; it returns (kind, serving outputs). Other ranks: call
     `follow()` until it returns False. `group` is the job's CPU control group (`mesh.group("control")`,
-    gloo) over which headers, step plans and train-op payloads travel as CPU tensors; None: one process."""
+    gloo) over which headers, step plans and train-op payloads travel as CPU tensors; None: one process.
+    `progress` (e.g. `mesh.tick`) is called once per step, keepalive and followed step: the health
+    watchdog's sign that this rank's loop moves (a hung rank is named from it)."""
 
     def __init__(self, engine, work=None, cfg: SchedulerConfig | None = None, weights=None, *, group=None,
-                 src: int = 0, rank: int = 0) -> None:
+                 src: int = 0, rank: int = 0, progress=None) -> None:
         from runtime.sched.weights import WeightVersions
 
         self.engine, self.work = engine, work
@@ -132,6 +134,7 @@ class Scheduler:
         if work is not None:
             work.weights = self.weights
         self.group, self.src, self.rank = group, src, rank
+        self.progress = progress or (lambda: None)
         self.is_driver = group is None or rank == src
         self.stats = StepStats()
         self._plan_sent = False
@@ -175,6 +178,7 @@ class Scheduler:
 
     def step(self) -> tuple[Kind, list]:
         """Decide, broadcast and run one step; (kind, serving outputs). IDLE runs nothing on any rank."""
+        self.progress()
         train_kind = self._train_ready()
         if train_kind == Kind.OPTIM and self.weights.drained:
             kind = Policy.TRAIN  # pinned: the update that requests were drained for, before new ones start
@@ -222,6 +226,7 @@ class Scheduler:
     def keepalive(self, every_s: float = 5.0) -> None:
         """Driver, while idle: an IDLE header every `every_s` seconds, so the other ranks' waiting
         broadcast never reaches the collective timeout."""
+        self.progress()
         if self.group is not None and self.is_driver and time.monotonic() - self._last_bcast > every_s:
             self._header(Kind.IDLE)
 
@@ -248,6 +253,7 @@ class Scheduler:
     # --- other ranks ----------------------------------------------------------------------------------
     def follow(self) -> bool:
         """Receive and run one step; False once the driver sent STOP."""
+        self.progress()
         head = self._header(Kind.IDLE)
         kind = Kind(head[0])
         if kind == Kind.STOP:

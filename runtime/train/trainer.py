@@ -330,7 +330,9 @@ class Trainer:
         first_step, t_start, n_done = self.step + 1, time.perf_counter(), 0
         first_loss = last_loss = float("nan")
         die_after = os.environ.get("MOERUN_TEST_EXIT_AFTER_STEP")
+        tick = getattr(self.mesh, "tick", None) or (lambda: None)  # the watchdog's progress counter
         while self.step < total:
+            tick()
             m = self.train_step(self.batch(self.step))
             n_done += 1
             last_loss = m["loss"]
