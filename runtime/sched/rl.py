@@ -30,6 +30,12 @@ class RLBatch:
     kl_coef: float = 0.0  # grpo: weight of the KL term to the frozen reference (0: off)
 
     @property
+    def nbytes(self) -> int:
+        """Bytes held by the batch's tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.input_ids, self.loss_mask, self.advantages,
+                                                          self.old_logprobs) if t is not None)
+
+    @property
     def tokens(self) -> int:
         """Number of target tokens (the loss is a mean over these)."""
         return int(self.loss_mask[:, 1:].sum())

@@ -11,7 +11,10 @@ optimizer steps. `TrainWork` keeps a FIFO of such items from two sources:
   the op asks for one (`optimizer_step`, default true).
 The optimizer step is `Trainer.apply_gradients` (TP/DP gradient reductions, global norm, clip, ZeRO-1
 AdamW, bias update), then the weight version is bumped. Gradients of k accumulated `train` ops are
-averaged (each op's loss is a token mean over its own loss mask). Under pipeline parallelism a job step
+averaged (each op's loss is a token mean over its own loss mask). Once an update is applied it stays
+applied: a metrics line or checkpoint that cannot be written afterwards (a full disk) is reported in the
+op's result (`save_error`) and on stderr, and training goes on; the job's data cursor has moved with the
+update, so nothing is applied twice or skipped. Under pipeline parallelism a job step
 is one item (the executor runs all its micro-batches) and `train` ops support the "ce" loss only.
 """
 
@@ -81,6 +84,7 @@ class TrainWork:
         self._bwd: tuple | None = None  # a micro-step whose backward has not run yet
         self.tokens_total = 0
         self.job_steps_done = 0
+        self.save_failures = 0
         self._t0 = time.perf_counter()
         self._acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}  # since the last optimizer step
         # `record`: like `moerun train`, rank 0 appends one metrics.jsonl line per optimizer step (job and
@@ -120,6 +124,10 @@ class TrainWork:
             return Kind.TRAIN_BWD
         self._fill_from_job()
         return self.queue[0].kind if self.queue else None
+
+    def queued_bytes(self) -> int:
+        """Bytes of the batches waiting in the queue (`serve.max_train_queue_bytes` bounds them)."""
+        return sum(item.batch.nbytes for item in self.queue if item.batch is not None)
 
     def peek(self) -> TrainItem:
         return self.queue[0]
@@ -303,26 +311,44 @@ class TrainWork:
             self.job_cursor += 1
         version = self.weights.bump() if self.weights is not None else t.step
         self.last.update(step=t.step, grad_norm=norm, lr=lr, weight_version=version)
-        if self.record:
-            self._record(job, norm, lr, version, time.perf_counter() - t0)
+        save_error = self._record(job, norm, lr, version, time.perf_counter() - t0) if self.record else None
         self.current = None
         if item is not None and item.on_done is not None:
-            item.on_done(self._result(item.result))
+            result = self._result(item.result)
+            if save_error is not None:
+                result["save_error"] = save_error
+            item.on_done(result)
 
-    def _record(self, job: bool, norm: float, lr: float, version: int, optim_s: float) -> None:
-        """metrics.jsonl line (rank 0) and checkpoint (every rank) after an optimizer step. Collective."""
+    def _record(self, job: bool, norm: float, lr: float, version: int, optim_s: float) -> str | None:
+        """metrics.jsonl line (rank 0) and checkpoint (every rank) after an optimizer step. Collective. The
+        update is applied already: a write that fails is reported (the message returned), not raised."""
+        from runtime.train.checkpoint import CheckpointSaveError
+
         t, a = self.trainer, self._acc
         loss = t.mean_over_dp({"ce": a["loss"] / max(1, a["n"])})["ce"]  # the mean over dp shares
         dt = a["time"] + optim_s
         tokens = a["tokens"] * (getattr(t, "dp", 1) if job else 1)  # job: per-dp shares; ops: whole batch
         self._acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
+        errors = []
         if self.metrics_file is not None:
-            self.metrics_file.write({"step": t.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                                     "tokens_per_s": tokens / dt if dt > 0 else 0.0, "time_s": dt,
-                                     "source": "job" if job else "train_op", "weight_version": version})
+            try:
+                self.metrics_file.write({"step": t.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                                         "tokens_per_s": tokens / dt if dt > 0 else 0.0, "time_s": dt,
+                                         "source": "job" if job else "train_op", "weight_version": version})
+            except OSError as e:  # rank 0 alone writes it: nothing collective to agree on
+                errors.append(f"metrics.jsonl line for step {t.step} not written ({type(e).__name__}: {e})")
         every = t.config["train"]["save_every"]
         if every and t.step % every == 0:
-            t.save()
+            try:
+                t.save()
+            except CheckpointSaveError as e:  # raised on every rank alike
+                errors.append(str(e))
+        if not errors:
+            return None
+        self.save_failures += 1
+        message = "; ".join(errors)
+        t.log(f"warning: {message}; the update of step {t.step} is applied and training goes on")
+        return message
 
     def _result(self, r: dict) -> dict:
         v = self.weights.version if self.weights is not None else self.trainer.step
@@ -332,7 +358,7 @@ class TrainWork:
     def summary(self) -> dict[str, float]:
         dt = max(1e-9, time.perf_counter() - self._t0)
         out = {"optimizer_steps": self.trainer.step, "job_steps": self.job_steps_done,
-               "tokens_total": self.tokens_total, "queue": len(self.queue),
+               "tokens_total": self.tokens_total, "queue": len(self.queue), "save_failures": self.save_failures,
                "steps_per_s": round(self.trainer.step / dt, 4)}
         if "loss" in self.last:
             out["loss"] = self.last["loss"]

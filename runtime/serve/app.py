@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-__all__ = ["announce", "load_tokenizer_or_none", "pipe_stage", "serve", "version"]
+__all__ = ["announce", "bind_warning", "load_tokenizer_or_none", "pipe_stage", "serve", "version"]
 
 
 def version() -> str:
@@ -59,18 +59,30 @@ def pipe_stage(mesh, num_layers: int, schedule: str):
     )
 
 
+def bind_warning(endpoint: str, curve: bool) -> str | None:
+    """The warning for a server reachable beyond this host without CurveZMQ (None: loopback, IPC, or Curve)."""
+    local = endpoint.startswith(("ipc://", "inproc://")) or any(
+        f"://{h}" in endpoint for h in ("127.", "localhost", "[::1]"))
+    if local or curve:
+        return None
+    return (f"moerun serve: WARNING: {endpoint} is not loopback and CurveZMQ is off: anyone who can reach it "
+            "can generate, read every reply and (with --train) change the weights, unauthenticated and "
+            "unencrypted; set serve.curve_secret_key_file and serve.curve_authorized_dir (docs/protocol.md), "
+            "or bind 127.0.0.1")
+
+
 def announce(server, config: dict, training: str = "") -> None:
-    """The start-up line (endpoint, pid, cache size, training); a warning on stderr when the bind is not
-    loopback."""
+    """The start-up line (endpoint, pid, cache size, training); a warning on stderr when the server is
+    reachable beyond this host without CurveZMQ."""
     e = server.engine
-    ep = server.endpoint
-    if not (ep.startswith(("ipc://", "inproc://")) or "://127." in ep or "://localhost" in ep or "://[::1]" in ep):
-        print(f"moerun serve: WARNING: {ep} is not loopback; the protocol has no authentication, expose it "
-              "only on a trusted network", file=sys.stderr, flush=True)
+    warning = bind_warning(server.endpoint, server.curve)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
     print(f"moerun serve: listening on {server.endpoint} pid={os.getpid()} model={config['model']['path']} "
           f"kv_cache={e.cache.num_pages}x{e.page_size} tokens "
           f"({e.cache.bytes_per_token_per_layer} B/token/layer) max_batch={e.max_batch} "
-          f"tokenizer={'yes' if server.tokenizer is not None else 'no (send prompt_ids)'}{training}", flush=True)
+          f"tokenizer={'yes' if server.tokenizer is not None else 'no (send prompt_ids)'}"
+          f"{' curve=on' if server.curve else ''}{training}", flush=True)
 
 
 def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int = 1 << 20, bind: str | None = None,
@@ -104,7 +116,8 @@ def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int 
         work = TrainWork(trainer, job_steps=max(0, config["train"]["steps"] - trainer.step),
                          reference=bool(config["scheduler"].get("kl_reference", False)), record=True)
     sched = Scheduler(engine, work, scheduler_config(config), WeightVersions(engine, pin=bool(sv["pin_weights"])),
-                      group=group, rank=mesh.rank if mesh is not None else 0)
+                      group=group, rank=mesh.rank if mesh is not None else 0,
+                      progress=mesh.tick if mesh is not None else None)
     if not sched.is_driver:
         # A launcher's SIGTERM reaches every rank; the others leave on the driver's STOP instead, so a
         # signalled job ends cleanly (a dead driver is caught by the mesh's watchdog).
@@ -116,8 +129,8 @@ def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int 
     info = {"model": config["model"]["path"], "version": version()}
     if mesh is not None:
         info["layout"] = {d: mesh.size(d) for d in ("tp", "pp", "ep", "dp")} | {"world": mesh.world_size}
-    server = Server(sched, bind=bind or sv["bind"], max_queue=sv["max_queue"], max_frame_bytes=max_frame_bytes,
-                    tokenizer=load_tokenizer_or_none(config["model"]["path"]), info=info)
+    server = Server.from_config(sched, sv, bind=bind or sv["bind"], max_frame_bytes=max_frame_bytes,
+                                tokenizer=load_tokenizer_or_none(config["model"]["path"]), info=info)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: server.request_stop())

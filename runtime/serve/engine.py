@@ -3,9 +3,12 @@
 Every `step()` schedules one batched forward: each running request contributes either one decode token or
 a prefill chunk (prefill tokens per step are capped by `max_prefill_tokens`), and waiting requests join as
 soon as there is room (`max_batch` running, pages in the cache). Requests are ordered by priority (higher
-first) then arrival. When a decode needs a page and none is free, the least important running request is
-preempted by recompute: its pages go back (full ones stay in the prefix cache, so the recompute is mostly a
-prefix hit) and it waits again with its generated tokens, to be re-prefilled later. The engine is driven
+first) then arrival. Requests may name an `owner` (the server's connection): while several owners have
+requests, each gets a fair share of the running slots (max_batch / owners, rounded up) before priority
+decides, and an owner above its share yields a running slot (preempted by recompute) to one below it.
+When a decode needs a page and none is free, the least important running request is preempted by
+recompute: its pages go back (full ones stay in the prefix cache, so the recompute is mostly a prefix hit)
+and it waits again with its generated tokens, to be re-prefilled later. The engine is driven
 from outside (the server loop, or later the shared train/serve scheduler), so it never blocks.
 """
 
@@ -47,6 +50,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    error: str | None = None  # the request failed (e.g. its sampling); it is finished, with this message
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Request:
     priority: int
     seq: int
     arrival: float
+    owner: str | None = None  # fair-share group (None: takes part in no fair share)
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     output: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -137,7 +142,8 @@ class Engine:
 
     # --- public API -----------------------------------------------------------------------------------
     def add_request(
-        self, key: str, prompt_ids: list[int], params: SamplingParams | None = None, priority: int = 0
+        self, key: str, prompt_ids: list[int], params: SamplingParams | None = None, priority: int = 0,
+        owner: str | None = None,
     ) -> None:
         params = params or SamplingParams()
         if key in self.requests:
@@ -158,7 +164,7 @@ class Engine:
         if -(-total // self.page_size) > self.cache.num_pages:
             raise EngineError("too_long", f"{total} tokens need more pages than the whole KV cache "
                                           f"({self.cache.num_pages} x {self.page_size})")
-        req = Request(key, list(prompt_ids), params, int(priority), next(self._seq), time.perf_counter())
+        req = Request(key, list(prompt_ids), params, int(priority), next(self._seq), time.perf_counter(), owner)
         req.tokens = list(prompt_ids)
         req.generator = None if params.temperature == 0.0 else make_generator(params.seed)
         self.requests[key] = req
@@ -202,7 +208,7 @@ class Engine:
                 req.num_computed += n
                 self._offer_pages(req)
                 if want:
-                    outputs.append(self._emit(req, logits[row], now))
+                    outputs.append(self._emit_or_fail(req, logits[row], now))
                     row += 1
         self._update_gauges()
         return outputs
@@ -228,8 +234,20 @@ class Engine:
                 if pending > 1:
                     budget -= n
         self.waiting.sort(key=Request.order)
-        while self.waiting and len(self.running) < self.max_batch and budget > 0:
-            req = self.waiting[0]
+        share, held = self._fair_share()
+        i = 0
+        while i < len(self.waiting) and budget > 0:
+            req = self.waiting[i]
+            if req.owner is not None and held.get(req.owner, 0) >= share:
+                i += 1  # this owner has its share: the next owner's request may join
+                continue
+            if len(self.running) >= self.max_batch:
+                victim = self._above_share(held, share)
+                if victim is None:
+                    break
+                sched = [(r, k) for r, k in sched if r is not victim]
+                self._preempt(victim)
+                held[victim.owner] -= 1
             if not req.pages:
                 self._match_prefix(req)
             n = min(len(req.tokens) - req.num_computed, budget)
@@ -244,11 +262,33 @@ class Engine:
                 self._release(req)  # hold nothing while waiting, or a waiter could starve the running
                 break
             self._count_admission(req)
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             self.running.append(req)
+            if req.owner is not None:
+                held[req.owner] = held.get(req.owner, 0) + 1
             sched.append((req, n))
             budget -= n if n > 1 or req.num_computed == 0 else 0
         return sched
+
+    def _fair_share(self) -> tuple[int, dict[str | None, int]]:
+        """(running slots per owner, running requests per owner) while two or more owners have requests;
+        (max_batch, {}) otherwise (no owner is held back)."""
+        owners = {r.owner for r in self.requests.values() if r.owner is not None}
+        if len(owners) < 2:
+            return self.max_batch, {}
+        held: dict[str | None, int] = {}
+        for r in self.running:
+            if r.owner is not None:
+                held[r.owner] = held.get(r.owner, 0) + 1
+        return -(-self.max_batch // len(owners)), held
+
+    def _above_share(self, held: dict[str | None, int], share: int) -> Request | None:
+        """The least important running request of the owner furthest above its share, or None."""
+        over = [r for r in self.running if r.owner is not None and held.get(r.owner, 0) > share]
+        if not over:
+            return None
+        top = max(held[r.owner] for r in over)
+        return max((r for r in over if held[r.owner] == top), key=Request.order)
 
     def _match_prefix(self, req: Request) -> None:
         usable = (len(req.tokens) - 1) // self.page_size  # always compute at least the last token
@@ -293,6 +333,18 @@ class Engine:
         self.metrics.inc("preemptions_total")
 
     # --- outputs ----------------------------------------------------------------------------------------
+    def _emit_or_fail(self, req: Request, logits: torch.Tensor, now: float) -> RequestOutput:
+        """`_emit`, or, when this request's sampling fails, the end of this request alone (its error set)."""
+        try:
+            return self._emit(req, logits, now)
+        except Exception as e:  # noqa: BLE001 - whatever one request's parameters provoke stays with it
+            if req.key not in self.requests:
+                raise
+            out = self._finish(req, "error")
+            out.error = f"sampling failed: {type(e).__name__}: {e}"
+            self.metrics.inc("requests_failed_total")
+            return out
+
     def _emit(self, req: Request, logits: torch.Tensor, now: float) -> RequestOutput:
         p = req.params
         tok = sample(logits, p, req.generator)
@@ -330,7 +382,7 @@ class Engine:
         self._release(req)
         del self.requests[req.key]
         self.metrics.observe("e2e_latency_seconds", time.perf_counter() - req.arrival)
-        if reason != "abort":
+        if reason not in ("abort", "error"):
             self.metrics.inc("requests_finished_total")
         self.metrics.inc("prompt_tokens_total", len(req.prompt))
         return RequestOutput(

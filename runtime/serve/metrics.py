@@ -61,6 +61,8 @@ class ServeMetrics:
         "requests_total",
         "requests_finished_total",
         "requests_aborted_total",
+        "requests_failed_total",
+        "clients_departed_total",
         "preemptions_total",
         "prefix_cache_queries_tokens_total",
         "prefix_cache_hits_tokens_total",

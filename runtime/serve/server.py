@@ -2,11 +2,17 @@
 
 There is one serving loop for every way of serving: the server always drives a `runtime.sched.Scheduler`,
 whose training side is empty unless the job trains (`moerun serve --train`), on one rank or on the driver
-rank of many. Loopback by default. Frames are msgpack maps (never pickle), validated by
-`runtime.serve.protocol` before they reach the engine; every problem gets an `error` reply and the loop goes
-on. Memory stays bounded: frames above the soft bound get `bad_request` (above a hard bound ZeroMQ drops the
-sender), at most `serve.max_queue` requests wait, a request's outputs are bounded by its max_tokens, and
-socket queues have high-water marks.
+rank of many. Loopback by default; CurveZMQ (runtime.serve.curve) authenticates and encrypts beyond it.
+Frames are msgpack maps (never pickle), validated by `runtime.serve.protocol` before they reach the engine;
+every problem gets an `error` reply and the loop goes on. Memory stays bounded: frames above the soft bound
+get `bad_request` (above a hard bound ZeroMQ drops the sender), at most `serve.max_queue` requests wait and
+one connection holds at most `serve.max_queue_per_client`, a request's outputs are bounded by its
+max_tokens, `train` ops by `serve.max_train_*`, and socket queues have high-water marks.
+
+No client can hurt another's requests: priorities are capped below the health check's, each connection
+gets a fair share of the running slots (the engine's `owner`), only the connection that sent a request
+(or one holding the `abort_key` it chose) can abort it, a request whose sampling fails ends alone, and a
+client that goes away has its requests ended and its pages freed (runtime.serve.peers).
 
 Request ids are per connection: the wire `id` is the client's `request_id`; the engine is keyed by
 `key` = connection identity + ":" + request_id. Every token reply carries the weight version that computed
@@ -15,6 +21,7 @@ it (`done` also lists `weight_versions`, one per generated token).
 
 from __future__ import annotations
 
+import hmac
 import platform
 import threading
 import time
@@ -23,10 +30,13 @@ from typing import Any
 
 import zmq
 
+from runtime.serve.peers import Peers
 from runtime.serve.protocol import (
     MAX_FRAME_BYTES,
+    AbortRequest,
     GenerateRequest,
     ProtocolError,
+    TrainLimits,
     TrainRequest,
     decode_frame,
     encode,
@@ -34,12 +44,14 @@ from runtime.serve.protocol import (
     request_id_of,
     validate_request,
 )
+from runtime.serve.trainops import TrainLedger, digest
 
 __all__ = ["Server", "MAX_TRAIN_QUEUE"]
 
 MAX_RECV_PER_TURN = 512  # frames taken per loop turn before the scheduler steps again
 MAX_TRAIN_QUEUE = 256  # queued train ops at most (each holds its batch)
-HEALTH_PRIORITY = 2**31 - 1
+HEALTH_PRIORITY = 2**31 - 1  # above every client's (clients: at most serve.max_priority)
+FAIL_LINGER_MS = 2000  # after a failed multi-rank step: how long the error replies may take to leave
 
 
 @dataclass
@@ -57,7 +69,8 @@ class Server:
     """`Server(scheduler, bind=...)`; `serve_forever()` or `start()` in a thread; `endpoint` is the bound address.
 
     `scheduler` is a `runtime.sched.Scheduler` (its engine serves; its work, if any, trains); `tokenizer`
-    (optional) turns `prompt` strings into ids and generated ids into `text`.
+    (optional) turns `prompt` strings into ids and generated ids into `text`. The limits are the `[serve]`
+    keys of the same names (docs/config.md); `Server.from_config` takes them from a job config.
     """
 
     def __init__(
@@ -70,28 +83,72 @@ class Server:
         tokenizer=None,
         info: dict | None = None,
         context: zmq.Context | None = None,
+        max_queue_per_client: int = 256,
+        max_priority: int = 1000,
+        health_timeout_s: float = 30.0,
+        client_timeout_s: float = 10.0,
+        train_limits: TrainLimits | None = None,
+        max_train_queue_bytes: int = 256 << 20,
+        curve_secret_key_file: str = "",
+        curve_authorized_dir: str = "",
     ) -> None:
         self.scheduler = scheduler
         self.engine = scheduler.engine
-        self.max_queue = max_queue
+        self.max_queue, self.max_queue_per_client = max_queue, max_queue_per_client
+        self.max_priority = max_priority
+        self.health_timeout_s = health_timeout_s
         self.max_frame_bytes = max_frame_bytes
+        self.train_limits = train_limits or TrainLimits()
+        self.max_train_queue_bytes = max_train_queue_bytes
         self.tokenizer = tokenizer
         self.extra_info = info or {}
-        self.ctx = context or zmq.Context.instance()
+        # Curve's ZAP handler is per context: a Curve server gets a context of its own
+        self._own_ctx = context is None and bool(curve_secret_key_file)
+        self.ctx = zmq.Context() if self._own_ctx else (context or zmq.Context.instance())
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 8 * max_frame_bytes + 4096)  # hard bound: peer is dropped
         self.sock.setsockopt(zmq.RCVHWM, 10000)
         self.sock.setsockopt(zmq.SNDHWM, 100000)
-        self.sock.bind(bind)
+        if client_timeout_s > 0:  # ZMTP pings: a peer silent for client_timeout_s is disconnected
+            half = max(1, int(client_timeout_s * 500))
+            self.sock.setsockopt(zmq.HEARTBEAT_IVL, half)
+            self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, half)
+        self.auth = None
+        self.curve = bool(curve_secret_key_file)
+        if self.curve:
+            from runtime.serve.curve import secure_server
+
+            self.auth = secure_server(self.sock, self.ctx, curve_secret_key_file, curve_authorized_dir)
+        self.peers = Peers(self.sock)
+        try:
+            self.sock.bind(bind)
+        except zmq.ZMQError:
+            self._close(0)
+            raise
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.active: dict[str, _Active] = {}  # by engine key
+        self.by_conn: dict[bytes, set[str]] = {}  # connection identity -> its engine keys
+        self.ledger = TrainLedger()
+        self._frame: zmq.Frame | None = None  # the frame being handled (its connection is watched)
         self._health_waiters: list[tuple[list[bytes], str | None, float]] = []
         self._health_key: str | None = None
         self._health_n = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.started = time.time()
+
+    @classmethod
+    def from_config(cls, scheduler, serve: dict, **kw) -> Server:
+        """A server with the limits of a job config's `[serve]` section (`kw`: bind, tokenizer, info, ...)."""
+        limits = TrainLimits(serve["max_train_rows"], serve["max_train_tokens"], serve["max_train_batch_bytes"])
+        kw.setdefault("bind", serve["bind"])
+        return cls(scheduler, max_queue=serve["max_queue"], max_queue_per_client=serve["max_queue_per_client"],
+                   max_priority=serve["max_priority"], health_timeout_s=serve["health_timeout_s"],
+                   client_timeout_s=serve["client_timeout_s"], train_limits=limits,
+                   max_train_queue_bytes=serve["max_train_queue_bytes"],
+                   curve_secret_key_file=serve["curve_secret_key_file"],
+                   curve_authorized_dir=serve["curve_authorized_dir"], **kw)
 
     @property
     def weight_version(self) -> int:
@@ -115,41 +172,61 @@ class Server:
     def serve_forever(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.peers.monitor, zmq.POLLIN)
+        failed = False
         try:
             while not self._stop.is_set():
                 busy = self.scheduler.has_work()
                 if dict(poller.poll(0 if busy else 50)).get(self.sock):
                     for _ in range(MAX_RECV_PER_TURN):
                         try:
-                            parts = self.sock.recv_multipart(zmq.NOBLOCK)
+                            parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self._handle(parts)
+                for conn in self.peers.departed(time.monotonic()):
+                    self._drop_connection(conn)
+                self._expire_health()
                 if self.scheduler.has_work():
                     self._step()
                 else:
                     self.scheduler.keepalive()
+        except BaseException:
+            failed = True  # the other ranks may be mid-step: no STOP header, the mesh ends the job
+            raise
         finally:
             try:
-                self.scheduler.stop()
+                if not failed:
+                    self.scheduler.stop()
             finally:
-                self.sock.close(0)
+                self._close(FAIL_LINGER_MS if failed else 0)
+
+    def _close(self, linger_ms: int) -> None:
+        """Close the socket (after a failure, `linger_ms` lets the error replies already queued leave)."""
+        self.peers.close()
+        self.sock.close(linger=linger_ms)
+        if self.auth is not None:
+            self.auth.stop()
+        if self._own_ctx:
+            self.ctx.term()
 
     # --- requests -------------------------------------------------------------------------------------
     def _send(self, envelope: list[bytes], msg: dict) -> None:
         self.sock.send_multipart([*envelope, encode(msg)])
 
-    def _handle(self, parts: list[bytes]) -> None:
+    def _handle(self, parts: list[zmq.Frame]) -> None:
         if len(parts) == 2:
-            envelope, frame = parts[:1], parts[1]
-        elif len(parts) == 3 and parts[1] == b"":  # a REQ peer's envelope
-            envelope, frame = parts[:2], parts[2]
+            envelope, frame = [parts[0].bytes], parts[1]
+        elif len(parts) == 3 and parts[1].bytes == b"":  # a REQ peer's envelope
+            envelope, frame = [parts[0].bytes, b""], parts[2]
         else:
-            self._send(parts[:1], error_reply("bad_request", f"expected one frame per message, got {len(parts) - 1}"))
+            self._send([parts[0].bytes], error_reply("bad_request",
+                                                     f"expected one frame per message, got {len(parts) - 1}"))
             return
         request_id = None
+        self._frame = frame
         try:
-            msg = decode_frame(frame, self.max_frame_bytes)
+            msg = decode_frame(frame.bytes, self.max_frame_bytes)
             request_id = request_id_of(msg)
             op, payload = validate_request(
                 msg, vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len
@@ -175,6 +252,15 @@ class Server:
         if key in self.active:
             raise ProtocolError("bad_request", f"request id {req.id!r} is already active on this connection",
                                 req.id)
+        if abs(req.priority) > self.max_priority:
+            raise ProtocolError("bad_request", f"priority {req.priority} is outside [-{self.max_priority}, "
+                                f"{self.max_priority}] (serve.max_priority)", req.id)
+        conn = envelope[0]
+        mine = len(self.by_conn.get(conn, ()))
+        if mine >= self.max_queue_per_client:
+            raise ProtocolError("queue_full", f"this connection has {mine} requests in flight "
+                                f"(serve.max_queue_per_client = {self.max_queue_per_client}); wait for some to "
+                                "finish", req.id)
         if len(self.engine.waiting) >= self.max_queue:
             raise ProtocolError("queue_full", f"{len(self.engine.waiting)} requests are waiting "
                                 f"(serve.max_queue = {self.max_queue}); retry later", req.id)
@@ -188,25 +274,48 @@ class Server:
             seed=req.seed, stop_ids=list(req.stop_ids), logprobs=req.logprobs, ignore_eos=req.ignore_eos,
         )
         try:
-            self.engine.add_request(key, ids, params, req.priority)
+            self.engine.add_request(key, ids, params, req.priority, owner=conn.hex())
         except EngineError as e:
             raise ProtocolError(e.code, str(e), req.id) from None
+        if not self.peers.watch(conn, self._frame):  # the client left before its request was read
+            self.engine.abort(key)
+            return
         self.active[key] = _Active(envelope, req.id, req)
+        self.by_conn.setdefault(conn, set()).add(key)
 
-    def _op_abort(self, envelope: list[bytes], request_id: str) -> None:
-        key = self._key(envelope, request_id)
+    def _op_abort(self, envelope: list[bytes], req: AbortRequest) -> None:
+        """Abort a request of this connection, or of another one when `abort_key` matches the key its
+        generate chose. Any other case gets the same answer as an unknown id (nothing is confirmed)."""
+        key = self._key(envelope, req.id)
+        if key not in self.active and req.abort_key is not None:
+            given = req.abort_key.encode()
+            for k, a in self.active.items():
+                if a.request_id == req.id and a.req.abort_key is not None and \
+                        hmac.compare_digest(a.req.abort_key.encode(), given):
+                    key = k
+                    self._send(envelope, {"op": "aborted", "id": req.id})
+                    break
         if key not in self.active:
-            # Another connection's request (e.g. `moerun client abort`): only when the id is unambiguous.
-            others = [k for k, a in self.active.items() if a.request_id == request_id]
-            if len(others) != 1:
-                why = "no active request" if not others else f"{len(others)} active requests"
-                raise ProtocolError("bad_request", f"{why} with id {request_id!r}", request_id)
-            key = others[0]
-            if envelope != self.active[key].envelope:
-                self._send(envelope, {"op": "aborted", "id": request_id})
+            raise ProtocolError("bad_request", f"no active request with id {req.id!r} on this connection", req.id)
         out = self.engine.abort(key)
         if out is not None:
             self._deliver(out)
+
+    def _untrack(self, key: str, conn: bytes) -> None:
+        keys = self.by_conn.get(conn)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self.by_conn[conn]
+                self.peers.forget(conn)
+
+    def _drop_connection(self, conn: bytes) -> None:
+        """A client went away: end its requests (no reply: nobody reads it) and give their pages back."""
+        for key in self.by_conn.pop(conn, set()):
+            self.active.pop(key, None)
+            self.engine.abort(key)
+        self.peers.forget(conn)
+        self.engine.metrics.inc("clients_departed_total")
 
     def _op_health(self, envelope: list[bytes], request_id: str | None) -> None:
         """A real one-token generation through the engine; replies when it is done."""
@@ -214,6 +323,9 @@ class Server:
 
         if len(self._health_waiters) >= self.max_queue:
             raise ProtocolError("queue_full", "too many health checks in flight", request_id)
+        if sum(w[0][0] == envelope[0] for w in self._health_waiters) >= self.max_queue_per_client:
+            raise ProtocolError("queue_full", "too many health checks in flight on this connection "
+                                f"(serve.max_queue_per_client = {self.max_queue_per_client})", request_id)
         self._health_waiters.append((envelope, request_id, time.perf_counter()))
         if self._health_key is None:
             self._health_n += 1
@@ -241,16 +353,29 @@ class Server:
         why = work.supports(req.loss, req.kl_coef)
         if why is not None:
             raise ProtocolError("bad_request", why, req.id)
-        if len(work.queue) >= MAX_TRAIN_QUEUE:
-            raise ProtocolError("queue_full", f"{len(work.queue)} training steps are queued; retry later", req.id)
+        size = self.train_limits.check(req)
+        dig = digest(req)
+        first = self.ledger.applied_result(req.id, dig)
+        if first is not None:  # a retry of an applied op: its first result, nothing applied
+            self._send(envelope, {"op": "trained", "id": req.id, **first, "duplicate": True})
+            return
+        if self.ledger.join(req.id, dig, envelope):
+            return  # the same op is queued or running: this sender gets its result too
+        queued = work.queued_bytes()
+        if len(work.queue) >= MAX_TRAIN_QUEUE or queued + size > self.max_train_queue_bytes:
+            self.ledger.cancel(req.id)
+            raise ProtocolError("queue_full", f"{len(work.queue)} training steps ({queued} bytes) are queued "
+                                f"(serve.max_train_queue_bytes = {self.max_train_queue_bytes}); retry later",
+                                req.id)
         batch = RLBatch.from_lists(req.input_ids, req.loss_mask, req.advantages, req.old_logprobs, req.loss,
                                    req.kl_coef)
 
         def done(result: dict) -> None:
-            if "error" in result:
-                self._send(envelope, error_reply("internal", result["error"], req.id))
-            else:
-                self._send(envelope, {"op": "trained", "id": req.id, **result})
+            for waiter in self.ledger.finish(req.id, result):
+                if "error" in result:
+                    self._send(waiter, error_reply("internal", result["error"], req.id))
+                else:
+                    self._send(waiter, {"op": "trained", "id": req.id, **result})
 
         work.submit(batch, req.optimizer_step, done)
 
@@ -279,6 +404,8 @@ class Server:
             "max_model_len": e.max_model_len,
             "max_batch": e.max_batch,
             "max_queue": self.max_queue,
+            "max_queue_per_client": self.max_queue_per_client,
+            "max_priority": self.max_priority,
             "max_prefill_tokens": e.max_prefill_tokens,
             "kv_cache": {
                 "page_size": e.page_size, "pages": e.cache.num_pages,
@@ -289,6 +416,7 @@ class Server:
             },
             "tokenizer": self.tokenizer is not None,
             "training": self.scheduler.work is not None,
+            "curve": self.curve,
             "weight_version": self.weight_version,
             "uptime_s": time.time() - self.started,
         }
@@ -321,6 +449,9 @@ class Server:
             act = self.active.pop(key, None)
             if act is not None:
                 ended.append((act.envelope, act.request_id))
+        for conn in self.by_conn:
+            self.peers.forget(conn)
+        self.by_conn.clear()
         waiters, self._health_waiters, self._health_key = self._health_waiters, [], None
         for envelope, request_id in ended:
             self._send(envelope, error_reply("internal", msg, request_id))
@@ -334,6 +465,12 @@ class Server:
             return
         act = self.active.get(out.key)
         if act is None:
+            return
+        if out.error is not None:  # this request alone failed (e.g. its sampling)
+            del self.active[out.key]
+            self._untrack(out.key, act.envelope[0])
+            self.engine.metrics.inc("errors_total")
+            self._send(act.envelope, error_reply("internal", out.error, act.request_id))
             return
         version = self.weight_version
         act.ids.extend(out.ids)
@@ -351,6 +488,7 @@ class Server:
             self._send(act.envelope, msg)
         if out.finished:
             del self.active[out.key]
+            self._untrack(out.key, act.envelope[0])
             done = {
                 "op": "done", "id": act.request_id, "ids": act.ids, "finish_reason": out.finish_reason,
                 "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(act.ids),
@@ -363,11 +501,19 @@ class Server:
                 done["text"] = self.tokenizer.decode(act.ids)
             self._send(act.envelope, done)
 
-    def _answer_health(self, ok: bool) -> None:
+    def _expire_health(self) -> None:
+        """Health checks waiting longer than `health_timeout_s` are answered `ok: false, status: timeout`
+        (their one-token request is taken back); the next check starts afresh."""
+        if self._health_waiters and time.perf_counter() - self._health_waiters[0][2] > self.health_timeout_s:
+            if self._health_key is not None:
+                self.engine.abort(self._health_key)
+            self._answer_health(False, "timeout")
+
+    def _answer_health(self, ok: bool, status: str | None = None) -> None:
         now = time.perf_counter()
         waiters, self._health_waiters, self._health_key = self._health_waiters, [], None
         for envelope, request_id, t0 in waiters:
             self._send(envelope, self._with_id(
-                {"op": "health", "ok": ok, "status": "ok" if ok else "degraded", "latency_s": now - t0,
+                {"op": "health", "ok": ok, "status": status or ("ok" if ok else "degraded"), "latency_s": now - t0,
                  "running": len(self.engine.running), "waiting": len(self.engine.waiting),
                  "weight_version": self.weight_version}, request_id))

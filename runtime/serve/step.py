@@ -28,6 +28,7 @@ __all__ = ["MAX_PLAN_INTS", "PagedAttention", "PipeStage", "SamplingParams", "St
            "make_generator", "run_plan", "sample"]
 
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # a temperature below this samples greedily (dividing by it overflows float32 logits)
 MAX_PLAN_INTS = 8 << 20  # one broadcast plan: a few integers per scheduled token and page
 
 
@@ -66,8 +67,9 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from a logits row [V] (fp32)."""
-    if params.temperature == 0.0:
+    """One token id from a logits row [V] (fp32). A temperature below `GREEDY_BELOW` is greedy, and the most
+    likely token always stays in the top-p nucleus, so any valid parameters give a computable distribution."""
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     scores = logits.float() / params.temperature
     if params.top_k > 0 and params.top_k < scores.shape[-1]:
@@ -78,6 +80,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         probs = torch.softmax(sorted_scores, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = (probs.cumsum(-1) - probs) >= params.top_p
+        drop[0] = False  # even when top_p rounds to 0 in float32
         sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
     probs = torch.softmax(scores, dim=-1)
