@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("launch.commands.train", "train the model from a job config (TOML + --set)"),
     "ckpt": ("launch.commands.ckpt", "inspect checkpoints and export them to Hugging Face format"),
     "serve": ("launch.commands.serve", "serve the model over ZeroMQ (msgpack), optionally training too"),
-    "client": ("launch.commands.client", "talk to a running server: generate, health, info, metrics, abort"),
+    "client": ("launch.commands.client", "talk to a running server: generate, health, info, metrics, abort, keygen"),
     "schedule": ("launch.commands.schedule", "build and simulate a pipeline schedule (bubbles, timeline)"),
     "plan": ("launch.commands.plan", "rank parallel layouts by predicted memory and step time"),
 }
