@@ -15,8 +15,9 @@ Every rank runs a small watchdog thread on its own connection to the rendezvous 
   - it polls the job's failure reports; once any rank has reported a failure (an exception, a signal, a
     dead or hung rank), it prints the report naming the failed rank and exits this rank with status 1.
 A rank that finishes normally marks itself done, so it is not taken for dead; rank 0 hosts the store and
-waits for every rank's done mark before it leaves. A lost or frozen store (no answer within
-`dead_after_s`) means rank 0 died or stopped.
+waits for every rank's done mark before it leaves. A lost store means rank 0 died; a frozen one (rank 0
+stopped: the TCPStore client has no timeout of its own) is caught by a second thread that ends this rank
+when a store operation has not returned within `dead_after_s`.
 
 The store (a torch TCPStore) has no authentication, so everything here that can stop the job is signed
 with the job's secret (`secret`, shared over the job's own process group, never through the store):
@@ -73,6 +74,8 @@ class Watchdog:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one store connection, two threads (watchdog and reporters)
         self._thread = threading.Thread(target=self._run, name="moerun-watchdog", daemon=True)
+        self._sentinel = threading.Thread(target=self._watch_store, name="moerun-store-sentinel", daemon=True)
+        self._op_since: float | None = None  # when the store operation in progress started
         self._beats = 0
         self._bad_reports: set[int] = set()  # failure report slots that exist but do not verify
         # the step loop's progress (written by the loop thread, read by the watchdog thread)
@@ -100,9 +103,28 @@ class Watchdog:
             return None
         return self._verified(key, self.store.get(key))
 
+    @contextlib.contextmanager
+    def _store(self):
+        """Hold the store connection for a few operations (timed by the sentinel)."""
+        with self._lock:
+            self._op_since = time.monotonic()
+            try:
+                yield
+            finally:
+                self._op_since = None
+
+    def _watch_store(self) -> None:
+        while not self._stop.wait(self.interval):
+            since = self._op_since
+            if since is not None and time.monotonic() - since > self.dead_after:
+                _log(f"rank {self.rank}: stopping because the rendezvous store on rank 0 ({self.store_desc}) has "
+                     f"not answered for {time.monotonic() - since:.1f} s: rank 0 died, was killed or stopped")
+                os._exit(FAIL_EXIT_CODE)
+
     # --- called from the main thread ------------------------------------------------------------------
     def start(self) -> Watchdog:
         self._thread.start()
+        self._sentinel.start()
         return self
 
     def tick(self) -> None:
@@ -123,7 +145,7 @@ class Watchdog:
     def report_failure(self, message: str) -> None:
         """Record this rank's failure for everyone (the first report is what the others print)."""
         try:
-            with self._lock:
+            with self._store():
                 n = self.store.add(_NFAIL, 1)
                 key = f"moerun/fail/{n}"
                 self.store.set(key, self._signed(key, message))
@@ -132,7 +154,7 @@ class Watchdog:
 
     def failure(self) -> str | None:
         """The first failure reported by any rank (signed with the job's secret), or None."""
-        with self._lock:
+        with self._store():
             return self._failure_locked()
 
     def _failure_locked(self) -> str | None:
@@ -152,19 +174,20 @@ class Watchdog:
     def finish(self, timeout_s: float = 60.0) -> None:
         """Normal end: mark done; rank 0 keeps the store up until every rank has marked done."""
         try:
-            with self._lock:
+            with self._store():
                 self.store.add(f"moerun/done/{self.rank}", 1)
                 self.store.add(_NDONE, 1)
             if self.rank == 0:
                 deadline = time.monotonic() + timeout_s
                 while time.monotonic() < deadline and not self._stop.is_set():
-                    with self._lock:
+                    with self._store():
                         if self.store.add(_NDONE, 0) >= self.world:
                             break
                     time.sleep(0.05)
         finally:
             self._stop.set()
             self._thread.join(timeout=5)
+            self._sentinel.join(timeout=5)
 
     # --- the thread ------------------------------------------------------------------------------------
     def _neighbour(self) -> int | None:
@@ -178,13 +201,13 @@ class Watchdog:
         """Say we have seen the failure; rank 0, which hosts the store, stays until the others have read
         the report too (or `grace_s` passed: dead ranks never acknowledge)."""
         try:
-            with self._lock:
+            with self._store():
                 self.store.add(_NSEEN, 1)
             if self.rank != 0:
                 return
             deadline = time.monotonic() + grace_s
             while time.monotonic() < deadline:
-                with self._lock:
+                with self._store():
                     if self.store.add(_NSEEN, 0) >= self.world:
                         return
                 time.sleep(0.05)
@@ -237,7 +260,7 @@ class Watchdog:
         while not self._stop.wait(self.interval):
             reported = verdict = None
             try:
-                with self._lock:
+                with self._store():
                     self._beats += 1
                     self.store.set(hb_key, self._signed(hb_key, str(self._beats)))
                     progress = self._progress()

@@ -174,3 +174,34 @@ def test_a_hung_rank_is_named_quickly_by_itself_not_by_who_waited(victim):
         assert f"rank {victim} is hung: alive, but no progress" in err, err[-2000:]
         assert "failed" not in err or r == victim  # nobody blames the ranks that waited
     assert leftover_pids(tag) == []
+
+
+STOPPED = """
+import os, signal, torch, torch.distributed as dist, cluster
+with cluster.init() as mesh:
+    dist.barrier()
+    t = torch.ones(1)
+    for i in range(10**9):
+        mesh.tick()
+        if mesh.rank == 0 and i == 50:
+            os.kill(os.getpid(), signal.SIGSTOP)  # the store's host stops: its store answers nobody
+        dist.all_reduce(t)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_rank_0_is_named_although_its_store_is_frozen():
+    import signal
+
+    tag = uuid.uuid4().hex
+    procs = _spawn(2, STOPPED, tag, MOERUN_DEAD_AFTER_S="3")
+    try:
+        _, err = procs[1].communicate(timeout=90)  # before: blocked for good in a store operation
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+            p.communicate()
+    assert procs[1].returncode != 0
+    assert "has not answered for" in err and "rank 0 died, was killed or stopped" in err, err[-2000:]
+    assert leftover_pids(tag) == []
