@@ -110,8 +110,8 @@ def test_a_connection_cannot_abort_another_connections_request(model):
     try:
         with Client(srv.endpoint, timeout=60) as owner, Client(srv.endpoint, timeout=60) as other:
             owner.submit(prompt_ids=[1, 2, 3], request_id="r1", max_tokens=40, ignore_eos=True)
-            owner.submit(prompt_ids=[1, 2, 3], request_id="r2", max_tokens=40, ignore_eos=True,
-                         abort_key="s3cret-r2")
+            owner.submit(prompt_ids=[1, 2, 3], request_id="r2", max_tokens=240, ignore_eos=True,
+                         abort_key="s3cret-r2")  # still running when r1 (40 tokens) is done
             other.send({"op": "abort", "id": "r1"})
             refused = other.recv("r1")
             other.send({"op": "abort", "id": "r2", "abort_key": "wrong"})

@@ -10,11 +10,15 @@ HELP = "serve the model over ZeroMQ (msgpack), optionally training too"
 DESCRIPTION = """\
 Serve a DeepSeek-style MLA/MoE model over ZeroMQ: a ROUTER socket speaking msgpack maps (ops generate,
 abort, health, info, metrics; see docs/protocol.md). The engine batches requests continuously over a paged
-latent KV cache (see docs/serving.md). The socket binds loopback by default; binding another interface
-exposes an unauthenticated endpoint, so do it only on a trusted network.
+latent KV cache (see docs/serving.md). The socket binds loopback by default; to serve beyond it, turn on
+CurveZMQ (serve.curve_secret_key_file + serve.curve_authorized_dir; keys: `moerun client keygen`), or the
+start-up warns that the endpoint is unauthenticated and unencrypted.
 
 Config keys ([serve] section, each also settable with --set serve.KEY=VALUE): bind, max_batch, max_queue,
-max_model_len, max_prefill_tokens, page_size, kv_cache_tokens (0: sized from free memory).
+max_model_len, max_prefill_tokens, page_size, kv_cache_tokens (0: sized from free memory); what one client
+may take: max_queue_per_client, max_priority, client_timeout_s (a client silent this long is gone),
+health_timeout_s; train ops: max_train_rows, max_train_tokens, max_train_batch_bytes, max_train_queue_bytes;
+curve_secret_key_file, curve_authorized_dir (docs/protocol.md).
 
 Under a parallel layout (mpirun/srun with parallel.tp / ep / pp > 1) rank 0 owns the socket and the
 engine and broadcasts each step's batch plan; every rank runs the same forward on its shard (with pp, its

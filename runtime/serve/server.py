@@ -44,12 +44,11 @@ from runtime.serve.protocol import (
     request_id_of,
     validate_request,
 )
-from runtime.serve.trainops import TrainLedger, digest
+from runtime.serve.trainops import TrainOps
 
-__all__ = ["Server", "MAX_TRAIN_QUEUE"]
+__all__ = ["Server"]
 
 MAX_RECV_PER_TURN = 512  # frames taken per loop turn before the scheduler steps again
-MAX_TRAIN_QUEUE = 256  # queued train ops at most (each holds its batch)
 HEALTH_PRIORITY = 2**31 - 1  # above every client's (clients: at most serve.max_priority)
 FAIL_LINGER_MS = 2000  # after a failed multi-rank step: how long the error replies may take to leave
 
@@ -98,8 +97,7 @@ class Server:
         self.max_priority = max_priority
         self.health_timeout_s = health_timeout_s
         self.max_frame_bytes = max_frame_bytes
-        self.train_limits = train_limits or TrainLimits()
-        self.max_train_queue_bytes = max_train_queue_bytes
+        self.train_ops = TrainOps(train_limits or TrainLimits(), max_train_queue_bytes)
         self.tokenizer = tokenizer
         self.extra_info = info or {}
         # Curve's ZAP handler is per context: a Curve server gets a context of its own
@@ -129,7 +127,6 @@ class Server:
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.active: dict[str, _Active] = {}  # by engine key
         self.by_conn: dict[bytes, set[str]] = {}  # connection identity -> its engine keys
-        self.ledger = TrainLedger()
         self._frame: zmq.Frame | None = None  # the frame being handled (its connection is watched)
         self._health_waiters: list[tuple[list[bytes], str | None, float]] = []
         self._health_key: str | None = None
@@ -344,40 +341,7 @@ class Server:
             {"op": "metrics", "metrics": m.as_dict(), "prometheus": m.prometheus()}, request_id))
 
     def _op_train(self, envelope: list[bytes], req: TrainRequest) -> None:
-        from runtime.sched.rl import RLBatch
-
-        work = self.scheduler.work
-        if work is None:
-            raise ProtocolError("bad_request", "this server does not train: start it with `moerun serve "
-                                "--train` (or give the Scheduler a TrainWork)", req.id)
-        why = work.supports(req.loss, req.kl_coef)
-        if why is not None:
-            raise ProtocolError("bad_request", why, req.id)
-        size = self.train_limits.check(req)
-        dig = digest(req)
-        first = self.ledger.applied_result(req.id, dig)
-        if first is not None:  # a retry of an applied op: its first result, nothing applied
-            self._send(envelope, {"op": "trained", "id": req.id, **first, "duplicate": True})
-            return
-        if self.ledger.join(req.id, dig, envelope):
-            return  # the same op is queued or running: this sender gets its result too
-        queued = work.queued_bytes()
-        if len(work.queue) >= MAX_TRAIN_QUEUE or queued + size > self.max_train_queue_bytes:
-            self.ledger.cancel(req.id)
-            raise ProtocolError("queue_full", f"{len(work.queue)} training steps ({queued} bytes) are queued "
-                                f"(serve.max_train_queue_bytes = {self.max_train_queue_bytes}); retry later",
-                                req.id)
-        batch = RLBatch.from_lists(req.input_ids, req.loss_mask, req.advantages, req.old_logprobs, req.loss,
-                                   req.kl_coef)
-
-        def done(result: dict) -> None:
-            for waiter in self.ledger.finish(req.id, result):
-                if "error" in result:
-                    self._send(waiter, error_reply("internal", result["error"], req.id))
-                else:
-                    self._send(waiter, {"op": "trained", "id": req.id, **result})
-
-        work.submit(batch, req.optimizer_step, done)
+        self.train_ops.submit(self.scheduler.work, envelope, req, self._send)
 
     @staticmethod
     def _with_id(msg: dict, request_id: str | None) -> dict:

@@ -1,5 +1,8 @@
-"""`train` ops are idempotent by id: a retry of an op that was applied returns its first result and applies
-nothing (docs/protocol.md, "Training over ZeroMQ").
+"""The server's `train` ops: bounded, and idempotent by id (docs/protocol.md, "Training over ZeroMQ").
+
+Bounds: one op's rows, tokens and padded batch bytes (`protocol.TrainLimits`, the `serve.max_train_*`
+keys), and the bytes of the batches queued (`serve.max_train_queue_bytes`, at most `MAX_TRAIN_QUEUE`
+queued steps). Idempotency: a retry of an op that was applied returns its first result and applies nothing.
 
 An op is known by its `id` and a digest of its content. The first op with an id runs; while it is queued
 or running, a retry with the same id and content waits for the same result; once it has been applied, a
@@ -13,10 +16,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 
-from runtime.serve.protocol import ProtocolError, TrainRequest, encode
+from runtime.serve.protocol import ProtocolError, TrainLimits, TrainRequest, encode, error_reply
 
-__all__ = ["TrainLedger", "digest"]
+__all__ = ["MAX_TRAIN_QUEUE", "TrainLedger", "TrainOps", "digest"]
+
+MAX_TRAIN_QUEUE = 256  # queued training steps at most (each op: one or two)
 
 
 def digest(req: TrainRequest) -> str:
@@ -69,3 +75,49 @@ class TrainLedger:
             while len(self.applied) > self.keep:
                 self.applied.popitem(last=False)
         return waiters
+
+
+class TrainOps:
+    """Takes `train` ops for a server: checks the bounds, answers retries from the ledger, queues the rest
+    on the scheduler's TrainWork and answers every sender of the op when it has run."""
+
+    def __init__(self, limits: TrainLimits, max_queue_bytes: int) -> None:
+        self.limits, self.max_queue_bytes = limits, max_queue_bytes
+        self.ledger = TrainLedger()
+
+    def submit(self, work, envelope: list[bytes], req: TrainRequest, send: Callable[[list[bytes], dict], None]
+               ) -> None:
+        """Queue `req` on `work` (or answer it at once); `send(envelope, reply)` answers. ProtocolError for a
+        request that cannot be taken."""
+        from runtime.sched.rl import RLBatch
+
+        if work is None:
+            raise ProtocolError("bad_request", "this server does not train: start it with `moerun serve "
+                                "--train` (or give the Scheduler a TrainWork)", req.id)
+        why = work.supports(req.loss, req.kl_coef)
+        if why is not None:
+            raise ProtocolError("bad_request", why, req.id)
+        size = self.limits.check(req)
+        dig = digest(req)
+        first = self.ledger.applied_result(req.id, dig)
+        if first is not None:  # a retry of an applied op: its first result, nothing applied
+            send(envelope, {"op": "trained", "id": req.id, **first, "duplicate": True})
+            return
+        if self.ledger.join(req.id, dig, envelope):
+            return  # the same op is queued or running: this sender gets its result too
+        queued = work.queued_bytes()
+        if len(work.queue) >= MAX_TRAIN_QUEUE or queued + size > self.max_queue_bytes:
+            self.ledger.cancel(req.id)
+            raise ProtocolError("queue_full", f"{len(work.queue)} training steps ({queued} bytes) are queued "
+                                f"(serve.max_train_queue_bytes = {self.max_queue_bytes}); retry later", req.id)
+        batch = RLBatch.from_lists(req.input_ids, req.loss_mask, req.advantages, req.old_logprobs, req.loss,
+                                   req.kl_coef)
+
+        def done(result: dict) -> None:
+            for waiter in self.ledger.finish(req.id, result):
+                if "error" in result:
+                    send(waiter, error_reply("internal", result["error"], req.id))
+                else:
+                    send(waiter, {"op": "trained", "id": req.id, **result})
+
+        work.submit(batch, req.optimizer_step, done)
