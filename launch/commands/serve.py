@@ -55,10 +55,11 @@ def run(args: argparse.Namespace) -> int:
         import zmq
 
         from runtime.serve.app import serve
+        from runtime.serve.curve import CurveError
 
         try:
             return serve(config, mesh, train=args.train, max_frame_bytes=args.max_frame_bytes)
-        except (FileNotFoundError, zmq.ZMQError) as exc:
+        except (FileNotFoundError, zmq.ZMQError, CurveError) as exc:
             raise SystemExit(f"moerun serve: {exc}") from None
 
     if RankInfo.from_env().world_size > 1:

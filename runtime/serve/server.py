@@ -112,16 +112,16 @@ class Server:
             half = max(1, int(client_timeout_s * 500))
             self.sock.setsockopt(zmq.HEARTBEAT_IVL, half)
             self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, half)
-        self.auth = None
+        self.auth = self.peers = None
         self.curve = bool(curve_secret_key_file)
-        if self.curve:
-            from runtime.serve.curve import secure_server
-
-            self.auth = secure_server(self.sock, self.ctx, curve_secret_key_file, curve_authorized_dir)
-        self.peers = Peers(self.sock)
         try:
+            if self.curve:
+                from runtime.serve.curve import secure_server
+
+                self.auth = secure_server(self.sock, self.ctx, curve_secret_key_file, curve_authorized_dir)
+            self.peers = Peers(self.sock)
             self.sock.bind(bind)
-        except zmq.ZMQError:
+        except Exception:  # a bad key file, an address in use: nothing left open
             self._close(0)
             raise
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -200,7 +200,8 @@ class Server:
 
     def _close(self, linger_ms: int) -> None:
         """Close the socket (after a failure, `linger_ms` lets the error replies already queued leave)."""
-        self.peers.close()
+        if self.peers is not None:
+            self.peers.close()
         self.sock.close(linger=linger_ms)
         if self.auth is not None:
             self.auth.stop()
