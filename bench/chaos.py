@@ -489,6 +489,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="the short version (fewer clients and frames)")
     ap.add_argument("--only", nargs="+", choices=DRILLS, default=list(DRILLS))
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still cleans up its processes
     only = set(a.only)
     t0 = time.monotonic()
     load = os.getloadavg()[0]
