@@ -81,7 +81,7 @@ class Watchdog:
         # the step loop's progress (written by the loop thread, read by the watchdog thread)
         self._ticks = 0
         self._loop_thread: int | None = None
-        self._quiet = 0
+        self._quiet = self._waiting = 0
         self._moves, self._where = 0, None
         # rank 0's view of every rank's progress
         self._seen: list[str] | None = None
@@ -141,6 +141,16 @@ class Watchdog:
             yield
         finally:
             self._quiet -= 1
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """This rank waits for its peers outside torch.distributed (e.g. for the report of the failure that
+        broke its collective): it counts as waiting, without moves."""
+        self._waiting += 1
+        try:
+            yield
+        finally:
+            self._waiting -= 1
 
     def report_failure(self, message: str) -> None:
         """Record this rank's failure for everyone (the first report is what the others print)."""
@@ -224,6 +234,8 @@ class Watchdog:
         q: quiet); None before the step loop's first tick."""
         if self._loop_thread is None:
             return None
+        if self._waiting:
+            return f"{self._beats} {self._ticks + self._moves} {'q' if self._quiet else 'w'}"
         frame = sys._current_frames().get(self._loop_thread)
         where = (frame.f_code, frame.f_lineno) if frame is not None else None
         if where != self._where:

@@ -158,14 +158,16 @@ class Mesh:
         rather than blaming ourselves."""
         wait = self._watchdog.dead_after + 2.0 if self._watchdog and _is_comm_error(exc) else 0.0
         deadline = time.monotonic() + wait
-        while True:
-            try:
-                earlier = self.first_failure()
-            except Exception:  # noqa: BLE001 - store gone: rank 0 died; the watchdog says so
-                earlier = None
-            if earlier is not None or time.monotonic() >= deadline:
-                return earlier
-            time.sleep(0.1)
+        # waiting for the peers' verdict: the watchdog counts this rank as waiting (a hung peer is named)
+        with self._watchdog.waiting() if self._watchdog is not None else contextlib.nullcontext():
+            while True:
+                try:
+                    earlier = self.first_failure()
+                except Exception:  # noqa: BLE001 - store gone: rank 0 died; the watchdog says so
+                    earlier = None
+                if earlier is not None or time.monotonic() >= deadline:
+                    return earlier
+                time.sleep(0.1)
 
 
 _COMM_ERROR = re.compile(r"connection (closed|reset)|broken pipe|gloo|nccl|timed out|peer", re.IGNORECASE)

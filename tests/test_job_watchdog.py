@@ -157,10 +157,12 @@ with cluster.init() as mesh:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("victim", [2, 0])
-def test_a_hung_rank_is_named_quickly_by_itself_not_by_who_waited(victim):
+@pytest.mark.parametrize("victim,collective_timeout", [(2, "300"), (0, "300"), (1, "2")])
+def test_a_hung_rank_is_named_quickly_by_itself_not_by_who_waited(victim, collective_timeout):
+    """With a collective timeout shorter than MOERUN_DEAD_AFTER_S too: the ranks whose collectives time out
+    wait for the verdict, which names the hung rank, not them."""
     tag = uuid.uuid4().hex
-    procs = _spawn(3, HUNG.format(victim=victim), tag, MOERUN_DEAD_AFTER_S="3")
+    procs = _spawn(3, HUNG.format(victim=victim), tag, MOERUN_DEAD_AFTER_S="3", MOERUN_TIMEOUT_S=collective_timeout)
     t0 = time.monotonic()
     try:
         results = [p.communicate(timeout=90) for p in procs]  # before: the 300 s collective timeout
