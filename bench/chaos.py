@@ -122,14 +122,15 @@ def drill_sigstop(quick: bool, victim: int) -> bool:
                 os.kill(pid, signal.SIGSTOP)
             code = job.wait(90)
             elapsed = time.monotonic() - t0
-            err = job.stderr()
-            named = f"rank {victim} stopped responding" in err or (
-                victim == 0 and "rank 0 died, was killed or stopped" in err)
+            want = f"rank {victim} stopped responding" if victim else "rank 0 died, was killed or stopped"
+            said = [ln for ln in job.stderr().splitlines() if want in ln]
             kill_all(tag)  # a stopped process ignores everything but SIGKILL
             clean = gone(tag)
-            ok = bool(pids) and named and code not in (None, 0) and clean and elapsed < DEAD_AFTER_S + 15
-            return report(name, ok, f"rank {victim} named after {elapsed:.1f} s (MOERUN_DEAD_AFTER_S="
-                           f"{DEAD_AFTER_S:g}); job exit {code}; processes left: {'none' if clean else 'some'}")
+            ok = bool(pids) and bool(said) and code not in (None, 0) and clean and elapsed < DEAD_AFTER_S + 15
+            what = said[0].split("because ", 1)[-1][:70] if said else "not named"
+            return report(name, ok, f"job ended {elapsed:.1f} s after the SIGSTOP (MOERUN_DEAD_AFTER_S="
+                          f"{DEAD_AFTER_S:g}), saying \"{what}...\"; exit {code}; processes left: "
+                          f"{'none' if clean else 'some'}")
         finally:
             kill_all(tag)
 

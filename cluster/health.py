@@ -87,6 +87,7 @@ class Watchdog:
         self._seen: list[str] | None = None
         self._stalled_since = time.monotonic()
         self._waited: set[int] = set()
+        self._beats_then: list[int] = []  # every rank's heartbeat count when the stall began
 
     # --- signing ------------------------------------------------------------------------------------------
     def _signed(self, key: str, text: str) -> str:
@@ -255,9 +256,12 @@ class Watchdog:
         progress = [s[1] for s in states]
         if progress != self._seen:
             self._seen, self._stalled_since, self._waited = progress, now, set()
+            self._beats_then = [int(s[0]) for s in states]
         self._waited |= {r for r, s in enumerate(states) if s[2] != "b"}
         waiting = [r for r, s in enumerate(states) if s[2] == "w"]
-        hung = [r for r in range(self.world) if r not in self._waited]
+        # hung: never seen waiting since the stall began, and alive (its heartbeat went on: a rank that
+        # stopped altogether is the ring watcher's, "stopped responding")
+        hung = [r for r in range(self.world) if r not in self._waited and int(states[r][0]) > self._beats_then[r]]
         stalled = now - self._stalled_since
         if stalled < self.dead_after or not hung or not waiting or any(s[2] == "q" for s in states):
             return None
