@@ -72,22 +72,9 @@ def reference(model, mbs) -> list[torch.Tensor]:
     return losses
 
 
-def _groups(rank: int, world: int, pp: int, ep: int) -> dict:
-    import torch.distributed as dist
-
-    from cluster.layout import Layout
-
-    lay = Layout(world=world, pp=pp, ep=ep)
-    mine = {}
-    for dim in ("pp", "ep", "dp", "edp"):
-        for members in lay.groups(dim):
-            g = dist.new_group(members)  # every rank creates every group, in the same order
-            if rank in members:
-                mine[dim] = (g, members)
-    return mine
-
-
 def run_case(rank: int, world: int, kind: str, pp: int, ep: int, chunks: int, base, lowering: str = "lockstep") -> str:
+    from dist_spawn import layout_groups
+
     from parallel.expert import Dispatcher
     from parallel.pipeline import build, forward_only
     from parallel.pipeline.executor import PipelineExecutor
@@ -96,7 +83,7 @@ def run_case(rank: int, world: int, kind: str, pp: int, ep: int, chunks: int, ba
     from parallel.shard import all_reduce_data_parallel_grads, gather_full
     from runtime.model.loading import shard_model
 
-    groups = _groups(rank, world, pp, ep)
+    groups = layout_groups(rank, world, ("pp", "ep", "dp", "edp"), pp=pp, ep=ep)
     pp_group, pp_ranks = groups["pp"]
     pp_rank = pp_ranks.index(rank)
     sched = build(kind, pp, chunks)

@@ -149,17 +149,10 @@ class Gate(nn.Module):
         logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())
         bias = self.e_score_correction_bias
         w, idx, scores = route(
-            logits,
-            top_k=c.num_experts_per_tok,
-            scoring=c.scoring_func,
-            topk_method=c.topk_method,
-            n_group=c.n_group,
-            topk_group=c.topk_group,
-            bias=None if bias is None else bias.float(),
-            norm_topk_prob=c.norm_topk_prob,
-            routed_scaling_factor=c.routed_scaling_factor,
-            expert_mask=self.expert_mask,
-        )
+            logits, top_k=c.num_experts_per_tok, scoring=c.scoring_func, topk_method=c.topk_method,
+            n_group=c.n_group, topk_group=c.topk_group, bias=None if bias is None else bias.float(),
+            norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor,
+            expert_mask=self.expert_mask)
         with torch.no_grad():  # expert loads for the balancer (scatter_add: bincount would sync on CUDA)
             flat = idx.reshape(-1)
             self.last_load = torch.zeros(c.n_routed_experts, dtype=torch.long, device=flat.device).scatter_add_(
