@@ -112,7 +112,7 @@ def test_executor_rejects_bad_input() -> None:
 
     with_mtp = build_model(dataclasses.replace(model.config, num_nextn_predict_layers=1), mtp=True)
     with pytest.raises(ValueError, match="MTP"):
-        build_stages(with_mtp, one, 0)
+        build_stages(with_mtp, build("1f1b", 2, 2), 0)
 
 
 def test_executor_runs_lowered_programs_and_refuses_ones_that_deadlock() -> None:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -97,14 +97,16 @@ class PipelineExecutor:
     def _peer(self, a: Action) -> int:
         return self.pp_ranks[a.peer]
 
-    def _post(self, a: Action, act_shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
-        """POST: one group; sends take their tensor from the outbox, receives get a new buffer."""
+    def _post(self, a: Action, act_shape, dtype: torch.dtype, device: torch.device) -> None:
+        """POST: one group; sends take their tensor from the outbox, receives get a new buffer of the
+        activation shape (`act_shape`: a tuple, or a function of the micro-batch)."""
         ops = []
         for op in a.ops:
             if op.kind == SEND:
                 t = self.box.pop((op.what, op.stage, op.mb)).contiguous()
             else:
-                t = torch.empty(act_shape, dtype=dtype, device=device)
+                shape = act_shape(op.mb) if callable(act_shape) else act_shape
+                t = torch.empty(shape, dtype=dtype, device=device)
             ops.append(p2p.Op("send" if op.kind == SEND else "recv", t, self._peer(op),
                               f"{op.what} s{op.stage} mb{op.mb}"))
         if self._p2p is None:
@@ -120,7 +122,7 @@ class PipelineExecutor:
             if op.kind != SEND:
                 self.box[(op.what, op.stage, op.mb)] = t
 
-    def _p2p_action(self, a: Action, act_shape: tuple, dtype: torch.dtype, device: torch.device) -> bool:
+    def _p2p_action(self, a: Action, act_shape, dtype: torch.dtype, device: torch.device) -> bool:
         """Run `a` if it is a POST or WAIT; False for a compute action."""
         if a.kind == POST:
             self._post(a, act_shape, dtype, device)
@@ -178,37 +180,55 @@ class PipelineExecutor:
 
     # ------------------------------------------------------------------------------------- forward only
     @torch.no_grad()
+    def run_forward_with(self, forward: Callable[[PipelineStage, int, torch.Tensor | None], torch.Tensor],
+                         act_shape: Callable[[int], tuple], dtype: torch.dtype, device: torch.device
+                         ) -> dict[int, torch.Tensor]:
+        """Walk a forward-only program with your own stage forward: `forward(stage, mb, x)` (x None on the
+        first stage, the received or handed-over activation elsewhere) returns the activation, or on the
+        last stage whatever the caller wants back. `act_shape(mb)` is micro-batch mb's activation shape (the
+        receive buffers; it may differ per micro-batch, e.g. a serving step's). Returns {mb: last stage's
+        output} for the micro-batches whose last stage runs on this rank. Serving runs its steps this way."""
+        if not self.schedule.forward_only:
+            raise ScheduleError("run_forward_with needs a forward-only schedule: wrap it with forward_only(...)")
+        self.box, self.tapes, self.outputs = {}, {}, {}
+        self.deferred, self.inflight = deque(), {}
+        for a in self.actions:
+            if self._p2p_action(a, act_shape, dtype, device):
+                continue
+            if a.kind != F:
+                raise ScheduleError(f"{a.kind} in a forward-only schedule")
+            stage = self.stages[a.chunk]
+            out = forward(stage, a.mb, None if stage.is_first else self.box.pop((ACT, a.stage - 1, a.mb)))
+            if stage.is_last:
+                self.outputs[a.mb] = out
+            else:
+                self.box[(ACT, a.stage, a.mb)] = out
+        self._check_drained()
+        outputs, self.outputs = self.outputs, {}
+        return outputs
+
+    @torch.no_grad()
     def run_forward(self, input_ids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Logits [B, T, V] (fp32) of each micro-batch on every pipeline rank: inference through the pipeline.
 
         Needs a forward-only schedule (`parallel.pipeline.forward_only(build(...))`); the last stage's rank
         broadcasts each micro-batch's logits over pp."""
         sched = self.schedule
-        if not sched.forward_only:
-            raise ScheduleError("run_forward needs a forward-only schedule: wrap it with forward_only(...)")
         if len(input_ids) != sched.chunks:
             raise ValueError(f"schedule built for {sched.chunks} micro-batches, got {len(input_ids)}")
         dtype, device = _placement(self.stages, input_ids[0].device)
         act_shape = (*input_ids[0].shape, _hidden_size(self.stages))
-        self.mbs = [(ids, None) for ids in input_ids]
-        self.total_tokens = 1
-        self.box, self.tapes, self.outputs = {}, {}, {}
-        self.mb_losses = torch.zeros(len(input_ids), dtype=torch.float64, device=device)
-        self.deferred, self.inflight = deque(), {}
-        for a in self.actions:
-            if self._p2p_action(a, act_shape, dtype, device):
-                continue
-            if a.kind == F:
-                run(self._forward(a.stage, a.mb, a.chunk))
-            else:
-                raise ScheduleError(f"{a.kind} in a forward-only schedule")
-        self.tapes.clear()  # forward-only tapes hold no graph; nothing will run backward through them
-        self._check_drained()
+
+        def forward(stage: PipelineStage, mb: int, x: torch.Tensor | None) -> torch.Tensor:
+            out, _ = run(stage_forward(stage, input_ids[mb] if x is None else x, None, 1, 1.0 / len(input_ids)))
+            return out
+
+        outputs = self.run_forward_with(forward, lambda mb: act_shape, dtype, device)
         last = sched.num_stages - 1
         out = []
         for m in range(sched.chunks):
             src = sched.rank_of(last, m)
-            logits = self.outputs.pop((last, m)) if src == self.pp_rank else None
+            logits = outputs.pop(m) if src == self.pp_rank else None
             if len(self.pp_ranks) > 1:
                 shape = torch.tensor(list(logits.shape) if logits is not None else [0, 0, 0], device=device)
                 dist.broadcast(shape, self.pp_ranks[src], group=self.pp_group)

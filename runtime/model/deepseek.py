@@ -373,8 +373,9 @@ class DeepseekModel(nn.Module):
 
     def pipeline_stage(self, stage: int, num_stages: int, layers: range) -> PipelineStage:
         """Pipeline stage `stage` of `num_stages`: decoder layers `layers`, the embedding on the first stage,
-        the final norm and LM head on the last. It references this model's modules (no copies)."""
-        if len(self.mtp):
+        the final norm and LM head on the last. It references this model's modules (no copies). One stage
+        (`num_stages` 1) is the whole model without its MTP modules: what serving runs."""
+        if len(self.mtp) and num_stages > 1:
             raise ValueError("pipeline stages do not support MTP modules yet (the MTP block needs the "
                              "embedding on the last stage); build the model with mtp=False")
         if num_stages > 1 and self.lm_head.weight is self.model.embed_tokens.weight:

@@ -101,6 +101,8 @@ class Engine:
         self.max_batch, self.max_model_len = max_batch, max_model_len
         self.max_prefill_tokens, self.page_size = max_prefill_tokens, page_size
         self.pipe = pipe
+        # the model as one pipeline stage (the view the step's forward runs), when it is not pipelined
+        self.stage = model.pipeline_stage(0, 1, range(len(model.model.layers))) if pipe is None else None
         p = model.lm_head.weight
         n_layers = len(model.model.layers) if pipe is None else len(pipe.layer_ids)
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -133,7 +135,7 @@ class Engine:
     def run_plan(self, plan: StepPlan) -> torch.Tensor:
         """This rank's part of a step's forward (the driver's `step` calls it; the other ranks run the plans
         they receive): logits of the wanted rows where this rank gets them."""
-        return run_plan(self.model, self.cache, plan, self.pipe)
+        return run_plan(self.model, self.cache, plan, self.pipe, self.stage)
 
     # --- public API -----------------------------------------------------------------------------------
     def add_request(
