@@ -57,7 +57,7 @@ API_SCRIPT = """
 import cluster, torch, torch.distributed as dist
 with cluster.init(tp=2, ep=2) as mesh:
     for dim in ("tp", "pp", "dp", "ep", "edp", "world"):
-        t = torch.tensor([float(mesh.rank)])
+        t = torch.tensor([float(mesh.rank)], device=mesh.device)
         dist.all_reduce(t, group=mesh.group(dim))
         assert t.item() == sum(mesh.ranks(dim)), (dim, t.item(), mesh.ranks(dim))
         assert mesh.size(dim) == len(mesh.ranks(dim)) and mesh.ranks(dim)[mesh.coord(dim)] == mesh.rank
@@ -137,7 +137,7 @@ with cluster.init() as mesh:
     print("ready", flush=True)
     if mesh.rank == {victim}:
         {action}
-    t = torch.ones(1)
+    t = torch.ones(1, device=mesh.device)
     while True:          # the survivors sit in collectives with the victim
         dist.all_reduce(t)
 """

@@ -418,8 +418,9 @@ class DeepseekModel(nn.Module):
         """Without labels: logits [B,T,V]. With labels [B,T] (labels[t] = token after input t; -100 ignored):
         (loss, parts) where parts["ce"] is the mean token cross-entropy, parts["mtp"] the MTP cross-entropy
         (predicting labels[t+1] at position t) when MTP modules exist, parts["aux"] the balance loss when
-        gates have aux_loss_coef > 0; loss = ce + mtp_loss_coef * mtp + aux."""
-        _check_ids(input_ids, self.config.vocab_size)
+        gates have aux_loss_coef > 0; loss = ce + mtp_loss_coef * mtp + aux. The ids' range is checked
+        where they enter (the trainer, `logits`, `decode`): reading them here would sync every step."""
+        _check_ids(input_ids, self.config.vocab_size, values=False)
         h = self.hidden_states(input_ids)
         logits = self.head(h)
         if labels is None:
@@ -446,8 +447,8 @@ class DeepseekModel(nn.Module):
         return loss, parts
 
 
-def _check_ids(input_ids: torch.Tensor, vocab: int) -> None:
+def _check_ids(input_ids: torch.Tensor, vocab: int, values: bool = True) -> None:
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+    if values and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
         raise ValueError(f"input_ids out of range [0, {vocab}): min {int(input_ids.min())}, max {int(input_ids.max())}")

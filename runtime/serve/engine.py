@@ -376,7 +376,7 @@ def _tokens_from_free_memory(bytes_per_token: int, device: torch.device, cap: in
     if group is not None:
         import torch.distributed as dist
 
-        t = torch.tensor([n], dtype=torch.int64)
+        t = torch.tensor([n], dtype=torch.int64, device="cpu")  # over the control group
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
         n = int(t[0])
     return n

@@ -195,25 +195,25 @@ class StepPlan:
         if len(flat) > MAX_PLAN_INTS:
             raise ValueError(f"step plan of {len(flat)} integers exceeds MAX_PLAN_INTS = {MAX_PLAN_INTS}; "
                              "nothing was sent (lower serve.max_batch or serve.max_prefill_tokens)")
-        bcast(torch.tensor([len(flat)], dtype=torch.int64))
-        bcast(torch.tensor(flat, dtype=torch.int64))
+        bcast(torch.tensor([len(flat)], dtype=torch.int64, device="cpu"))  # the control plane: host tensors
+        bcast(torch.tensor(flat, dtype=torch.int64, device="cpu"))
 
     @staticmethod
     def broadcast_none(bcast: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Driver side: this serving step ran nothing (the followers' `receive` returns None)."""
-        bcast(torch.zeros(1, dtype=torch.int64))
+        bcast(torch.zeros(1, dtype=torch.int64, device="cpu"))
 
     @classmethod
     def receive(cls, bcast: Callable[[torch.Tensor], torch.Tensor]) -> StepPlan | None:
         """Follower side of `broadcast` / `broadcast_none`; a length outside the bound is refused before
         anything is allocated for it (a corrupt or mismatched sender)."""
-        n = int(bcast(torch.zeros(1, dtype=torch.int64))[0])
+        n = int(bcast(torch.zeros(1, dtype=torch.int64, device="cpu"))[0])
         if n == 0:
             return None
         if not 2 <= n <= MAX_PLAN_INTS:
             raise ValueError(f"broadcast step plan length {n} is outside [2, {MAX_PLAN_INTS}] (MAX_PLAN_INTS): "
                              "a corrupt or mismatched sender")
-        return cls.decode(bcast(torch.zeros(n, dtype=torch.int64)).tolist())
+        return cls.decode(bcast(torch.zeros(n, dtype=torch.int64, device="cpu")).tolist())
 
 
 # --- attention over the page pool ------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ class PagedAttention:
             width = max(len(plan.pages[i]) for i in self.decode)
             self.table = torch.zeros(len(self.decode), width, dtype=torch.int32, device=device)
             for j, i in enumerate(self.decode):
-                self.table[j, : len(plan.pages[i])] = torch.tensor(plan.pages[i], dtype=torch.int32)
+                self.table[j, : len(plan.pages[i])] = torch.tensor(plan.pages[i], dtype=torch.int32, device=device)
             self.seq_lens = torch.tensor([plan.offsets[i] + 1 for i in self.decode], dtype=torch.int32,
                                          device=device)
             self.max_len = max(plan.offsets[i] + 1 for i in self.decode)

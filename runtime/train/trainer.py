@@ -146,9 +146,9 @@ class Trainer:
             if not module.training:
                 return
             if layer is not None and self.balancer is not None:
-                self.balancer.record(layer, output[1])
-            if module.last_aux_loss is not None:
-                self._aux_seen += float(module.last_aux_loss.detach())
+                self.balancer.record_counts(layer, module.last_load)  # the gate's own count of this forward
+            if module.last_aux_loss is not None:  # a device tensor: read once per step, not per gate
+                self._aux_seen = self._aux_seen + module.last_aux_loss.detach()
 
         return hook
 
@@ -257,17 +257,18 @@ class Trainer:
         over its micro-batches."""
         self._aux_seen = 0.0
         if self.executor is None:
-            parts_sum: dict[str, float] = {}
+            parts_sum: dict[str, torch.Tensor] = {}  # device tensors, read on the host once at the end
             for sl in chunks:
                 loss, parts = self.model(inputs[sl], labels[sl])
                 (loss / len(chunks)).backward()
                 for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / len(chunks)
-            return parts_sum
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v.detach().double() / len(chunks)
+            keys = sorted(parts_sum)
+            return dict(zip(keys, torch.stack([parts_sum[k] for k in keys]).tolist()))
         total = float(self.executor.run_step([(inputs[sl], labels[sl]) for sl in chunks]))
         out = {"ce": total}
         if self.config["train"]["aux_loss_coef"] > 0:
-            aux = torch.tensor([self._aux_seen / len(chunks)], dtype=torch.float64, device=self.device)
+            aux = (torch.as_tensor(self._aux_seen, dtype=torch.float64, device=self.device) / len(chunks)).reshape(1)
             dist.all_reduce(aux, group=self.mesh.group("pp"))
             out = {"ce": total - float(aux), "aux": float(aux)}
         return out
