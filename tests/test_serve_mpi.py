@@ -24,6 +24,7 @@ def hf_dir(tmp_path_factory):
     return make_hf_model(tmp_path_factory.mktemp("v3mpi"), "deepseek_v3", seed=11)
 
 
+@pytest.mark.mpi
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("np_,layout", [(2, ["parallel.tp=2"]), (2, ["parallel.ep=2"]),
                                         (4, ["parallel.pp=2", "parallel.ep=2"])])

