@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import resource
 
@@ -248,11 +247,81 @@ def test_queue_full_too_long_info_health(hf_pair):
         srv.stop()
 
 
-def test_bind_defaults_to_loopback():
-    from runtime.jobconfig import DEFAULTS
+# Runs inside a fresh network namespace (`unshare --net`): the default port 5555 is private there, so the
+# real default can be served without touching the host's ports. Prints one JSON line with what it saw.
+LOOPBACK_PROBE = r"""
+import fcntl, json, os, signal, socket, struct, subprocess, sys, time
 
-    assert DEFAULTS["serve"]["bind"].startswith("tcp://127.0.0.1:")
-    assert os.environ.get("MOERUN_NEVER_SET") is None
+# bring `lo` up (a new namespace has it down), with ioctls rather than iproute2
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+req = struct.pack("16sH14s", b"lo", 0, b"")
+flags = struct.unpack("16sH14s", fcntl.ioctl(s, 0x8913, req))[1]          # SIOCGIFFLAGS
+fcntl.ioctl(s, 0x8914, struct.pack("16sH14s", b"lo", flags | 0x1, b""))  # SIOCSIFFLAGS |= IFF_UP
+
+srv = subprocess.Popen([sys.executable, "-m", "launch", "serve", "--model", "builtin:tiny"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+try:
+    line = srv.stdout.readline()
+    if "listening on" not in line:
+        raise SystemExit("no start-up line: " + line + srv.stderr.read())
+    endpoint = line.split("listening on ")[1].split()[0]
+    # the server's listening sockets, from its fds and the namespace's socket tables
+    inodes = set()
+    for fd in os.listdir(f"/proc/{srv.pid}/fd"):
+        target = os.readlink(f"/proc/{srv.pid}/fd/{fd}")
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    listening = []
+    for table, width in (("tcp", 8), ("tcp6", 32)):
+        for row in open(f"/proc/net/{table}").read().splitlines()[1:]:
+            f = row.split()
+            if f[3] == "0A" and f[9] in inodes:  # LISTEN
+                raw = bytes.fromhex(f[1].split(":")[0])
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # per-word byte order
+                fam = socket.AF_INET if width == 8 else socket.AF_INET6
+                listening.append(f"{socket.inet_ntop(fam, words)}:{int(f[1].split(':')[1], 16)}")
+    from runtime.client import Client
+    with Client(endpoint, timeout=60) as c:
+        healthy = c.health()["ok"]
+    other = {}
+    for addr in ("127.0.0.2",):  # routed to lo, but not the address bound: refused unless bound to *
+        with socket.socket() as probe:
+            probe.settimeout(5)
+            other[addr] = probe.connect_ex((addr, int(endpoint.rsplit(":", 1)[1])))
+    print(json.dumps({"endpoint": endpoint, "listening": listening, "healthy": healthy, "other": other}),
+          flush=True)
+finally:
+    srv.send_signal(signal.SIGTERM)
+    srv.communicate(timeout=60)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_serve_binds_loopback_by_default(tmp_path):
+    """`moerun serve` with no --bind and no config file, in its own network namespace: the socket is
+    tcp://127.0.0.1:5555, its only listening address is 127.0.0.1, a client there gets a health reply, and a
+    connection to 127.0.0.2 (also loopback, but not the bound address) is refused. Catches a default bind of
+    `tcp://*:5555` (or 0.0.0.0), or a CLI that drops the default, exposing the unauthenticated protocol."""
+    import errno
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.launchers import ROOT, base_env
+
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "--net", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a network namespace here (unshare --net needs root / CAP_SYS_ADMIN)")
+    (tmp_path / "probe.py").write_text(LOOPBACK_PROBE)
+    r = subprocess.run([unshare, "--net", sys.executable, str(tmp_path / "probe.py")], capture_output=True,
+                       text=True, timeout=110, cwd=ROOT, env=base_env())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert seen["endpoint"] == "tcp://127.0.0.1:5555", seen
+    assert seen["listening"] == ["127.0.0.1:5555"], seen
+    assert seen["healthy"] is True
+    assert seen["other"] == {"127.0.0.2": errno.ECONNREFUSED}, seen
 
 
 @pytest.mark.timeout(120)
