@@ -115,6 +115,50 @@ def test_256_concurrent_streams_complete_in_order(hf_pair, server):
     assert m["requests_running"] == 0 and m["kv_pages_used"] == 0
 
 
+@pytest.mark.timeout(240)
+def test_generation_stops_at_the_models_eos(tmp_path):
+    """The default path (no ignore_eos): a model whose config.json names an EOS token stops right after
+    generating it, with finish_reason "stop" and the EOS as the last id, exactly where transformers'
+    generate stops; ignore_eos=True runs past it to max_tokens, and a prompt that never reaches the EOS
+    ends by length. Catches an engine that ignores the checkpoint's eos_token_id, stops one token late or
+    early, drops the EOS from the reply, or applies the EOS when told to ignore it."""
+    import json
+
+    path, hf = make_hf_model(tmp_path / "eos", "deepseek_v3", seed=11)
+    prompt = torch.randint(0, 96, (9,), generator=torch.Generator().manual_seed(21)).tolist()
+    greedy = runtime.load_model(path)
+    gen = _greedy(greedy, prompt, 24)  # the EOS: the first generated token that is new at position >= 4
+    j = next(i for i in range(4, 24) if gen[i] not in gen[:i])
+    eos = gen[j]
+    cfg = json.loads((tmp_path / "eos" / "config.json").read_text())
+    (tmp_path / "eos" / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=eos)))
+    other = next(p for p in ([t] * 3 for t in range(96)) if eos not in _greedy(greedy, p, 24))
+    srv = _server(runtime.load_model(path))
+    try:
+        with Client(srv.endpoint) as c:
+            stopped = c.generate(prompt_ids=prompt, max_tokens=24)
+            ignored = c.generate(prompt_ids=prompt, max_tokens=24, ignore_eos=True)
+            never = c.generate(prompt_ids=other, max_tokens=24)
+    finally:
+        srv.stop()
+    hf.generation_config.eos_token_id = eos
+    ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      max_new_tokens=24, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    assert ref == gen[: j + 1] and ref[-1] == eos  # transformers stops right after the EOS
+    assert stopped["ids"] == ref and stopped["finish_reason"] == "stop", (stopped, ref)
+    assert stopped["usage"]["completion_tokens"] == j + 1
+    assert ignored["ids"] == gen and ignored["finish_reason"] == "length"
+    assert len(never["ids"]) == 24 and never["finish_reason"] == "length"
+
+
+def _greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model.logits(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
 @pytest.mark.timeout(120)
 def test_abort_mid_stream_returns_pages(hf_pair, server):
     with Client(server.endpoint) as c:
