@@ -1,6 +1,15 @@
-"""Multi-rank serving under real mpirun: rank 0 owns the socket and broadcasts each step's plan; greedy
-generation over ZeroMQ equals transformers' generate token for token, logprobs within 1e-4, under tp=2,
-ep=2 and pp=2 x ep=2 (tp=2 x ep=2 on 4 ranks was checked by hand the same way; left out to save CI time)."""
+"""Multi-rank serving under real mpirun: rank 0 owns the socket and broadcasts each step's plan.
+
+Under tp=2, ep=2 and pp=2 x ep=2 (tp=2 x ep=2 on 4 ranks was checked by hand the same way; left out to save
+CI time), one `moerun serve` job per layout, with a KV cache small enough (64 pages of 8 tokens) that a burst
+of requests must preempt:
+- greedy generation over ZeroMQ equals transformers' generate token for token, logprobs within 1e-4;
+- the serving features beyond greedy give exactly what a single-process server with the same settings gives
+  for the same requests: prefix-cache hits (and their cached_tokens), preemption by recompute, seeded
+  sampling (temperature, top-k, top-p), stop ids, an abort mid-stream, and a correct request afterwards.
+  The workers mirror rank 0's page pool from the broadcast plans; a mirror that drifts (a preempted or
+  aborted request's pages, a prefix hit's pages) gives wrong tokens here.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +23,15 @@ import torch
 from hf_models import make_hf_model
 from launchers import base_env, mpirun_path
 
+import runtime
 from runtime.client import Client
 
 NEW = 64
+SERVE = {"kv_cache_tokens": 512, "page_size": 8, "max_prefill_tokens": 24}
+LAYOUTS = {"tp2": (2, ["parallel.tp=2"]), "ep2": (2, ["parallel.ep=2"]),
+           "pp2-ep2": (4, ["parallel.pp=2", "parallel.ep=2"])}
+
+pytestmark = pytest.mark.mpi
 
 
 @pytest.fixture(scope="module")
@@ -24,32 +39,24 @@ def hf_dir(tmp_path_factory):
     return make_hf_model(tmp_path_factory.mktemp("v3mpi"), "deepseek_v3", seed=11)
 
 
-@pytest.mark.mpi
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("np_,layout", [(2, ["parallel.tp=2"]), (2, ["parallel.ep=2"]),
-                                        (4, ["parallel.pp=2", "parallel.ep=2"])])
-def test_multi_rank_greedy_equals_hf(hf_dir, np_, layout):
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout_server(request, hf_dir):
+    """`mpirun -np N moerun serve` for one layout; after the module's tests, SIGTERM to rank 0 must end the
+    whole job cleanly (exit 0, "stopped")."""
     exe = mpirun_path()
     if exe is None:
         pytest.skip("mpirun not found")
-    path, hf = hf_dir
-    sets = [x for kv in layout + ["serve.kv_cache_tokens=2048", "serve.page_size=8", "serve.max_prefill_tokens=24"]
-            for x in ("--set", kv)]
+    np_, layout = LAYOUTS[request.param]
+    sets = [x for kv in layout + [f"serve.{k}={v}" for k, v in SERVE.items()] for x in ("--set", kv)]
     cmd = [exe, "-np", str(np_), "--oversubscribe", "--allow-run-as-root", sys.executable, "-m", "launch",
-           "serve", "--model", path, "--bind", "tcp://127.0.0.1:*", *sets]
+           "serve", "--model", hf_dir[0], "--bind", "tcp://127.0.0.1:*", *sets]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env())
     try:
         line = proc.stdout.readline()
         assert "listening on" in line, line + proc.stderr.read()
         addr = line.split("listening on ")[1].split()[0]
         pid = int(line.split("pid=")[1].split()[0])
-        g = torch.Generator().manual_seed(5)
-        prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (3, 17, 40, 9)]
-        with Client(addr, timeout=200) as c:
-            info = c.info()
-            rids = [c.submit(prompt_ids=p, max_tokens=NEW, ignore_eos=True, logprobs=1) for p in prompts]
-            done = [c.recv(r) for r in rids]
-        assert info["layout"]["world"] == np_
+        yield request.param, np_, addr
         os.kill(pid, signal.SIGTERM)  # rank 0 stops and tells the others
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-3000:]
@@ -58,12 +65,121 @@ def test_multi_rank_greedy_equals_hf(hf_dir, np_, layout):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@pytest.mark.timeout(300)
+def test_multi_rank_greedy_equals_hf(hf_dir, layout_server):
+    name, np_, addr = layout_server
+    path, hf = hf_dir
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (3, 17, 40, 9)]
+    with Client(addr, timeout=200) as c:
+        info = c.info()
+        rids = [c.submit(prompt_ids=p, max_tokens=NEW, ignore_eos=True, logprobs=1) for p in prompts]
+        done = [c.recv(r) for r in rids]
+    assert info["layout"]["world"] == np_
     hf.generation_config.eos_token_id = None
     for p, d in zip(prompts, done):
         ids = torch.tensor([p])
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
                           pad_token_id=0, output_scores=True, return_dict_in_generate=True)
         want = ref.sequences[0, len(p):].tolist()
-        assert d["ids"] == want, f"layout {layout} prompt of {len(p)}"
+        assert d["ids"] == want, f"layout {name} prompt of {len(p)}"
         lp = torch.stack([torch.log_softmax(s[0].float(), -1) for s in ref.scores])[torch.arange(NEW), want]
         assert (torch.tensor(d["logprobs"]) - lp).abs().max().item() < 1e-4
+
+
+def _prompts() -> dict[str, list[int]]:
+    g = torch.Generator().manual_seed(9)
+    out = {"shared": torch.randint(0, 96, (40,), generator=g).tolist(),
+           "stop": torch.randint(0, 96, (9,), generator=g).tolist(),
+           "abort": torch.randint(0, 96, (12,), generator=g).tolist(),
+           "after": torch.randint(0, 96, (17,), generator=g).tolist()}
+    for i in range(8):
+        out[f"burst{i}"] = torch.randint(0, 96, (20,), generator=g).tolist()
+    return out
+
+
+def scenario(addr: str, stop_id: int) -> dict:
+    """The same requests against any server; returns what must be equal across layouts (and the metrics)."""
+    p = _prompts()
+    sampled = dict(temperature=0.9, top_k=20, top_p=0.9)
+    out: dict = {}
+    with Client(addr, timeout=200) as c:
+        m0 = c.metrics()["metrics"]
+        out["first"] = c.generate(prompt_ids=p["shared"], max_tokens=8, ignore_eos=True)
+        out["hit"] = c.generate(prompt_ids=p["shared"], max_tokens=8, ignore_eos=True)  # 32 tokens cached
+        out["sampled"] = [c.generate(prompt_ids=p["shared"], max_tokens=16, seed=s, ignore_eos=True, **sampled)
+                          for s in (1, 2)]
+        out["stop"] = c.generate(prompt_ids=p["stop"], max_tokens=32, stop_ids=[stop_id], ignore_eos=True)
+        # a burst of 8 x (20 + 60) tokens = 80 pages of 8 > the 64-page cache: preemption by recompute
+        rids = [c.submit(prompt_ids=p[f"burst{i}"], max_tokens=60, ignore_eos=True,
+                         **(dict(seed=i, **sampled) if i % 2 else {})) for i in range(8)]
+        out["burst"] = [c.recv(r) for r in rids]
+        m1 = c.metrics()["metrics"]
+        rid, got = c.new_id(), []
+        for msg in c.stream(prompt_ids=p["abort"], max_tokens=200, ignore_eos=True, rid=rid):
+            if msg["op"] == "token":
+                got.extend(msg["ids"])
+                if len(got) >= 3 and not out.get("abort_sent"):
+                    c.abort(rid)
+                    out["abort_sent"] = True
+            else:
+                out["aborted"] = msg
+        out["after"] = c.generate(prompt_ids=p["after"], max_tokens=16, ignore_eos=True)
+        m2 = c.metrics()["metrics"]
+    out["preemptions"] = m1["preemptions_total"] - m0.get("preemptions_total", 0)
+    out["idle_after"] = (m2["requests_running"], m2["requests_waiting"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process(hf_dir):
+    """The scenario on a one-process server with the same serve settings, and the greedy continuations of
+    the stop and abort prompts (which pick the stop id and check the aborted prefix)."""
+    from runtime.serve import Engine
+    from runtime.server import Server
+
+    model = runtime.load_model(hf_dir[0])
+    p = _prompts()
+    with torch.no_grad():
+        ids = torch.tensor([p["stop"]])
+        for _ in range(8):
+            ids = torch.cat([ids, model.logits(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    greedy_stop = ids[0, len(p["stop"]):].tolist()
+    stop_id = next(t for i, t in enumerate(greedy_stop) if i >= 3 and t not in greedy_stop[:i])
+    srv = Server(Engine(model, **SERVE), bind="tcp://127.0.0.1:*").start()
+    try:
+        ref = scenario(srv.endpoint, stop_id)
+        with Client(srv.endpoint, timeout=200) as c:
+            full_abort = c.generate(prompt_ids=p["abort"], max_tokens=40, ignore_eos=True)["ids"]
+    finally:
+        srv.stop()
+    return ref, stop_id, greedy_stop, full_abort
+
+
+@pytest.mark.timeout(300)
+def test_multi_rank_serving_features_equal_single_process(single_process, layout_server):
+    """Catches workers whose page pools drift from rank 0's (after a prefix hit, a preemption, an abort),
+    plans that lose a request's sampling state, stop ids or aborts handled differently under a layout."""
+    ref, stop_id, greedy_stop, full_abort = single_process
+    name, _, addr = layout_server
+    got = scenario(addr, stop_id)
+    # the single-process run itself exercised what it should
+    assert ref["hit"]["usage"]["cached_tokens"] == 32 and ref["first"]["usage"]["cached_tokens"] == 0
+    assert ref["stop"]["finish_reason"] == "stop" and ref["stop"]["ids"][-1] == stop_id
+    assert ref["stop"]["ids"] == greedy_stop[: greedy_stop.index(stop_id) + 1]
+    assert ref["preemptions"] > 0 and got["preemptions"] > 0, (ref["preemptions"], got["preemptions"])
+    assert ref["sampled"][0]["ids"] != ref["sampled"][1]["ids"]  # seeds matter
+    for key in ("first", "hit", "stop", "after"):
+        assert got[key]["ids"] == ref[key]["ids"], f"{name}: {key}"
+        assert got[key]["finish_reason"] == ref[key]["finish_reason"], f"{name}: {key}"
+        assert got[key]["usage"] == ref[key]["usage"], f"{name}: {key}"
+    for i, (a, b) in enumerate(zip(got["sampled"], ref["sampled"], strict=True)):
+        assert a["ids"] == b["ids"], f"{name}: sampled with seed {i + 1}"
+    for i, (a, b) in enumerate(zip(got["burst"], ref["burst"], strict=True)):
+        assert a["op"] == "done" and a["ids"] == b["ids"] and len(a["ids"]) == 60, f"{name}: burst request {i}"
+    aborted = got["aborted"]
+    assert aborted["finish_reason"] == "abort" and 3 <= len(aborted["ids"]) < 40, aborted
+    assert aborted["ids"] == full_abort[: len(aborted["ids"])], f"{name}: aborted stream diverged"
+    assert got["idle_after"] == (0, 0)
