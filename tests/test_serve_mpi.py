@@ -183,3 +183,85 @@ def test_multi_rank_serving_features_equal_single_process(single_process, layout
     assert aborted["finish_reason"] == "abort" and 3 <= len(aborted["ids"]) < 40, aborted
     assert aborted["ids"] == full_abort[: len(aborted["ids"])], f"{name}: aborted stream diverged"
     assert got["idle_after"] == (0, 0)
+
+
+def _rank_pid(tag: str, rank: int) -> int | None:
+    """The pid of the process whose environment carries MOERUN_TEST_TAG=tag and Open MPI rank `rank`."""
+    from pathlib import Path
+
+    want = [f"MOERUN_TEST_TAG={tag}".encode(), f"OMPI_COMM_WORLD_RANK={rank}".encode()]
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(w in env for w in want):
+            return int(d.name)
+    return None
+
+
+@pytest.mark.timeout(240)
+def test_worker_rank_killed_mid_serve_fails_every_client_and_the_job(hf_dir):
+    """tp=2 on 2 ranks; three clients each stream a long generation; once each has tokens, worker rank 1 is
+    SIGKILLed. Every client must get an `error` reply for its request (not silence until its timeout), and
+    the job must exit non-zero with a message naming rank 1 (DESIGN: a dead rank ends the whole job
+    quickly)."""
+    import threading
+    import time
+    import uuid
+
+    exe = mpirun_path()
+    if exe is None:
+        pytest.skip("mpirun not found")
+    tag = uuid.uuid4().hex
+    sets = [x for kv in ["parallel.tp=2"] + [f"serve.{k}={v}" for k, v in SERVE.items()] for x in ("--set", kv)]
+    cmd = [exe, "-np", "2", "--oversubscribe", "--allow-run-as-root", sys.executable, "-m", "launch", "serve",
+           "--model", hf_dir[0], "--bind", "tcp://127.0.0.1:*", *sets]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=base_env(MOERUN_TEST_TAG=tag, MOERUN_DEAD_AFTER_S="3"))
+    results: dict[int, object] = {}
+    started = [threading.Event() for _ in range(3)]
+
+    def client(i: int, addr: str) -> None:
+        try:
+            with Client(addr, timeout=45) as c:
+                for msg in c.stream(prompt_ids=[i + 1, 7, 9], max_tokens=150, ignore_eos=True):
+                    started[i].set()
+                    if msg["op"] == "done":
+                        results[i] = msg
+        except Exception as e:  # noqa: BLE001 - ServerError (the wanted error reply), TimeoutError, ...
+            results[i] = e
+        finally:
+            started[i].set()
+
+    try:
+        line = proc.stdout.readline()
+        assert "listening on" in line, line + proc.stderr.read()
+        addr = line.split("listening on ")[1].split()[0]
+        threads = [threading.Thread(target=client, args=(i, addr), daemon=True) for i in range(3)]
+        for t in threads:
+            t.start()
+        assert all(e.wait(60) for e in started), "the clients got no tokens"
+        worker = _rank_pid(tag, 1)
+        assert worker is not None, "rank 1 not found"
+        os.kill(worker, signal.SIGKILL)
+        killed_at = time.monotonic()
+        for t in threads:
+            t.join(timeout=60)
+        _, err = proc.communicate(timeout=60)
+        ended_after = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    from runtime.client import ServerError
+
+    outcomes = {i: (type(r).__name__, getattr(r, "code", None), str(r)[:200]) for i, r in results.items()}
+    print(f"ended {ended_after:.1f} s after the kill, rc {proc.returncode}; clients: {outcomes}\n{err[-1500:]}")
+    assert proc.returncode != 0, f"the job exited 0 after losing rank 1 (clients: {outcomes})"
+    assert "rank 1" in err, err[-3000:]
+    assert ended_after < 30, f"the job took {ended_after:.1f} s to end after rank 1 died"
+    assert sorted(results) == [0, 1, 2] and all(isinstance(r, ServerError) for r in results.values()), \
+        f"every client must get an error reply: {outcomes}"
