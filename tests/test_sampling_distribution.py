@@ -99,7 +99,7 @@ def setup(tmp_path_factory):
     return engine, prompt, logits
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("temperature,top_k,top_p", CASES)
 def test_sampling_matches_filtered_softmax(setup, temperature, top_k, top_p):
     engine, prompt, logits = setup

