@@ -52,7 +52,7 @@ def test_bf16_served_generation_tracks_fp32(models):
     equal fp32's: one near-tie flip changes the rest of the sequence legitimately."""
     from runtime.client import Client
     from runtime.serve import Engine
-    from runtime.server import Server
+    from runtime.serve.server import Server
 
     m32, m16 = models
     srv = Server(Engine(m16, max_batch=8, max_model_len=256, max_prefill_tokens=24, page_size=8,

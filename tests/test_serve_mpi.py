@@ -138,7 +138,7 @@ def single_process(hf_dir):
     """The scenario on a one-process server with the same serve settings, and the greedy continuations of
     the stop and abort prompts (which pick the stop id and check the aborted prefix)."""
     from runtime.serve import Engine
-    from runtime.server import Server
+    from runtime.serve.server import Server
 
     model = runtime.load_model(hf_dir[0])
     p = _prompts()
