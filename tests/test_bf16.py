@@ -51,12 +51,13 @@ def test_bf16_served_generation_tracks_fp32(models):
     are within 0.06 nats of fp32's on average and 0.5 at worst (0.02 / 0.22). The whole generation need not
     equal fp32's: one near-tie flip changes the rest of the sequence legitimately."""
     from runtime.client import Client
+    from runtime.sched.scheduler import Scheduler
     from runtime.serve import Engine
     from runtime.serve.server import Server
 
     m32, m16 = models
-    srv = Server(Engine(m16, max_batch=8, max_model_len=256, max_prefill_tokens=24, page_size=8,
-                        kv_cache_tokens=2048), bind="tcp://127.0.0.1:*").start()
+    srv = Server(Scheduler(Engine(m16, max_batch=8, max_model_len=256, max_prefill_tokens=24, page_size=8,
+                                  kv_cache_tokens=2048)), bind="tcp://127.0.0.1:*").start()
     assert srv.engine.cache.kv.dtype == torch.bfloat16
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, m32.config.vocab_size, (n,), generator=g).tolist() for n in (3, 17, 40, 9)]

@@ -137,6 +137,7 @@ def scenario(addr: str, stop_id: int) -> dict:
 def single_process(hf_dir):
     """The scenario on a one-process server with the same serve settings, and the greedy continuations of
     the stop and abort prompts (which pick the stop id and check the aborted prefix)."""
+    from runtime.sched.scheduler import Scheduler
     from runtime.serve import Engine
     from runtime.serve.server import Server
 
@@ -148,7 +149,7 @@ def single_process(hf_dir):
             ids = torch.cat([ids, model.logits(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     greedy_stop = ids[0, len(p["stop"]):].tolist()
     stop_id = next(t for i, t in enumerate(greedy_stop) if i >= 3 and t not in greedy_stop[:i])
-    srv = Server(Engine(model, **SERVE), bind="tcp://127.0.0.1:*").start()
+    srv = Server(Scheduler(Engine(model, **SERVE)), bind="tcp://127.0.0.1:*").start()
     try:
         ref = scenario(srv.endpoint, stop_id)
         with Client(srv.endpoint, timeout=200) as c:
