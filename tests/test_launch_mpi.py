@@ -133,7 +133,7 @@ def test_fail_rank_drill_stops_the_job_and_names_the_rank():
     assert "rank 2" in err and "died" in err
     assert "selftest passed" not in job.text("out")
     assert leftover_pids(tag) == []
-    _check_drill_lines_in_docs(out.stderr)
+    _check_drill_lines_in_docs(err)
 
 
 def _check_drill_lines_in_docs(stderr: str) -> None:
