@@ -118,7 +118,7 @@ def scenario(addr: str, stop_id: int) -> dict:
         out["burst"] = [c.recv(r) for r in rids]
         m1 = c.metrics()["metrics"]
         rid, got = c.new_id(), []
-        for msg in c.stream(prompt_ids=p["abort"], max_tokens=200, ignore_eos=True, rid=rid):
+        for msg in c.stream(prompt_ids=p["abort"], max_tokens=200, ignore_eos=True, request_id=rid):
             if msg["op"] == "token":
                 got.extend(msg["ids"])
                 if len(got) >= 3 and not out.get("abort_sent"):
