@@ -10,7 +10,7 @@ transformers and vLLM). A draw outside that support fails at once.
 False-failure rate: each setting is tested at significance ALPHA = 1e-4, so with correct sampling the whole
 test fails for a fresh set of seeds with probability at most CASES x 1e-4 = 6e-4 (Bonferroni). The seeds are
 fixed, so a given torch build gives the same counts every run: the test cannot flake, and a new RNG stream
-fails with at most that probability. Power, with N = 4000: a temperature applied as a product instead of a
+fails with at most that probability. Power, with N = 2000: a temperature applied as a product instead of a
 quotient, top-p that drops the crossing token, top-k off by one, a nucleus chosen on the
 unscaled logits, or top-p before top-k, are each rejected (test_the_check_rejects_plausible_sampling_bugs).
 """
@@ -24,7 +24,7 @@ from hf_models import make_hf_model
 import runtime
 from runtime.serve import Engine, SamplingParams
 
-N = 4000
+N = 2000
 ALPHA = 1e-4
 CASES = [  # (temperature, top_k, top_p)
     (1.0, 0, 1.0),  # plain softmax
