@@ -68,6 +68,7 @@ def _run(tmp_path, np_: int, loss: str, overrides: list[str]) -> dict:
     return json.loads(lines[0][len("RESULT "):])
 
 
+@pytest.mark.mpi
 @pytest.mark.timeout(200)
 def test_serve_and_train_over_zmq_under_mpirun_ep2_pp2(tmp_path):
     """ep=2 x pp=2 (1f1b, 2 micro-batches): a job step through the pipeline executor, then a `ce` op."""
