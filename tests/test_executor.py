@@ -111,8 +111,10 @@ def test_executor_rejects_bad_input() -> None:
     from runtime.model.loading import build_model
 
     with_mtp = build_model(dataclasses.replace(model.config, num_nextn_predict_layers=1), mtp=True)
-    with pytest.raises(ValueError, match="MTP"):
-        build_stages(with_mtp, build("1f1b", 2, 2), 0)
+    two = build("1f1b", 2, 2)
+    assert build_stages(with_mtp, two, 0)[0].mtp is None  # MTP lives on the last stage only
+    last = build_stages(with_mtp, two, 1)[0]
+    assert last.mtp is with_mtp.mtp and any(n.startswith("mtp.0.") for n, _ in last.full_named_parameters())
 
 
 def test_executor_runs_lowered_programs_and_refuses_ones_that_deadlock() -> None:
