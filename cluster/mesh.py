@@ -61,6 +61,17 @@ class Mesh:
             raise LayoutError(f"unknown mesh dimension {dim!r}; valid: {', '.join(DIMS)}, control")
         return self._groups[dim]
 
+    def twin(self, dim: str):
+        """A second communicator over the members of this rank's `dim` group, made on first use (every
+        member asks, in the same order): two p2p streams over the same ranks that never share a FIFO, e.g.
+        serving's pipeline beside a training step that is between its slices with receives posted."""
+        key = f"{dim}:twin"
+        if key not in self._groups:
+            import torch.distributed as dist
+
+            self._groups[key] = dist.new_group(self.ranks(dim), use_local_synchronization=True)
+        return self._groups[key]
+
     def size(self, dim: str) -> int:
         return self.layout.size(dim)
 
@@ -117,15 +128,14 @@ class Mesh:
             dist.destroy_process_group()
 
     def _drain(self) -> None:
-        """A barrier on each of this rank's groups (DIMS order, each group once). gloo's barrier first waits
+        """A barrier on each of this rank's groups (creation order, each group once). gloo's barrier first waits
         for every collective issued before it, so afterwards no worker thread is still finishing one: a gloo
         thread that frees a Python-owned tensor while the interpreter exits aborts the whole process
         (exit 134 after a job that had succeeded)."""
         import torch.distributed as dist
 
         done: list = []
-        for dim in (*DIMS, "control"):
-            group = self._groups[dim]
+        for group in list(self._groups.values()):  # the layout's groups, the control group, twins
             if not any(group is g for g in done):
                 done.append(group)
                 dist.barrier(group=group)
@@ -176,6 +186,10 @@ _COMM_ERROR = re.compile(r"connection (closed|reset)|broken pipe|gloo|nccl|timed
 def _is_comm_error(exc: BaseException) -> bool:
     import torch.distributed as dist
 
+    from cluster.p2p import P2PTimeout
+
+    if isinstance(exc, P2PTimeout):
+        return False  # a p2p deadlock is itself the root cause: report it at once, do not wait for a peer
     return isinstance(exc, getattr(dist, "DistError", ())) or bool(_COMM_ERROR.search(str(exc)))
 
 
@@ -219,8 +233,13 @@ def init(tp: int = 1, pp: int = 1, ep: int = 1, dp: int = 0, *, timeout_s: float
         backend, store=store, rank=info.rank, world_size=info.world_size,
         timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None,
     )
-    # the host's control plane: CPU tensors over gloo whatever the device backend is
-    control = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
+    # the host's control plane: CPU tensors over gloo whatever the device backend is (its own group under the
+    # device-discipline test mode, so the mode can tell control traffic from device traffic on gloo too);
+    # made first: the watchdog's secret travels over it
+    from cluster import devicecheck
+
+    checking = devicecheck.enabled()
+    control = dist.group.WORLD if backend == "gloo" and not checking else dist.new_group(backend="gloo")
     dog = None
     if watchdog and info.world_size > 1:
         dead_after = float(os.environ.get("MOERUN_DEAD_AFTER_S", 10))
@@ -240,6 +259,8 @@ def init(tp: int = 1, pp: int = 1, ep: int = 1, dp: int = 0, *, timeout_s: float
                       stacklevel=2)
 
     groups: dict = {"world": dist.group.WORLD, "control": control}
+    if checking:
+        devicecheck.install(device, [control])
     by_members: dict[tuple[int, ...], object] = {}
     for dim in ("tp", "pp", "dp", "ep", "edp"):
         members = tuple(layout.group_of(dim, info.rank))

@@ -28,7 +28,7 @@ from enum import IntEnum
 __all__ = ["Kind", "POLICIES", "SchedulerConfig", "Policy", "Scheduler", "HEADER_LEN", "scheduler_config"]
 
 POLICIES = ("serve_first", "time_share", "train_first")
-HEADER_LEN = 8
+HEADER_LEN = 10
 
 
 class Kind(IntEnum):
@@ -110,9 +110,11 @@ class StepStats:
 
 
 # --- the header -------------------------------------------------------------------------------------------
-# [kind, a, b, c, d, e, f, g]. SERVE: a = 1 when a StepPlan follows (0: the engine had nothing to run).
-# TRAIN_MICRO: a = source (0 job, 1 rl), job: b = optimizer step index, c = micro index, d = micros;
-# rl: b = rows, c = columns, d = loss (0 ce, 1 grpo), e = has advantages, f = has old_logprobs, g = has kl.
+# [kind, a, b, ... ] (HEADER_LEN ints). SERVE: a StepPlan follows (maybe the empty one).
+# TRAIN_MICRO: a = source. 0 (job): b = optimizer step index, c = micro-batch (or pipelined slice) index,
+# d = micro-batches (slices); 1 (rl, its first item: the batch follows): b = rows, c = columns, d = loss
+# (0 ce, 1 grpo), e = has advantages, f = has old_logprobs, g = has kl, h = slices; 2 (a later slice of a
+# pipelined rl op): b = slice index, c = slices.
 
 
 class Scheduler:
@@ -161,7 +163,7 @@ class Scheduler:
 
         self._last_bcast = time.monotonic()
         vals = [int(kind), *args] + [0] * (HEADER_LEN - 1 - len(args))
-        return self.bcast(torch.tensor(vals, dtype=torch.int64)).tolist()
+        return self.bcast(torch.tensor(vals, dtype=torch.int64, device="cpu")).tolist()
 
     def _send_plan(self, plan) -> None:
         plan.broadcast(self.bcast)

@@ -47,6 +47,11 @@ class PageAllocator:
                 raise RuntimeError(f"incref of free page {p}")
             self.refs[p] += 1
 
+    def check(self) -> None:
+        """Every free page is on the free list exactly once, with a zero count (for tests)."""
+        if len(set(self._free)) != len(self._free) or any(self.refs[p] for p in self._free):
+            raise AssertionError("the free list holds a page twice or a page still referenced")
+
     def decref(self, pages: list[int]) -> None:
         for p in pages:
             if self.refs[p] <= 0:
@@ -127,16 +132,8 @@ class PagedLatentCache:
     layout the paged-attention kernel reads.
     """
 
-    def __init__(
-        self,
-        num_layers: int,
-        num_pages: int,
-        page_size: int,
-        kv_lora_rank: int,
-        rope_dim: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.page_size = page_size

@@ -106,6 +106,8 @@ class Engine:
         self.max_batch, self.max_model_len = max_batch, max_model_len
         self.max_prefill_tokens, self.page_size = max_prefill_tokens, page_size
         self.pipe = pipe
+        # the model as one pipeline stage (the view the step's forward runs), when it is not pipelined
+        self.stage = model.pipeline_stage(0, 1, range(len(model.model.layers))) if pipe is None else None
         p = model.lm_head.weight
         n_layers = len(model.model.layers) if pipe is None else len(pipe.layer_ids)
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -138,7 +140,7 @@ class Engine:
     def run_plan(self, plan: StepPlan) -> torch.Tensor:
         """This rank's part of a step's forward (the driver's `step` calls it; the other ranks run the plans
         they receive): logits of the wanted rows where this rank gets them."""
-        return run_plan(self.model, self.cache, plan, self.pipe)
+        return run_plan(self.model, self.cache, plan, self.pipe, self.stage)
 
     # --- public API -----------------------------------------------------------------------------------
     def add_request(
@@ -400,8 +402,7 @@ class Engine:
             refs[p] += 1
         if refs != self.cache.allocator.refs:
             raise AssertionError("page reference counts do not match their holders")
-        if len(set(self.cache.allocator._free)) != self.cache.allocator.num_free:
-            raise AssertionError("a page is on the free list twice")
+        self.cache.allocator.check()
 
     def _update_gauges(self) -> None:
         g = self.metrics.gauges
@@ -427,7 +428,7 @@ def _tokens_from_free_memory(bytes_per_token: int, device: torch.device, cap: in
     if group is not None:
         import torch.distributed as dist
 
-        t = torch.tensor([n], dtype=torch.int64)
+        t = torch.tensor([n], dtype=torch.int64, device="cpu")  # over the control group
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
         n = int(t[0])
     return n
