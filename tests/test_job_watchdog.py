@@ -90,7 +90,7 @@ with cluster.init() as mesh:
     dist.barrier()
     print("ready", flush=True)
     sys.stdin.readline()  # the test has attacked the store
-    t0, go = time.monotonic(), torch.ones(1)
+    t0, go = time.monotonic(), torch.ones(1, device=mesh.device)
     while go.item():  # rank 0 decides when ten watchdog rounds have passed
         mesh.tick()
         go.fill_(time.monotonic() - t0 < 10 * float(os.environ["MOERUN_HEARTBEAT_S"]))
@@ -147,7 +147,7 @@ HUNG = """
 import time, torch, torch.distributed as dist, cluster
 with cluster.init() as mesh:
     dist.barrier()
-    t = torch.ones(1)
+    t = torch.ones(1, device=mesh.device)
     for i in range(10**9):
         mesh.tick()
         if mesh.rank == {victim} and i == 50:
@@ -182,7 +182,7 @@ STOPPED = """
 import os, signal, torch, torch.distributed as dist, cluster
 with cluster.init() as mesh:
     dist.barrier()
-    t = torch.ones(1)
+    t = torch.ones(1, device=mesh.device)
     for i in range(10**9):
         mesh.tick()
         if mesh.rank == 0 and i == 50:
