@@ -23,6 +23,7 @@ from typing import Any
 
 import zmq
 
+from runtime.serve.detok import StreamText
 from runtime.serve.protocol import (
     MAX_FRAME_BYTES,
     GenerateRequest,
@@ -51,6 +52,7 @@ class _Active:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
     versions: list[int] = field(default_factory=list)  # weight version of each generated token
+    text: StreamText | None = None  # streamed text of a prompt request (runtime/serve/detok.py)
 
 
 class Server:
@@ -191,7 +193,8 @@ class Server:
             self.engine.add_request(key, ids, params, req.priority)
         except EngineError as e:
             raise ProtocolError(e.code, str(e), req.id) from None
-        self.active[key] = _Active(envelope, req.id, req)
+        text = StreamText(self.tokenizer) if req.stream and req.prompt is not None and self.tokenizer else None
+        self.active[key] = _Active(envelope, req.id, req, text=text)
 
     def _op_abort(self, envelope: list[bytes], request_id: str) -> None:
         key = self._key(envelope, request_id)
@@ -342,12 +345,15 @@ class Server:
         if lp and out.logprobs:
             act.logprobs.extend(out.logprobs)
             act.top_logprobs.extend(out.top_logprobs)
-        if act.req.stream and out.ids:
+        text = None
+        if act.text is not None:  # never a split character; the chunks add up to done's text
+            text = act.text.push(out.ids) + (act.text.finish() if out.finished else "")
+        if act.req.stream and (out.ids or text):
             msg = {"op": "token", "id": act.request_id, "ids": out.ids, "weight_version": version}
             if lp:
                 msg["logprobs"], msg["top_logprobs"] = out.logprobs, out.top_logprobs
-            if act.req.prompt is not None and self.tokenizer is not None:
-                msg["text"] = self.tokenizer.decode(out.ids)
+            if text is not None:
+                msg["text"] = text
             self._send(act.envelope, msg)
         if out.finished:
             del self.active[out.key]
@@ -359,7 +365,9 @@ class Server:
             }
             if lp:
                 done["logprobs"], done["top_logprobs"] = act.logprobs, act.top_logprobs
-            if act.req.prompt is not None and self.tokenizer is not None:
+            if act.text is not None:
+                done["text"] = act.text.text
+            elif act.req.prompt is not None and self.tokenizer is not None:
                 done["text"] = self.tokenizer.decode(act.ids)
             self._send(act.envelope, done)
 
