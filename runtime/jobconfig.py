@@ -47,6 +47,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "bind": "tcp://127.0.0.1:5555", "max_batch": 64, "max_queue": 1024,
         "max_model_len": 4096, "max_prefill_tokens": 2048, "page_size": 64, "kv_cache_tokens": 0,
         "pin_weights": False,
+        "metrics_bind": "",  # extension: HOST:PORT of the Prometheus /metrics page ("": off)
     },
     # The shared train/serve scheduler (docs/scheduler.md): which kind of step runs when both have work.
     "scheduler": {"policy": "serve_first", "share": 0.5, "max_train_microsteps": 8, "split_backward": True,

@@ -14,7 +14,9 @@ latent KV cache (see docs/serving.md). The socket binds loopback by default; bin
 exposes an unauthenticated endpoint, so do it only on a trusted network.
 
 Config keys ([serve] section, each also settable with --set serve.KEY=VALUE): bind, max_batch, max_queue,
-max_model_len, max_prefill_tokens, page_size, kv_cache_tokens (0: sized from free memory).
+max_model_len, max_prefill_tokens, page_size, kv_cache_tokens (0: sized from free memory), pin_weights,
+metrics_bind (HOST:PORT, e.g. 127.0.0.1:9400: serve the Prometheus text at http://HOST:PORT/metrics;
+"" = off, the default; loopback unless you choose otherwise).
 
 Under a parallel layout (mpirun/srun with parallel.tp / ep / pp > 1) rank 0 owns the socket and the
 engine and broadcasts each step's batch plan; every rank runs the same forward on its shard (with pp, its
@@ -24,6 +26,7 @@ examples:
   moerun serve --model builtin:tiny
   moerun serve job.toml --bind tcp://127.0.0.1:6000 --set serve.page_size=16
   moerun serve job.toml --train          # serve and train the same weights (docs/scheduler.md)
+  moerun serve --model builtin:tiny --set serve.metrics_bind=127.0.0.1:9400   # + Prometheus /metrics
   mpirun -np 2 moerun serve --model DIR --set parallel.tp=2
   moerun client generate --connect tcp://127.0.0.1:5555 --prompt "Hello" --stream"""
 
@@ -45,6 +48,13 @@ def run(args: argparse.Namespace) -> int:
         config["model"]["path"] = args.model
     if args.bind:
         config["serve"]["bind"] = args.bind
+    if config["serve"]["metrics_bind"]:
+        from runtime.serve.metrics_http import parse_bind
+
+        try:
+            parse_bind(config["serve"]["metrics_bind"])
+        except ValueError as exc:
+            raise SystemExit(f"moerun: config error: {exc}") from None
     from cluster.env import RankInfo
 
     def body(mesh) -> int:
@@ -54,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             return serve(config, mesh, train=args.train, max_frame_bytes=args.max_frame_bytes)
-        except (FileNotFoundError, zmq.ZMQError) as exc:
+        except (OSError, zmq.ZMQError) as exc:  # a missing model, a bind that fails
             raise SystemExit(f"moerun serve: {exc}") from None
 
     if RankInfo.from_env().world_size > 1:

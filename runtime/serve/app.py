@@ -54,9 +54,9 @@ def pipe_stage(mesh, model, schedule: str):
     return PipeStage(executor, mesh.group("pp"), engine_pipe=mesh.ranks("pp")[0] == 0)
 
 
-def announce(server, config: dict, training: str = "") -> None:
-    """The start-up line (endpoint, pid, cache size, training); a warning on stderr when the bind is not
-    loopback."""
+def announce(server, config: dict, training: str = "", metrics_url: str | None = None) -> None:
+    """The start-up line (endpoint, pid, cache size, metrics page, training); a warning on stderr when the
+    bind is not loopback."""
     e = server.engine
     ep = server.endpoint
     if not (ep.startswith(("ipc://", "inproc://")) or "://127." in ep or "://localhost" in ep or "://[::1]" in ep):
@@ -65,7 +65,8 @@ def announce(server, config: dict, training: str = "") -> None:
     print(f"moerun serve: listening on {server.endpoint} pid={os.getpid()} model={config['model']['path']} "
           f"kv_cache={e.cache.num_pages}x{e.page_size} tokens "
           f"({e.cache.bytes_per_token_per_layer} B/token/layer) max_batch={e.max_batch} "
-          f"tokenizer={'yes' if server.tokenizer is not None else 'no (send prompt_ids)'}{training}", flush=True)
+          f"tokenizer={'yes' if server.tokenizer is not None else 'no (send prompt_ids)'}"
+          f"{f' metrics={metrics_url}' if metrics_url else ''}{training}", flush=True)
 
 
 def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int = 1 << 20, bind: str | None = None,
@@ -119,9 +120,18 @@ def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int 
     training = ""
     if work is not None:
         training = f" training: policy {sched.policy.cfg.policy}, {work.job_left} job steps"
-    announce(server, config, training)
+    endpoint = None
+    if sv["metrics_bind"]:
+        from runtime.serve.metrics_http import MetricsEndpoint
+
+        endpoint = MetricsEndpoint(sv["metrics_bind"], engine.metrics.prometheus).start()
+    announce(server, config, training, endpoint.url if endpoint is not None else None)
     if ready is not None:
         ready(server)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        if endpoint is not None:
+            endpoint.close()
     print("moerun serve: stopped", flush=True)
     return 0

@@ -224,7 +224,7 @@ class Server:
             bos = self.engine.model.config.bos_token_id
             prompt = [bos if isinstance(bos, int) and 0 <= bos < self.engine.vocab_size else 0]
             self.engine.add_request(self._health_key, prompt, SamplingParams(max_tokens=1, ignore_eos=True),
-                                    priority=HEALTH_PRIORITY)
+                                    priority=HEALTH_PRIORITY, probe=True)
 
     def _op_info(self, envelope: list[bytes], request_id: str | None) -> None:
         self._send(envelope, self._with_id({"op": "info", **self.info()}, request_id))
@@ -374,6 +374,7 @@ class Server:
     def _answer_health(self, ok: bool) -> None:
         now = time.perf_counter()
         waiters, self._health_waiters, self._health_key = self._health_waiters, [], None
+        self.engine.metrics.inc("health_checks_total", len(waiters))
         for envelope, request_id, t0 in waiters:
             self._send(envelope, self._with_id(
                 {"op": "health", "ok": ok, "status": "ok" if ok else "degraded", "latency_s": now - t0,
