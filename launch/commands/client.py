@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-HELP = "talk to a running server: generate, health, info, metrics, abort"
+HELP = "talk to a running server: generate, health, info, metrics, abort, save"
 DESCRIPTION = """\
 Send one request to a moerun server and print the reply (docs/protocol.md describes every field).
 
@@ -18,6 +18,8 @@ Send one request to a moerun server and print the reply (docs/protocol.md descri
   info      model, layout, versions, KV-cache geometry.
   metrics   counters, gauges, latency histograms (--prometheus: the Prometheus text).
   abort     --id ID: end that request (finish_reason "abort").
+  save      a `moerun serve --train` server writes a checkpoint now (<train.out>/ckpt/step-N); prints
+            its path, step and weight version.
 
 examples:
   moerun client generate --connect tcp://127.0.0.1:5555 --prompt "Hello" --max-tokens 32 --stream
@@ -32,7 +34,7 @@ def _ints(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("generate", "health", "info", "metrics", "abort"))
+    parser.add_argument("action", choices=("generate", "health", "info", "metrics", "abort", "save"))
     parser.add_argument("--connect", default="tcp://127.0.0.1:5555", help="server address")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply")
     parser.add_argument("--json", action="store_true", help="print raw reply maps as JSON lines")
@@ -71,7 +73,7 @@ def _out(args: argparse.Namespace, reply: dict) -> None:
 
 
 def _run(c, args: argparse.Namespace) -> int:
-    if args.action in ("health", "info"):
+    if args.action in ("health", "info", "save"):
         reply = c.request(args.action)
         print(json.dumps(reply, indent=None if args.json else 2), flush=True)
         return 0 if args.action == "info" or reply.get("ok") else 1

@@ -20,7 +20,10 @@ metrics_bind (HOST:PORT, e.g. 127.0.0.1:9400: serve the Prometheus text at http:
 
 Under a parallel layout (mpirun/srun with parallel.tp / ep / pp > 1) rank 0 owns the socket and the
 engine and broadcasts each step's batch plan; every rank runs the same forward on its shard (with pp, its
-stage's layers). Stop the job with SIGTERM/SIGINT to the pid printed on the start-up line.
+stage's layers). Stop the job with SIGTERM/SIGINT to the pid printed on the start-up line: the step in
+flight ends, waiting requests get an `unavailable` error, under --train a checkpoint is written if an update
+was applied since the newest one (`moerun client save` writes one on demand), the last line says "stopped",
+and the exit code is 0; a second signal stops at once.
 
 examples:
   moerun serve --model builtin:tiny

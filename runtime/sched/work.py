@@ -81,6 +81,8 @@ class TrainWork:
         self._bwd: tuple | None = None  # a micro-step whose backward has not run yet
         self.tokens_total = 0
         self.job_steps_done = 0
+        self.saved_step = trainer.step  # the optimizer step of the newest checkpoint (resumed from or written)
+        self.saves: list[Callable[[dict], None]] = []  # `save` ops waiting for the next step (driver)
         self._t0 = time.perf_counter()
         self._acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}  # since the last optimizer step
         # `record`: like `moerun train`, rank 0 appends one metrics.jsonl line per optimizer step (job and
@@ -130,13 +132,17 @@ class TrainWork:
     def has_work(self) -> bool:
         return self.next_kind() is not None
 
-    def fail_all(self, message: str) -> None:
-        """After a failed step: drop the accumulated gradients and answer every queued op with an error."""
+    def fail_all(self, message: str, code: str = "internal") -> None:
+        """After a failed step, or when the server stops: drop the accumulated gradients and answer every
+        queued op (and waiting `save` op) with an error of protocol code `code`."""
         items = ([self.current] if self.current is not None else []) + list(self.queue)
         self.current, self._bwd = None, None
         for item in items:
             if item.on_done is not None:
-                item.on_done({"error": message})
+                item.on_done({"error": message, "code": code})
+        saves, self.saves = self.saves, []
+        for on_done in saves:
+            on_done({"error": message, "code": code})
         self.queue.clear()
         for p in self.model.parameters():
             p.grad = None
@@ -322,7 +328,29 @@ class TrainWork:
                                      "source": "job" if job else "train_op", "weight_version": version})
         every = t.config["train"]["save_every"]
         if every and t.step % every == 0:
-            t.save()
+            self.save()
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def request_save(self, on_done: Callable[[dict], None]) -> None:
+        """Driver: a `save` op; the scheduler runs the save as its next step, `on_done(result)` after."""
+        self.saves.append(on_done)
+
+    def unsaved(self) -> bool:
+        """Whether an optimizer step was applied since the newest checkpoint."""
+        return self.trainer.step != self.saved_step
+
+    def save(self) -> dict:
+        """Checkpoint the weights as they are now (collective: every rank, as a scheduler step), with the
+        weight version in its manifest, so a server resumed from it goes on counting from there. Answers
+        the waiting `save` ops. Accumulated gradients of ops without an optimizer step are not saved."""
+        version = self.weights.version if self.weights is not None else self.trainer.step
+        path = self.trainer.save(extra={"weight_version": version})
+        self.saved_step = self.trainer.step
+        result = {"path": path, "step": self.trainer.step, "weight_version": version}
+        saves, self.saves = self.saves, []
+        for on_done in saves:
+            on_done(result)
+        return result
 
     def _result(self, r: dict) -> dict:
         v = self.weights.version if self.weights is not None else self.trainer.step

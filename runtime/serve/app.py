@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable
 
 __all__ = ["announce", "load_tokenizer_or_none", "pipe_stage", "serve", "version"]
@@ -99,8 +98,11 @@ def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int 
     if train:
         work = TrainWork(trainer, job_steps=max(0, config["train"]["steps"] - trainer.step),
                          reference=bool(config["scheduler"].get("kl_reference", False)), record=True)
-    sched = Scheduler(engine, work, scheduler_config(config), WeightVersions(engine, pin=bool(sv["pin_weights"])),
-                      group=group, rank=mesh.rank if mesh is not None else 0)
+    # a server resumed from a checkpoint it wrote goes on counting weight versions from where it stopped
+    resumed = int(trainer.resume_manifest.get("serving", {}).get("weight_version", 0)) if train else 0
+    weights = WeightVersions(engine, pin=bool(sv["pin_weights"]), version=resumed)
+    sched = Scheduler(engine, work, scheduler_config(config), weights, group=group,
+                      rank=mesh.rank if mesh is not None else 0)
     if not sched.is_driver:
         # A launcher's SIGTERM reaches every rank; the others leave on the driver's STOP instead, so a
         # signalled job ends cleanly (a dead driver is caught by the mesh's watchdog).
@@ -112,11 +114,15 @@ def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int 
     info = {"model": config["model"]["path"], "version": version()}
     if mesh is not None:
         info["layout"] = {d: mesh.size(d) for d in ("tp", "pp", "ep", "dp")} | {"world": mesh.world_size}
+    import zmq
+
+    from runtime.stopping import StopRequest
+
+    ctx = zmq.Context()  # its own: terminating it at the end waits for the last replies to leave
     server = Server(sched, bind=bind or sv["bind"], max_queue=sv["max_queue"], max_frame_bytes=max_frame_bytes,
-                    tokenizer=load_tokenizer_or_none(config["model"]["path"]), info=info)
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: server.request_stop())
+                    tokenizer=load_tokenizer_or_none(config["model"]["path"]), info=info, context=ctx)
+    # SIGTERM / SIGINT: finish the step in flight, answer what waits, save what is not saved, exit 0
+    StopRequest("moerun serve", on_request=server.request_stop).install()
     training = ""
     if work is not None:
         training = f" training: policy {sched.policy.cfg.policy}, {work.job_left} job steps"
@@ -133,5 +139,19 @@ def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int 
     finally:
         if endpoint is not None:
             endpoint.close()
-    print("moerun serve: stopped", flush=True)
+        ctx.term()
+    print(stopped_line(server), flush=True)
     return 0
+
+
+def stopped_line(server) -> str:
+    """The last line of a server: why it stopped, how many requests it refused, what it saved."""
+    sd = server.shutdown
+    line = f"moerun serve: stopped ({server.stop_reason or 'asked to'}) at weight_version {server.weight_version}"
+    if sd:
+        line += f"; {sd['refused']} waiting request(s) answered unavailable"
+    if server.scheduler.work is not None:
+        saved = sd.get("saved")
+        line += (f"; saved checkpoint {saved['path']} (step {saved['step']})" if saved
+                 else "; no update since the last checkpoint, nothing to save")
+    return line

@@ -39,6 +39,7 @@ from runtime.serve.protocol import (
 __all__ = ["Server", "MAX_TRAIN_QUEUE"]
 
 MAX_RECV_PER_TURN = 512  # frames taken per loop turn before the scheduler steps again
+SHUTDOWN_LINGER_MS = 2000  # how long the last replies may take to leave when the server stops
 MAX_TRAIN_QUEUE = 256  # queued train ops at most (each holds its batch)
 HEALTH_PRIORITY = 2**31 - 1
 
@@ -92,6 +93,8 @@ class Server:
         self._health_key: str | None = None
         self._health_n = 0
         self._stop = threading.Event()
+        self.stop_reason: str | None = None
+        self.shutdown: dict[str, Any] = {}  # after a requested stop: what was refused, what was saved
         self._thread: threading.Thread | None = None
         self.started = time.time()
 
@@ -105,8 +108,9 @@ class Server:
         self._thread.start()
         return self
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str | None = None) -> None:
         """Ask the loop to end after the current turn (safe from a signal handler or another thread)."""
+        self.stop_reason = self.stop_reason or reason
         self._stop.set()
 
     def stop(self) -> None:
@@ -131,11 +135,36 @@ class Server:
                     self._step()
                 else:
                     self.scheduler.keepalive()
+            self._shut_down()
         finally:
             try:
                 self.scheduler.stop()
             finally:
-                self.sock.close(0)
+                self.sock.close(SHUTDOWN_LINGER_MS)
+
+    def _shut_down(self) -> None:
+        """After a requested stop (the step in flight has ended): answer every request still waiting
+        (generate, health, queued training and `save` ops, frames not read yet) with `unavailable`, then
+        let the scheduler checkpoint any update not yet saved, on every rank."""
+        msg = (f"the server is stopping ({self.stop_reason or 'asked to'}); this request was not completed: "
+               "retry on a running server")
+        n = len(self.active) + len(self._health_waiters)
+        self._fail_in_flight(msg, "unavailable")
+        if self.scheduler.work is not None:
+            n += len(self.scheduler.work.saves) + sum(i.on_done is not None for i in self.scheduler.work.queue)
+        self.shutdown = {"refused": n, "saved": self.scheduler.shut_down(msg)}
+        for _ in range(MAX_RECV_PER_TURN):
+            try:
+                parts = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                request_id = request_id_of(decode_frame(parts[-1], self.max_frame_bytes))
+            except ProtocolError:
+                request_id = None
+            envelope = parts[:2] if len(parts) == 3 and parts[1] == b"" else parts[:1]
+            self._send(envelope, error_reply("unavailable", msg, request_id))
+            self.shutdown["refused"] += 1
 
     # --- requests -------------------------------------------------------------------------------------
     def _send(self, envelope: list[bytes], msg: dict) -> None:
@@ -251,11 +280,28 @@ class Server:
 
         def done(result: dict) -> None:
             if "error" in result:
-                self._send(envelope, error_reply("internal", result["error"], req.id))
+                self._send(envelope, error_reply(result.get("code", "internal"), result["error"], req.id))
             else:
                 self._send(envelope, {"op": "trained", "id": req.id, **result})
 
         work.submit(batch, req.optimizer_step, done)
+
+    def _op_save(self, envelope: list[bytes], request_id: str | None) -> None:
+        """A checkpoint of the weights as they are, written by every rank at the next step."""
+        work = self.scheduler.work
+        if work is None:
+            raise ProtocolError("bad_request", "this server does not train: nothing to save (start it with "
+                                "`moerun serve --train`)", request_id)
+        if len(work.saves) >= self.max_queue:
+            raise ProtocolError("queue_full", "too many save ops waiting", request_id)
+
+        def done(result: dict) -> None:
+            if "error" in result:
+                self._send(envelope, error_reply(result.get("code", "internal"), result["error"], request_id))
+            else:
+                self._send(envelope, self._with_id({"op": "saved", **result}, request_id))
+
+        work.request_save(done)
 
     @staticmethod
     def _with_id(msg: dict, request_id: str | None) -> dict:
@@ -314,10 +360,10 @@ class Server:
             for out in outputs:
                 self._deliver(out)
 
-    def _fail_in_flight(self, msg: str) -> None:
-        """After a failed step: end every request in the engine and every waiting health check with an
-        `internal` error carrying `msg`. State first, replies after: whoever reads a reply finds the server
-        already clean."""
+    def _fail_in_flight(self, msg: str, code: str = "internal") -> None:
+        """After a failed step (or when stopping): end every request in the engine and every waiting health
+        check with an error `code` carrying `msg`. State first, replies after: whoever reads a reply finds
+        the server already clean."""
         ended = []
         for key in list(self.engine.requests):
             self.engine.abort(key)
@@ -326,9 +372,9 @@ class Server:
                 ended.append((act.envelope, act.request_id))
         waiters, self._health_waiters, self._health_key = self._health_waiters, [], None
         for envelope, request_id in ended:
-            self._send(envelope, error_reply("internal", msg, request_id))
+            self._send(envelope, error_reply(code, msg, request_id))
         for envelope, request_id, _ in waiters:
-            self._send(envelope, self._with_id(error_reply("internal", msg), request_id))
+            self._send(envelope, self._with_id(error_reply(code, msg), request_id))
 
     def _deliver(self, out) -> None:
         if out.key == self._health_key:
