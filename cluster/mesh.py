@@ -58,6 +58,17 @@ class Mesh:
             raise LayoutError(f"unknown mesh dimension {dim!r}; valid: {', '.join(DIMS)}, control")
         return self._groups[dim]
 
+    def twin(self, dim: str):
+        """A second communicator over the members of this rank's `dim` group, made on first use (every
+        member asks, in the same order): two p2p streams over the same ranks that never share a FIFO, e.g.
+        serving's pipeline beside a training step that is between its slices with receives posted."""
+        key = f"{dim}:twin"
+        if key not in self._groups:
+            import torch.distributed as dist
+
+            self._groups[key] = dist.new_group(self.ranks(dim), use_local_synchronization=True)
+        return self._groups[key]
+
     def size(self, dim: str) -> int:
         return self.layout.size(dim)
 
@@ -104,15 +115,14 @@ class Mesh:
             dist.destroy_process_group()
 
     def _drain(self) -> None:
-        """A barrier on each of this rank's groups (DIMS order, each group once). gloo's barrier first waits
+        """A barrier on each of this rank's groups (creation order, each group once). gloo's barrier first waits
         for every collective issued before it, so afterwards no worker thread is still finishing one: a gloo
         thread that frees a Python-owned tensor while the interpreter exits aborts the whole process
         (exit 134 after a job that had succeeded)."""
         import torch.distributed as dist
 
         done: list = []
-        for dim in (*DIMS, "control"):
-            group = self._groups[dim]
+        for group in list(self._groups.values()):  # the layout's groups, the control group, twins
             if not any(group is g for g in done):
                 done.append(group)
                 dist.barrier(group=group)

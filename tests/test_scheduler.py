@@ -259,20 +259,32 @@ def test_pinned_update_drains_started_requests_then_runs_before_new_ones():
     assert "".join(log) == "S" + "mm" + "SSS" + "O" + "mmO" + "SS"
 
 
-def test_pipelined_training_refuses_what_it_cannot_run():
+def test_pipelined_training_takes_every_loss_and_schedule():
+    """Under pp every train op's loss runs (the last stage computes it), on every schedule; only the KL term
+    still needs the frozen reference switched on."""
     from runtime.sched.work import TrainWork
 
-    class Sched:
-        def __init__(self, kind: str, stages: int) -> None:
-            self.kind, self.num_stages = kind, stages
-
     class T:
-        pp, model, pipelined, step = 2, None, True, 0
+        pp, model, pipelined, step, slice_count = 2, None, True, 0, 5
 
-        def __init__(self, kind: str, stages: int) -> None:
-            self.schedule = Sched(kind, stages)
+    work = TrainWork(T())
+    assert work.supports("ce") is None and work.supports("grpo") is None
+    assert "kl_reference" in work.supports("grpo", kl_coef=0.1)
+    # a train op under pp is one queue item per slice, then its optimizer step: serving can come between;
+    # only the first slice carries the batch (header source 1), later ones name their slice (source 2)
+    import torch
 
-    work = TrainWork(T("1f1b", 2))
-    assert work.supports("ce") is None and "pp > 1" in work.supports("grpo")
-    with pytest.raises(NotImplementedError, match="one stage per pipeline rank"):
-        TrainWork(T("dualpipev", 4))
+    from runtime.sched.rl import RLBatch
+
+    batch = RLBatch(torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4), None, None, "ce", 0.0)
+    done: list[dict] = []
+    work.submit(batch, on_done=done.append)
+    kinds = [(int(i.kind), i.micro) for i in work.queue]
+    assert kinds == [(int(Kind.TRAIN_MICRO), k) for k in range(5)] + [(int(Kind.OPTIM), 0)]
+    heads = [i.header() for i in list(work.queue)[:5]]
+    assert heads[0][0] == 1 and heads[0][-1] == 5 and [h[:3] for h in heads[1:]] == [(2, k, 5) for k in range(1, 5)]
+    assert all(i.on_done is None for i in list(work.queue)[:5]) and work.queue[5].on_done is not None
+    sent: list = []
+    for item in list(work.queue)[:5]:
+        work.broadcast_payload(item, sent.append)
+    assert len(sent) == 2  # the first slice's ids and mask only

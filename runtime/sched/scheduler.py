@@ -29,7 +29,7 @@ from enum import IntEnum
 __all__ = ["Kind", "POLICIES", "SchedulerConfig", "Policy", "Scheduler", "HEADER_LEN", "scheduler_config"]
 
 POLICIES = ("serve_first", "time_share", "train_first")
-HEADER_LEN = 8
+HEADER_LEN = 10
 
 
 class Kind(IntEnum):
@@ -112,9 +112,11 @@ class StepStats:
 
 
 # --- the header -------------------------------------------------------------------------------------------
-# [kind, a, b, c, d, e, f, g]. SERVE: a = 1 when a StepPlan follows (0: the engine had nothing to run).
-# TRAIN_MICRO: a = source (0 job, 1 rl), job: b = optimizer step index, c = micro index, d = micros;
-# rl: b = rows, c = columns, d = loss (0 ce, 1 grpo), e = has advantages, f = has old_logprobs, g = has kl.
+# [kind, a, b, ... ] (HEADER_LEN ints). SERVE: a StepPlan follows (maybe the empty one).
+# TRAIN_MICRO: a = source. 0 (job): b = optimizer step index, c = micro-batch (or pipelined slice) index,
+# d = micro-batches (slices); 1 (rl, its first item: the batch follows): b = rows, c = columns, d = loss
+# (0 ce, 1 grpo), e = has advantages, f = has old_logprobs, g = has kl, h = slices; 2 (a later slice of a
+# pipelined rl op): b = slice index, c = slices.
 
 
 class Scheduler:
@@ -203,13 +205,7 @@ class Scheduler:
 
                 StepPlan.broadcast_none(self.bcast)
         elif kind == Kind.TRAIN_MICRO:
-            item = self.work.peek()
-            if self.group is not None:
-                self._header(Kind.TRAIN_MICRO, *item.header())
-                self.work.broadcast_payload(item, self.bcast)
-            self.work.run_micro(self.work.pop(), backward=False)
-            if not self.policy.cfg.split_backward and self.work.pending_backward():
-                self._backward()
+            self._micro()
         elif kind == Kind.TRAIN_BWD:
             self._backward()
         elif kind == Kind.OPTIM:
@@ -220,6 +216,15 @@ class Scheduler:
             self.stats.add(kind, time.perf_counter() - t0)
             self._publish()
         return kind, outputs
+
+    def _micro(self) -> None:
+        item = self.work.peek()
+        if self.group is not None:
+            self._header(Kind.TRAIN_MICRO, *item.header())
+            self.work.broadcast_payload(item, self.bcast)
+        self.work.run_micro(self.work.pop(), backward=False)
+        if not self.policy.cfg.split_backward and self.work.pending_backward():
+            self._backward()
 
     def _backward(self) -> None:
         if self.group is not None:
@@ -238,6 +243,8 @@ class Scheduler:
         Returns that save's result (None: nothing to save)."""
         if self.work is None:
             return None
+        while self.work.step_in_flight is not None and self.work.next_kind() == Kind.TRAIN_MICRO:
+            self._micro()  # a pipelined step between slices: every rank runs its rest (its update is dropped)
         self.work.fail_all(message, code="unavailable")
         return self.save() if self.work.unsaved() else None
 

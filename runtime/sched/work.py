@@ -1,5 +1,5 @@
 """Training as schedulable steps on the serving model: `TrainWork` wraps a `runtime.train.Trainer` (through
-its public API: batch, microbatch_slices, forward_backward, pipeline_step, apply_gradients, mean_over_dp,
+its public API: batch, microbatch_slices, forward_backward, pipeline_parts, apply_gradients, mean_over_dp,
 save).
 
 The Trainer's `train_step` runs a whole optimizer step at once; the shared scheduler needs finer steps it
@@ -12,7 +12,8 @@ optimizer steps. `TrainWork` keeps a FIFO of such items from two sources:
 The optimizer step is `Trainer.apply_gradients` (TP/DP gradient reductions, global norm, clip, ZeRO-1
 AdamW, bias update), then the weight version is bumped. Gradients of k accumulated `train` ops are
 averaged (each op's loss is a token mean over its own loss mask). Under pipeline parallelism a job step
-is one item (the executor runs all its micro-batches) and `train` ops support the "ce" loss only.
+or a `train` op is one run of the pipeline schedule over its micro-batches, taken in slices (one item
+each: runtime/sched/pipelined.py), so serving steps can come between them; every loss works there too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Any
 
 import torch
 
-from ops import IGNORE_INDEX
 from runtime.sched.rl import RLBatch, batch_loss
 from runtime.sched.scheduler import Kind
 
@@ -50,9 +50,11 @@ class TrainItem:
             return (0 if self.source == "job" else 1,)
         if self.source == "job":
             return (0, self.step, self.micro, self.micros)
+        if self.micro > 0:  # a later slice of a pipelined train op: the other ranks have its batch
+            return (2, self.micro, self.micros)
         b = self.batch
         return (1, b.input_ids.shape[0], b.input_ids.shape[1], LOSS_CODES[b.loss],
-                int(b.advantages is not None), int(b.old_logprobs is not None), int(b.kl_coef > 0))
+                int(b.advantages is not None), int(b.old_logprobs is not None), int(b.kl_coef > 0), self.micros)
 
 
 class TrainWork:
@@ -61,10 +63,7 @@ class TrainWork:
     def __init__(self, trainer, job_steps: int = 0, clip_eps: float = 0.2, reference: bool = False,
                  record: bool = False) -> None:
         self.pipelined = trainer.pipelined
-        if self.pipelined and trainer.schedule.num_stages != trainer.pp:
-            raise NotImplementedError(
-                f"serve + train under parallel.pp > 1 needs a schedule with one stage per pipeline rank "
-                f"(1f1b, zb1p, gpipe), not {trainer.schedule.kind!r}: serving runs the layers this rank trains")
+        self.step_in_flight = None  # a pipelined step between its slices (runtime/sched/pipelined.py)
         self.trainer = trainer
         self.model = trainer.model
         self.queue: deque[TrainItem] = deque()
@@ -101,8 +100,13 @@ class TrainWork:
     def submit(self, batch: RLBatch, optimizer_step: bool = True,
                on_done: Callable[[dict], None] | None = None) -> None:
         """Queue one `train` op: a micro-step (and an optimizer step if asked); `on_done(result)` after."""
-        micro = TrainItem(Kind.TRAIN_MICRO, "rl", batch=batch, on_done=None if optimizer_step else on_done)
+        n = self.trainer.slice_count if self.pipelined else 1  # pipelined: the step's slices
+        micro = TrainItem(Kind.TRAIN_MICRO, "rl", batch=batch, micros=n, on_done=None if optimizer_step else on_done)
         self.queue.append(micro)
+        for k in range(1, n):
+            self.queue.append(TrainItem(Kind.TRAIN_MICRO, "rl", batch=batch, micro=k, micros=n, result=micro.result,
+                                        on_done=micro.on_done))
+        micro.on_done = None if n > 1 else micro.on_done  # answered after its last slice
         if optimizer_step:
             self.queue.append(TrainItem(Kind.OPTIM, "rl", on_done=on_done, result=micro.result))
 
@@ -111,7 +115,8 @@ class TrainWork:
             return
         t = self.trainer
         inputs, _ = t.batch(self.job_cursor)
-        n = 1 if self.pipelined else len(t.microbatch_slices(inputs.shape[0]))  # pipelined: one executor step
+        # pipelined: the step's slices (a pipelined step runs whole micro-batch schedules in slices)
+        n = t.slice_count if self.pipelined else len(t.microbatch_slices(inputs.shape[0]))
         for i in range(n):
             self.queue.append(TrainItem(Kind.TRAIN_MICRO, "job", step=self.job_cursor, micro=i, micros=n))
         self.queue.append(TrainItem(Kind.OPTIM, "job", step=self.job_cursor))
@@ -154,8 +159,8 @@ class TrainWork:
     # --- payload for the other ranks --------------------------------------------------------------------
     def broadcast_payload(self, item: TrainItem, bcast: Callable) -> None:
         """Driver: a train op's batch to the other ranks (CPU tensors over the control group)."""
-        if item.source != "rl":
-            return  # job batches: every rank reads its own data share
+        if item.source != "rl" or item.micro > 0:
+            return  # job batches: every rank reads its own data share; a later slice: the ranks have its batch
         b = item.batch
         bcast(b.input_ids.cpu())
         bcast(b.loss_mask.cpu())
@@ -170,14 +175,16 @@ class TrainWork:
         """The other ranks' side of `broadcast_payload` (head: the step header's fields after the kind)."""
         if head[0] == 0:
             return TrainItem(Kind.TRAIN_MICRO, "job", step=head[1], micro=head[2], micros=head[3])
-        rows, cols, loss, has_adv, has_old, has_kl = head[1:7]
+        if head[0] == 2:
+            return TrainItem(Kind.TRAIN_MICRO, "rl", micro=head[1], micros=head[2])
+        rows, cols, loss, has_adv, has_old, has_kl, micros = head[1:8]
         ids = bcast(torch.zeros(rows, cols, dtype=torch.int64, device="cpu"))
         mask = bcast(torch.zeros(rows, cols, dtype=torch.float32, device="cpu"))
         adv = bcast(torch.zeros(rows, dtype=torch.float32, device="cpu")) if has_adv else None
         old = bcast(torch.zeros(rows, cols, dtype=torch.float32, device="cpu")) if has_old else None
         kl = float(bcast(torch.zeros(1, dtype=torch.float64, device="cpu"))[0]) if has_kl else 0.0
         name = {v: k for k, v in LOSS_CODES.items()}[loss]
-        return TrainItem(Kind.TRAIN_MICRO, "rl", batch=RLBatch(ids, mask, adv, old, name, kl))
+        return TrainItem(Kind.TRAIN_MICRO, "rl", batch=RLBatch(ids, mask, adv, old, name, kl), micros=micros)
 
     def receive_optim(self, head: list[int]) -> TrainItem:
         """The other ranks' copy of an optimizer step (its source sets the learning-rate rule)."""
@@ -193,19 +200,19 @@ class TrainWork:
         self.model.train()
         stats: dict[str, float] = {}
         loss = None
-        if item.source == "job":
+        if self.pipelined:
+            done = self._pipelined_slice(item)
+            if done is None:  # a slice before the step's last: nothing to account yet
+                self.current = None
+                return
+            ce, tokens, stats = done
+            self.pending_rl += item.source == "rl"
+        elif item.source == "job":
             inputs, labels = t.batch(item.step)
-            if self.pipelined:  # the whole step's micro-batches through the pipeline schedule
-                ce = t.forward_backward(inputs, labels, t.microbatch_slices(inputs.shape[0]))["ce"]
-                tokens = int(labels.numel())
-            else:
-                sl = t.microbatch_slices(inputs.shape[0])[item.micro]
-                out, parts = self.model(inputs[sl], labels[sl])
-                loss = out / item.micros
-                ce, tokens = float(parts["ce"].detach()), int(labels[sl].numel())
-        elif self.pipelined:
-            ce, tokens = self._pipelined_ce(item.batch)
-            self.pending_rl += 1
+            sl = t.microbatch_slices(inputs.shape[0])[item.micro]
+            out, parts = self.model(inputs[sl], labels[sl])
+            loss = out / item.micros
+            ce, tokens = float(parts["ce"].detach()), int(labels[sl].numel())
         else:
             b = item.batch
             b = RLBatch(b.input_ids.to(t.device), b.loss_mask.to(t.device), b.advantages, b.old_logprobs, b.loss,
@@ -242,51 +249,53 @@ class TrainWork:
         if item.on_done is not None:  # a train op without an optimizer step
             item.on_done(self._result(item.result))
 
-    def _pipelined_ce(self, batch: RLBatch) -> tuple[float, int]:
-        """A `ce` op through the pipeline executor: labels are the next tokens where the mask selects them
-        (IGNORE_INDEX elsewhere); rows are padded with ignored rows to the schedule's micro-batch count. The
-        executor's loss is the token mean over the whole batch, the same as `masked_ce`."""
-        if batch.loss != "ce":
-            raise ValueError("under parallel.pp > 1 only loss 'ce' is supported (the pipeline executor computes "
-                             "the cross-entropy on the last stage)")
+    def _pipelined_slice(self, item: TrainItem) -> tuple[float, int, dict] | None:
+        """Slice `item.micro` of a pipelined step (the first one starts it: the job's data or the op's batch
+        as the schedule's micro-batches); after the last, (ce, tokens, stats)."""
+        from runtime.sched.pipelined import PipelinedStep, rl_microbatches
+
         t = self.trainer
-        ids, mask = batch.input_ids.to(t.device), batch.loss_mask.to(t.device)
-        labels = torch.where(mask[:, 1:] > 0, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
-        labels = torch.cat([labels, torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
-        m = t.microbatches
-        pad = -ids.shape[0] % m
-        if pad:
-            ids = torch.cat([ids, torch.zeros(pad, ids.shape[1], dtype=ids.dtype, device=ids.device)])
-            labels = torch.cat([labels, torch.full((pad, ids.shape[1]), IGNORE_INDEX, dtype=labels.dtype,
-                                                   device=ids.device)])
-        per = ids.shape[0] // m
-        loss = t.pipeline_step([(ids[i * per:(i + 1) * per], labels[i * per:(i + 1) * per]) for i in range(m)])
-        return loss, batch.tokens
+        if item.micro == 0:
+            if item.source == "job":
+                inputs, labels = t.batch(item.step)
+                mbs = [(inputs[sl], labels[sl]) for sl in t.microbatch_slices(inputs.shape[0])]
+                self.step_in_flight = (PipelinedStep(t, mbs), int(labels.numel()))
+            else:
+                mbs, _ = rl_microbatches(item.batch, t.microbatches, t.device)
+                self.step_in_flight = (PipelinedStep(t, mbs, item.batch, self.clip_eps, self.ref_model),
+                                       item.batch.tokens)
+        step, tokens = self.step_in_flight
+        step.run_slice(item.micro)
+        if item.micro < item.micros - 1:
+            return None
+        self.step_in_flight = None
+        parts = step.finish()
+        stats = {k: parts[k] for k in ("clip_frac", "kl") if k in parts}
+        return parts["ce"], tokens, stats
 
     def supports(self, loss: str, kl_coef: float = 0.0) -> str | None:
         """Why a `train` op with this loss cannot run here (None: it can)."""
-        if self.pipelined and loss != "ce":
-            return (f"loss {loss!r} under parallel.pp > 1 is not supported yet (the pipeline executor "
-                    f"computes only the cross-entropy); use loss 'ce' or pp = 1")
         if kl_coef > 0 and self.ref_model is None:
             return "kl_coef > 0 needs a frozen reference: start the server with scheduler.kl_reference = true"
         return None
 
     def _frozen_copy(self):
+        """A frozen copy of the weights as they are now, built the way the Trainer built its model; under pp,
+        its stages behind a forward-only executor of the job's schedule (the KL term's log-probabilities
+        then come out on the rank whose last stage computes the loss)."""
         from runtime.model.loading import load_model
 
         t = self.trainer
-        if self.pipelined:
-            raise NotImplementedError("scheduler.kl_reference under parallel.pp > 1 is not supported yet")
         ref = load_model(t.config["model"]["path"], t.mesh, dtype=t.dtype, device=str(t.device),
-                         seed=t.config["train"]["seed"], mtp=False,
+                         seed=t.config["train"]["seed"], mtp=False, all_layers=True,
                          max_nodes_per_token=t.config["parallel"]["max_nodes_per_token"])
         res = ref.load_state_dict(self.model.state_dict(), strict=False)  # the weights as they are now
         if res.missing_keys:
             raise RuntimeError(f"frozen reference: weights missing for {res.missing_keys[:4]}")
         for p in ref.parameters():
             p.requires_grad_(False)
-        return ref.eval()
+        ref.eval()
+        return t.forward_pipeline(ref) if self.pipelined else ref
 
     def run_optim(self, item: TrainItem | None) -> None:
         """Reduce, clip and apply the accumulated gradients (Trainer.apply_gradients: TP/DP reductions,

@@ -49,8 +49,10 @@ def pipe_stage(mesh, model, schedule: str):
 
     pp = mesh.size("pp")
     sched = forward_only(build(schedule, pp, 2 * pp if schedule in ("dualpipe", "dualpipev") else pp))
-    executor = PipelineExecutor(build_stages(model, sched, mesh.coord("pp")), sched, mesh)
-    return PipeStage(executor, mesh.group("pp"), engine_pipe=mesh.ranks("pp")[0] == 0)
+    group = mesh.twin("pp")  # its own p2p stream: a training step may be between slices, receives posted
+    executor = PipelineExecutor(build_stages(model, sched, mesh.coord("pp")), sched, pp_group=group,
+                                pp_ranks=mesh.ranks("pp"), pp_rank=mesh.coord("pp"))
+    return PipeStage(executor, group, engine_pipe=mesh.ranks("pp")[0] == 0)
 
 
 def announce(server, config: dict, training: str = "", metrics_url: str | None = None) -> None:
@@ -69,9 +71,11 @@ def announce(server, config: dict, training: str = "", metrics_url: str | None =
 
 
 def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int = 1 << 20, bind: str | None = None,
-          ready: Callable | None = None) -> int:
+          ready: Callable | None = None, on_start: Callable | None = None, on_exit: Callable | None = None) -> int:
     """Serve `config`'s model (and train it, with `train`) until SIGINT / SIGTERM (or `server.stop()`);
-    `ready(server)` is called on the driver once the socket is bound. Returns the exit code."""
+    `ready(server)` is called on the driver once the socket is bound. For a program that embeds moerun:
+    `on_start(scheduler)` and `on_exit(scheduler)` run on every rank before the loop and after it (the
+    scheduler holds the engine, and the training work with its Trainer). Returns the exit code."""
     from cluster.mesh import default_device
     from runtime.sched.scheduler import Scheduler, scheduler_config
     from runtime.sched.weights import WeightVersions
@@ -103,6 +107,8 @@ def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int 
     weights = WeightVersions(engine, pin=bool(sv["pin_weights"]), version=resumed)
     sched = Scheduler(engine, work, scheduler_config(config), weights, group=group,
                       rank=mesh.rank if mesh is not None else 0)
+    if on_start is not None:
+        on_start(sched)
     if not sched.is_driver:
         # A launcher's SIGTERM reaches every rank; the others leave on the driver's STOP instead, so a
         # signalled job ends cleanly (a dead driver is caught by the mesh's watchdog).
@@ -110,6 +116,8 @@ def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int 
             signal.signal(sig, signal.SIG_IGN)
         while sched.follow():
             pass
+        if on_exit is not None:
+            on_exit(sched)
         return 0
     info = {"model": config["model"]["path"], "version": version()}
     if mesh is not None:
@@ -140,6 +148,8 @@ def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int 
         if endpoint is not None:
             endpoint.close()
         ctx.term()
+    if on_exit is not None:
+        on_exit(sched)
     print(stopped_line(server), flush=True)
     return 0
 

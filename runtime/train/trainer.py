@@ -87,7 +87,7 @@ class Trainer:
         for g in self.gates:
             g.aux_loss_coef = tr["aux_loss_coef"]
         self.marks = shard_marks(self.model)
-        self.stages, self.executor, self._chunk0 = {}, None, set()
+        self.stages, self.executor, self._chunk0, self.slices = {}, None, set(), []
         if self.pp > 1:
             self._build_pipeline(par)
         self.gates = [g for g in self.gates if self._holds_module(g)]
@@ -112,11 +112,13 @@ class Trainer:
         from parallel.pipeline import build
         from parallel.pipeline.executor import PipelineExecutor
         from parallel.pipeline.stages import build_stages
+        from parallel.pipeline.validate import slices
 
         self.schedule = build(par["schedule"], self.pp, self.microbatches)
         self.stages = build_stages(self.model, self.schedule, self.mesh.coord("pp"))
         self._chunk0 = {n for n, _ in self.stages[0].full_named_parameters()}
         self.executor = PipelineExecutor(self.stages, self.schedule, self.mesh)
+        self.slices = slices(self.executor.schedule)  # consistent cuts, for stepping in slices
 
     def _holds_module(self, module: nn.Module) -> bool:
         if not self.stages:
@@ -241,10 +243,20 @@ class Trainer:
     def pipelined(self) -> bool:
         return self.executor is not None
 
-    def pipeline_step(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Forward and backward of the pipeline schedule over these (input_ids, labels) micro-batches
-        (gradients accumulate); the step's loss (collective over the pipeline)."""
-        return float(self.executor.run_step(microbatches))
+    @property
+    def slice_count(self) -> int:
+        """How many slices a pipelined step runs in (the shared scheduler serves between them)."""
+        return len(self.slices)
+
+    def forward_pipeline(self, model: nn.Module):
+        """A forward-only executor of this job's schedule over another model's stages on this rank (a frozen
+        reference): same stage placement, so its last stage is where the training loss is computed."""
+        from parallel.pipeline import forward_only
+        from parallel.pipeline.executor import PipelineExecutor
+        from parallel.pipeline.stages import build_stages
+
+        sched = forward_only(self.schedule)
+        return PipelineExecutor(build_stages(model, sched, self.mesh.coord("pp")), sched, self.mesh)
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor,
                          chunks: list[slice]) -> dict[str, float]:
