@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 
 # name -> (module, one-line help). Order is the order shown by `moerun --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -68,7 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    _announce_rank0_pid()
     return int(args._module.run(args) or 0)
+
+
+def _announce_rank0_pid() -> None:
+    """Under `moerun launch`, rank 0 writes its pid where the launcher can find it: a first SIGTERM / Ctrl-C
+    to the launcher then goes to rank 0 alone, which stops the job gracefully (mpirun's own forwarding
+    kills the ranks a moment after the signal, before a checkpoint can be written)."""
+    path = os.environ.get("MOERUN_RANK0_PIDFILE")
+    if not path:
+        return
+    from cluster.env import RankInfo
+
+    if RankInfo.from_env(use_mpi=False).rank == 0:
+        Path(path).write_text(f"{os.getpid()}\n")
 
 
 if __name__ == "__main__":

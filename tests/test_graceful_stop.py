@@ -228,3 +228,33 @@ def test_train_sigterm_saves_and_resume_continues(tmp_path, np_):
     assert f"at step {n}" in done.stdout
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, n + 3))
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(240)
+def test_sigterm_to_moerun_launch_stops_the_job_gracefully(tmp_path):
+    """SIGTERM to `moerun launch -n 2 -- train` (what scancel or an operator's kill reaches): the launcher
+    hands it to rank 0 alone (mpirun's own forwarding kills the ranks before a save), so the job stops at a
+    step boundary on both ranks, saves that step and exits 0. Catches a launcher that signals the whole
+    session: the ranks die mid-step, nothing is saved, the exit status is 143."""
+    if mpirun_path() is None:
+        pytest.skip("mpirun not found")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch", "launch", "-n", "2", "--", "train", "--set", "train.steps=1000",
+           "--set", "data.seq_len=32", "--set", "train.global_batch=4", "--set", f"train.out={out}"]
+    proc = subprocess.Popen(cmd, env=base_env(), cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        _wait_for_steps(out / "metrics.jsonl", 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "asking rank 0" in stderr, stderr[-2000:]
+    n = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert (out / "ckpt" / "latest").read_text().strip() == f"step-{n}"
+    assert re.search(rf"moerun train: stopped \(SIGTERM\) after step {n} of 1000; checkpoint \S+step-{n} ",
+                     stdout), stdout[-2000:]

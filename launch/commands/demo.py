@@ -25,7 +25,8 @@ The main job on the built-in tiny model, end to end:
      version that produced them);
   5. a `train` op (cross-entropy on the generated tokens) applied by the same ranks, and the prompt again on
      the updated weights;
-  6. the server is stopped (SIGTERM to the launcher; every rank exits).
+  6. the server is stopped: SIGTERM to the launcher, which hands it to rank 0; the job finishes its step,
+     saves the co-trained weights (runs/demo/ckpt) and every rank exits 0.
 Any step failing stops the demo with that step's exit status."""
 
 MORE_STEPS = 10  # job steps the server trains while it serves
@@ -149,7 +150,7 @@ def _stop(server: subprocess.Popen) -> None:
     if server.poll() is None:
         os.kill(server.pid, signal.SIGTERM)
         try:
-            server.wait(timeout=60)
+            server.wait(timeout=150)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
