@@ -165,6 +165,10 @@ class Client:
     def metrics(self) -> dict:
         return self.request("metrics")
 
+    def save(self) -> dict:
+        """A `moerun serve --train` server checkpoints now: `{"op": "saved", "path", "step", "weight_version"}`."""
+        return self.request("save")
+
     def submit(self, prompt: str | None = None, prompt_ids: list[int] | None = None, *, stream: bool = False,
                request_id: str | None = None, **params: Any) -> str:
         """Send a generate request without waiting; returns its id (read replies with `recv(id)`)."""
@@ -296,6 +300,9 @@ class AsyncClient:
 
     async def metrics(self) -> dict:
         return await self.request("metrics")
+
+    async def save(self) -> dict:
+        return await self.request("save")
 
     async def generate(self, prompt: str | None = None, prompt_ids: list[int] | None = None, **params: Any
                        ) -> dict:

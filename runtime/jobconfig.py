@@ -53,6 +53,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_train_queue_bytes": 256 << 20,
         # CurveZMQ beyond loopback: this server's NAME.key_secret, and the clients' NAME.key files ("*": any)
         "curve_secret_key_file": "", "curve_authorized_dir": "",
+        "metrics_bind": "",  # extension: HOST:PORT of the Prometheus /metrics page ("": off)
     },
     # The shared train/serve scheduler (docs/scheduler.md): which kind of step runs when both have work.
     "scheduler": {"policy": "serve_first", "share": 0.5, "max_train_microsteps": 8, "split_backward": True,

@@ -54,6 +54,12 @@ class FakeWork:
         self.log, self.weights = log, None
         self.queue = [FakeItem(Kind.TRAIN_MICRO) for _ in range(micros)] + [FakeItem(Kind.OPTIM)]
         self.queue = self.queue * steps
+        self.saves: list = []  # `save` ops waiting
+
+    def save(self) -> dict:
+        self.log.append("S")
+        self.saves.clear()
+        return {}
 
     def next_kind(self):
         return self.queue[0].kind if self.queue else None
@@ -98,7 +104,22 @@ def test_serve_first_trains_only_in_the_gaps():
     assert order == "SSSSS" + "mmO" * 2
     assert sched.weights.version == 2 and sched.engine.metrics.gauges["weight_version"] == 2
     assert sched.engine.cache.prefix.clears == 2  # stale prefix latents dropped at every update
-    assert sched.stats.counts == {"idle": 0, "serve": 5, "train_micro": 4, "optim": 2, "stop": 0, "train_bwd": 0}
+    assert sched.stats.counts == {"idle": 0, "serve": 5, "train_micro": 4, "optim": 2, "stop": 0, "train_bwd": 0,
+                                  "save": 0}
+
+
+def test_a_save_op_runs_before_anything_else():
+    """A `save` op waiting: the next step is the checkpoint, whatever serving and training have pending."""
+    log: list = []
+    eng, work = FakeEngine(log), FakeWork(log, steps=2)
+    sched = Scheduler(eng, work, SchedulerConfig("train_first"))
+    sched.step()
+    eng.pending = 2
+    work.saves.append(lambda result: None)
+    assert sched.has_work()
+    kinds = [sched.step()[0] for _ in range(3)]
+    assert kinds[0] == Kind.SAVE and "".join(log)[:2] == "mS" and not work.saves
+    assert sched.stats.counts["save"] == 1
 
 
 def test_gauges_exist_before_the_first_step():

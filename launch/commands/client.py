@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-HELP = "talk to a running server: generate, health, info, metrics, abort (keygen: CurveZMQ keys)"
+HELP = "talk to a running server: generate, health, info, metrics, abort, save (keygen: CurveZMQ keys)"
 DESCRIPTION = """\
 Send one request to a moerun server and print the reply (docs/protocol.md describes every field).
 
@@ -19,6 +19,8 @@ Send one request to a moerun server and print the reply (docs/protocol.md descri
   metrics   counters, gauges, latency histograms (--prometheus: the Prometheus text).
   abort     --id ID: end a request of another connection (another process): the generate must have given
             --abort-key KEY, and the abort gives the same key (a connection aborts its own requests freely).
+  save      a `moerun serve --train` server writes a checkpoint now (<train.out>/ckpt/step-N); prints
+            its path, step and weight version.
   keygen    --keys-dir DIR --name NAME: write DIR/NAME.key (public) and DIR/NAME.key_secret (private) for
             CurveZMQ; no server needed.
 
@@ -42,7 +44,7 @@ def _ints(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("generate", "health", "info", "metrics", "abort", "keygen"))
+    parser.add_argument("action", choices=("generate", "health", "info", "metrics", "abort", "save", "keygen"))
     parser.add_argument("--connect", default="tcp://127.0.0.1:5555", help="server address")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply")
     parser.add_argument("--json", action="store_true", help="print raw reply maps as JSON lines")
@@ -106,7 +108,7 @@ def _out(args: argparse.Namespace, reply: dict) -> None:
 
 
 def _run(c, args: argparse.Namespace) -> int:
-    if args.action in ("health", "info"):
+    if args.action in ("health", "info", "save"):
         reply = c.request(args.action)
         print(json.dumps(reply, indent=None if args.json else 2), flush=True)
         return 0 if args.action == "info" or reply.get("ok") else 1

@@ -15,19 +15,25 @@ CurveZMQ (serve.curve_secret_key_file + serve.curve_authorized_dir; keys: `moeru
 start-up warns that the endpoint is unauthenticated and unencrypted.
 
 Config keys ([serve] section, each also settable with --set serve.KEY=VALUE): bind, max_batch, max_queue,
-max_model_len, max_prefill_tokens, page_size, kv_cache_tokens (0: sized from free memory); what one client
-may take: max_queue_per_client, max_priority, client_timeout_s (a client silent this long is gone),
-health_timeout_s; train ops: max_train_rows, max_train_tokens, max_train_batch_bytes, max_train_queue_bytes;
+max_model_len, max_prefill_tokens, page_size, kv_cache_tokens (0: sized from free memory), pin_weights,
+metrics_bind (HOST:PORT, e.g. 127.0.0.1:9400: serve the Prometheus text at http://HOST:PORT/metrics;
+"" = off, the default; loopback unless you choose otherwise); what one client may take:
+max_queue_per_client, max_priority, client_timeout_s (a client silent this long is gone), health_timeout_s;
+train ops: max_train_rows, max_train_tokens, max_train_batch_bytes, max_train_queue_bytes;
 curve_secret_key_file, curve_authorized_dir (docs/protocol.md).
 
 Under a parallel layout (mpirun/srun with parallel.tp / ep / pp > 1) rank 0 owns the socket and the
 engine and broadcasts each step's batch plan; every rank runs the same forward on its shard (with pp, its
-stage's layers). Stop the job with SIGTERM/SIGINT to the pid printed on the start-up line.
+stage's layers). Stop the job with SIGTERM/SIGINT to the pid printed on the start-up line: the step in
+flight ends, waiting requests get an `unavailable` error, under --train a checkpoint is written if an update
+was applied since the newest one (`moerun client save` writes one on demand), the last line says "stopped",
+and the exit code is 0; a second signal stops at once.
 
 examples:
   moerun serve --model builtin:tiny
   moerun serve job.toml --bind tcp://127.0.0.1:6000 --set serve.page_size=16
   moerun serve job.toml --train          # serve and train the same weights (docs/scheduler.md)
+  moerun serve --model builtin:tiny --set serve.metrics_bind=127.0.0.1:9400   # + Prometheus /metrics
   mpirun -np 2 moerun serve --model DIR --set parallel.tp=2
   moerun client generate --connect tcp://127.0.0.1:5555 --prompt "Hello" --stream"""
 
@@ -49,6 +55,13 @@ def run(args: argparse.Namespace) -> int:
         config["model"]["path"] = args.model
     if args.bind:
         config["serve"]["bind"] = args.bind
+    if config["serve"]["metrics_bind"]:
+        from runtime.serve.metrics_http import parse_bind
+
+        try:
+            parse_bind(config["serve"]["metrics_bind"])
+        except ValueError as exc:
+            raise SystemExit(f"moerun: config error: {exc}") from None
     from cluster.env import RankInfo
 
     def body(mesh) -> int:
@@ -59,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             return serve(config, mesh, train=args.train, max_frame_bytes=args.max_frame_bytes)
-        except (FileNotFoundError, zmq.ZMQError, CurveError) as exc:
+        except (OSError, zmq.ZMQError, CurveError) as exc:  # a missing model, a bind that fails, a bad key file
             raise SystemExit(f"moerun serve: {exc}") from None
 
     if RankInfo.from_env().world_size > 1:

@@ -2,7 +2,8 @@
 
 Kinds of step: a serving step (one engine batch), a training micro-step's forward and, as its own step,
 its backward (`split_backward`, on by default: a request waits at most for one half), an optimizer step
-(gradient reductions, clip, AdamW, weight version + 1). The driver decides with a `Policy`, broadcasts a
+(gradient reductions, clip, AdamW, weight version + 1), a checkpoint (a `save` op, or a stopping server with
+updates not yet saved; before anything else). The driver decides with a `Policy`, broadcasts a
 small fixed-size int64 header over the job's CPU control group (no pickle), then any payload as int64 /
 fp32 CPU tensors (a serving step's `StepPlan`, an RL batch), and all ranks run the step, so their
 collectives (EP all-to-all, gradient all-reduce) line up. With no training work it is a serving loop.
@@ -38,6 +39,7 @@ class Kind(IntEnum):
     OPTIM = 3
     STOP = 4
     TRAIN_BWD = 5  # the backward half of a training micro-step (its forward ran in an earlier step)
+    SAVE = 6  # a checkpoint of the weights as they are (a `save` op, or the server stopping)
 
 
 @dataclass
@@ -147,7 +149,7 @@ class Scheduler:
 
     def has_work(self) -> bool:
         """Whether a step would run something (serving requests, or queued / job training)."""
-        return self.engine.has_work() or (self.work is not None and self.work.has_work())
+        return self.engine.has_work() or (self.work is not None and (bool(self.work.saves) or self.work.has_work()))
 
     # --- broadcast ------------------------------------------------------------------------------------
     def bcast(self, t):
@@ -181,6 +183,11 @@ class Scheduler:
     def step(self) -> tuple[Kind, list]:
         """Decide, broadcast and run one step; (kind, serving outputs). IDLE runs nothing on any rank."""
         self.progress()
+        if self.work is not None and self.work.saves:  # `save` ops go first: a checkpoint of the weights now
+            t0 = time.perf_counter()
+            self.save()
+            self.stats.add(Kind.SAVE, time.perf_counter() - t0)
+            return Kind.SAVE, []
         train_kind = self._train_ready()
         if train_kind == Kind.OPTIM and self.weights.drained:
             kind = Policy.TRAIN  # pinned: the update that requests were drained for, before new ones start
@@ -202,13 +209,7 @@ class Scheduler:
 
                 StepPlan.broadcast_none(self.bcast)
         elif kind == Kind.TRAIN_MICRO:
-            item = self.work.peek()
-            if self.group is not None:
-                self._header(Kind.TRAIN_MICRO, *item.header())
-                self.work.broadcast_payload(item, self.bcast)
-            self.work.run_micro(self.work.pop(), backward=False)
-            if not self.policy.cfg.split_backward and self.work.pending_backward():
-                self._backward()
+            self._micro()
         elif kind == Kind.TRAIN_BWD:
             self._backward()
         elif kind == Kind.OPTIM:
@@ -220,10 +221,36 @@ class Scheduler:
             self._publish()
         return kind, outputs
 
+    def _micro(self) -> None:
+        item = self.work.peek()
+        if self.group is not None:
+            self._header(Kind.TRAIN_MICRO, *item.header())
+            self.work.broadcast_payload(item, self.bcast)
+        self.work.run_micro(self.work.pop(), backward=False)
+        if not self.policy.cfg.split_backward and self.work.pending_backward():
+            self._backward()
+
     def _backward(self) -> None:
         if self.group is not None:
             self._header(Kind.TRAIN_BWD)
         self.work.run_backward()
+
+    def save(self) -> dict:
+        """Driver: checkpoint on every rank now (a SAVE step); the result names it."""
+        if self.group is not None:
+            self._header(Kind.SAVE)
+        return self.work.save()
+
+    def shut_down(self, message: str) -> dict | None:
+        """Driver, when the server stops (before `stop()`): answer queued training and `save` ops with
+        `unavailable` / `message`, then checkpoint if an update was applied since the newest checkpoint.
+        Returns that save's result (None: nothing to save)."""
+        if self.work is None:
+            return None
+        while self.work.step_in_flight is not None and self.work.next_kind() == Kind.TRAIN_MICRO:
+            self._micro()  # a pipelined step between slices: every rank runs its rest (its update is dropped)
+        self.work.fail_all(message, code="unavailable")
+        return self.save() if self.work.unsaved() else None
 
     def keepalive(self, every_s: float = 5.0) -> None:
         """Driver, while idle: an IDLE header every `every_s` seconds, so the other ranks' waiting
@@ -273,4 +300,6 @@ class Scheduler:
             self.work.run_backward()
         elif kind == Kind.OPTIM:
             self.work.run_optim(self.work.receive_optim(head[1:]))
+        elif kind == Kind.SAVE:
+            self.work.save()
         return True

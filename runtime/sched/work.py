@@ -83,7 +83,9 @@ class TrainWork:
         self._bwd: tuple | None = None  # a micro-step whose backward has not run yet
         self.tokens_total = 0
         self.job_steps_done = 0
-        self.save_failures = 0
+        self.save_failures = 0  # checkpoints and metrics lines that could not be written
+        self.saved_step = trainer.step  # the optimizer step of the newest checkpoint (resumed from or written)
+        self.saves: list[Callable[[dict], None]] = []  # `save` ops waiting for the next step (driver)
         self._t0 = time.perf_counter()
         self._acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}  # since the last optimizer step
         # `record`: like `moerun train`, rank 0 appends one metrics.jsonl line per optimizer step (job and
@@ -143,13 +145,17 @@ class TrainWork:
     def has_work(self) -> bool:
         return self.next_kind() is not None
 
-    def fail_all(self, message: str) -> None:
-        """After a failed step: drop the accumulated gradients and answer every queued op with an error."""
+    def fail_all(self, message: str, code: str = "internal") -> None:
+        """After a failed step, or when the server stops: drop the accumulated gradients and answer every
+        queued op (and waiting `save` op) with an error of protocol code `code`."""
         items = ([self.current] if self.current is not None else []) + list(self.queue)
         self.current, self._bwd = None, None
         for item in items:
             if item.on_done is not None:
-                item.on_done({"error": message})
+                item.on_done({"error": message, "code": code})
+        saves, self.saves = self.saves, []
+        for on_done in saves:
+            on_done({"error": message, "code": code})
         self.queue.clear()
         for p in self.model.parameters():
             p.grad = None
@@ -331,8 +337,6 @@ class TrainWork:
     def _record(self, job: bool, norm: float, lr: float, version: int, optim_s: float) -> str | None:
         """metrics.jsonl line (rank 0) and checkpoint (every rank) after an optimizer step. Collective. The
         update is applied already: a write that fails is reported (the message returned), not raised."""
-        from runtime.train.checkpoint import CheckpointSaveError
-
         t, a = self.trainer, self._acc
         loss = t.mean_over_dp({"ce": a["loss"] / max(1, a["n"])})["ce"]  # the mean over dp shares
         dt = a["time"] + optim_s
@@ -345,19 +349,49 @@ class TrainWork:
                                          "tokens_per_s": tokens / dt if dt > 0 else 0.0, "time_s": dt,
                                          "source": "job" if job else "train_op", "weight_version": version})
             except OSError as e:  # rank 0 alone writes it: nothing collective to agree on
+                self.save_failures += 1
                 errors.append(f"metrics.jsonl line for step {t.step} not written ({type(e).__name__}: {e})")
         every = t.config["train"]["save_every"]
         if every and t.step % every == 0:
-            try:
-                t.save()
-            except CheckpointSaveError as e:  # raised on every rank alike
-                errors.append(str(e))
+            saved = self.save()
+            if "error" in saved:  # raised, and so caught, on every rank alike
+                errors.append(saved["error"])
         if not errors:
             return None
-        self.save_failures += 1
         message = "; ".join(errors)
         t.log(f"warning: {message}; the update of step {t.step} is applied and training goes on")
         return message
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def request_save(self, on_done: Callable[[dict], None]) -> None:
+        """Driver: a `save` op; the scheduler runs the save as its next step, `on_done(result)` after."""
+        self.saves.append(on_done)
+
+    def unsaved(self) -> bool:
+        """Whether an optimizer step was applied since the newest checkpoint."""
+        return self.trainer.step != self.saved_step
+
+    def save(self) -> dict:
+        """Checkpoint the weights as they are now (collective: every rank, as a scheduler step), with the
+        weight version in its manifest, so a server resumed from it goes on counting from there. Answers
+        the waiting `save` ops. Accumulated gradients of ops without an optimizer step are not saved. A
+        checkpoint that cannot be written (a full disk) fails alike on every rank: the result is then
+        `{"error": ...}` (also the `save` ops' answer) and serving and training go on."""
+        from runtime.train.checkpoint import CheckpointSaveError
+
+        version = self.weights.version if self.weights is not None else self.trainer.step
+        try:
+            path = self.trainer.save(extra={"weight_version": version})
+        except CheckpointSaveError as e:
+            self.save_failures += 1
+            result = {"error": str(e)}
+        else:
+            self.saved_step = self.trainer.step
+            result = {"path": path, "step": self.trainer.step, "weight_version": version}
+        saves, self.saves = self.saves, []
+        for on_done in saves:
+            on_done(result)
+        return result
 
     def _result(self, r: dict) -> dict:
         v = self.weights.version if self.weights is not None else self.trainer.step

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable
 
 __all__ = ["announce", "bind_warning", "load_tokenizer_or_none", "pipe_stage", "serve", "version"]
@@ -68,9 +67,9 @@ def bind_warning(endpoint: str, curve: bool) -> str | None:
             "or bind 127.0.0.1")
 
 
-def announce(server, config: dict, training: str = "") -> None:
-    """The start-up line (endpoint, pid, cache size, training); a warning on stderr when the server is
-    reachable beyond this host without CurveZMQ."""
+def announce(server, config: dict, training: str = "", metrics_url: str | None = None) -> None:
+    """The start-up line (endpoint, pid, cache size, metrics page, training); a warning on stderr when the
+    server is reachable beyond this host without CurveZMQ."""
     e = server.engine
     warning = bind_warning(server.endpoint, server.curve)
     if warning is not None:
@@ -79,7 +78,8 @@ def announce(server, config: dict, training: str = "") -> None:
           f"kv_cache={e.cache.num_pages}x{e.page_size} tokens "
           f"({e.cache.bytes_per_token_per_layer} B/token/layer) max_batch={e.max_batch} "
           f"tokenizer={'yes' if server.tokenizer is not None else 'no (send prompt_ids)'}"
-          f"{' curve=on' if server.curve else ''}{training}", flush=True)
+          f"{f' metrics={metrics_url}' if metrics_url else ''}{' curve=on' if server.curve else ''}{training}",
+          flush=True)
 
 
 def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int = 1 << 20, bind: str | None = None,
@@ -114,9 +114,11 @@ def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int 
     if train:
         work = TrainWork(trainer, job_steps=max(0, config["train"]["steps"] - trainer.step),
                          reference=bool(config["scheduler"].get("kl_reference", False)), record=True)
-    sched = Scheduler(engine, work, scheduler_config(config), WeightVersions(engine, pin=bool(sv["pin_weights"])),
-                      group=group, rank=mesh.rank if mesh is not None else 0,
-                      progress=mesh.tick if mesh is not None else None)
+    # a server resumed from a checkpoint it wrote goes on counting weight versions from where it stopped
+    resumed = int(trainer.resume_manifest.get("serving", {}).get("weight_version", 0)) if train else 0
+    weights = WeightVersions(engine, pin=bool(sv["pin_weights"]), version=resumed)
+    sched = Scheduler(engine, work, scheduler_config(config), weights, group=group,
+                      rank=mesh.rank if mesh is not None else 0, progress=mesh.tick if mesh is not None else None)
     if on_start is not None:
         on_start(sched)
     if not sched.is_driver:
@@ -132,19 +134,49 @@ def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int 
     info = {"model": config["model"]["path"], "version": version()}
     if mesh is not None:
         info["layout"] = {d: mesh.size(d) for d in ("tp", "pp", "ep", "dp")} | {"world": mesh.world_size}
+    import zmq
+
+    from runtime.stopping import StopRequest
+
+    ctx = zmq.Context()  # its own: terminating it at the end waits for the last replies to leave
     server = Server.from_config(sched, sv, bind=bind or sv["bind"], max_frame_bytes=max_frame_bytes,
-                                tokenizer=load_tokenizer_or_none(config["model"]["path"]), info=info)
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: server.request_stop())
+                                tokenizer=load_tokenizer_or_none(config["model"]["path"]), info=info, context=ctx)
+    # SIGTERM / SIGINT: finish the step in flight, answer what waits, save what is not saved, exit 0
+    StopRequest("moerun serve", on_request=server.request_stop).install()
     training = ""
     if work is not None:
         training = f" training: policy {sched.policy.cfg.policy}, {work.job_left} job steps"
-    announce(server, config, training)
+    endpoint = None
+    if sv["metrics_bind"]:
+        from runtime.serve.metrics_http import MetricsEndpoint
+
+        endpoint = MetricsEndpoint(sv["metrics_bind"], engine.metrics.prometheus).start()
+    announce(server, config, training, endpoint.url if endpoint is not None else None)
     if ready is not None:
         ready(server)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+        ctx.term()
     if on_exit is not None:
         on_exit(sched)
-    print("moerun serve: stopped", flush=True)
+    print(stopped_line(server), flush=True)
     return 0
+
+
+def stopped_line(server) -> str:
+    """The last line of a server: why it stopped, how many requests it refused, what it saved."""
+    sd = server.shutdown
+    line = f"moerun serve: stopped ({server.stop_reason or 'asked to'}) at weight_version {server.weight_version}"
+    if sd:
+        line += f"; {sd['refused']} waiting request(s) answered unavailable"
+    if server.scheduler.work is not None:
+        saved = sd.get("saved")
+        if saved and "error" in saved:  # e.g. a full disk: the applied updates are in memory only
+            line += f"; {saved['error']}"
+        else:
+            line += (f"; saved checkpoint {saved['path']} (step {saved['step']})" if saved
+                     else "; no update since the last checkpoint, nothing to save")
+    return line

@@ -74,6 +74,7 @@ class Request:
     generator: torch.Generator | None = None
     first_token_t: float | None = None
     last_token_t: float | None = None
+    probe: bool = False  # a health check: served like any request, kept out of the traffic metrics
 
     def order(self) -> tuple[int, int]:
         return (-self.priority, self.seq)
@@ -145,8 +146,10 @@ class Engine:
     # --- public API -----------------------------------------------------------------------------------
     def add_request(
         self, key: str, prompt_ids: list[int], params: SamplingParams | None = None, priority: int = 0,
-        owner: str | None = None,
+        owner: str | None = None, probe: bool = False,
     ) -> None:
+        """Queue a request. `probe` (a health check) runs like any other but is counted apart: not in
+        requests, tokens, prefix-cache or latency metrics."""
         params = params or SamplingParams()
         if key in self.requests:
             raise EngineError("bad_request", f"request id {key!r} is already active")
@@ -166,12 +169,14 @@ class Engine:
         if -(-total // self.page_size) > self.cache.num_pages:
             raise EngineError("too_long", f"{total} tokens need more pages than the whole KV cache "
                                           f"({self.cache.num_pages} x {self.page_size})")
-        req = Request(key, list(prompt_ids), params, int(priority), next(self._seq), time.perf_counter(), owner)
+        req = Request(key, list(prompt_ids), params, int(priority), next(self._seq), time.perf_counter(), owner,
+                      probe=probe)
         req.tokens = list(prompt_ids)
         req.generator = None if params.temperature == 0.0 else make_generator(params.seed)
         self.requests[key] = req
         self.waiting.append(req)
-        self.metrics.inc("requests_total")
+        if not probe:
+            self.metrics.inc("requests_total")
         self._update_gauges()
 
     def abort(self, key: str) -> RequestOutput | None:
@@ -179,7 +184,8 @@ class Engine:
         req = self.requests.get(key)
         if req is None:
             return None
-        self.metrics.inc("requests_aborted_total")
+        if not req.probe:
+            self.metrics.inc("requests_aborted_total")
         out = self._finish(req, "abort")
         self._update_gauges()
         return out
@@ -298,7 +304,9 @@ class Engine:
         req.pages, req.num_computed, req.hashed_pages = pages, len(pages) * self.page_size, len(pages)
 
     def _count_admission(self, req: Request) -> None:
-        if not req.admitted:
+        if req.probe:
+            req.admitted = True
+        elif not req.admitted:
             req.admitted = True
             req.cached_tokens = req.num_computed
             self.metrics.inc("prefix_cache_queries_tokens_total", len(req.prompt))
@@ -358,13 +366,15 @@ class Engine:
             req.logprobs.append(lp)
             req.top_logprobs.append(top)
             out.logprobs, out.top_logprobs = [lp], [top]
+        if not req.probe:
+            if req.first_token_t is None:
+                self.metrics.observe("time_to_first_token_seconds", now - req.arrival)
+            else:
+                self.metrics.observe("inter_token_latency_seconds", now - req.last_token_t)
+            self.metrics.inc("generation_tokens_total")
         if req.first_token_t is None:
             req.first_token_t = now
-            self.metrics.observe("time_to_first_token_seconds", now - req.arrival)
-        else:
-            self.metrics.observe("inter_token_latency_seconds", now - req.last_token_t)
         req.last_token_t = now
-        self.metrics.inc("generation_tokens_total")
         reason = None
         if tok in p.stop_ids or (not p.ignore_eos and tok in self.eos_ids):
             reason = "stop"
@@ -383,10 +393,11 @@ class Engine:
             self.waiting.remove(req)
         self._release(req)
         del self.requests[req.key]
-        self.metrics.observe("e2e_latency_seconds", time.perf_counter() - req.arrival)
-        if reason not in ("abort", "error"):
-            self.metrics.inc("requests_finished_total")
-        self.metrics.inc("prompt_tokens_total", len(req.prompt))
+        if not req.probe:
+            self.metrics.observe("e2e_latency_seconds", time.perf_counter() - req.arrival)
+            if reason not in ("abort", "error"):
+                self.metrics.inc("requests_finished_total")
+            self.metrics.inc("prompt_tokens_total", len(req.prompt))
         return RequestOutput(
             req.key, [], finished=True, finish_reason=reason, prompt_tokens=len(req.prompt),
             completion_tokens=len(req.output), cached_tokens=req.cached_tokens,

@@ -21,8 +21,8 @@ __all__ = [
     "TrainLimits", "TrainRequest", "decode_frame", "encode", "error_reply", "validate_request",
 ]
 
-ERROR_CODES = ("bad_request", "too_long", "queue_full", "unknown_op", "internal")
-OPS = ("generate", "abort", "health", "info", "metrics", "train")
+ERROR_CODES = ("bad_request", "too_long", "queue_full", "unknown_op", "internal", "unavailable")
+OPS = ("generate", "abort", "health", "info", "metrics", "train", "save")
 MAX_FRAME_BYTES = 1 << 20  # default bound on one request frame
 MAX_ID_CHARS = 256
 MAX_STOP_IDS = 64
@@ -168,7 +168,7 @@ def validate_request(msg: dict, *, vocab_size: int, max_model_len: int) -> tuple
     raw_id = msg.get("id")
     if raw_id is not None and req_id is None:
         raise ProtocolError("bad_request", f"id must be a non-empty string of at most {MAX_ID_CHARS} characters")
-    if op in ("health", "info", "metrics"):
+    if op in ("health", "info", "metrics", "save"):
         return op, req_id
     if req_id is None:
         raise ProtocolError("bad_request", f"op {op!r} needs an 'id' (a string, unique per connection)")

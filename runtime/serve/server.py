@@ -30,6 +30,7 @@ from typing import Any
 
 import zmq
 
+from runtime.serve.detok import StreamText
 from runtime.serve.peers import Peers
 from runtime.serve.protocol import (
     MAX_FRAME_BYTES,
@@ -50,7 +51,7 @@ __all__ = ["Server"]
 
 MAX_RECV_PER_TURN = 512  # frames taken per loop turn before the scheduler steps again
 HEALTH_PRIORITY = 2**31 - 1  # above every client's (clients: at most serve.max_priority)
-FAIL_LINGER_MS = 2000  # after a failed multi-rank step: how long the error replies may take to leave
+SHUTDOWN_LINGER_MS = 2000  # how long the last replies (errors after a failed step included) may take to leave
 
 
 @dataclass
@@ -62,6 +63,7 @@ class _Active:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
     versions: list[int] = field(default_factory=list)  # weight version of each generated token
+    text: StreamText | None = None  # streamed text of a prompt request (runtime/serve/detok.py)
 
 
 class Server:
@@ -132,6 +134,8 @@ class Server:
         self._health_key: str | None = None
         self._health_n = 0
         self._stop = threading.Event()
+        self.stop_reason: str | None = None
+        self.shutdown: dict[str, Any] = {}  # after a requested stop: what was refused, what was saved
         self._thread: threading.Thread | None = None
         self.started = time.time()
 
@@ -157,8 +161,9 @@ class Server:
         self._thread.start()
         return self
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str | None = None) -> None:
         """Ask the loop to end after the current turn (safe from a signal handler or another thread)."""
+        self.stop_reason = self.stop_reason or reason
         self._stop.set()
 
     def stop(self) -> None:
@@ -188,6 +193,7 @@ class Server:
                     self._step()
                 else:
                     self.scheduler.keepalive()
+            self._shut_down()
         except BaseException:
             failed = True  # the other ranks may be mid-step: no STOP header, the mesh ends the job
             raise
@@ -196,10 +202,10 @@ class Server:
                 if not failed:
                     self.scheduler.stop()
             finally:
-                self._close(FAIL_LINGER_MS if failed else 0)
+                self._close(SHUTDOWN_LINGER_MS)
 
     def _close(self, linger_ms: int) -> None:
-        """Close the socket (after a failure, `linger_ms` lets the error replies already queued leave)."""
+        """Close the socket (`linger_ms` lets the replies already queued leave)."""
         if self.peers is not None:
             self.peers.close()
         self.sock.close(linger=linger_ms)
@@ -207,6 +213,30 @@ class Server:
             self.auth.stop()
         if self._own_ctx:
             self.ctx.term()
+
+    def _shut_down(self) -> None:
+        """After a requested stop (the step in flight has ended): answer every request still waiting
+        (generate, health, queued training and `save` ops, frames not read yet) with `unavailable`, then
+        let the scheduler checkpoint any update not yet saved, on every rank."""
+        msg = (f"the server is stopping ({self.stop_reason or 'asked to'}); this request was not completed: "
+               "retry on a running server")
+        n = len(self.active) + len(self._health_waiters)
+        self._fail_in_flight(msg, "unavailable")
+        if self.scheduler.work is not None:
+            n += len(self.scheduler.work.saves) + sum(i.on_done is not None for i in self.scheduler.work.queue)
+        self.shutdown = {"refused": n, "saved": self.scheduler.shut_down(msg)}
+        for _ in range(MAX_RECV_PER_TURN):
+            try:
+                parts = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                request_id = request_id_of(decode_frame(parts[-1], self.max_frame_bytes))
+            except ProtocolError:
+                request_id = None
+            envelope = parts[:2] if len(parts) == 3 and parts[1] == b"" else parts[:1]
+            self._send(envelope, error_reply("unavailable", msg, request_id))
+            self.shutdown["refused"] += 1
 
     # --- requests -------------------------------------------------------------------------------------
     def _send(self, envelope: list[bytes], msg: dict) -> None:
@@ -278,7 +308,8 @@ class Server:
         if not self.peers.watch(conn, self._frame):  # the client left before its request was read
             self.engine.abort(key)
             return
-        self.active[key] = _Active(envelope, req.id, req)
+        text = StreamText(self.tokenizer) if req.stream and req.prompt is not None and self.tokenizer else None
+        self.active[key] = _Active(envelope, req.id, req, text=text)
         self.by_conn.setdefault(conn, set()).add(key)
 
     def _op_abort(self, envelope: list[bytes], req: AbortRequest) -> None:
@@ -331,7 +362,7 @@ class Server:
             bos = self.engine.model.config.bos_token_id
             prompt = [bos if isinstance(bos, int) and 0 <= bos < self.engine.vocab_size else 0]
             self.engine.add_request(self._health_key, prompt, SamplingParams(max_tokens=1, ignore_eos=True),
-                                    priority=HEALTH_PRIORITY)
+                                    priority=HEALTH_PRIORITY, probe=True)
 
     def _op_info(self, envelope: list[bytes], request_id: str | None) -> None:
         self._send(envelope, self._with_id({"op": "info", **self.info()}, request_id))
@@ -343,6 +374,23 @@ class Server:
 
     def _op_train(self, envelope: list[bytes], req: TrainRequest) -> None:
         self.train_ops.submit(self.scheduler.work, envelope, req, self._send)
+
+    def _op_save(self, envelope: list[bytes], request_id: str | None) -> None:
+        """A checkpoint of the weights as they are, written by every rank at the next step."""
+        work = self.scheduler.work
+        if work is None:
+            raise ProtocolError("bad_request", "this server does not train: nothing to save (start it with "
+                                "`moerun serve --train`)", request_id)
+        if len(work.saves) >= self.max_queue:
+            raise ProtocolError("queue_full", "too many save ops waiting", request_id)
+
+        def done(result: dict) -> None:
+            if "error" in result:
+                self._send(envelope, error_reply(result.get("code", "internal"), result["error"], request_id))
+            else:
+                self._send(envelope, self._with_id({"op": "saved", **result}, request_id))
+
+        work.request_save(done)
 
     @staticmethod
     def _with_id(msg: dict, request_id: str | None) -> dict:
@@ -404,10 +452,10 @@ class Server:
             for out in outputs:
                 self._deliver(out)
 
-    def _fail_in_flight(self, msg: str) -> None:
-        """After a failed step: end every request in the engine and every waiting health check with an
-        `internal` error carrying `msg`. State first, replies after: whoever reads a reply finds the server
-        already clean."""
+    def _fail_in_flight(self, msg: str, code: str = "internal") -> None:
+        """After a failed step (or when stopping): end every request in the engine and every waiting health
+        check with an error `code` carrying `msg`. State first, replies after: whoever reads a reply finds
+        the server already clean."""
         ended = []
         for key in list(self.engine.requests):
             self.engine.abort(key)
@@ -419,9 +467,9 @@ class Server:
         self.by_conn.clear()
         waiters, self._health_waiters, self._health_key = self._health_waiters, [], None
         for envelope, request_id in ended:
-            self._send(envelope, error_reply("internal", msg, request_id))
+            self._send(envelope, error_reply(code, msg, request_id))
         for envelope, request_id, _ in waiters:
-            self._send(envelope, self._with_id(error_reply("internal", msg), request_id))
+            self._send(envelope, self._with_id(error_reply(code, msg), request_id))
 
     def _deliver(self, out) -> None:
         if out.key == self._health_key:
@@ -444,12 +492,15 @@ class Server:
         if lp and out.logprobs:
             act.logprobs.extend(out.logprobs)
             act.top_logprobs.extend(out.top_logprobs)
-        if act.req.stream and out.ids:
+        text = None
+        if act.text is not None:  # never a split character; the chunks add up to done's text
+            text = act.text.push(out.ids) + (act.text.finish() if out.finished else "")
+        if act.req.stream and (out.ids or text):
             msg = {"op": "token", "id": act.request_id, "ids": out.ids, "weight_version": version}
             if lp:
                 msg["logprobs"], msg["top_logprobs"] = out.logprobs, out.top_logprobs
-            if act.req.prompt is not None and self.tokenizer is not None:
-                msg["text"] = self.tokenizer.decode(out.ids)
+            if text is not None:
+                msg["text"] = text
             self._send(act.envelope, msg)
         if out.finished:
             del self.active[out.key]
@@ -462,7 +513,9 @@ class Server:
             }
             if lp:
                 done["logprobs"], done["top_logprobs"] = act.logprobs, act.top_logprobs
-            if act.req.prompt is not None and self.tokenizer is not None:
+            if act.text is not None:
+                done["text"] = act.text.text
+            elif act.req.prompt is not None and self.tokenizer is not None:
                 done["text"] = self.tokenizer.decode(act.ids)
             self._send(act.envelope, done)
 
@@ -477,6 +530,7 @@ class Server:
     def _answer_health(self, ok: bool, status: str | None = None) -> None:
         now = time.perf_counter()
         waiters, self._health_waiters, self._health_key = self._health_waiters, [], None
+        self.engine.metrics.inc("health_checks_total", len(waiters))
         for envelope, request_id, t0 in waiters:
             self._send(envelope, self._with_id(
                 {"op": "health", "ok": ok, "status": status or ("ok" if ok else "degraded"), "latency_s": now - t0,

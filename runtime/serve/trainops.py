@@ -115,8 +115,8 @@ class TrainOps:
 
         def done(result: dict) -> None:
             for waiter in self.ledger.finish(req.id, result):
-                if "error" in result:
-                    send(waiter, error_reply("internal", result["error"], req.id))
+                if "error" in result:  # internal (the step failed) or unavailable (the server stops)
+                    send(waiter, error_reply(result.get("code", "internal"), result["error"], req.id))
                 else:
                     send(waiter, {"op": "trained", "id": req.id, **result})
 
