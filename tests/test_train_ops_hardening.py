@@ -111,6 +111,8 @@ def test_the_train_queue_is_bounded_in_bytes(tmp_path):
 # --- finding 7: a failed save after an applied update -------------------------------------------------------
 @pytest.mark.timeout(180)
 def test_a_failed_save_reports_the_applied_update_and_a_retry_applies_nothing(tmp_path):
+    from runtime.train.checkpoint import latest_checkpoint
+
     cfg, trainer, engine, work, sched = _stack(tmp_path, record=True, save_every=1)
     srv = _server(sched)
     op = dict(input_ids=[[1, 2, 3, 4, 5, 6]] * 4)
@@ -118,21 +120,26 @@ def test_a_failed_save_reports_the_applied_update_and_a_retry_applies_nothing(tm
         with Client(srv.endpoint, timeout=120) as c, Client(srv.endpoint, timeout=120) as retry:
             with disk_full():
                 first = c.request("train", id="t1", **op)
+                c.send({"op": "save", "id": "s1"})  # a save op on the full disk: its error, the server goes on
+                save = c.recv("s1")
             after = _params(trainer.model)
             again = retry.request("train", id="t1", **op)  # e.g. a client that lost the first reply
             c.send({"op": "train", "id": "t1", "input_ids": [[3, 2, 1]]})  # the same id, another op
             clash = c.recv("t1")
             version = c.metrics()["metrics"]["weight_version"]
+            ckpt = os.path.join(cfg["train"]["out"], "ckpt")
+            kept = [d for d in os.listdir(ckpt) if d.startswith((".tmp-", "step-"))]
     finally:
-        srv.stop()
+        srv.stop()  # a graceful stop: it saves the update that no checkpoint holds yet
     assert first["op"] == "trained" and first["weight_version"] == 1 and first["step"] == 1
     assert "not saved" in first["save_error"] and "File too large" in first["save_error"]
+    assert save["op"] == "error" and save["code"] == "internal" and "not saved" in save["message"], save
     assert again == {**first, "duplicate": True}
     assert clash["code"] == "bad_request" and "already used" in clash["message"]
     assert version == 1 and trainer.step == 1
     assert all(torch.equal(a, b) for a, b in zip(after, _params(trainer.model)))
-    ckpt = os.path.join(cfg["train"]["out"], "ckpt")
-    assert not [d for d in os.listdir(ckpt) if d.startswith((".tmp-", "step-"))]  # nothing half-written kept
+    assert kept == []  # nothing half-written kept
+    assert latest_checkpoint(cfg["train"]["out"]).endswith("step-1")  # written by the stop, disk space back
 
 
 @pytest.mark.timeout(240)

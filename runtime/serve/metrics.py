@@ -61,6 +61,8 @@ HELP: dict[str, tuple[str, str]] = {
     "requests_total": ("counter", "Generate requests accepted (health checks are counted apart)."),
     "requests_finished_total": ("counter", "Generate requests that ended by length or stop."),
     "requests_aborted_total": ("counter", "Generate requests aborted (by the client or a lost connection)."),
+    "requests_failed_total": ("counter", "Generate requests ended by their own sampling failure (alone)."),
+    "clients_departed_total": ("counter", "Connections that went away with requests in flight (ended)."),
     "preemptions_total": ("counter", "Running requests preempted by recompute when the KV cache ran out."),
     "prefix_cache_queries_tokens_total": ("counter", "Prompt tokens looked up in the prefix cache."),
     "prefix_cache_hits_tokens_total": ("counter", "Prompt tokens served from the prefix cache."),
@@ -83,6 +85,7 @@ HELP: dict[str, tuple[str, str]] = {
     "train_job_steps": ("counter", "Optimizer steps of the configured training job run by this server."),
     "train_tokens_total": ("counter", "Tokens trained on by this server (job steps and train ops)."),
     "train_queue": ("gauge", "Training steps queued (micro-steps and optimizer steps)."),
+    "train_save_failures": ("counter", "Checkpoints and metrics lines that could not be written (a full disk)."),
     "train_steps_per_s": ("gauge", "Optimizer steps per second since the server started."),
     "train_loss": ("gauge", "Cross-entropy of the last training micro-step."),
 }

@@ -31,6 +31,7 @@ from typing import Any
 import zmq
 
 from runtime.serve.detok import StreamText
+from runtime.serve.healthcheck import HealthChecks
 from runtime.serve.peers import Peers
 from runtime.serve.protocol import (
     MAX_FRAME_BYTES,
@@ -50,7 +51,6 @@ from runtime.serve.trainops import TrainOps
 __all__ = ["Server"]
 
 MAX_RECV_PER_TURN = 512  # frames taken per loop turn before the scheduler steps again
-HEALTH_PRIORITY = 2**31 - 1  # above every client's (clients: at most serve.max_priority)
 SHUTDOWN_LINGER_MS = 2000  # how long the last replies (errors after a failed step included) may take to leave
 
 
@@ -97,7 +97,6 @@ class Server:
         self.engine = scheduler.engine
         self.max_queue, self.max_queue_per_client = max_queue, max_queue_per_client
         self.max_priority = max_priority
-        self.health_timeout_s = health_timeout_s
         self.max_frame_bytes = max_frame_bytes
         self.train_ops = TrainOps(train_limits or TrainLimits(), max_train_queue_bytes)
         self.tokenizer = tokenizer
@@ -130,9 +129,8 @@ class Server:
         self.active: dict[str, _Active] = {}  # by engine key
         self.by_conn: dict[bytes, set[str]] = {}  # connection identity -> its engine keys
         self._frame: zmq.Frame | None = None  # the frame being handled (its connection is watched)
-        self._health_waiters: list[tuple[list[bytes], str | None, float]] = []
-        self._health_key: str | None = None
-        self._health_n = 0
+        self.health = HealthChecks(self.engine, self._send, self._health_status, timeout_s=health_timeout_s,
+                                   max_waiting=max_queue, max_per_connection=max_queue_per_client)
         self._stop = threading.Event()
         self.stop_reason: str | None = None
         self.shutdown: dict[str, Any] = {}  # after a requested stop: what was refused, what was saved
@@ -188,7 +186,7 @@ class Server:
                         self._handle(parts)
                 for conn in self.peers.departed(time.monotonic()):
                     self._drop_connection(conn)
-                self._expire_health()
+                self.health.expire()
                 if self.scheduler.has_work():
                     self._step()
                 else:
@@ -220,7 +218,7 @@ class Server:
         let the scheduler checkpoint any update not yet saved, on every rank."""
         msg = (f"the server is stopping ({self.stop_reason or 'asked to'}); this request was not completed: "
                "retry on a running server")
-        n = len(self.active) + len(self._health_waiters)
+        n = len(self.active) + len(self.health)
         self._fail_in_flight(msg, "unavailable")
         if self.scheduler.work is not None:
             n += len(self.scheduler.work.saves) + sum(i.on_done is not None for i in self.scheduler.work.queue)
@@ -347,22 +345,8 @@ class Server:
         self.engine.metrics.inc("clients_departed_total")
 
     def _op_health(self, envelope: list[bytes], request_id: str | None) -> None:
-        """A real one-token generation through the engine; replies when it is done."""
-        from runtime.serve.step import SamplingParams
-
-        if len(self._health_waiters) >= self.max_queue:
-            raise ProtocolError("queue_full", "too many health checks in flight", request_id)
-        if sum(w[0][0] == envelope[0] for w in self._health_waiters) >= self.max_queue_per_client:
-            raise ProtocolError("queue_full", "too many health checks in flight on this connection "
-                                f"(serve.max_queue_per_client = {self.max_queue_per_client})", request_id)
-        self._health_waiters.append((envelope, request_id, time.perf_counter()))
-        if self._health_key is None:
-            self._health_n += 1
-            self._health_key = f"health:{self._health_n}"
-            bos = self.engine.model.config.bos_token_id
-            prompt = [bos if isinstance(bos, int) and 0 <= bos < self.engine.vocab_size else 0]
-            self.engine.add_request(self._health_key, prompt, SamplingParams(max_tokens=1, ignore_eos=True),
-                                    priority=HEALTH_PRIORITY, probe=True)
+        """A real one-token generation through the engine; replies when it is done (runtime.serve.healthcheck)."""
+        self.health.add(envelope, request_id)
 
     def _op_info(self, envelope: list[bytes], request_id: str | None) -> None:
         self._send(envelope, self._with_id({"op": "info", **self.info()}, request_id))
@@ -376,21 +360,7 @@ class Server:
         self.train_ops.submit(self.scheduler.work, envelope, req, self._send)
 
     def _op_save(self, envelope: list[bytes], request_id: str | None) -> None:
-        """A checkpoint of the weights as they are, written by every rank at the next step."""
-        work = self.scheduler.work
-        if work is None:
-            raise ProtocolError("bad_request", "this server does not train: nothing to save (start it with "
-                                "`moerun serve --train`)", request_id)
-        if len(work.saves) >= self.max_queue:
-            raise ProtocolError("queue_full", "too many save ops waiting", request_id)
-
-        def done(result: dict) -> None:
-            if "error" in result:
-                self._send(envelope, error_reply(result.get("code", "internal"), result["error"], request_id))
-            else:
-                self._send(envelope, self._with_id({"op": "saved", **result}, request_id))
-
-        work.request_save(done)
+        self.train_ops.save(self.scheduler.work, envelope, request_id, self._send, max_waiting=self.max_queue)
 
     @staticmethod
     def _with_id(msg: dict, request_id: str | None) -> dict:
@@ -465,16 +435,12 @@ class Server:
         for conn in self.by_conn:
             self.peers.forget(conn)
         self.by_conn.clear()
-        waiters, self._health_waiters, self._health_key = self._health_waiters, [], None
+        self.health.fail(code, msg)
         for envelope, request_id in ended:
             self._send(envelope, error_reply(code, msg, request_id))
-        for envelope, request_id, _ in waiters:
-            self._send(envelope, self._with_id(error_reply(code, msg), request_id))
 
     def _deliver(self, out) -> None:
-        if out.key == self._health_key:
-            if out.finished:
-                self._answer_health(len(out.ids) == 1 or out.completion_tokens == 1)
+        if self.health.deliver(out):
             return
         act = self.active.get(out.key)
         if act is None:
@@ -519,20 +485,6 @@ class Server:
                 done["text"] = self.tokenizer.decode(act.ids)
             self._send(act.envelope, done)
 
-    def _expire_health(self) -> None:
-        """Health checks waiting longer than `health_timeout_s` are answered `ok: false, status: timeout`
-        (their one-token request is taken back); the next check starts afresh."""
-        if self._health_waiters and time.perf_counter() - self._health_waiters[0][2] > self.health_timeout_s:
-            if self._health_key is not None:
-                self.engine.abort(self._health_key)
-            self._answer_health(False, "timeout")
-
-    def _answer_health(self, ok: bool, status: str | None = None) -> None:
-        now = time.perf_counter()
-        waiters, self._health_waiters, self._health_key = self._health_waiters, [], None
-        self.engine.metrics.inc("health_checks_total", len(waiters))
-        for envelope, request_id, t0 in waiters:
-            self._send(envelope, self._with_id(
-                {"op": "health", "ok": ok, "status": status or ("ok" if ok else "degraded"), "latency_s": now - t0,
-                 "running": len(self.engine.running), "waiting": len(self.engine.waiting),
-                 "weight_version": self.weight_version}, request_id))
+    def _health_status(self) -> dict:
+        return {"running": len(self.engine.running), "waiting": len(self.engine.waiting),
+                "weight_version": self.weight_version}

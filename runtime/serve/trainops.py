@@ -1,4 +1,5 @@
-"""The server's `train` ops: bounded, and idempotent by id (docs/protocol.md, "Training over ZeroMQ").
+"""The server's `train` ops, bounded and idempotent by id, and its `save` ops (docs/protocol.md, "Training over
+ZeroMQ").
 
 Bounds: one op's rows, tokens and padded batch bytes (`protocol.TrainLimits`, the `serve.max_train_*`
 keys), and the bytes of the batches queued (`serve.max_train_queue_bytes`, at most `MAX_TRAIN_QUEUE`
@@ -79,7 +80,7 @@ class TrainLedger:
 
 class TrainOps:
     """Takes `train` ops for a server: checks the bounds, answers retries from the ledger, queues the rest
-    on the scheduler's TrainWork and answers every sender of the op when it has run."""
+    on the scheduler's TrainWork and answers every sender of the op when it has run; and `save` ops."""
 
     def __init__(self, limits: TrainLimits, max_queue_bytes: int) -> None:
         self.limits, self.max_queue_bytes = limits, max_queue_bytes
@@ -121,3 +122,25 @@ class TrainOps:
                     send(waiter, {"op": "trained", "id": req.id, **result})
 
         work.submit(batch, req.optimizer_step, done)
+
+    def save(self, work, envelope: list[bytes], request_id: str | None, send: Callable[[list[bytes], dict], None],
+             *, max_waiting: int) -> None:
+        """A `save` op: a checkpoint of the weights as they are, written by every rank at the next step;
+        `send` answers `saved` (path, step, weight_version) or the error (a full disk: nothing is lost but
+        the file)."""
+        if work is None:
+            raise ProtocolError("bad_request", "this server does not train: nothing to save (start it with "
+                                "`moerun serve --train`)", request_id)
+        if len(work.saves) >= max_waiting:
+            raise ProtocolError("queue_full", "too many save ops waiting", request_id)
+
+        def done(result: dict) -> None:
+            if "error" in result:
+                send(envelope, error_reply(result.get("code", "internal"), result["error"], request_id))
+            else:
+                reply = {"op": "saved", **result}
+                if request_id is not None:
+                    reply["id"] = request_id
+                send(envelope, reply)
+
+        work.request_save(done)
