@@ -85,6 +85,7 @@ class Watchdog:
         self._moves, self._where = 0, None
         # rank 0's view of every rank's progress
         self._seen: list[str] | None = None
+        self._acknowledged = False
         self._stalled_since = time.monotonic()
         self._waited: set[int] = set()
         self._beats_then: list[int] = []  # every rank's heartbeat count when the stall began
@@ -213,7 +214,9 @@ class Watchdog:
         the report too (or `grace_s` passed: dead ranks never acknowledge)."""
         try:
             with self._store():
-                self.store.add(_NSEEN, 1)
+                if not self._acknowledged:  # once per rank: the main thread and this thread may both get here
+                    self._acknowledged = True
+                    self.store.add(_NSEEN, 1)
             if self.rank != 0:
                 return
             deadline = time.monotonic() + grace_s

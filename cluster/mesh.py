@@ -240,6 +240,8 @@ def init(tp: int = 1, pp: int = 1, ep: int = 1, dp: int = 0, *, timeout_s: float
 
     checking = devicecheck.enabled()
     control = dist.group.WORLD if backend == "gloo" and not checking else dist.new_group(backend="gloo")
+    if checking:  # before the first control-plane call (the watchdog's secret); again for each Mesh made
+        devicecheck.install(device, [control])
     dog = None
     if watchdog and info.world_size > 1:
         dead_after = float(os.environ.get("MOERUN_DEAD_AFTER_S", 10))
@@ -259,8 +261,6 @@ def init(tp: int = 1, pp: int = 1, ep: int = 1, dp: int = 0, *, timeout_s: float
                       stacklevel=2)
 
     groups: dict = {"world": dist.group.WORLD, "control": control}
-    if checking:
-        devicecheck.install(device, [control])
     by_members: dict[tuple[int, ...], object] = {}
     for dim in ("tp", "pp", "dp", "ep", "edp"):
         members = tuple(layout.group_of(dim, info.rank))
