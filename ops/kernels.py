@@ -128,17 +128,23 @@ def mla_decode_paged(
     softmax_scale: float,
     backend: str | None = None,
     max_seq_len: int | None = None,
+    index=None,
 ) -> torch.Tensor:
     """Absorbed MLA decode over the paged latent cache (layout: `ops.paged_attention`).
 
     `max_seq_len` (>= max(seq_lens)) lets the Triton path launch without reading seq_lens on the host.
+    `index` (an `ops.paged_attention.DecodeIndex` of these block_table / seq_lens): the torch path reuses it
+    instead of recomputing it (a serving step computes it once for all its layers); Triton ignores it.
     """
     if _pick(backend, q_latent, q_pe, kv_pages) == "triton":
         from ops.triton.mla_decode import mla_decode_paged as tri
 
         return tri(q_latent, q_pe, kv_pages, block_table, seq_lens, softmax_scale, max_seq_len=max_seq_len)
+    from ops.paged_attention import mla_decode_indexed
     from ops.paged_attention import mla_decode_paged as ref
 
+    if index is not None:
+        return mla_decode_indexed(q_latent, q_pe, kv_pages, index, softmax_scale)
     return ref(q_latent, q_pe, kv_pages, block_table, seq_lens, softmax_scale)
 
 

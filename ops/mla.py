@@ -32,11 +32,13 @@ def mla_expanded(
     kv_b_weight: torch.Tensor,
     scale: float,
     q_offset: int = 0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention with per-head keys/values expanded from the latent.
 
     q_nope [B,T,H,dn], q_pe [B,T,H,dr] (rotated), latent [B,S,r], k_pe [B,S,dr] (rotated), S = q_offset + T
-    (keys before the queries come from a cache). Returns [B,T,H,dv].
+    (keys before the queries come from a cache). `mask` ([B,1,T,S] or [T,S] bool, True = visible) replaces
+    the causal mask, e.g. for a batch of sequences of different lengths padded to one shape. Returns [B,T,H,dv].
     """
     b, t, h, dn = q_nope.shape
     s = latent.shape[1]
@@ -45,7 +47,9 @@ def mla_expanded(
     k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, s, h, k_pe.shape[-1])], dim=-1)
     q = torch.cat([q_nope, q_pe], dim=-1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q_offset == 0 and s == t:
+    if mask is not None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    elif q_offset == 0 and s == t:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
         out = F.scaled_dot_product_attention(

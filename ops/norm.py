@@ -9,6 +9,8 @@ from torch import nn
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """`weight * x / rms(x)`; the statistics are taken in fp32 so bf16 activations do not lose the scale."""
     dtype = x.dtype
+    if dtype == torch.float32:  # the same arithmetic without two no-op conversions
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype)
