@@ -5,12 +5,14 @@ figures compare):
 
 * decode step time: wall time of one `Engine.step()` while every request of the batch is decoding
   (measured without the profiler).
-* model compute: the arithmetic inside torch's operators. The same steps run again under `torch.profiler`;
-  each aten operator's self time (its children excluded) minus the cost of calling an operator at all
-  (the median self time of a one-element `torch.add`, measured in the same way just before) counts as
-  compute; pure metadata operators (views, reshapes, empty allocations) count as nothing.
-* host overhead = decode step time - model compute: Python (scheduling, plan building, sampling logic,
-  the model's module calls), operator dispatch, and tensors built from Python lists.
+* the split: the same steps run again under `torch.profiler` (wall time measured there too, so a change of
+  machine load between the two runs cannot skew it). Model compute is the arithmetic inside torch's
+  operators: each aten operator's self time (its children excluded) minus the cost of calling an operator
+  at all (the median self time of a one-element `torch.add`, measured the same way just before); pure
+  metadata operators (views, reshapes, empty allocations) count as nothing. Host overhead = profiled step
+  time - model compute: Python (scheduling, plan building, sampling logic, the model's module calls),
+  operator dispatch, tensors built from Python lists, and the profiler's own bookkeeping per operator
+  (which, like dispatch, grows with the number of operators).
 * matmul ceiling: the best fp32 GFLOP/s of a 1024 x 1024 x 1024 `torch.mm` at the bench's thread count;
   a step's FLOPs are counted from the model's shapes (`decode_flops_per_token`).
 """
@@ -95,7 +97,8 @@ def profile_decode(make_engine: Callable, add_requests: Callable, batch: int, st
     """Mean decode step of `batch` sequences, split into model compute and host overhead.
 
     `make_engine()` returns a fresh Engine, `add_requests(engine)` queues the batch (long enough to decode
-    `steps` steps). Returns {step_ms, compute_ms, host_ms, ops_per_step, op_call_us, tokens_per_step}."""
+    `steps` steps). Returns {step_ms, profiled_ms, compute_ms, host_ms, ops_per_step, op_call_us,
+    tokens_per_step, steps}."""
 
     def warm(engine) -> None:
         add_requests(engine)
@@ -121,12 +124,14 @@ def profile_decode(make_engine: Callable, add_requests: Callable, batch: int, st
     call_us = _op_call_cost_us()
     eng = make_engine()
     warm(eng)
-    n = 0
+    n, prof_s = 0, 0.0
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(len(times)):
             if not _decoding(eng, batch):
                 break
+            t0 = time.perf_counter()
             eng.step()
+            prof_s += time.perf_counter() - t0
             n += 1
     compute_us, ops = 0.0, 0
     for e in prof.events():
@@ -135,8 +140,8 @@ def profile_decode(make_engine: Callable, add_requests: Callable, batch: int, st
         ops += 1
         if e.name not in METADATA_OPS:
             compute_us += max(0.0, e.self_cpu_time_total - call_us)
-    step_ms = 1e3 * statistics.mean(times)
     compute_ms = compute_us / 1e3 / max(1, n)
-    return {"step_ms": step_ms, "compute_ms": compute_ms, "host_ms": step_ms - compute_ms,
-            "ops_per_step": ops / max(1, n), "op_call_us": call_us, "tokens_per_step": tokens / len(times),
-            "steps": len(times)}
+    profiled_ms = 1e3 * prof_s / max(1, n)
+    return {"step_ms": 1e3 * statistics.mean(times), "profiled_ms": profiled_ms, "compute_ms": compute_ms,
+            "host_ms": profiled_ms - compute_ms, "ops_per_step": ops / max(1, n), "op_call_us": call_us,
+            "tokens_per_step": tokens / len(times), "steps": len(times)}

@@ -46,6 +46,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "bind": "tcp://127.0.0.1:5555", "max_batch": 64, "max_queue": 1024,
         "max_model_len": 4096, "max_prefill_tokens": 2048, "page_size": 64, "kv_cache_tokens": 0,
         "pin_weights": False,
+        # extensions (docs/serving.md): MTP speculative decoding, CUDA-graph decode steps
+        "speculative": "off", "speculative_tokens": 1, "cuda_graphs": False,
     },
     # The shared train/serve scheduler (docs/scheduler.md): which kind of step runs when both have work.
     "scheduler": {"policy": "serve_first", "share": 0.5, "max_train_microsteps": 8, "split_backward": True,
@@ -56,6 +58,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "parallel.schedule": ("1f1b", "zb1p", "dualpipe", "dualpipev", "gpipe"),
     "scheduler.policy": ("serve_first", "time_share", "train_first"),
+    "serve.speculative": ("off", "mtp"),
 }
 
 

@@ -300,11 +300,12 @@ class MTPLayer(DecoderLayer):
         self.shared_head = SharedHead(cfg)
 
     def predict(
-        self, h_prev: torch.Tensor, next_emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, h_prev: torch.Tensor, next_emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn=None
     ) -> torch.Tensor:
-        """Returns the normed MTP hidden state (apply lm_head for logits)."""
+        """Returns the normed MTP hidden state (apply lm_head for logits). `attn`: the attention context, as
+        for a decoder layer (None: causal over these tokens; serving's speculative drafts pass its cache)."""
         h = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h_prev)], dim=-1))
-        return self.shared_head.norm(self(h, cos, sin))
+        return self.shared_head.norm(self(h, cos, sin, attn))
 
 
 class Backbone(nn.Module):

@@ -12,18 +12,23 @@ from outside (the server loop, or later the shared train/serve scheduler), so it
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from runtime.serve.cache import PagedLatentCache, page_hashes
+from runtime.serve.attention import MAX_DECODE_TOKENS
+from runtime.serve.cache import PagedLatentCache, page_hashes, tokens_from_free_memory
+from runtime.serve.graphs import DecodeGraphs
 from runtime.serve.metrics import ServeMetrics
-from runtime.serve.step import PipeStage, SamplingParams, StepPlan, logprobs_of, make_generator, run_plan, sample
+from runtime.serve.sampling import SamplingParams, emitted_logprobs, make_generator, sample_rows
+from runtime.serve.speculative import MTPSpeculator, pick_drafts, verify_segments
+from runtime.serve.step import PipeStage, StepPlan, run_plan
 
-__all__ = ["Engine", "EngineError", "RequestOutput", "SamplingParams"]
+__all__ = ["Engine", "EngineError", "RequestOutput", "SPECULATIVE", "SamplingParams"]
+
+SPECULATIVE = ("off", "mtp")  # serve.speculative: off, or drafts from the model's MTP module
 
 
 class EngineError(ValueError):
@@ -49,7 +54,7 @@ class RequestOutput:
     cached_tokens: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: `req in self.running` must not compare token lists
 class Request:
     key: str
     prompt: list[int]
@@ -66,6 +71,10 @@ class Request:
     hashed_pages: int = 0  # leading full pages already offered to the prefix cache
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     admitted: bool = False
+    row: int | None = None  # this request's row in the cache's block table while it holds pages
+    table_pages: int = 0  # how many of its pages that row holds
+    draft: list[int] = field(default_factory=list)  # speculative: tokens proposed after the last one
+    draft_probs: torch.Tensor | None = None  # [len(draft), V]: their draft distributions (sampled requests)
     generator: torch.Generator | None = None
     first_token_t: float | None = None
     last_token_t: float | None = None
@@ -91,12 +100,28 @@ class Engine:
         eos_ids: list[int] | None = None,
         pipe: PipeStage | None = None,
         group=None,
+        speculative: str = "off",
+        speculative_tokens: int = 1,
+        cuda_graphs: bool = False,
     ) -> None:
         cfg = model.config
         for name, v in (("max_batch", max_batch), ("max_model_len", max_model_len),
                         ("max_prefill_tokens", max_prefill_tokens), ("page_size", page_size)):
             if v < 1:
                 raise ValueError(f"serve.{name} must be >= 1, got {v}")
+        if speculative not in SPECULATIVE:
+            raise ValueError(f"serve.speculative = {speculative!r} is not one of: "
+                             f"{', '.join(repr(k) for k in SPECULATIVE)}")
+        if speculative != "off" and not 1 <= speculative_tokens < MAX_DECODE_TOKENS:
+            raise ValueError(f"serve.speculative_tokens must be in 1..{MAX_DECODE_TOKENS - 1}, "
+                             f"got {speculative_tokens}")
+        for name, on in (("speculative", speculative != "off"), ("cuda_graphs", cuda_graphs)):
+            if on and (pipe is not None or group is not None):
+                raise ValueError(f"serve.{name} runs on one rank only; this job serves on several (pipeline, "
+                                 f"tensor or expert parallel): leave serve.{name} off")
+        if cuda_graphs and model.lm_head.weight.device.type != "cuda":
+            raise ValueError(f"serve.cuda_graphs needs a CUDA device; this model is on "
+                             f"{model.lm_head.weight.device.type}")
         self.model = model
         self.max_batch, self.max_model_len = max_batch, max_model_len
         self.max_prefill_tokens, self.page_size = max_prefill_tokens, page_size
@@ -105,21 +130,28 @@ class Engine:
         n_layers = len(model.model.layers) if pipe is None else len(pipe.layer_ids)
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         if kv_cache_tokens <= 0:
-            kv_cache_tokens = _tokens_from_free_memory(n_layers * width * p.element_size(), p.device,
+            kv_cache_tokens = tokens_from_free_memory(n_layers * width * p.element_size(), p.device,
                                                        max_batch * max_model_len, group)
         num_pages = max(1, -(-kv_cache_tokens // page_size))
-        self.cache = PagedLatentCache(n_layers, num_pages, page_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+        slots = n_layers + (1 if speculative == "mtp" else 0)  # the MTP module's latents get a slot of their own
+        self.cache = PagedLatentCache(slots, num_pages, page_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                                       p.dtype, p.device)
+        self.spec = MTPSpeculator(model, self.cache, n_layers, speculative_tokens) if speculative == "mtp" else None
+        self.graphs = DecodeGraphs(model, self.cache, max_batch, max_model_len) if cuda_graphs else None
         if eos_ids is None:
             eos = cfg.eos_token_id
             eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.eos_ids = set(eos_ids)
         self.vocab_size = cfg.vocab_size
+        self.device = p.device
+        self._free_rows: list[int] = []
+        self._num_rows = 0
         self.plan_hook: Callable[[StepPlan], None] | None = None  # the driver broadcasts each plan first
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.metrics = ServeMetrics()
+        self._busy_s = 0.0  # wall time inside step()
         self._seq = itertools.count()
         self._update_gauges()
 
@@ -128,11 +160,18 @@ class Engine:
         """The engine of a job config's `[serve]` section."""
         return cls(model, max_batch=serve["max_batch"], max_model_len=serve["max_model_len"],
                    max_prefill_tokens=serve["max_prefill_tokens"], page_size=serve["page_size"],
-                   kv_cache_tokens=serve["kv_cache_tokens"], pipe=pipe, group=group)
+                   kv_cache_tokens=serve["kv_cache_tokens"], pipe=pipe, group=group,
+                   speculative=serve.get("speculative", "off"),
+                   speculative_tokens=serve.get("speculative_tokens", 1), cuda_graphs=serve.get("cuda_graphs", False))
 
     def run_plan(self, plan: StepPlan) -> torch.Tensor:
         """This rank's part of a step's forward (the driver's `step` calls it; the other ranks run the plans
-        they receive): logits of the wanted rows where this rank gets them."""
+        they receive): logits of the wanted rows where this rank gets them. With decode graphs, a pure decode
+        step replays its bucket's graph."""
+        if self.graphs is not None:
+            logits = self.graphs.run(plan)
+            if logits is not None:
+                return logits
         return run_plan(self.model, self.cache, plan, self.pipe)
 
     # --- public API -----------------------------------------------------------------------------------
@@ -160,7 +199,7 @@ class Engine:
                                           f"({self.cache.num_pages} x {self.page_size})")
         req = Request(key, list(prompt_ids), params, int(priority), next(self._seq), time.perf_counter())
         req.tokens = list(prompt_ids)
-        req.generator = None if params.temperature == 0.0 else make_generator(params.seed)
+        req.generator = None if params.greedy else make_generator(params.seed, self.device)
         self.requests[key] = req
         self.waiting.append(req)
         self.metrics.inc("requests_total")
@@ -184,28 +223,127 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule and run one batched forward; returns what each touched request produced."""
-        outputs: list[RequestOutput] = []
+        t0 = time.perf_counter()
         sched = self._schedule()
+        outputs = (self._step_speculative(sched) if self.spec is not None else self._step_plain(sched)
+                   ) if sched else []
+        self._busy_s += time.perf_counter() - t0
+        self._update_gauges()
+        return outputs
+
+    def _step_plain(self, sched: list[tuple[Request, int]]) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
         if sched:
             plan = StepPlan()
             for req, n in sched:
                 want = req.num_computed + n == len(req.tokens)
-                plan.add(req.tokens[req.num_computed : req.num_computed + n], req.num_computed, req.pages,
-                         self.page_size, want)
+                self._add_to_plan(plan, req, req.tokens[req.num_computed : req.num_computed + n], want)
             if self.plan_hook is not None:
                 self.plan_hook(plan)
-            logits = self.run_plan(plan).cpu()
+            logits = self.run_plan(plan)
             self.metrics.inc("steps_total")
-            now = time.perf_counter()
-            row = 0
-            for (req, n), want in zip(sched, plan.want_logits):
+            emitting = [req for (req, _), want in zip(sched, plan.want_logits) if want]
+            tokens = sample_rows(logits, [r.params for r in emitting], [r.generator for r in emitting])
+            lps = emitted_logprobs(logits, [r.params.logprobs for r in emitting], [[t] for t in tokens],
+                                   list(range(len(emitting))))
+            for req, n in sched:
                 req.num_computed += n
                 self._offer_pages(req)
-                if want:
-                    outputs.append(self._emit(req, logits[row], now))
-                    row += 1
-        self._update_gauges()
+            now = time.perf_counter()
+            for j, req in enumerate(emitting):
+                outputs.append(self._emit(req, [tokens[j]], lps[j], now))
         return outputs
+
+    def _step_speculative(self, sched: list[tuple[Request, int]]) -> list[RequestOutput]:
+        """A step with MTP drafts (runtime/serve/speculative.py): verify, emit 1..m+1 tokens per decoding
+        request, then draft the next step's tokens."""
+        plan, segs = StepPlan(), []  # segs: (req, tokens in the step, drafts verified or None for prefill)
+        for req, n in sched:
+            if len(req.tokens) - req.num_computed == 1:
+                drafts = req.draft[: n - 1]
+                self._add_to_plan(plan, req, [req.tokens[-1], *drafts], n)
+                segs.append((req, n, drafts))
+            else:
+                want = req.num_computed + n == len(req.tokens)
+                self._add_to_plan(plan, req, req.tokens[req.num_computed : req.num_computed + n], want)
+                segs.append((req, n, None))
+        index, ctx, hidden, logits = self.spec.verify(plan)
+        self.metrics.inc("steps_total")
+        emitted, rows = verify_segments(
+            logits, plan.want_logits, [(r.params, r.generator, d, r.draft_probs) for r, _, d in segs])
+        # The MTP pass over every position of the step: the token after each one is known now.
+        next_ids, draft_at, keep, budgets = [], [], [], []
+        for k, (req, n, drafts) in enumerate(segs):
+            start, toks = plan.starts[k], emitted[k]
+            if drafts is None:
+                nxt = req.tokens[req.num_computed + 1 : req.num_computed + n + 1] + toks
+                next_ids += nxt[:n]
+            else:
+                next_ids += toks + toks[-1:] * (n - len(toks))
+            budget = self._drafts_wanted(req, toks) if toks else 0
+            if budget:
+                draft_at.append(start + (n if drafts is None else len(toks)) - 1)
+                keep.append(k)
+                budgets.append(budget)
+        hm, dlogits = self.spec.draft(index, ctx, hidden, next_ids, draft_at) if keep else (None, None)
+        for k, (req, n, drafts) in enumerate(segs):
+            req.num_computed += n if drafts is None else len(emitted[k])
+            self._offer_pages(req)
+            req.draft, req.draft_probs = [], None
+            if drafts is not None:
+                self.metrics.inc("spec_verify_total")
+                self.metrics.inc("spec_draft_tokens_total", len(drafts))
+                self.metrics.inc("spec_accepted_tokens_total", len(emitted[k]) - 1)
+        if keep:
+            self._draft([segs[k][0] for k in keep], budgets, hm, dlogits)
+        lps = emitted_logprobs(logits, [r.params.logprobs for r, _, _ in segs], emitted, rows)
+        now = time.perf_counter()
+        return [self._emit(req, emitted[k], lps[k], now) for k, (req, _, _) in enumerate(segs) if emitted[k]]
+
+    def _drafts_wanted(self, req: Request, toks: list[int]) -> int:
+        """How many drafts `req` can use in its next step after emitting `toks` (0 when it ends here)."""
+        p = req.params
+        if any(t in p.stop_ids or (not p.ignore_eos and t in self.eos_ids) for t in toks):
+            return 0
+        left = p.max_tokens - len(req.output) - len(toks)
+        return max(0, min(self.spec.tokens, left - 1, self.max_model_len - len(req.tokens) - len(toks) - 1))
+
+    def _draft(self, reqs: list[Request], budgets: list[int], hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        """Drafts from the MTP logits rows (one per request), chaining the module for more up to each budget."""
+        active = list(range(len(reqs)))
+        while True:
+            picks = pick_drafts(logits, [reqs[j].params for j in active], [reqs[j].generator for j in active])
+            for j, (t, q) in zip(active, picks):
+                r = reqs[j]
+                r.draft.append(t)
+                if q is not None:
+                    r.draft_probs = q[None] if r.draft_probs is None else torch.cat([r.draft_probs, q[None]])
+            plan, rows, nxt = StepPlan(), [], []
+            for row, j in enumerate(active):
+                r = reqs[j]
+                pos = r.num_computed + len(r.draft) - 1  # the position after the previous pass's
+                if len(r.draft) < budgets[j] and self._reserve(r, pos + 1):
+                    self._add_to_plan(plan, r, [r.draft[-1]], 1, offset=pos)
+                    rows.append(row)
+                    nxt.append(j)
+            if not nxt:
+                return
+            hidden, logits = self.spec.chain(plan, hidden.index_select(0, torch.tensor(rows, device=hidden.device)))
+            active = nxt
+
+    def _add_to_plan(self, plan: StepPlan, req: Request, tokens: list[int], want: int, offset: int | None = None
+                     ) -> None:
+        """One segment for `req`: `tokens` from position `offset` (default: its first uncomputed one), with
+        its block-table row."""
+        if req.row is None:
+            if self._free_rows:
+                req.row = self._free_rows.pop()
+            else:
+                req.row, self._num_rows = self._num_rows, self._num_rows + 1
+            req.table_pages = 0
+        plan.add(tokens, req.num_computed if offset is None else offset, req.pages, self.page_size, want,
+                 row=req.row, table_from=req.table_pages)
+        req.table_pages = len(req.pages)
 
     # --- scheduling -----------------------------------------------------------------------------------
     def _schedule(self) -> list[tuple[Request, int]]:
@@ -218,6 +356,10 @@ class Engine:
             n = 1 if pending == 1 else min(pending, budget)
             if n == 0:
                 continue
+            if pending == 1 and req.draft:  # verify the drafts too, if their pages can be had
+                m = min(len(req.draft), req.params.max_tokens - len(req.output) - 1)
+                if m > 0 and self._reserve(req, req.num_computed + 1 + m):
+                    n += m
             while not self._reserve(req, req.num_computed + n):
                 victim = max(self.running, key=Request.order)
                 self._preempt(victim)
@@ -285,6 +427,10 @@ class Engine:
         self._offer_pages(req)
         self.cache.allocator.decref(req.pages)
         req.pages, req.num_computed, req.hashed_pages = [], 0, 0
+        if req.row is not None:
+            self._free_rows.append(req.row)
+            req.row, req.table_pages = None, 0
+        req.draft, req.draft_probs = [], None  # its MTP cache rows are gone with its pages
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -293,29 +439,36 @@ class Engine:
         self.metrics.inc("preemptions_total")
 
     # --- outputs ----------------------------------------------------------------------------------------
-    def _emit(self, req: Request, logits: torch.Tensor, now: float) -> RequestOutput:
+    def _emit(self, req: Request, toks: list[int], lps: tuple[list, list] | None, now: float) -> RequestOutput:
+        """Append the step's new tokens of `req` (one, or several from a speculative step, with their
+        logprobs when asked); tokens after a stop or the length limit are dropped."""
         p = req.params
-        tok = sample(logits, p, req.generator)
-        req.output.append(tok)
-        req.tokens.append(tok)
-        out = RequestOutput(req.key, [tok], prompt_tokens=len(req.prompt))
+        out = RequestOutput(req.key, [], prompt_tokens=len(req.prompt))
         if p.logprobs:
-            lp, top = logprobs_of(logits, tok, p.logprobs)
-            req.logprobs.append(lp)
-            req.top_logprobs.append(top)
-            out.logprobs, out.top_logprobs = [lp], [top]
+            out.logprobs, out.top_logprobs = [], []
+        reason = None
+        for i, tok in enumerate(toks):
+            req.output.append(tok)
+            req.tokens.append(tok)
+            out.ids.append(tok)
+            if p.logprobs:
+                req.logprobs.append(lps[0][i])
+                req.top_logprobs.append(lps[1][i])
+                out.logprobs.append(lps[0][i])
+                out.top_logprobs.append(lps[1][i])
+            if tok in p.stop_ids or (not p.ignore_eos and tok in self.eos_ids):
+                reason = "stop"
+            elif len(req.output) >= p.max_tokens or len(req.tokens) >= self.max_model_len:
+                reason = "length"
+            if reason is not None:
+                break
         if req.first_token_t is None:
             req.first_token_t = now
             self.metrics.observe("time_to_first_token_seconds", now - req.arrival)
         else:
-            self.metrics.observe("inter_token_latency_seconds", now - req.last_token_t)
+            self.metrics.observe("inter_token_latency_seconds", (now - req.last_token_t) / len(out.ids))
         req.last_token_t = now
-        self.metrics.inc("generation_tokens_total")
-        reason = None
-        if tok in p.stop_ids or (not p.ignore_eos and tok in self.eos_ids):
-            reason = "stop"
-        elif len(req.output) >= p.max_tokens or len(req.tokens) >= self.max_model_len:
-            reason = "length"
+        self.metrics.inc("generation_tokens_total", len(out.ids))
         if reason is not None:
             fin = self._finish(req, reason)
             out.finished, out.finish_reason = True, reason
@@ -358,24 +511,9 @@ class Engine:
         g["kv_pages_total"], g["kv_pages_used"] = self.cache.num_pages, used
         g["kv_pages_cached"] = len(self.cache.prefix)
         g["kv_cache_usage"] = used / self.cache.num_pages
-
-
-def _tokens_from_free_memory(bytes_per_token: int, device: torch.device, cap: int, group=None) -> int:
-    """KV capacity when serve.kv_cache_tokens = 0: half the free accelerator memory, or on CPU a tenth of
-    the available RAM, never more than max_batch * max_model_len tokens; the minimum over `group`."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = free // 2
-    else:
-        try:
-            budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 10
-        except (ValueError, OSError, AttributeError):
-            budget = 1 << 30
-    n = max(1, min(cap, budget // max(1, bytes_per_token)))
-    if group is not None:
-        import torch.distributed as dist
-
-        t = torch.tensor([n], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-        n = int(t[0])
-    return n
+        c = self.metrics.counters
+        g["generation_tokens_per_s"] = c["generation_tokens_total"] / self._busy_s if self._busy_s else 0.0
+        if self.spec is not None:
+            drafted, verified = c["spec_draft_tokens_total"], c["spec_verify_total"]
+            g["spec_acceptance_rate"] = c["spec_accepted_tokens_total"] / drafted if drafted else 0.0
+            g["spec_tokens_per_step"] = (c["spec_accepted_tokens_total"] / verified + 1) if verified else 0.0

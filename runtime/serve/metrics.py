@@ -67,6 +67,9 @@ class ServeMetrics:
         "recomputed_tokens_total",
         "errors_total",
         "steps_total",
+        "spec_verify_total",  # speculative decoding: decode steps of a request that verified drafts
+        "spec_draft_tokens_total",  # drafts verified
+        "spec_accepted_tokens_total",  # drafts accepted
     )
     HISTOGRAMS = ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_latency_seconds")
 
@@ -75,6 +78,7 @@ class ServeMetrics:
         self.gauges: dict[str, float] = {
             "requests_running": 0, "requests_waiting": 0, "kv_cache_usage": 0.0,
             "kv_pages_total": 0, "kv_pages_used": 0, "kv_pages_cached": 0,
+            "generation_tokens_per_s": 0.0,  # generated tokens per second of engine step time
         }
         self.hist = {name: Histogram() for name in self.HISTOGRAMS}
 
