@@ -146,7 +146,8 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B,T,H] -> (topk_weights [B*T,k] fp32, topk_idx [B*T,k])."""
         c = self.cfg
-        logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())
+        x2, w = x.reshape(-1, x.shape[-1]), self.weight
+        logits = F.linear(x2 if x2.dtype == torch.float32 else x2.float(), w if w.dtype == torch.float32 else w.float())
         bias = self.e_score_correction_bias
         w, idx, scores = route(
             logits,
@@ -155,7 +156,7 @@ class Gate(nn.Module):
             topk_method=c.topk_method,
             n_group=c.n_group,
             topk_group=c.topk_group,
-            bias=None if bias is None else bias.float(),
+            bias=bias if bias is None or bias.dtype == torch.float32 else bias.float(),
             norm_topk_prob=c.norm_topk_prob,
             routed_scaling_factor=c.routed_scaling_factor,
             expert_mask=self.expert_mask,
