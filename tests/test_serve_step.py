@@ -109,10 +109,7 @@ def test_batched_prefill_attention_equals_one_segment_at_a_time(tiny):
 
     def fresh():
         eng = _engine(tiny, page_size=4)
-        reqs = []
-        for i, p in enumerate(prompts):
-            pages = eng.cache.alloc(-(-len(p) // 4))
-            reqs.append(pages)
+        reqs = [eng.cache.alloc(-(-len(p) // 4)) for p in prompts]
         first = StepPlan()
         for i, (p, pages) in enumerate(zip(prompts, reqs)):
             if cached[i]:
@@ -126,7 +123,7 @@ def test_batched_prefill_attention_equals_one_segment_at_a_time(tiny):
     for i, (p, pages) in enumerate(zip(prompts, reqs)):
         plan.add(p[cached[i] :], cached[i], pages, 4, True, row=i)
     together = run_plan(tiny, eng.cache, plan)
-    for i, (p, pages) in enumerate(zip(prompts, reqs)):
+    for i, p in enumerate(prompts):
         eng1, reqs1 = fresh()
         alone = StepPlan()
         alone.add(p[cached[i] :], cached[i], reqs1[i], 4, True, row=i)
@@ -194,3 +191,22 @@ def test_switches_refuse_what_cannot_run(tiny):
         load_config(None, ["serve.speculative=eagle"])
     cfg = load_config(None, ["serve.speculative=mtp", "serve.speculative_tokens=2", "serve.cuda_graphs=false"])
     assert cfg["serve"]["speculative"] == "mtp" and cfg["serve"]["speculative_tokens"] == 2
+
+
+@pytest.mark.timeout(300)
+def test_moerun_serve_refuses_the_switches_at_start_up():
+    """A clear message and a non-zero exit, before any rank loads a model (a multi-rank job) or serves."""
+    import os
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "launch", "serve", "--model", "builtin:tiny", "--bind", "tcp://127.0.0.1:*"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "SLURM_", "RANK", "WORLD_"))}
+    two = {**env, "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    r = subprocess.run([*base, "--set", "serve.speculative=mtp"], env=two, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "one rank only" in r.stderr and "2 ranks" in r.stderr, r.stderr
+    r = subprocess.run([*base, "--set", "serve.cuda_graphs=true"], env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode != 0 and "needs a CUDA device" in r.stderr, r.stderr

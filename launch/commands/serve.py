@@ -14,7 +14,14 @@ latent KV cache (see docs/serving.md). The socket binds loopback by default; bin
 exposes an unauthenticated endpoint, so do it only on a trusted network.
 
 Config keys ([serve] section, each also settable with --set serve.KEY=VALUE): bind, max_batch, max_queue,
-max_model_len, max_prefill_tokens, page_size, kv_cache_tokens (0: sized from free memory).
+max_model_len, max_prefill_tokens, page_size, kv_cache_tokens (0: sized from free memory), pin_weights, and:
+  speculative = "off" | "mtp"   MTP speculative decoding: the checkpoint's multi-token-prediction module
+                                drafts, the model verifies (greedy output unchanged; sampled output keeps
+                                its distribution). One rank only; needs MTP weights in the checkpoint.
+  speculative_tokens = 1..7     drafts per step (default 1)
+  cuda_graphs = true | false    replay captured decode steps on CUDA (one rank; unverified on hardware)
+Metrics (moerun client metrics) then include spec_acceptance_rate, spec_tokens_per_step and
+generation_tokens_per_s. Speed figures and how they were measured: docs/serving.md.
 
 Under a parallel layout (mpirun/srun with parallel.tp / ep / pp > 1) rank 0 owns the socket and the
 engine and broadcasts each step's batch plan; every rank runs the same forward on its shard (with pp, its
@@ -24,6 +31,7 @@ examples:
   moerun serve --model builtin:tiny
   moerun serve job.toml --bind tcp://127.0.0.1:6000 --set serve.page_size=16
   moerun serve job.toml --train          # serve and train the same weights (docs/scheduler.md)
+  moerun serve --model DIR --set serve.speculative=mtp --set serve.speculative_tokens=2
   mpirun -np 2 moerun serve --model DIR --set parallel.tp=2
   moerun client generate --connect tcp://127.0.0.1:5555 --prompt "Hello" --stream"""
 
@@ -54,11 +62,26 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             return serve(config, mesh, train=args.train, max_frame_bytes=args.max_frame_bytes)
-        except (FileNotFoundError, zmq.ZMQError) as exc:
+        except (FileNotFoundError, ValueError, zmq.ZMQError) as exc:  # a bad model path / config value / bind
             raise SystemExit(f"moerun serve: {exc}") from None
 
+    sv = config["serve"]
+    try:
+        _check_single_rank_switches(sv, RankInfo.from_env().world_size)
+    except ValueError as exc:
+        raise SystemExit(f"moerun serve: {exc}") from None
     if RankInfo.from_env().world_size > 1:
         from launch.job import run_on_mesh
 
         return run_on_mesh(config, body)
     return body(None)
+
+
+def _check_single_rank_switches(serve: dict, world_size: int) -> None:
+    """serve.speculative and serve.cuda_graphs run on one rank: refuse a multi-rank job before any rank
+    loads a model (the engine checks the same on its own)."""
+    on = [f"serve.speculative = {serve['speculative']!r}"] if serve["speculative"] != "off" else []
+    on += ["serve.cuda_graphs = true"] if serve["cuda_graphs"] else []
+    if on and world_size > 1:
+        raise ValueError(f"{' and '.join(on)} run on one rank only, and this job has {world_size} ranks; "
+                         "serve on one rank, or leave them off")
