@@ -1,9 +1,12 @@
 """MTP speculative decoding against plain decoding, same engine, same model, same prompts, in one run.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/speculative.py [--train-steps 400] [--tokens 1] [--batch 1]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/speculative.py --layers 8    # builtin:tiny's shape, 8 layers
 
 Trains builtin:tiny with its MTP module on builtin:tinytext (the project's Trainer, `train.mtp_loss_coef`;
-the weights are kept in --cache and reused when the same training was done before), then generates greedily
+the weights are kept in --cache and reused when the same training was done before); `--layers N` trains
+builtin:tiny's shape with N decoder layers instead of 4 (the MTP module's share of a step's work is about
+one layer in N + 1: DeepSeek-V3 has 61). Then it generates greedily
 for held-out prompts (sentences of the same grammar from another seed) with `serve.speculative = "off"` and
 `"mtp"`, alternating the two per round so that a change of machine load hits both alike. Prints, for each:
 tokens/s, and for MTP the acceptance rate (accepted drafts / drafts), tokens per decode step of a request,
@@ -28,6 +31,7 @@ sys.path[:0] = [ROOT]
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-steps", type=int, default=400, help="training steps of builtin:tiny (default 400)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4: builtin:tiny itself)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--tokens", type=int, default=1, help="drafts per step, serve.speculative_tokens (default 1)")
@@ -50,6 +54,8 @@ def trained_model(a: argparse.Namespace):
     sets = [f"train.steps={a.train_steps}", f"train.lr={a.lr}", "train.warmup_steps=10",
             f"data.seq_len={a.seq_len}", "train.global_batch=8", "train.mtp_loss_coef=1.0",
             "train.weight_decay=0.0", "train.resume=false", f"train.out={os.path.join(a.cache, 'run')}"]
+    if a.layers != 4:
+        sets.append(f"model.path={initial_checkpoint(a)}")
     key = hashlib.sha256(" ".join(sets).encode()).hexdigest()[:16]
     path = os.path.join(a.cache, f"tiny-mtp-{key}.pt")
     trainer = Trainer(load_config(None, sets), log=lambda m: None)
@@ -68,6 +74,23 @@ def trained_model(a: argparse.Namespace):
         os.replace(path + ".tmp", path)
         print(f"trained weights: {path}")
     return trainer.model.eval()
+
+
+def initial_checkpoint(a: argparse.Namespace) -> str:
+    """An HF-format directory: builtin:tiny's config with `a.layers` decoder layers, its deterministic init."""
+    import dataclasses
+
+    from runtime.model.builtin import init_weights
+    from runtime.model.config import builtin_tiny_config
+    from runtime.model.deepseek import DeepseekModel
+    from runtime.model.hf_checkpoint import save_hf_checkpoint
+
+    path = os.path.join(a.cache, f"tiny-{a.layers}-layers")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        model = DeepseekModel(dataclasses.replace(builtin_tiny_config(), num_hidden_layers=a.layers), mtp=True)
+        init_weights(model, seed=0)
+        save_hf_checkpoint(model, path)
+    return path
 
 
 def prompts(n: int) -> list[list[int]]:
@@ -106,7 +129,8 @@ def main() -> int:
     model = trained_model(a)
     ps = prompts(a.prompts)
     total = len(ps) * a.new
-    print(f"model: builtin:tiny trained {a.train_steps} steps with MTP; {len(ps)} prompts of {len(ps[0])} bytes, "
+    print(f"model: builtin:tiny ({a.layers} layers) trained {a.train_steps} steps with MTP; {len(ps)} prompts of "
+          f"{len(ps[0])} bytes, "
           f"{a.new} new tokens each, batch {a.batch}, {a.tokens} draft(s) per step, torch threads {a.threads}")
     temps = [0.0, 0.8] if a.sampled else [0.0]
     for temp in temps:

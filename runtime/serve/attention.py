@@ -76,6 +76,13 @@ class StepIndex:
             self.dec_index = (decode_index(self.dec_table, d[2], ps, self.dec_max)
                               if kernel_backend(device) == "torch" else None)
         self.prefill = [self._group(plan, g, table, ps, device) for g in _groups(plan, prefill)]
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rope(self, model, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of the step's positions (computed once, shared by every layer and the MTP pass)."""
+        if self._rope is None or self._rope[0].dtype != dtype:
+            self._rope = model.rotary(self.positions, dtype)
+        return self._rope
 
     @staticmethod
     def _group(plan, segs: list[int], table: torch.Tensor, ps: int, device) -> PrefillGroup:

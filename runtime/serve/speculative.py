@@ -63,7 +63,7 @@ class MTPSpeculator:
         next_ids [N]); returns its normed output and fp32 logits at `rows` ([R, H], [R, V])."""
         m = self.model
         emb = m.model.embed_tokens(torch.tensor(next_ids, dtype=torch.long, device=self.device))
-        cos, sin = m.rotary(index.positions, emb.dtype)
+        cos, sin = index.rope(m, emb.dtype)
         out = self.mtp.predict(hidden[None], emb[None], cos, sin, ctx)[0]
         sel = out.index_select(0, torch.tensor(rows, dtype=torch.long, device=self.device))
         return sel, m.head(sel).float()

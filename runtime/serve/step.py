@@ -202,7 +202,7 @@ def decoder_forward(model, index: StepIndex, ctx: PagedAttention, layer_ids: lis
     is None), with the step's attention context."""
     if h is None:
         h = model.model.embed_tokens(index.ids[None])
-    cos, sin = model.rotary(index.positions, h.dtype)
+    cos, sin = index.rope(model, h.dtype)
     for li in layer_ids:
         h = model.model.layers[li](h, cos, sin, ctx)
     return h
