@@ -153,7 +153,9 @@ class PagedAttention:
         idx = self.index
         kv_pages = self.cache.layer(self.layer_slots[layer_idx])
         width = kv_pages.shape[-1]
-        kv_pages.view(-1, width).index_copy_(0, idx.slots, torch.cat([latent[0], k_pe[0]], -1).to(kv_pages.dtype))
+        rows = torch.cat([latent[0], k_pe[0]], -1)
+        rows = rows if rows.dtype == kv_pages.dtype else rows.to(kv_pages.dtype)
+        kv_pages.view(-1, width).index_copy_(0, idx.slots, rows)
         q_nope, q_pe = q_nope[0], q_pe[0]
         n, heads, dn = q_nope.shape
         w = attn.kv_b_proj.weight
