@@ -151,10 +151,12 @@ def main() -> int:
                       kv_cache_tokens=a.requests * (a.prompt + a.new + a.page_size))
 
     srv = Server(Scheduler(make_engine()), bind="tcp://127.0.0.1:*").start()
+    cpu0 = time.process_time()
     try:
         wall, ttfts, dones = run_clients_elsewhere(srv.endpoint, prompts.tolist(), a.new)
     finally:
         srv.stop()
+    ours_cpu = time.process_time() - cpu0  # this process: the server thread and the engine (not the clients)
     assert all(len(d["ids"]) == a.new for d in dones)
     ours_tps = total_new / wall
 
@@ -164,10 +166,10 @@ def main() -> int:
         if not a.no_hf:
             hf.generate(prompts[:2, :8], attention_mask=torch.ones(2, 8, dtype=torch.long), max_new_tokens=2,
                         do_sample=False, pad_token_id=0)  # warm-up
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=a.new,
                               do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-            hf_wall = time.perf_counter() - t0
+            hf_wall, hf_cpu = time.perf_counter() - t0, time.process_time() - cpu0
             hf_tps = total_new / hf_wall
             same = sum(d["ids"] == out.sequences[i, a.prompt:].tolist() for i, d in enumerate(dones))
         # HF's cache bytes per token and layer, measured from its tensors after a short forward
@@ -192,6 +194,8 @@ def main() -> int:
         print(f"HF generate (whole batch at once):          {hf_tps:8.1f} tok/s   wall {hf_wall:.2f} s")
         print(f"throughput ratio moerun / HF: {ours_tps / hf_tps:.2f}x   (greedy outputs identical for {same}/"
               f"{a.requests} requests)")
+        print(f"CPU seconds in this process: moerun {ours_cpu:.2f} (server thread + engine), HF {hf_cpu:.2f}; "
+              f"ratio HF / moerun {hf_cpu / ours_cpu:.2f}x (less sensitive to other load than wall time)")
     print(f"KV cache bytes per token per layer: moerun {ours_bytes} (latent {a.kv_lora_rank} + rope {a.rope_dim} "
           f"values), HF DynamicCache {hf_bytes}, MHA same heads {mha_bytes}")
     print(f"  moerun / HF = {ours_bytes / hf_bytes:.3f}   moerun / MHA = {ours_bytes / mha_bytes:.3f}   "
@@ -211,7 +215,7 @@ def main() -> int:
         prof = profile_decode(make_engine, add_requests, a.requests, min(a.profile_steps, a.new - 4))
         step_tps = prof["tokens_per_step"] / (prof["step_ms"] / 1e3)
         print(f"decode step (engine alone, {a.requests} sequences, mean of {prof['steps']} steps): "
-              f"{prof['step_ms']:.2f} ms; under the profiler {prof['profiled_ms']:.2f} ms = model compute "
+              f"{prof['step_ms']:.2f} ms (CPU {prof['step_cpu_ms']:.2f} ms); under the profiler {prof['profiled_ms']:.2f} ms = model compute "
               f"{prof['compute_ms']:.2f} ms + host overhead {prof['host_ms']:.2f} ms  "
               f"({prof['ops_per_step']:.0f} aten ops per step, operator call {prof['op_call_us']:.1f} us)")
         print(f"  decode {step_tps:.0f} tok/s = {100 * step_tps / ceiling_tps:.1f}% of the matmul ceiling; "

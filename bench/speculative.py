@@ -105,14 +105,14 @@ def prompts(n: int) -> list[list[int]]:
 
 
 def generate(model, ps: list[list[int]], a: argparse.Namespace, speculative: str, temperature: float
-             ) -> tuple[dict[str, list[int]], float, dict]:
-    """Every prompt, `a.batch` at a time; (outputs by index, wall seconds, engine metrics)."""
+             ) -> tuple[dict[str, list[int]], tuple[float, float], dict]:
+    """Every prompt, `a.batch` at a time; (outputs by index, (wall, CPU) seconds, engine metrics)."""
     from runtime.serve import Engine, SamplingParams
 
     eng = Engine(model, max_batch=max(1, a.batch), max_model_len=256, page_size=16, kv_cache_tokens=8192,
                  speculative=speculative, speculative_tokens=a.tokens)
     out: dict[str, list[int]] = {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for b in range(0, len(ps), a.batch):
         for i in range(b, min(b + a.batch, len(ps))):
             eng.add_request(str(i), ps[i], SamplingParams(max_tokens=a.new, ignore_eos=True, temperature=temperature,
@@ -120,7 +120,7 @@ def generate(model, ps: list[list[int]], a: argparse.Namespace, speculative: str
         while eng.has_work():
             for o in eng.step():
                 out.setdefault(o.key, []).extend(o.ids)
-    return out, time.perf_counter() - t0, eng.metrics.as_dict()
+    return out, (time.perf_counter() - t0, time.process_time() - c0), eng.metrics.as_dict()
 
 
 def main() -> int:
@@ -135,22 +135,25 @@ def main() -> int:
     temps = [0.0, 0.8] if a.sampled else [0.0]
     for temp in temps:
         generate(model, ps[:1], a, "mtp", temp)  # warm-up
-        plain_s, spec_s, same, m = [], [], True, {}
+        plain, spec, same, m = [], [], True, {}
         for r in range(a.rounds):
             order = ("off", "mtp") if r % 2 == 0 else ("mtp", "off")
             got = {}
             for mode in order:
                 got[mode] = generate(model, ps, a, mode, temp)
-            plain_s.append(got["off"][1])
-            spec_s.append(got["mtp"][1])
+            (pw, pc), (sw, sc) = got["off"][1], got["mtp"][1]
+            plain.append((pw, pc))
+            spec.append((sw, sc))
             m = got["mtp"][2]
             same &= got["off"][0] == got["mtp"][0]
-            print(f"  round {r + 1}: plain {total / got['off'][1]:7.1f} tok/s   mtp {total / got['mtp'][1]:7.1f} tok/s"
-                  f"   speed-up {got['off'][1] / got['mtp'][1]:.2f}x   load average {os.getloadavg()[0]:.2f}")
+            print(f"  round {r + 1}: plain {total / pw:7.1f} tok/s   mtp {total / sw:7.1f} tok/s   speed-up "
+                  f"{pw / sw:.2f}x (CPU time: {pc / sc:.2f}x)   load average {os.getloadavg()[0]:.2f}")
         kind = "greedy" if temp == 0.0 else f"temperature {temp}"
-        print(f"{kind}: plain {total / min(plain_s):.1f} tok/s, mtp {total / min(spec_s):.1f} tok/s (best of "
-              f"{a.rounds}); speed-up {min(plain_s) / min(spec_s):.2f}x; acceptance rate "
-              f"{m['spec_acceptance_rate']:.3f}, tokens per step {m['spec_tokens_per_step']:.2f}"
+        pw, sw = min(x[0] for x in plain), min(x[0] for x in spec)
+        pc, sc = min(x[1] for x in plain), min(x[1] for x in spec)
+        print(f"{kind}: plain {total / pw:.1f} tok/s, mtp {total / sw:.1f} tok/s (best of {a.rounds}); speed-up "
+              f"{pw / sw:.2f}x (CPU time {pc / sc:.2f}x); acceptance rate {m['spec_acceptance_rate']:.3f}, "
+              f"tokens per step {m['spec_tokens_per_step']:.2f}"
               + (f"; outputs identical: {'yes' if same else 'NO'}" if temp == 0.0 else ""))
     return 0
 

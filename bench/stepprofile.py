@@ -4,7 +4,7 @@ Used by bench/serve.py and bench/speculative.py. Definitions (the same for every
 figures compare):
 
 * decode step time: wall time of one `Engine.step()` while every request of the batch is decoding
-  (measured without the profiler).
+  (measured without the profiler), and the process CPU time it took (less sensitive to other load).
 * the split: the same steps run again under `torch.profiler` (wall time measured there too, so a change of
   machine load between the two runs cannot skew it). Model compute is the arithmetic inside torch's
   operators: each aten operator's self time (its children excluded) minus the cost of calling an operator
@@ -97,7 +97,7 @@ def profile_decode(make_engine: Callable, add_requests: Callable, batch: int, st
     """Mean decode step of `batch` sequences, split into model compute and host overhead.
 
     `make_engine()` returns a fresh Engine, `add_requests(engine)` queues the batch (long enough to decode
-    `steps` steps). Returns {step_ms, profiled_ms, compute_ms, host_ms, ops_per_step, op_call_us,
+    `steps` steps). Returns {step_ms, step_cpu_ms, profiled_ms, compute_ms, host_ms, ops_per_step, op_call_us,
     tokens_per_step, steps}."""
 
     def warm(engine) -> None:
@@ -111,13 +111,14 @@ def profile_decode(make_engine: Callable, add_requests: Callable, batch: int, st
 
     eng = make_engine()
     warm(eng)
-    times, tokens = [], 0
+    times, cpu, tokens = [], [], 0
     for _ in range(steps):
         if not _decoding(eng, batch):
             break
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         outs = eng.step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         tokens += sum(len(o.ids) for o in outs)
     if not times:
         raise RuntimeError("no decode step with the whole batch running (too few new tokens?)")
@@ -142,6 +143,7 @@ def profile_decode(make_engine: Callable, add_requests: Callable, batch: int, st
             compute_us += max(0.0, e.self_cpu_time_total - call_us)
     compute_ms = compute_us / 1e3 / max(1, n)
     profiled_ms = 1e3 * prof_s / max(1, n)
-    return {"step_ms": 1e3 * statistics.mean(times), "profiled_ms": profiled_ms, "compute_ms": compute_ms,
+    return {"step_ms": 1e3 * statistics.mean(times), "step_cpu_ms": 1e3 * statistics.mean(cpu),
+            "profiled_ms": profiled_ms, "compute_ms": compute_ms,
             "host_ms": profiled_ms - compute_ms, "ops_per_step": ops / max(1, n), "op_call_us": call_us,
             "tokens_per_step": tokens / len(times), "steps": len(times)}
