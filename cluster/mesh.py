@@ -161,6 +161,10 @@ _COMM_ERROR = re.compile(r"connection (closed|reset)|broken pipe|gloo|nccl|timed
 def _is_comm_error(exc: BaseException) -> bool:
     import torch.distributed as dist
 
+    from cluster.p2p import P2PTimeout
+
+    if isinstance(exc, P2PTimeout):
+        return False  # a p2p deadlock is itself the root cause: report it at once, do not wait for a peer
     return isinstance(exc, getattr(dist, "DistError", ())) or bool(_COMM_ERROR.search(str(exc)))
 
 
@@ -221,8 +225,15 @@ def init(tp: int = 1, pp: int = 1, ep: int = 1, dp: int = 0, *, timeout_s: float
                       stacklevel=2)
 
     groups: dict = {"world": dist.group.WORLD}
-    # the host's control plane: CPU tensors over gloo whatever the device backend is
-    groups["control"] = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
+    # the host's control plane: CPU tensors over gloo whatever the device backend is (its own group under the
+    # device-discipline test mode, so the mode can tell control traffic from device traffic on gloo too)
+    from cluster import devicecheck
+
+    checking = devicecheck.enabled()
+    groups["control"] = (dist.group.WORLD if backend == "gloo" and not checking
+                         else dist.new_group(backend="gloo"))
+    if checking:
+        devicecheck.install(device, [groups["control"]])
     by_members: dict[tuple[int, ...], object] = {}
     for dim in ("tp", "pp", "dp", "ep", "edp"):
         members = tuple(layout.group_of(dim, info.rank))

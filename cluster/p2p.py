@@ -39,6 +39,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from cluster import devicecheck
+
 BACKENDS = ("torch", "nccl-emulated")
 DEFAULT_TIMEOUT_S = 300.0
 _CTRL_TAG, _DATA_TAG = 0x6E63, 0x6E64  # the emulation's own gloo tags: never match anyone's tag-0 traffic
@@ -211,6 +213,7 @@ class EmulatedChannel:
     def post(self, ops: Sequence[Op]) -> list[_EmulatedWork]:
         if not ops:
             return []
+        devicecheck.check("p2p post", [op.tensor for op in ops], self.group)
         for op in ops:
             if op.tensor.device.type != "cpu":
                 raise ValueError(f"nccl-emulated p2p moves CPU tensors over gloo; {op} is on {op.tensor.device}")

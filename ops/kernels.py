@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ops.paged_attention import DecodeIndex
 
 ENV = "MOERUN_KERNELS"
 CHOICES = ("auto", "torch", "triton")
@@ -101,14 +105,8 @@ def grouped_linear(
     return ref(x, weight, tokens_per_expert)
 
 
-def grouped_swiglu(
-    x: torch.Tensor,
-    gate_proj: torch.Tensor,
-    up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    tokens_per_expert: torch.Tensor,
-    backend: str | None = None,
-) -> torch.Tensor:
+def grouped_swiglu(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
+                   tokens_per_expert: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """`ops.moe.grouped_swiglu` or the Triton version with gate/up/SwiGLU fused in one kernel."""
     if _pick(backend, x, gate_proj, up_proj, down_proj) == "triton":
         from ops.triton.grouped_gemm import grouped_swiglu as tri
@@ -119,17 +117,9 @@ def grouped_swiglu(
     return ref(x, gate_proj, up_proj, down_proj, tokens_per_expert)
 
 
-def mla_decode_paged(
-    q_latent: torch.Tensor,
-    q_pe: torch.Tensor,
-    kv_pages: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    softmax_scale: float,
-    backend: str | None = None,
-    max_seq_len: int | None = None,
-    index=None,
-) -> torch.Tensor:
+def mla_decode_paged(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_pages: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, softmax_scale: float, backend: str | None = None,
+                     max_seq_len: int | None = None, index: DecodeIndex | None = None) -> torch.Tensor:
     """Absorbed MLA decode over the paged latent cache (layout: `ops.paged_attention`).
 
     `max_seq_len` (>= max(seq_lens)) lets the Triton path launch without reading seq_lens on the host.
@@ -170,14 +160,8 @@ def quantize_weight(w: torch.Tensor, backend: str | None = None) -> tuple[torch.
     return block_quantize(w)
 
 
-def fp8_gemm(
-    a_q: torch.Tensor,
-    a_scale: torch.Tensor,
-    b_q: torch.Tensor,
-    b_scale: torch.Tensor,
-    out_dtype: torch.dtype = torch.float32,
-    backend: str | None = None,
-) -> torch.Tensor:
+def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+             out_dtype: torch.dtype = torch.float32, backend: str | None = None) -> torch.Tensor:
     """A @ B.T from FP8 operands with 1x128 (A) and 128x128 (B) scales, fp32 accumulation."""
     if kernel_backend(a_q.device, backend) == "triton":
         from ops.triton.fp8 import fp8_gemm as tri

@@ -24,16 +24,9 @@ def split_kv_b(
     return w[:, :qk_nope_head_dim], w[:, qk_nope_head_dim:]
 
 
-def mla_expanded(
-    q_nope: torch.Tensor,
-    q_pe: torch.Tensor,
-    latent: torch.Tensor,
-    k_pe: torch.Tensor,
-    kv_b_weight: torch.Tensor,
-    scale: float,
-    q_offset: int = 0,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def mla_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                 kv_b_weight: torch.Tensor, scale: float, q_offset: int = 0,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention with per-head keys/values expanded from the latent.
 
     q_nope [B,T,H,dn], q_pe [B,T,H,dr] (rotated), latent [B,S,r], k_pe [B,S,dr] (rotated), S = q_offset + T
@@ -69,16 +62,9 @@ def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
 
 
-def mla_absorbed(
-    q_nope: torch.Tensor,
-    q_pe: torch.Tensor,
-    latent: torch.Tensor,
-    k_pe: torch.Tensor,
-    kv_b_weight: torch.Tensor,
-    scale: float,
-    q_offset: int = 0,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def mla_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                 kv_b_weight: torch.Tensor, scale: float, q_offset: int = 0, mask: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """Same result as `mla_expanded`, computed over the latent cache (W_UK into q, W_UV after attention).
 
     latent [B,S,r] and k_pe [B,S,dr] are the cache (S keys, the queries sit at q_offset..q_offset+T-1).

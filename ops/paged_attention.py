@@ -28,14 +28,8 @@ def kv_width(kv_lora_rank: int, rope_dim: int) -> int:
     return kv_lora_rank + rope_dim
 
 
-def new_kv_pages(
-    num_pages: int,
-    page_size: int,
-    kv_lora_rank: int,
-    rope_dim: int,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
+def new_kv_pages(num_pages: int, page_size: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
     """A zeroed page pool for one layer: [num_pages, page_size, kv_lora_rank + rope_dim]."""
     if num_pages <= 0 or page_size <= 0:
         raise ValueError(f"num_pages and page_size must be positive, got {num_pages}, {page_size}")

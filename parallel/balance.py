@@ -34,8 +34,9 @@ def _in_backward() -> bool:
 
 def expert_load(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[E] int64: how many (token, expert) pairs chose each expert (-1 slots ignored)."""
-    flat = topk_idx.reshape(-1)
-    return torch.bincount(flat[flat >= 0].long(), minlength=num_experts)
+    flat = topk_idx.reshape(-1).long() + 1  # bin 0 gathers the -1 slots (scatter_add: no host sync)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))[1:]
 
 
 def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, alpha: float,
@@ -98,13 +99,14 @@ class ExpertBalancer:
         if _in_backward():
             return
         key = next(self._anon) if microbatch is None else ("mb", microbatch)
-        self._records[(layer, key)] = counts.detach().long().cpu()
+        self._records[(layer, key)] = counts.detach().long()  # stays on its device until the step
 
     def pending_loads(self) -> torch.Tensor:
-        """[L, E] int64 loads recorded on this rank since the last step (not yet reduced)."""
-        loads = torch.zeros(len(self.biases), self.num_experts, dtype=torch.long)
+        """[L, E] int64 loads recorded on this rank since the last step (not yet reduced), on the biases'
+        device."""
+        loads = torch.zeros(len(self.biases), self.num_experts, dtype=torch.long, device=self.biases[0].device)
         for (layer, _), counts in self._records.items():
-            loads[layer] += counts
+            loads[layer] += counts.to(loads.device)
         return loads
 
     def aux_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor,

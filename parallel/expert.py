@@ -242,7 +242,7 @@ def experts_per_rank(num_experts: int, ep: int) -> int:
 
 
 def _check_inputs(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
-                  ep: int) -> int:
+                  ep: int, values: bool) -> int:
     if x.dim() != 2:
         raise ValueError(f"dispatch expects x of shape [tokens, hidden], got {tuple(x.shape)}")
     if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
@@ -253,9 +253,9 @@ def _check_inputs(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.T
     if topk_idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"topk_idx must be an integer tensor, got {topk_idx.dtype}")
     epr = experts_per_rank(num_experts, ep)
-    # Value ranges are checked where that is free (host tensors); on a device it would cost a sync.
-    if topk_idx.device.type == "cpu" and topk_idx.numel() and (
-            int(topk_idx.max()) >= num_experts or int(topk_idx.min()) < -1):
+    # Checking the ids' range reads them on the host (a sync): the functional API does, the model's
+    # Dispatcher (whose ids come from its own router) does not.
+    if values and topk_idx.numel() and (int(topk_idx.max()) >= num_experts or int(topk_idx.min()) < -1):
         raise ValueError(f"topk_idx values must lie in [-1, {num_experts}) (-1 = no expert)")
     return epr
 
@@ -277,19 +277,20 @@ def _apply_capacity(topk_idx: torch.Tensor, num_experts: int, capacity_factor: f
 
 def dispatch_async(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                    group: ProcessGroup | None, num_experts: int, capacity_factor: float | None = None,
-                   link=None) -> DispatchHandle:
+                   link=None, check_ids: bool = True) -> DispatchHandle:
     """Start sending tokens to their experts' ranks; `handle.wait()` returns the grouped rows.
 
     x: [N, H] this rank's tokens; topk_idx: [N, K] global expert ids (-1 = unused slot);
     topk_weights: [N, K] routing weights (gradients flow back to them through `handle.recv_weights`).
     `group` None (or of size 1): everything stays here. `link`: every transfer of this dispatch (and of
-    its combine and backward) is delayed by its off-rank bytes on that emulated link.
+    its combine and backward) is delayed by its off-rank bytes on that emulated link. `check_ids` checks
+    the ids' range (a host read of them; the model's Dispatcher skips it).
     """
     group = group if group_size(group) > 1 else None
     if group is None and capacity_factor is None and not torch.is_grad_enabled():
         return _dispatch_local(x, topk_idx, topk_weights, num_experts, link)
     ep = group_size(group)
-    epr = _check_inputs(x, topk_idx, topk_weights, num_experts, ep)
+    epr = _check_inputs(x, topk_idx, topk_weights, num_experts, ep, check_ids)
     n, k = topk_idx.shape
     routed = topk_idx.long()
     if capacity_factor is not None:
@@ -442,7 +443,7 @@ class Dispatcher:
             x, topk_weights = scatter_rows_to_tp([x, topk_weights], self.tp_group)
             topk_idx = shard(topk_idx, 0, self.tp_group)
         handle = dispatch_async(x, topk_idx, topk_weights, self.group, self.num_experts, self.capacity_factor,
-                                self.link)
+                                self.link, check_ids=False)
         handle.tp_tokens = n
         return handle
 

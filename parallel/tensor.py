@@ -88,36 +88,30 @@ def _split(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tenso
 # autograd mappings
 
 
-class _CopyToTP(torch.autograd.Function):
+# The mappings between TP / SP regions, each a (forward, backward) pair of these collectives (Megatron's
+# tensor_parallel/mappings.py has one Function per pair; here one Function takes the pair).
+_COLLECTIVES = {
+    "identity": lambda x, dim, group: x.view_as(x),
+    "all_reduce": lambda x, dim, group: _all_reduce(x, group),
+    "split": _split,
+    "gather": all_gather_dim,
+    "reduce_scatter": _reduce_scatter,
+}
+
+
+class _Mapping(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g, ctx.group), None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _split(x, dim, group)
+    def forward(ctx, x, forward, backward, dim, group):
+        ctx.backward_op, ctx.dim, ctx.group = backward, dim, group
+        return _COLLECTIVES[forward](x, dim, group)
 
     @staticmethod
     def backward(ctx, g):
-        return all_gather_dim(g, ctx.dim, ctx.group), None, None
+        return _COLLECTIVES[ctx.backward_op](g, ctx.dim, ctx.group), None, None, None, None
+
+
+def _map(x: torch.Tensor, forward: str, backward: str, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+    return _Mapping.apply(x, forward, backward, dim, group) if group_size(group) > 1 else x
 
 
 class _ScatterRowsToTP(torch.autograd.Function):
@@ -133,55 +127,19 @@ class _ScatterRowsToTP(torch.autograd.Function):
         return (None, *(all_gather_dim(g, 0, ctx.group) for g in grads))
 
 
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return all_gather_dim(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _split(g, ctx.dim, ctx.group), None, None
-
-
-class _GatherFromSP(torch.autograd.Function):
-    """All-gather along the sequence dim; backward reduce-scatters because the consumer is a TP region
-    whose per-rank gradients are partial sums."""
-
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return all_gather_dim(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter(g, ctx.dim, ctx.group), None, None
-
-
-class _ReduceScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _reduce_scatter(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_gather_dim(g, ctx.dim, ctx.group), None, None
-
-
 def copy_to_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Identity forward, all-reduce backward: the input of a column-parallel region."""
-    return _CopyToTP.apply(x, group) if group_size(group) > 1 else x
+    return _map(x, "identity", "all_reduce", 0, group)
 
 
 def reduce_from_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """All-reduce forward, identity backward: the output of a row-parallel region."""
-    return _ReduceFromTP.apply(x, group) if group_size(group) > 1 else x
+    return _map(x, "all_reduce", "identity", 0, group)
 
 
 def scatter_to_tp(x: torch.Tensor, group: ProcessGroup | None, dim: int = -1) -> torch.Tensor:
     """Keep this rank's chunk of `dim` (default last); backward all-gathers."""
-    return _ScatterToTP.apply(x, dim, group) if group_size(group) > 1 else x
+    return _map(x, "split", "gather", dim, group)
 
 
 def scatter_rows_to_tp(xs: list[torch.Tensor], group: ProcessGroup | None) -> tuple[torch.Tensor, ...]:
@@ -194,22 +152,23 @@ def scatter_rows_to_tp(xs: list[torch.Tensor], group: ProcessGroup | None) -> tu
 
 def gather_from_tp(x: torch.Tensor, group: ProcessGroup | None, dim: int = -1) -> torch.Tensor:
     """All-gather the chunks of `dim` (default last); backward keeps this rank's chunk."""
-    return _GatherFromTP.apply(x, dim, group) if group_size(group) > 1 else x
+    return _map(x, "gather", "split", dim, group)
 
 
 def scatter_to_sp(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
     """Split a replicated activation along the sequence dim; backward all-gathers."""
-    return _ScatterToTP.apply(x, dim, group) if group_size(group) > 1 else x
+    return _map(x, "split", "gather", dim, group)
 
 
 def gather_from_sp(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
-    """Sequence shards -> full sequence for a TP region; backward reduce-scatters the partial grads."""
-    return _GatherFromSP.apply(x, dim, group) if group_size(group) > 1 else x
+    """Sequence shards -> full sequence for a TP region; backward reduce-scatters the partial grads (the
+    consumer is a TP region whose per-rank gradients are partial sums)."""
+    return _map(x, "gather", "reduce_scatter", dim, group)
 
 
 def reduce_scatter_to_sp(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
     """Partial sums of a row-parallel region -> summed sequence shards; backward all-gathers."""
-    return _ReduceScatterToSP.apply(x, dim, group) if group_size(group) > 1 else x
+    return _map(x, "reduce_scatter", "gather", dim, group)
 
 
 def all_reduce_sequence_parallel_grads(module: nn.Module, group: ProcessGroup | None) -> None:
@@ -228,6 +187,19 @@ def all_reduce_sequence_parallel_grads(module: nn.Module, group: ProcessGroup | 
 
 # ---------------------------------------------------------------------------------------------------
 # layers
+
+
+def _linear_from_full(cls, weight: torch.Tensor, group: ProcessGroup | None, bias: torch.Tensor | None, dim: int,
+                      kwargs: dict) -> nn.Module:
+    """A TP linear layer holding this rank's slice (along `dim` of [out, in]) of a full weight; the bias is
+    sliced with the output rows (dim 0) and replicated otherwise."""
+    layer = cls(weight.shape[1], weight.shape[0], group, bias=bias is not None, dtype=weight.dtype,
+                device=weight.device, **kwargs)
+    with torch.no_grad():
+        layer.weight.copy_(shard(weight, dim, group))
+        if bias is not None:
+            layer.bias.copy_(shard(bias, 0, group) if dim == 0 else bias)
+    return layer
 
 
 class ColumnParallelLinear(nn.Module):
@@ -254,13 +226,7 @@ class ColumnParallelLinear(nn.Module):
     def from_full(cls, weight: torch.Tensor, group: ProcessGroup | None, bias: torch.Tensor | None = None,
                   **kwargs) -> ColumnParallelLinear:
         """Build from the full [out, in] weight (and [out] bias), keeping this rank's rows."""
-        layer = cls(weight.shape[1], weight.shape[0], group, bias=bias is not None,
-                    dtype=weight.dtype, device=weight.device, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(shard(weight, 0, group))
-            if bias is not None:
-                layer.bias.copy_(shard(bias, 0, group))
-        return layer
+        return _linear_from_full(cls, weight, group, bias, 0, kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
@@ -303,13 +269,7 @@ class RowParallelLinear(nn.Module):
     def from_full(cls, weight: torch.Tensor, group: ProcessGroup | None, bias: torch.Tensor | None = None,
                   **kwargs) -> RowParallelLinear:
         """Build from the full [out, in] weight, keeping this rank's input columns; bias replicated."""
-        layer = cls(weight.shape[1], weight.shape[0], group, bias=bias is not None,
-                    dtype=weight.dtype, device=weight.device, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(shard(weight, 1, group))
-            if bias is not None:
-                layer.bias.copy_(bias)
-        return layer
+        return _linear_from_full(cls, weight, group, bias, 1, kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:

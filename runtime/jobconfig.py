@@ -23,7 +23,8 @@ __all__ = ["DEFAULTS", "ConfigError", "load_config", "apply_overrides", "parse_s
 
 
 class ConfigError(ValueError):
-    pass
+    """A config that cannot run (a job config key or value, or a model's config.json field); the message
+    names the key or field."""
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {

@@ -109,3 +109,20 @@ def run_spawn(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
                 p.kill()
                 p.join()
         del store
+
+
+def layout_groups(rank: int, world: int, dims: tuple[str, ...], **sizes: int) -> dict:
+    """{dim: (this rank's ProcessGroup, its members)} for the cluster.Layout of `sizes` (pp=, tp=, ep=, ...).
+    Every rank creates every group of every dim in the same order, as torch.distributed requires."""
+    import torch.distributed as dist
+
+    from cluster.layout import Layout
+
+    lay = Layout(world=world, **sizes)
+    mine = {}
+    for dim in dims:
+        for members in lay.groups(dim):
+            g = dist.new_group(members)
+            if rank in members:
+                mine[dim] = (g, members)
+    return mine

@@ -16,58 +16,16 @@ from typing import Any
 
 import torch
 
-V3_TINY: dict[str, Any] = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    n_routed_experts=8,
-    n_shared_experts=1,
-    num_experts_per_tok=3,
-    n_group=4,
-    topk_group=2,
-    first_k_dense_replace=1,
-    q_lora_rank=24,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=12,
-    routed_scaling_factor=2.5,
-    norm_topk_prob=True,
-    max_position_embeddings=256,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    num_nextn_predict_layers=1,
-    tie_word_embeddings=False,
-)
-
-V2_TINY: dict[str, Any] = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    n_routed_experts=8,
-    n_shared_experts=2,
-    num_experts_per_tok=3,
-    n_group=4,
-    topk_group=2,
-    topk_method="group_limited_greedy",
-    first_k_dense_replace=1,
-    q_lora_rank=None,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=12,
-    routed_scaling_factor=1.5,
-    max_position_embeddings=256,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    tie_word_embeddings=False,
-)
+# what the tiny V3 and V2 share, then each one's own fields
+_TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3, n_group=4,
+             topk_group=2, first_k_dense_replace=1, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+             v_head_dim=12, max_position_embeddings=256, tie_word_embeddings=False,
+             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+V3_TINY: dict[str, Any] = _TINY | dict(n_shared_experts=1, q_lora_rank=24, routed_scaling_factor=2.5,
+                                       norm_topk_prob=True, num_nextn_predict_layers=1)
+V2_TINY: dict[str, Any] = _TINY | dict(n_shared_experts=2, topk_method="group_limited_greedy", q_lora_rank=None,
+                                       routed_scaling_factor=1.5)
 
 YARN = {
     "rope_type": "yarn",

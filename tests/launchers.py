@@ -23,6 +23,9 @@ def base_env(**extra: str) -> dict[str, str]:
     env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
     env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
     env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    # every job a test starts checks its torch.distributed calls against the Mesh's device discipline
+    # (cluster/devicecheck.py): a CPU tensor handed to a device group fails the test here, not on GPUs
+    env["MOERUN_CHECK_DEVICES"] = "1"
     env.update(extra)
     return env
 

@@ -23,7 +23,7 @@ _WHAT = {"act": 1.0, "grad": 2.0}
 
 
 def payload(op, sender: int) -> torch.Tensor:
-    return torch.tensor([_WHAT[op.what], op.stage, op.mb, sender], dtype=torch.float32)
+    return torch.tensor([_WHAT[op.what], op.stage, op.mb, sender], dtype=torch.float32, device="cpu")
 
 
 def run_program(actions, pp_ranks: list[int], pp_rank: int, group) -> None:
@@ -36,7 +36,7 @@ def run_program(actions, pp_ranks: list[int], pp_rank: int, group) -> None:
     for a in actions:
         if a.kind == POST:
             ops = [p2p.Op("send" if op.kind == SEND else "recv",
-                          payload(op, pp_rank) if op.kind == SEND else torch.empty(4), pp_ranks[op.peer],
+                          payload(op, pp_rank) if op.kind == SEND else torch.empty(4, device="cpu"), pp_ranks[op.peer],
                           f"{op.what} s{op.stage} mb{op.mb}") for op in a.ops]
             for op, work, o in zip(a.ops, chan.post(ops), ops, strict=True):
                 inflight[op] = (work, o.tensor)
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
             members = list(range(first, first + pp))
             group = dist.new_group(members)  # every rank creates every group, in the same order
             cases.append((spec, lower(build(kind, pp, chunks), lowering, check=False), members, group))
-        verdict = torch.zeros(len(cases), dtype=torch.int64)
+        verdict = torch.zeros(len(cases), dtype=torch.int64, device=mesh.device)
         notes: dict[int, str] = {}
 
         def run(i: int) -> None:

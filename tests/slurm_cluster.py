@@ -4,7 +4,8 @@ One munged (own key and socket), one slurmctld and two slurmd (`slurmd -N n1`, `
 nodes on 127.0.0.1, each on a port chosen free at start, with every state, spool, log and pid file in a
 temporary directory and `SLURM_CONF` pointing at a generated slurm.conf. Nothing on the host's own Slurm or
 munge setup is read or changed. The pytest fixture `slurm_cluster` skips, with the reason and the daemon
-logs' tails, when slurm-wlm / munge are missing or the daemons cannot start here.
+logs' tails, when slurm-wlm / munge are missing or the daemons cannot start here; under CI=true that skip
+is a failure (tests/conftest.py), since CI installs Slurm (.ci/install-slurm.sh).
 
 Run it by hand to poke at the cluster: `python tests/slurm_cluster.py` starts it, prints the environment
 to export, and stops it on Enter / Ctrl-C.
@@ -283,7 +284,8 @@ def start_cluster(root: Path) -> SlurmCluster:
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
-    """Session-wide two-node loopback cluster; skipped with the reason when Slurm cannot run here."""
+    """Session-wide two-node loopback cluster; skipped with the reason when Slurm cannot run here (a
+    failure under CI=true)."""
     # A short path: munge's and slurm's socket paths must fit in sun_path (108 bytes).
     root = Path(tempfile.mkdtemp(prefix="moerun-slurm-"))
     try:

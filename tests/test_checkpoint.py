@@ -11,7 +11,7 @@ from hf_models import make_hf_model, random_ids
 
 import runtime
 from ops.fp8 import block_dequantize, block_quantize
-from runtime.model.config import ConfigError
+from runtime.jobconfig import ConfigError
 from runtime.model.hf_checkpoint import CheckpointError, Selection, load_checkpoint, save_hf_checkpoint
 from runtime.model.loading import build_model
 

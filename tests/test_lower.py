@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from test_schedule import _edit, _index, _rejects  # the broken-schedule helpers
 
 from parallel.pipeline import ScheduleError, build, forward_only, simulate, validate
 from parallel.pipeline.lower import lower, message_order
@@ -178,23 +179,6 @@ def test_lower_rejects_bad_input():
 
 
 # ------------------------------------------------------------------------ validator on lowered programs
-
-def _edit(s, rank, fn):
-    acts = list(s.ranks[rank])
-    fn(acts)
-    ranks = list(s.ranks)
-    ranks[rank] = tuple(acts)
-    return dataclasses.replace(s, ranks=tuple(ranks))
-
-
-def _index(acts, pred):
-    return next(i for i, a in enumerate(acts) if pred(a))
-
-
-def _rejects(s, pattern):
-    with pytest.raises(ScheduleError, match=pattern):
-        validate(s)
-
 
 def test_validator_rejects_wait_after_its_consumer():
     low = lower(build("1f1b", 2, 4))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.model.config import ConfigError, ModelConfig
+from runtime.jobconfig import ConfigError
+from runtime.model.config import ModelConfig
 from runtime.model.loading import build_model
 
 # DeepSeek-V3's config.json as published on the Hub (rope_scaling + rope_theta spelling, FP8 weights).

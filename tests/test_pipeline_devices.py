@@ -33,8 +33,10 @@ from torch.overrides import TorchFunctionMode
 ROOT = Path(__file__).resolve().parents[1]
 # the code on the executor's path that creates tensors itself
 CHECKED = [ROOT / "parallel" / "pipeline" / "executor.py", ROOT / "parallel" / "pipeline" / "overlap.py",
-           ROOT / "parallel" / "pipeline" / "wgrad.py", ROOT / "parallel" / "expert.py",
-           ROOT / "parallel" / "link.py"]
+           ROOT / "parallel" / "pipeline" / "wgrad.py", ROOT / "parallel" / "pipeline" / "stages.py",
+           ROOT / "parallel" / "expert.py", ROOT / "parallel" / "link.py",
+           *sorted((ROOT / "runtime" / "serve").glob("*.py")),  # serving and the shared scheduler: their
+           *sorted((ROOT / "runtime" / "sched").glob("*.py"))]  # control-plane host tensors name device="cpu"
 FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint", "randperm",
              "eye", "linspace", "logspace", "empty_strided", "scalar_tensor")
 

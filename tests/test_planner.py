@@ -24,7 +24,7 @@ from parallel.planner.hardware import (
 )
 from parallel.planner.models import BUILTIN, from_hf_config, load_model
 from parallel.planner.pipeline_time import pipeline_time
-from parallel.planner.search import Layout, Planner, parse_layout, partition, ramp_seconds, rank_stages
+from parallel.planner.search import Candidate, Planner, parse_layout, partition, ramp_seconds, rank_stages
 
 V3 = BUILTIN["deepseek-v3"]
 H800 = get_gpu("h800")
@@ -197,7 +197,7 @@ def test_partition_balances_ranks(kind, pp):
 
 def test_deepseek_v3_layout_and_search():
     planner = Planner(V3, H800, nodes=256, gpus_per_node=8)
-    ev = planner.evaluate(Layout(tp=1, pp=16, ep=64, dp=128, schedule="dualpipe", mbs=1, recompute="selective"))
+    ev = planner.evaluate(Candidate(tp=1, pp=16, ep=64, dp=128, schedule="dualpipe", mbs=1, recompute="selective"))
     d = ev.as_dict(planner.world, planner.s, V3, H800, 1e12)
     assert ev.microbatches == 15360 // 128
     assert d["fits"] and d["memory_gb_per_gpu"] <= 80
@@ -209,7 +209,7 @@ def test_deepseek_v3_layout_and_search():
     assert ev.per_sequence_s * 128 == pytest.approx(ev.costs["fb"], rel=0.05)
     assert d["gpu_hours_per_trillion_tokens_avg"] > d["gpu_hours_per_trillion_tokens"]  # the batch ramp
     # DualPipe keeps two copies of a rank's stages; 1F1B one
-    one = planner.evaluate(Layout(1, 16, 64, 128, "1f1b", 1, "selective"))
+    one = planner.evaluate(Candidate(1, 16, 64, 128, "1f1b", 1, "selective"))
     assert ev.memory["weights"] > 1.5 * one.memory["weights"]
     # exposed all-to-all: the non-overlapping schedule is slower per micro-batch
     assert one.step_time_s > ev.step_time_s
@@ -222,9 +222,9 @@ def test_deepseek_v3_layout_and_search():
 def test_layout_errors():
     planner = Planner(V3, H800, nodes=2, gpus_per_node=8)
     with pytest.raises(ValueError, match="ep=3"):
-        planner.evaluate(Layout(1, 1, 3, 16, "1f1b", 1, "selective"))
+        planner.evaluate(Candidate(1, 1, 3, 16, "1f1b", 1, "selective"))
     with pytest.raises(ValueError, match="tp\\*pp\\*dp"):
-        planner.evaluate(Layout(1, 2, 8, 16, "1f1b", 1, "selective"))
+        planner.evaluate(Candidate(1, 2, 8, 16, "1f1b", 1, "selective"))
     with pytest.raises(ValueError, match="unknown"):
         parse_layout("pp=2,foo=3")
     with pytest.raises(ValueError, match="expected int"):

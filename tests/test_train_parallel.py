@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 from dist_spawn import run_spawn
-from train_helpers import hf_tiny, tiny_config, token_file
+from train_helpers import hf_tiny, spawn_mesh, tiny_config, token_file
 
 LAYOUTS = [  # name, parallel settings (world 4)
     ("pp2-dualpipev-ep2", dict(pp=2, ep=2, schedule="dualpipev")),
@@ -27,24 +27,6 @@ LAYOUTS = [  # name, parallel settings (world 4)
     ("pp2-dualpipe-dp2", dict(pp=2, schedule="dualpipe")),  # every stage held twice: norm counts it once
 ]
 REL = 1e-4
-
-
-def _mesh(rank: int, world: int, tp=1, pp=1, ep=1):
-    import torch.distributed as dist
-
-    from cluster.env import RankInfo
-    from cluster.layout import Layout
-    from cluster.mesh import Mesh
-
-    layout = Layout(world, pp=pp, dp=0, tp=tp, ep=ep)
-    groups = {"world": dist.group.WORLD}
-    for dim in ("tp", "pp", "dp", "ep", "edp"):
-        for members in layout.groups(dim):
-            g = dist.new_group(members)  # every rank creates every group, in the same order
-            if rank in members:
-                groups[dim] = g
-    info = RankInfo(rank, world, rank, world, 0, 1, "localhost", "test")
-    return Mesh(info, layout, [0] * world, groups, torch.device("cpu"), "gloo")
 
 
 def _config(root, name, model, data, par):
@@ -60,7 +42,7 @@ def _check(rank, world, root, model, data, ref_losses, ref_norms, ref_balancing,
     quiet = lambda msg: None  # noqa: E731
     for name, par in LAYOUTS:
         lay = {k: v for k, v in par.items() if k in ("tp", "pp", "ep")}
-        mesh = _mesh(rank, world, **lay)
+        mesh = spawn_mesh(rank, world, **lay)
         cfg = _config(root, name, model, data, par)
         if name == "pp2-dualpipev-ep2":
             cfg["train"]["save_every"] = 10
@@ -86,7 +68,7 @@ def _check(rank, world, root, model, data, ref_losses, ref_norms, ref_balancing,
                 assert abs(r["grad_norm"] - b) <= REL * b, f"{name} step {step}: grad norm {r['grad_norm']} vs {b}"
 
     # balance loss + bias updates on, through a pipeline with EP: loss (CE alone), aux equal single process
-    mesh = _mesh(rank, world, pp=2, ep=2)
+    mesh = spawn_mesh(rank, world, pp=2, ep=2)
     cfg = _config(root, "pp2-ep2-balancing", model, data, dict(pp=2, ep=2, schedule="1f1b"))
     cfg["train"].update(steps=3, aux_loss_coef=1e-2, bias_update_rate=1e-2)
     Trainer(cfg, mesh, log=quiet).fit()
@@ -99,7 +81,7 @@ def _check(rank, world, root, model, data, ref_losses, ref_norms, ref_balancing,
     # DualPipe with bias updates: both copies of every gate move their biases alike
     import torch.distributed as dist
 
-    mesh = _mesh(rank, world, pp=2)
+    mesh = spawn_mesh(rank, world, pp=2)
     cfg = _config(root, "dualpipe-bias", model, data, dict(pp=2, schedule="dualpipe"))
     cfg["train"].update(steps=2, bias_update_rate=0.05)
     trainer = Trainer(cfg, mesh, log=quiet)
@@ -115,7 +97,7 @@ def _check(rank, world, root, model, data, ref_losses, ref_norms, ref_balancing,
 
     saved = latest_checkpoint(os.path.join(root, "pp2-dualpipev-ep2"))
     assert saved and saved.endswith("step-10"), saved
-    mesh = _mesh(rank, world, tp=2)
+    mesh = spawn_mesh(rank, world, tp=2)
     cfg = _config(root, "reshard", model, data, dict(tp=2))
     cfg["train"]["steps"] = 12
     resumed = Trainer(cfg, mesh, resume_from=saved, log=quiet)

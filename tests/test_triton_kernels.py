@@ -31,25 +31,10 @@ R, DR = 32, 8
 
 # --- cases (run in the child) ------------------------------------------------------------------------------
 def _paged(lens, page_size, dtype, seed):
-    from ops.paged_attention import new_kv_pages, write_kv
+    from test_triton_paged_cache import _paged_batch
 
-    g = torch.Generator().manual_seed(seed)
-    b = len(lens)
-    max_pages = max(1, -(-max(lens) // page_size)) + 1
-    num_pages = b * max_pages + 2
-    kv = new_kv_pages(num_pages, page_size, R, DR, dtype)
-    perm = torch.randperm(num_pages, generator=g)
-    table = torch.full((b, max_pages), 9_999, dtype=torch.int32)  # garbage past each sequence's pages
-    t = max(max(lens), 1)
-    pos = torch.full((b, t), -1)
-    used = 0
-    for i, n in enumerate(lens):
-        pages = -(-n // page_size)
-        table[i, :pages] = perm[used : used + pages].int()
-        used += pages
-        pos[i, :n] = torch.arange(n)
-    write_kv(kv, table, pos, torch.randn(b, t, R, generator=g).to(dtype), torch.randn(b, t, DR, generator=g).to(dtype))
-    return kv, table, torch.tensor(lens, dtype=torch.int32)
+    kv, table, seq_lens, _ = _paged_batch(lens, page_size, dtype, seed)
+    return kv, table, seq_lens
 
 
 def _decode(page_size: int, dtype: torch.dtype) -> None:

@@ -34,6 +34,27 @@ def tiny_config(out, model: str = "builtin:tiny", data: str = "builtin:tinytext"
     return cfg
 
 
+def spawn_mesh(rank: int, world: int, tp: int = 1, pp: int = 1, ep: int = 1):
+    """A Mesh over the default gloo group of a `dist_spawn.run_spawn` child (every rank makes every group, in
+    the same order, as torch.distributed requires)."""
+    import torch
+    import torch.distributed as dist
+
+    from cluster.env import RankInfo
+    from cluster.layout import Layout
+    from cluster.mesh import Mesh
+
+    layout = Layout(world, pp=pp, dp=0, tp=tp, ep=ep)
+    groups = {"world": dist.group.WORLD, "control": dist.group.WORLD}  # gloo: one group serves both
+    for dim in ("tp", "pp", "dp", "ep", "edp"):
+        for members in layout.groups(dim):
+            g = dist.new_group(members)
+            if rank in members:
+                groups[dim] = g
+    info = RankInfo(rank, world, rank, world, 0, 1, "localhost", "test")
+    return Mesh(info, layout, [0] * world, groups, torch.device("cpu"), "gloo")
+
+
 def hf_tiny(directory, seed: int = 0):
     """A tiny transformers DeepseekV3 saved to `directory` (no MTP weights: transformers writes none)."""
     from hf_models import make_hf_model

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from runtime.train.checkpoint import TrainCheckpointError, export_hf, read_manifest, resolve_checkpoint
+    from runtime.model.hf_checkpoint import CheckpointError
+    from runtime.train.checkpoint import export_hf, read_manifest, resolve_checkpoint
 
     try:
         step_dir = resolve_checkpoint(args.dir)
@@ -50,6 +51,6 @@ def run(args: argparse.Namespace) -> int:
         export_hf(step_dir, out, args.dtype)
         print(f"exported {step_dir} -> {out}")
         return 0
-    except (TrainCheckpointError, OSError) as exc:
+    except (CheckpointError, OSError) as exc:
         print(f"moerun ckpt: {exc}", file=sys.stderr)
         return 2

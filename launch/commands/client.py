@@ -59,11 +59,11 @@ def run(args: argparse.Namespace) -> int:
         with Client(args.connect, timeout=args.timeout) as c:
             return _run(c, args)
     except ServerError as e:
-        print(f"moerun client: server error {e.code}: {e.message}", file=sys.stderr)
-        return 1
+        why = f"server error {e.code}: {e.message}"
     except TimeoutError as e:
-        print(f"moerun client: {e} (is a server running at {args.connect}?)", file=sys.stderr)
-        return 1
+        why = f"{e} (is a server running at {args.connect}?)"
+    print(f"moerun client: {why}", file=sys.stderr)
+    return 1
 
 
 def _out(args: argparse.Namespace, reply: dict) -> None:

@@ -161,12 +161,12 @@ def _batch_ramp(text: str, global_batch: int) -> tuple[int, float]:
 
 def _why_not(planner, fixed: dict) -> str | None:
     """The reason a layout built from the fixed fields (defaults for the rest) cannot run."""
-    from parallel.planner.search import Layout
+    from parallel.planner.search import Candidate
 
     tp, pp = fixed.get("tp", 1), fixed.get("pp", 1)
     dp = fixed.get("dp", planner.world // max(1, tp * pp))
     sched = fixed.get("schedule", "1f1b" if pp == 1 else "dualpipe")
-    lay = Layout(tp, pp, fixed.get("ep", 1), dp, sched, fixed.get("mbs", 1), fixed.get("recompute", "selective"))
+    lay = Candidate(tp, pp, fixed.get("ep", 1), dp, sched, fixed.get("mbs", 1), fixed.get("recompute", "selective"))
     return planner.check(lay)
 
 

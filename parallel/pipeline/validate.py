@@ -18,7 +18,24 @@ from __future__ import annotations
 from collections import Counter
 
 from .p2p_model import P2PModel
-from .schedule import ACT, BI, FB, GRAD, KINDS, POST, RECV, SEND, WAIT, Action, B, F, Schedule, ScheduleError, W
+from .schedule import (
+    ACT,
+    BI,
+    COMPUTE_KINDS,
+    FB,
+    GRAD,
+    KINDS,
+    POST,
+    RECV,
+    SEND,
+    WAIT,
+    Action,
+    B,
+    F,
+    Schedule,
+    ScheduleError,
+    W,
+)
 
 _MAX_LISTED = 6
 
@@ -188,86 +205,111 @@ class _Data:
         return ok
 
 
-def _walk(s: Schedule) -> list[str]:
-    """A builder's program with asynchronous SENDs and blocking RECVs: dependency violations and deadlock."""
+def _run(s: Schedule, step, computes: int | None = None, rounds: list | None = None) -> list[int] | None:
+    """Advance every rank's program while some rank can. `step(rank, action)` returns True (done: go on),
+    False (blocked here for now) or None (it recorded a problem: stop, and return None). Returns each rank's
+    final position (a rank short of its program's end is stuck). With `computes`, a rank runs at most that
+    many compute actions per round, and `rounds` receives every rank's position after each round."""
     pc = [0] * s.pp
-    data = _Data(s)
-    sent: set = set()
     progress = True
     while progress:
         progress = False
         for r in range(s.pp):
-            acts = s.ranks[r]
-            while pc[r] < len(acts):
-                a = acts[pc[r]]
-                if a.kind == SEND:
-                    if not data.produced(r, a, a):
-                        return data.problems
-                    sent.add((r, a.peer, a.what, a.stage, a.mb))
-                elif a.kind == RECV:
-                    if (a.peer, r, a.what, a.stage, a.mb) not in sent:
-                        break
-                    data.have[r].add((a.what, a.stage, a.mb))
-                elif not data.compute(r, a):
-                    return data.problems
+            budget = computes
+            while pc[r] < len(s.ranks[r]):
+                a = s.ranks[r][pc[r]]
+                if budget == 0 and a.kind in COMPUTE_KINDS:
+                    break
+                ok = step(r, a)
+                if ok is None:
+                    return None
+                if not ok:
+                    break
                 pc[r] += 1
                 progress = True
-    stuck = [f"rank {r} waits at action {pc[r]} ({s.ranks[r][pc[r]]})" for r in range(s.pp) if pc[r] < len(s.ranks[r])]
-    if stuck:
-        data.problems.append("deadlock: " + ", ".join(stuck))
+                if budget is not None and a.kind in COMPUTE_KINDS:
+                    budget -= 1
+        if rounds is not None and progress:
+            rounds.append(list(pc))
+    return pc
+
+
+def _stuck(s: Schedule, pc: list[int]) -> list[str]:
+    return [f"rank {r} waits at action {pc[r]} ({s.ranks[r][pc[r]]})" for r in range(s.pp) if pc[r] < len(s.ranks[r])]
+
+
+def _walk(s: Schedule) -> list[str]:
+    """A builder's program with asynchronous SENDs and blocking RECVs: dependency violations and deadlock."""
+    data = _Data(s)
+    sent: set = set()
+
+    def step(r: int, a: Action) -> bool | None:
+        if a.kind == SEND:
+            if not data.produced(r, a, a):
+                return None
+            sent.add((r, a.peer, a.what, a.stage, a.mb))
+        elif a.kind == RECV:
+            if (a.peer, r, a.what, a.stage, a.mb) not in sent:
+                return False
+            data.have[r].add((a.what, a.stage, a.mb))
+        elif not data.compute(r, a):
+            return None
+        return True
+
+    pc = _run(s, step)
+    if pc is not None and _stuck(s, pc):
+        data.problems.append("deadlock: " + ", ".join(_stuck(s, pc)))
     return data.problems
 
 
-def _walk_lowered(s: Schedule, per_rank_queue: bool = False) -> list[str]:
+def _walk_lowered(s: Schedule, per_rank_queue: bool = False, computes: int | None = None,
+                  rounds: list | None = None) -> list[str]:
     """A lowered program under NCCL's p2p semantics (p2p_model.py): dependency violations, ops posted or
-    waited wrongly, and deadlock."""
+    waited wrongly, and deadlock (`computes`, `rounds`: as for `_run`)."""
     model = P2PModel(s.pp, per_rank=per_rank_queue)
-    pc = [0] * s.pp
     data = _Data(s)
     posted: list[set] = [set() for _ in range(s.pp)]
     waited: list[set] = [set() for _ in range(s.pp)]
     problems = data.problems
-    progress = True
-    while progress:
-        progress = False
-        for r in range(s.pp):
-            acts = s.ranks[r]
-            while pc[r] < len(acts):
-                a = acts[pc[r]]
-                if a.kind == POST:
-                    for op in a.ops:
-                        if op in posted[r]:
-                            problems.append(f"rank {r}: {a} posts {op} a second time")
-                        elif op.kind == SEND:
-                            data.produced(r, a, op)  # records a problem if the data is not here yet
-                    if problems:
-                        return problems
-                    posted[r].update(a.ops)
-                    model.post(r, a.ops)
-                    if model.mismatches:
-                        return problems + model.mismatches
-                elif a.kind == WAIT:
-                    for op in a.ops:
-                        if op not in posted[r] or op in waited[r]:
-                            problems.append(f"rank {r}: {a} waits for {op}, which it "
-                                            + ("waited for already" if op in waited[r] else "has not posted"))
-                    if problems:
-                        return problems
-                    if any(model.done_time(r, op) is None for op in a.ops):
-                        break
-                    waited[r].update(a.ops)
-                    data.have[r].update((op.what, op.stage, op.mb) for op in a.ops if op.kind == RECV)
-                elif not data.compute(r, a):
-                    return problems
-                pc[r] += 1
-                progress = True
+
+    def step(r: int, a: Action) -> bool | None:
+        if a.kind == POST:
+            for op in a.ops:
+                if op in posted[r]:
+                    problems.append(f"rank {r}: {a} posts {op} a second time")
+                elif op.kind == SEND:
+                    data.produced(r, a, op)  # records a problem if the data is not here yet
+            if problems:
+                return None
+            posted[r].update(a.ops)
+            model.post(r, a.ops)
+            if model.mismatches:
+                problems.extend(model.mismatches)
+                return None
+        elif a.kind == WAIT:
+            for op in a.ops:
+                if op not in posted[r] or op in waited[r]:
+                    problems.append(f"rank {r}: {a} waits for {op}, which it "
+                                    + ("waited for already" if op in waited[r] else "has not posted"))
+            if problems:
+                return None
+            if any(model.done_time(r, op) is None for op in a.ops):
+                return False
+            waited[r].update(a.ops)
+            data.have[r].update((op.what, op.stage, op.mb) for op in a.ops if op.kind == RECV)
+        elif not data.compute(r, a):
+            return None
+        return True
+
+    pc = _run(s, step, computes, rounds)
+    if pc is None:
+        return problems
     stuck = [r for r in range(s.pp) if pc[r] < len(s.ranks[r])]
     if stuck:
         why = [w for r in stuck for w in model.explain(r)]
         queue = "per rank" if per_rank_queue else "per rank pair"
         problems.append(f"deadlock under NCCL p2p semantics (posted groups in order {queue}, sends finish only "
-                        "when the receive has started): "
-                        + ", ".join(f"rank {r} waits at action {pc[r]} ({s.ranks[r][pc[r]]})" for r in stuck)
+                        "when the receive has started): " + ", ".join(_stuck(s, pc))
                         + ("; " + "; ".join(why[:4]) if why else ""))
         return problems
     for r in range(s.pp):
@@ -276,6 +318,21 @@ def _walk_lowered(s: Schedule, per_rank_queue: bool = False) -> list[str]:
             problems.append(f"rank {r}: posts {left[0]} but never waits for it"
                             + (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))
     return problems
+
+
+def slices(schedule: Schedule, computes: int = 1) -> list[list[int]]:
+    """Consistent cuts of a lowered program, for running a step in slices with other work between them:
+    slice k takes every rank from its position after slice k-1 to `cuts[k][rank]`. The cuts come from a
+    valid execution under NCCL's p2p semantics in which each rank runs at most `computes` compute actions
+    per round, so whatever a rank needs before its k-th cut (a received activation, a matched send) other
+    ranks produce before theirs: every rank reaches its cut without waiting for a later slice. At a cut no
+    all-to-all is in flight (a compute action completes its own); p2p may be, on the step's own group."""
+    if not schedule.lowered:
+        raise ScheduleError("slices needs a lowered schedule (parallel.pipeline.lower)")
+    rounds: list = []
+    problems = _walk_lowered(schedule, computes=computes, rounds=rounds)
+    _fail(problems, schedule)
+    return rounds
 
 
 def validate(schedule: Schedule, per_rank_queue: bool = False) -> None:

@@ -27,7 +27,10 @@ W_BYTES, G_BYTES, OPT_BYTES = 2, 4, 8  # BF16 weights, FP32 gradients, FP32 mast
 
 
 @dataclass(frozen=True)
-class Layout:
+class Candidate:
+    """One layout the planner weighs: parallel sizes plus the schedule, micro-batch size and recompute policy
+    (cluster.layout.Layout is the rank arithmetic of a chosen one)."""
+
     tp: int
     pp: int
     ep: int
@@ -42,7 +45,7 @@ class Layout:
 
 @dataclass
 class Evaluation:
-    layout: Layout
+    layout: Candidate
     microbatches: int
     fits: bool
     memory_gb: float
@@ -134,13 +137,13 @@ F_, B_, W_, AF, AB, TF, TB, PD, PE, ACT, TR = range(len(FIELDS))
 TIME = slice(0, 7)
 
 
+@lru_cache(maxsize=64)
 def rank_stages(kind: str, pp: int) -> list[list[int]]:
-    """Stages held by each pipeline rank."""
-    if kind == "dualpipe":
-        return [[r, pp - 1 - r] for r in range(pp)]
-    if kind == "dualpipev":
-        return [[r, 2 * pp - 1 - r] for r in range(pp)]
-    return [[r] for r in range(pp)]
+    """Stages held by each pipeline rank: the schedule builders' own placement."""
+    from parallel.pipeline.schedule import build
+
+    sched = build(kind, pp, 2 * pp, check=False)  # the placement does not depend on the micro-batch count
+    return [list(sched.stages_of(r).values()) for r in range(pp)]
 
 
 def _weight(row, overlap: bool) -> float:
@@ -210,7 +213,7 @@ class Planner:
         self.cm = CostModel(model, gpu, self.s)
         self._units: dict = {}
 
-    def check(self, lay: Layout) -> str | None:
+    def check(self, lay: Candidate) -> str | None:
         """Why `lay` cannot run (None when it can)."""
         m, G = self.m, self.G
         if min(lay.tp, lay.pp, lay.ep, lay.dp, lay.mbs) < 1:
@@ -243,7 +246,7 @@ class Planner:
             return "pp=1 runs no pipeline schedule (use 1f1b)"
         return None
 
-    def _par(self, lay: Layout) -> Par:
+    def _par(self, lay: Candidate) -> Par:
         return Par(tp=lay.tp, ep=lay.ep, mbs=lay.mbs, recompute=lay.recompute,
                    overlap=lay.schedule in OVERLAP_KINDS)
 
@@ -257,7 +260,7 @@ class Planner:
             self._units[par] = (U, w[0], sum(w[1 + n:]), sum(w[1:1 + n]) / max(1, n), ep_bytes)
         return self._units[par]
 
-    def _stages(self, lay: Layout):
+    def _stages(self, lay: Candidate):
         par = self._par(lay)
         U, first, last, layer_w, _ = self._unit_rows(par)
         counts = partition(first, last, layer_w, self.m.layers, lay.schedule, lay.pp)
@@ -265,7 +268,7 @@ class Planner:
         held = np.array(rank_stages(lay.schedule, lay.pp))
         return par, counts, S, held
 
-    def memory(self, lay: Layout, S: np.ndarray, held: np.ndarray, peak_acts: int) -> tuple[float, dict]:
+    def memory(self, lay: Candidate, S: np.ndarray, held: np.ndarray, peak_acts: int) -> tuple[float, dict]:
         edp = max(1, lay.dp * lay.tp // lay.ep)
         pd = S[held, PD].sum(axis=1)
         pe = S[held, PE].sum(axis=1)
@@ -282,7 +285,7 @@ class Planner:
         r = int(np.argmax(tot))
         return float(tot[r]) / 1e9, {k: float(v[r]) for k, v in parts.items()}
 
-    def _sync(self, lay: Layout, S: np.ndarray, held: np.ndarray) -> tuple[float, float]:
+    def _sync(self, lay: Candidate, S: np.ndarray, held: np.ndarray) -> tuple[float, float]:
         """ZeRO-1 step end: gradient reduce-scatter (FP32) + parameter all-gather (BF16) over the data-parallel
         copies (DualPipe's mirrored stage copies join the group), and the AdamW update on this GPU's shard."""
         mirror = 2 if lay.schedule == "dualpipe" else 1
@@ -299,7 +302,7 @@ class Planner:
         opt = shard * 24.0 / (self.gpu.hbm_tbps * 1e12 * HBM_EFFICIENCY)  # read/write master, moments, grad
         return sync, opt
 
-    def sim_costs(self, lay: Layout, S: np.ndarray, held: np.ndarray) -> dict:
+    def sim_costs(self, lay: Candidate, S: np.ndarray, held: np.ndarray) -> dict:
         """The simulator's per-action costs (seconds): the per-stage-visit average of the bottleneck rank."""
         avg = S[held, TIME].mean(axis=1)           # ranks x time fields
         wt = [_weight(row, lay.schedule in OVERLAP_KINDS) for row in avg]
@@ -312,7 +315,7 @@ class Planner:
             d["fb"] = max(a[F_] + a[B_], a[AF] + a[AB]) + a[TF] + a[TB]
         return {k: float(v) for k, v in d.items()}
 
-    def lower_bound(self, lay: Layout, S: np.ndarray, held: np.ndarray) -> float:
+    def lower_bound(self, lay: Candidate, S: np.ndarray, held: np.ndarray) -> float:
         """Step time bound used to prune: every micro-batch's work on the bottleneck rank, the DualPipe README
         bubble of the schedule computed with compute-only costs, and the step-end sync."""
         c = self.sim_costs(lay, S, held)
@@ -329,7 +332,7 @@ class Planner:
             bubble = max(0.0, half) * max(0.0, c["fb"] + b - 3 * w)
         return mb * c.get("fb", f + b + c["a2a_f"] + c["a2a_b"]) + bubble + sum(self._sync(lay, S, held))
 
-    def evaluate(self, lay: Layout, stages_info=None) -> Evaluation:
+    def evaluate(self, lay: Candidate, stages_info=None) -> Evaluation:
         why = self.check(lay)
         if why:
             raise ValueError(f"layout {lay.label()}: {why}")
@@ -356,7 +359,7 @@ class Planner:
             stage_layers=counts, costs=c, ep_bytes_per_token=self._unit_rows(par)[4], simulated_chunks=sims,
             per_sequence_s=per_seq)
 
-    def _per_sequence(self, lay: Layout, mb: int, c: dict, makespan: float) -> float:
+    def _per_sequence(self, lay: Candidate, mb: int, c: dict, makespan: float) -> float:
         """Makespan added per sequence of the global batch: the schedule's steady-state slope, from the
         simulator at mb + 2 micro-batches (valid for every schedule when mb is)."""
         pr = pipeline_time(lay.schedule, lay.pp, mb + 2, c["f"], c["b"], c["w"], c.get("fb"), c["comm"],
@@ -364,7 +367,7 @@ class Planner:
         return max(0.0, pr.makespan - makespan) / 2 / (lay.dp * lay.mbs)
 
     # -------------------------------------------------------------------------------------- search
-    def candidates(self, fixed: dict | None = None) -> list[Layout]:
+    def candidates(self, fixed: dict | None = None) -> list[Candidate]:
         """tp in {1,2,4,8}, pp in {1,2,4,...,32} (or the fixed values), every ep dividing dp*tp (check() then
         keeps those dividing the experts), and all schedules, micro-batch sizes and recompute policies."""
         fixed = fixed or {}
@@ -382,7 +385,7 @@ class Planner:
                     for sched in (("1f1b",) if pp == 1 else SIM_KINDS):
                         for mbs in (1, 2, 4):
                             for rc in RECOMPUTE:
-                                lay = Layout(tp, pp, ep, dp, sched, mbs, rc)
+                                lay = Candidate(tp, pp, ep, dp, sched, mbs, rc)
                                 if any(getattr(lay, k) != v for k, v in fixed.items()):
                                     continue
                                 if self.check(lay) is None:
@@ -428,7 +431,7 @@ class Planner:
         return {"evaluations": best, "candidates": len(cands), "fit_memory": n_fit,
                 "elapsed_s": time.perf_counter() - t0}
 
-    def _peak_guess(self, lay: Layout, cache: dict) -> int:
+    def _peak_guess(self, lay: Candidate, cache: dict) -> int:
         """Peak in-flight micro-batches for the memory prune: the simulator's count at the minimum chunks."""
         if lay.pp == 1:
             return 1

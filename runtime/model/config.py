@@ -15,80 +15,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ops.rope import RopeSpec
+from runtime.jobconfig import ConfigError  # the one config error: a job config or a config.json
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
-class ConfigError(ValueError):
-    """A config.json that cannot describe a supported model; the message names the field."""
-
-
-# transformers' class defaults (DeepseekV2Config / DeepseekV3Config), used for fields a file leaves out.
+# transformers' class defaults (DeepseekV3Config / DeepseekV2Config), used for fields a file leaves out:
+# what the two share, then each one's own values.
+_SHARED = dict(kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
+               rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+               rope_interleave=True)
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "deepseek_v3": dict(
-        vocab_size=129280,
-        hidden_size=7168,
-        intermediate_size=18432,
-        moe_intermediate_size=2048,
-        num_hidden_layers=61,
-        num_attention_heads=128,
-        n_shared_experts=1,
-        n_routed_experts=256,
-        routed_scaling_factor=2.5,
-        kv_lora_rank=512,
-        q_lora_rank=1536,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        qk_nope_head_dim=128,
-        n_group=8,
-        topk_group=4,
-        num_experts_per_tok=8,
-        first_k_dense_replace=3,
-        norm_topk_prob=True,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        num_nextn_predict_layers=1,
-        bos_token_id=0,
-        eos_token_id=1,
-        topk_method="noaux_tc",
-        scoring_func="sigmoid",
-        rope_interleave=True,
-    ),
-    "deepseek_v2": dict(
-        vocab_size=102400,
-        hidden_size=4096,
-        intermediate_size=11008,
-        moe_intermediate_size=1407,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        n_shared_experts=2,
-        n_routed_experts=64,
-        routed_scaling_factor=1.0,
-        kv_lora_rank=512,
-        q_lora_rank=1536,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        qk_nope_head_dim=128,
-        n_group=None,
-        topk_group=None,
-        num_experts_per_tok=None,
-        first_k_dense_replace=0,
-        norm_topk_prob=False,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        num_nextn_predict_layers=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        topk_method="greedy",
-        scoring_func="softmax",
-        rope_interleave=True,
-    ),
+    "deepseek_v3": _SHARED | dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=61, num_attention_heads=128, n_shared_experts=1, n_routed_experts=256,
+        routed_scaling_factor=2.5, n_group=8, topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
+        norm_topk_prob=True, max_position_embeddings=4096, num_nextn_predict_layers=1, bos_token_id=0,
+        eos_token_id=1, topk_method="noaux_tc", scoring_func="sigmoid"),
+    "deepseek_v2": _SHARED | dict(
+        vocab_size=102400, hidden_size=4096, intermediate_size=11008, moe_intermediate_size=1407,
+        num_hidden_layers=32, num_attention_heads=32, n_shared_experts=2, n_routed_experts=64,
+        routed_scaling_factor=1.0, n_group=None, topk_group=None, num_experts_per_tok=None,
+        first_k_dense_replace=0, norm_topk_prob=False, max_position_embeddings=2048, num_nextn_predict_layers=0,
+        bos_token_id=1, eos_token_id=2, topk_method="greedy", scoring_func="softmax"),
 }
 
 

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -295,25 +295,26 @@ def _check_missing(
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:8])}{more}")
 
 
-def hf_state_items(model: nn.Module):
-    """Yield (checkpoint name, tensor) in the HF layout: per-expert tensors, MTP at layer num_hidden_layers+k
-    (with the copies of embed_tokens / shared_head.head that DeepSeek's checkpoints carry)."""
-    n = model.config.num_hidden_layers
-    seen: set[int] = set()
-    for pname, t in _targets(model).items():
-        if pname == "lm_head.weight" and model.config.tie_word_embeddings:
+def hf_tensors(named: Iterable[tuple[str, torch.Tensor]], num_hidden_layers: int, tied: bool = False
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Runtime names -> HF checkpoint names (the inverse of `map_name`): stacked experts split into one
+    tensor per expert (views of the stack), MTP module k at layer num_hidden_layers + k; a tied LM head is
+    left out (the embedding holds it)."""
+    for name, t in named:
+        if tied and name == "lm_head.weight":
             continue
-        seen.add(id(t))
-        name = pname
-        if pname.startswith("mtp."):
-            k, rest = pname[4:].split(".", 1)
-            name = f"model.layers.{n + int(k)}.{rest}"
-        m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$", name)
-        if m:
+        if re.search(r"\.mlp\.experts\.(gate_proj|up_proj|down_proj)$", name):
             for e in range(t.shape[0]):
-                yield f"{m.group(1)}.{e}.{m.group(2)}.weight", t[e]
+                yield checkpoint_name(name, num_hidden_layers, e), t[e]
         else:
-            yield name, t
+            yield checkpoint_name(name, num_hidden_layers), t
+
+
+def hf_state_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (checkpoint name, tensor) of a whole model in the HF layout, with the copies of embed_tokens /
+    shared_head.head that DeepSeek's checkpoints carry for each MTP layer."""
+    n = model.config.num_hidden_layers
+    yield from hf_tensors(_targets(model).items(), n, model.config.tie_word_embeddings)
     for k in range(len(model.mtp)):
         yield f"model.layers.{n + k}.embed_tokens.weight", model.model.embed_tokens.weight
         yield f"model.layers.{n + k}.shared_head.head.weight", model.lm_head.weight

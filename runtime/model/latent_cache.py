@@ -17,16 +17,8 @@ __all__ = ["LatentCache"]
 
 
 class LatentCache:
-    def __init__(
-        self,
-        num_layers: int,
-        batch: int,
-        max_len: int,
-        kv_lora_rank: int,
-        rope_dim: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
+    def __init__(self, num_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         self.latent = torch.zeros(num_layers, batch, max_len, kv_lora_rank, dtype=dtype, device=device)
         self.k_pe = torch.zeros(num_layers, batch, max_len, rope_dim, dtype=dtype, device=device)
         self.length = 0

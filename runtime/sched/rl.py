@@ -41,17 +41,18 @@ class RLBatch:
         """Right-pad ragged rows (pad id 0, mask 0: causal attention never lets padding reach real tokens)."""
         b = len(input_ids)
         t = max(len(r) for r in input_ids)
-        ids = torch.zeros(b, t, dtype=torch.long)
-        mask = torch.zeros(b, t, dtype=torch.float32)
-        old = torch.zeros(b, t, dtype=torch.float32) if old_logprobs is not None else None
+        host = torch.device("cpu")  # a batch off the wire: the trainer moves it to its device
+        ids = torch.zeros(b, t, dtype=torch.long, device=host)
+        mask = torch.zeros(b, t, dtype=torch.float32, device=host)
+        old = torch.zeros(b, t, dtype=torch.float32, device=host) if old_logprobs is not None else None
         for i, row in enumerate(input_ids):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=host)
             m = loss_mask[i] if loss_mask is not None else [1] * len(row)
-            mask[i, : len(row)] = torch.tensor(m, dtype=torch.float32)
+            mask[i, : len(row)] = torch.tensor(m, dtype=torch.float32, device=host)
             if old is not None:
-                old[i, : len(row)] = torch.tensor(old_logprobs[i], dtype=torch.float32)
+                old[i, : len(row)] = torch.tensor(old_logprobs[i], dtype=torch.float32, device=host)
         mask[:, 0] = 0.0
-        adv = torch.tensor(advantages, dtype=torch.float32) if advantages is not None else None
+        adv = torch.tensor(advantages, dtype=torch.float32, device=host) if advantages is not None else None
         return cls(ids, mask, adv, old, loss, float(kl_coef))
 
 

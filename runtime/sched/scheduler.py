@@ -158,7 +158,7 @@ class Scheduler:
 
         self._last_bcast = time.monotonic()
         vals = [int(kind), *args] + [0] * (HEADER_LEN - 1 - len(args))
-        return self.bcast(torch.tensor(vals, dtype=torch.int64)).tolist()
+        return self.bcast(torch.tensor(vals, dtype=torch.int64, device="cpu")).tolist()
 
     def _send_plan(self, plan) -> None:
         plan.broadcast(self.bcast)

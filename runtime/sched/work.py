@@ -158,18 +158,18 @@ class TrainWork:
         if b.old_logprobs is not None:
             bcast(b.old_logprobs.cpu())
         if b.kl_coef > 0:
-            bcast(torch.tensor([b.kl_coef], dtype=torch.float64))
+            bcast(torch.tensor([b.kl_coef], dtype=torch.float64, device="cpu"))
 
     def receive_payload(self, head: list[int], bcast: Callable) -> TrainItem:
         """The other ranks' side of `broadcast_payload` (head: the step header's fields after the kind)."""
         if head[0] == 0:
             return TrainItem(Kind.TRAIN_MICRO, "job", step=head[1], micro=head[2], micros=head[3])
         rows, cols, loss, has_adv, has_old, has_kl = head[1:7]
-        ids = bcast(torch.zeros(rows, cols, dtype=torch.int64))
-        mask = bcast(torch.zeros(rows, cols, dtype=torch.float32))
-        adv = bcast(torch.zeros(rows, dtype=torch.float32)) if has_adv else None
-        old = bcast(torch.zeros(rows, cols, dtype=torch.float32)) if has_old else None
-        kl = float(bcast(torch.zeros(1, dtype=torch.float64))[0]) if has_kl else 0.0
+        ids = bcast(torch.zeros(rows, cols, dtype=torch.int64, device="cpu"))
+        mask = bcast(torch.zeros(rows, cols, dtype=torch.float32, device="cpu"))
+        adv = bcast(torch.zeros(rows, dtype=torch.float32, device="cpu")) if has_adv else None
+        old = bcast(torch.zeros(rows, cols, dtype=torch.float32, device="cpu")) if has_old else None
+        kl = float(bcast(torch.zeros(1, dtype=torch.float64, device="cpu"))[0]) if has_kl else 0.0
         name = {v: k for k, v in LOSS_CODES.items()}[loss]
         return TrainItem(Kind.TRAIN_MICRO, "rl", batch=RLBatch(ids, mask, adv, old, name, kl))
 

@@ -37,26 +37,21 @@ def load_tokenizer_or_none(path: str):
         return None
 
 
-def pipe_stage(mesh, num_layers: int, schedule: str):
-    """This rank's serving pipeline stage (None when pp = 1): one stage per pipeline rank, layers split as
-    the training pipeline splits them (`parallel.pipeline.stages.layer_split`)."""
+def pipe_stage(mesh, model, schedule: str):
+    """This rank's part of the serving pipeline (None when pp = 1): the job's own schedule made forward-only,
+    over the stages this rank holds under it (two under DualPipe(V)), with pp micro-batches per step
+    (2 pp for DualPipe(V), the fewest they accept)."""
     if mesh is None or mesh.size("pp") == 1:
         return None
-    from parallel.pipeline.stages import layer_split
+    from parallel.pipeline import build, forward_only
+    from parallel.pipeline.executor import PipelineExecutor
+    from parallel.pipeline.stages import build_stages
     from runtime.serve.step import PipeStage
 
-    if schedule in ("dualpipe", "dualpipev"):
-        raise NotImplementedError(
-            f"serving under parallel.schedule = {schedule!r} is not supported yet (its stage placement differs "
-            "from one stage per pipeline rank); use 1f1b, zb1p or gpipe")
-    pp, s = mesh.size("pp"), mesh.coord("pp")
-    engine_pipe = mesh.ranks("pp")[0] == 0  # the pipeline that holds the engine's rank (pp group rank 0)
-    return PipeStage(
-        layer_ids=list(layer_split(num_layers, pp)[s]), first=s == 0, last=s == pp - 1, group=mesh.group("pp"),
-        prev=s - 1 if s > 0 else None, next=s + 1 if s < pp - 1 else None,
-        logits_to=0 if (engine_pipe and s == pp - 1) else None,
-        logits_from=pp - 1 if mesh.rank == 0 else None, micro=pp,
-    )
+    pp = mesh.size("pp")
+    sched = forward_only(build(schedule, pp, 2 * pp if schedule in ("dualpipe", "dualpipev") else pp))
+    executor = PipelineExecutor(build_stages(model, sched, mesh.coord("pp")), sched, mesh)
+    return PipeStage(executor, mesh.group("pp"), engine_pipe=mesh.ranks("pp")[0] == 0)
 
 
 def announce(server, config: dict, training: str = "") -> None:
@@ -99,8 +94,8 @@ def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int 
         from runtime.model.loading import load_model
 
         model = load_model(config["model"]["path"], mesh, dtype=config["model"]["dtype"], device=str(device),
-                           all_layers=True, max_nodes_per_token=par["max_nodes_per_token"])
-    pipe = pipe_stage(mesh, model.config.num_hidden_layers, par["schedule"])
+                           all_layers=True, max_nodes_per_token=par["max_nodes_per_token"], mtp=par["pp"] == 1)
+    pipe = pipe_stage(mesh, model, par["schedule"])
     engine = Engine.from_config(model, sv, pipe, group)
     if train:
         work = TrainWork(trainer, job_steps=max(0, config["train"]["steps"] - trainer.step),

@@ -49,7 +49,7 @@ class StepIndex:
         apply_table_updates(plan, cache)
         table = cache.block_table.table
         self.n = len(plan.ids)
-        tok = torch.tensor([plan.ids, plan.positions, plan.slots], dtype=torch.long).to(device)
+        tok = torch.tensor([plan.ids, plan.positions, plan.slots], dtype=torch.long, device=device)
         self.ids, self.positions, self.slots = tok[0], tok[1], tok[2]
 
         dec_tok, dec_row, dec_len, prefill, want = [], [], [], [], []
@@ -63,12 +63,12 @@ class StepIndex:
                 prefill.append(i)
             w = int(plan.want_logits[i])
             want += range(s + t - w, s + t)
-        self.want_rows = torch.tensor(want, dtype=torch.long).to(device)
+        self.want_rows = torch.tensor(want, dtype=torch.long, device=device)
         self.num_wanted = len(want)
         self.all_decode = len(dec_tok) == self.n and dec_tok == list(range(self.n))
         self.dec_tok = None
         if dec_tok:
-            d = torch.tensor([dec_tok, dec_row, dec_len], dtype=torch.long).to(device)
+            d = torch.tensor([dec_tok, dec_row, dec_len], dtype=torch.long, device=device)
             self.dec_tok = d[0]
             self.dec_table = table.index_select(0, d[1])
             self.dec_lens = d[2].to(torch.int32)
@@ -91,7 +91,7 @@ class StepIndex:
         starts = [plan.starts[i] for i in segs]
         g, t = len(segs), max(lens)
         s = max(o + n for o, n in zip(offs, lens))
-        meta = torch.tensor([[plan.rows[i] for i in segs], offs, lens, starts], dtype=torch.long).to(device)
+        meta = torch.tensor([[plan.rows[i] for i in segs], offs, lens, starts], dtype=torch.long, device=device)
         rows, off, ln, st = meta
         t_ar, s_ar = torch.arange(t, device=device), torch.arange(s, device=device)
         q_tok = st[:, None] + torch.minimum(t_ar[None, :], ln[:, None] - 1)

@@ -48,6 +48,11 @@ class PageAllocator:
                 raise RuntimeError(f"incref of free page {p}")
             self.refs[p] += 1
 
+    def check(self) -> None:
+        """Every free page is on the free list exactly once, with a zero count (for tests)."""
+        if len(set(self._free)) != len(self._free) or any(self.refs[p] for p in self._free):
+            raise AssertionError("the free list holds a page twice or a page still referenced")
+
     def decref(self, pages: list[int]) -> None:
         for p in pages:
             if self.refs[p] <= 0:
@@ -143,7 +148,7 @@ class BlockTable:
         if not rows:
             return
         self.reserve(max(rows) + 1, max(cols) + 1)
-        at = torch.tensor([rows, cols, pages], dtype=torch.long).to(self.device, non_blocking=True)
+        at = torch.tensor([rows, cols, pages], dtype=torch.long, device=self.device)
         self.table.index_put_((at[0], at[1]), at[2].to(torch.int32))
 
 
@@ -155,16 +160,8 @@ class PagedLatentCache:
     of fixed-shape steps (runtime/serve/graphs.py) write there.
     """
 
-    def __init__(
-        self,
-        num_layers: int,
-        num_pages: int,
-        page_size: int,
-        kv_lora_rank: int,
-        rope_dim: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.page_size = page_size
@@ -230,7 +227,7 @@ def tokens_from_free_memory(bytes_per_token: int, device: torch.device, cap: int
     if group is not None:
         import torch.distributed as dist
 
-        t = torch.tensor([n], dtype=torch.int64)
+        t = torch.tensor([n], dtype=torch.int64, device="cpu")  # over the control group
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
         n = int(t[0])
     return n

@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +21,7 @@ from runtime.serve.attention import MAX_DECODE_TOKENS
 from runtime.serve.cache import PagedLatentCache, page_hashes, tokens_from_free_memory
 from runtime.serve.graphs import DecodeGraphs
 from runtime.serve.metrics import ServeMetrics
+from runtime.serve.request import EngineError, Request, RequestOutput
 from runtime.serve.sampling import SamplingParams, emitted_logprobs, make_generator, sample_rows
 from runtime.serve.speculative import MTPSpeculator, pick_drafts, verify_segments
 from runtime.serve.step import PipeStage, StepPlan, run_plan
@@ -29,58 +29,6 @@ from runtime.serve.step import PipeStage, StepPlan, run_plan
 __all__ = ["Engine", "EngineError", "RequestOutput", "SPECULATIVE", "SamplingParams"]
 
 SPECULATIVE = ("off", "mtp")  # serve.speculative: off, or drafts from the model's MTP module
-
-
-class EngineError(ValueError):
-    """A request the engine cannot take; `code` is the protocol error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request: the new tokens (maybe none) and, at the end, the reason."""
-
-    key: str
-    ids: list[int]
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[list[float]]] | None = None
-    finished: bool = False
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-
-@dataclass(eq=False)  # compared by identity: `req in self.running` must not compare token lists
-class Request:
-    key: str
-    prompt: list[int]
-    params: SamplingParams
-    priority: int
-    seq: int
-    arrival: float
-    tokens: list[int] = field(default_factory=list)  # prompt + generated
-    output: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list = field(default_factory=list)
-    pages: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose latents are in the cache
-    hashed_pages: int = 0  # leading full pages already offered to the prefix cache
-    cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
-    admitted: bool = False
-    row: int | None = None  # this request's row in the cache's block table while it holds pages
-    table_pages: int = 0  # how many of its pages that row holds
-    draft: list[int] = field(default_factory=list)  # speculative: tokens proposed after the last one
-    draft_probs: torch.Tensor | None = None  # [len(draft), V]: their draft distributions (sampled requests)
-    generator: torch.Generator | None = None
-    first_token_t: float | None = None
-    last_token_t: float | None = None
-
-    def order(self) -> tuple[int, int]:
-        return (-self.priority, self.seq)
 
 
 class Engine:
@@ -126,6 +74,8 @@ class Engine:
         self.max_batch, self.max_model_len = max_batch, max_model_len
         self.max_prefill_tokens, self.page_size = max_prefill_tokens, page_size
         self.pipe = pipe
+        # the model as one pipeline stage (the view the step's forward runs), when it is not pipelined
+        self.stage = model.pipeline_stage(0, 1, range(len(model.model.layers))) if pipe is None else None
         p = model.lm_head.weight
         n_layers = len(model.model.layers) if pipe is None else len(pipe.layer_ids)
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -172,7 +122,7 @@ class Engine:
             logits = self.graphs.run(plan)
             if logits is not None:
                 return logits
-        return run_plan(self.model, self.cache, plan, self.pipe)
+        return run_plan(self.model, self.cache, plan, self.pipe, self.stage)
 
     # --- public API -----------------------------------------------------------------------------------
     def add_request(
@@ -501,8 +451,7 @@ class Engine:
             refs[p] += 1
         if refs != self.cache.allocator.refs:
             raise AssertionError("page reference counts do not match their holders")
-        if len(set(self.cache.allocator._free)) != self.cache.allocator.num_free:
-            raise AssertionError("a page is on the free list twice")
+        self.cache.allocator.check()
 
     def _update_gauges(self) -> None:
         g = self.metrics.gauges

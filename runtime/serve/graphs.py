@@ -78,10 +78,10 @@ class DecodeGraphs:
         apply_table_updates(plan, self.cache)
         st = self._bucket(next(b for b in self.buckets if b >= n))
         table = self.cache.block_table.table
-        rows = torch.tensor(plan.rows, dtype=torch.long).to(self.device)
+        rows = torch.tensor(plan.rows, dtype=torch.long, device=self.device)
         st.dec_table[:n].copy_(table.index_select(0, rows)[:, : self.width])
         inputs = torch.tensor([plan.ids, plan.positions, plan.slots, [o + 1 for o in plan.offsets]],
-                              dtype=torch.long).to(self.device)
+                              dtype=torch.long, device=self.device)
         self._fill(st, n, inputs)
         if st.graph is not None:
             st.graph.replay()

@@ -60,12 +60,14 @@ class MTPSpeculator:
     def draft(self, index: StepIndex, ctx: PagedAttention, hidden: torch.Tensor, next_ids: list[int],
               rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The MTP module over every position of the step (hidden [N, H] and the token after each position,
-        next_ids [N]); returns its normed output and fp32 logits at `rows` ([R, H], [R, V])."""
+        next_ids [N]); returns its output after `shared_head.norm` and fp32 logits at `rows` ([R, H], [R, V]).
+        A further draft chains the module on that normed output: the kind of input (a final-normed hidden
+        state) it was trained on."""
         m = self.model
         emb = m.model.embed_tokens(torch.tensor(next_ids, dtype=torch.long, device=self.device))
         cos, sin = index.rope(m, emb.dtype)
         out = self.mtp.predict(hidden[None], emb[None], cos, sin, ctx)[0]
-        sel = out.index_select(0, torch.tensor(rows, dtype=torch.long, device=self.device))
+        sel = self.mtp.shared_head.norm(out.index_select(0, torch.tensor(rows, dtype=torch.long, device=self.device)))
         return sel, m.head(sel).float()
 
     @torch.no_grad()

@@ -3,10 +3,12 @@
 The step is described by a `StepPlan` of plain integers (token ids, positions, cache slots, per-sequence
 segments, page lists and block-table rows), so the driver rank can broadcast it (one wire encoding: a flat
 int64 tensor over the control group) and every rank runs the same forward on its own copy of the page pool.
-The forward is the model's own decoder layers (`DecoderLayer.forward`) with the `PagedAttention` context of
-`runtime/serve/attention.py`: token-wise work (embedding, projections, norms, MoE with its all-to-all) runs
-once over all the step's tokens; attention splits by segment (decode rows over the paged cache in the absorbed
-form, prefill chunks batched over sequences in the expanded form), from index tensors built once per step.
+The forward is the model's own decoder layers (`DecoderLayer.forward`, through the model's one-stage
+`PipelineStage` view, or this rank's stages of the job's pipeline schedule made forward-only) with the
+`PagedAttention` context of `runtime/serve/attention.py`: token-wise work (embedding, projections, norms, MoE
+with its all-to-all) runs once over all the step's tokens; attention splits by segment (decode rows over the
+paged cache in the absorbed form, prefill chunks batched over sequences in the expanded form), from index
+tensors built once per step (once per micro-batch under a pipeline).
 
 Sampling lives in `runtime/serve/sampling.py` (re-exported here): on the logits' device, batched over rows.
 """
@@ -72,22 +74,33 @@ class StepPlan:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def split(self, parts: int) -> list[StepPlan]:
-        """Consecutive groups of segments with about equal token counts: the step's micro-batches."""
-        total, out, cur, acc = len(self.ids), [], StepPlan(), 0
-        for i in range(len(self)):
+    def select(self, segments: list[int]) -> StepPlan:
+        """The plan of these segments (in this order)."""
+        out = StepPlan()
+        for i in segments:
             s, n = self.starts[i], self.lens[i]
-            cur.starts.append(len(cur.ids))
+            out.starts.append(len(out.ids))
             for name in ("lens", "offsets", "rows", "table_from", "pages", "want_logits"):
-                getattr(cur, name).append(getattr(self, name)[i])
+                getattr(out, name).append(getattr(self, name)[i])
             for name in _TOKEN_FIELDS:
-                getattr(cur, name).extend(getattr(self, name)[s : s + n])
-            acc += n
-            if len(out) < parts - 1 and acc * parts >= total * (len(out) + 1) and i < len(self) - 1:
-                out.append(cur)
-                cur = StepPlan()
-        out.append(cur)
+                getattr(out, name).extend(getattr(self, name)[s : s + n])
         return out
+
+    def split(self, parts: int) -> list[StepPlan]:
+        """Exactly `parts` plans of consecutive segments with about equal token counts (the step's
+        micro-batches); the last ones are empty when there are fewer segments than parts."""
+        return [self.select(g) for g in self.split_segments(list(range(len(self))), parts)]
+
+    def split_segments(self, segments: list[int], parts: int) -> list[list[int]]:
+        """`segments` cut into exactly `parts` consecutive runs of about equal token counts (empty runs last)."""
+        groups: list[list[int]] = [[]]
+        total, acc = sum(self.lens[i] for i in segments), 0
+        for k, i in enumerate(segments):
+            groups[-1].append(i)
+            acc += self.lens[i]
+            if len(groups) < parts and acc * parts >= total * len(groups) and k < len(segments) - 1:
+                groups.append([])
+        return groups + [[] for _ in range(parts - len(groups))]
 
     # the one wire encoding: [n_tokens, n_segments, token fields, segment fields, want, page counts, pages]
     def encode(self) -> list[int]:
@@ -124,82 +137,80 @@ class StepPlan:
         if len(flat) > MAX_PLAN_INTS:
             raise ValueError(f"step plan of {len(flat)} integers exceeds MAX_PLAN_INTS = {MAX_PLAN_INTS}; "
                              "nothing was sent (lower serve.max_batch or serve.max_prefill_tokens)")
-        bcast(torch.tensor([len(flat)], dtype=torch.int64))
-        bcast(torch.tensor(flat, dtype=torch.int64))
+        bcast(torch.tensor([len(flat)], dtype=torch.int64, device="cpu"))  # the control plane: host tensors
+        bcast(torch.tensor(flat, dtype=torch.int64, device="cpu"))
 
     @staticmethod
     def broadcast_none(bcast: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Driver side: this serving step ran nothing (the followers' `receive` returns None)."""
-        bcast(torch.zeros(1, dtype=torch.int64))
+        bcast(torch.zeros(1, dtype=torch.int64, device="cpu"))
 
     @classmethod
     def receive(cls, bcast: Callable[[torch.Tensor], torch.Tensor]) -> StepPlan | None:
         """Follower side of `broadcast` / `broadcast_none`; a length outside the bound is refused before
         anything is allocated for it (a corrupt or mismatched sender)."""
-        n = int(bcast(torch.zeros(1, dtype=torch.int64))[0])
+        n = int(bcast(torch.zeros(1, dtype=torch.int64, device="cpu"))[0])
         if n == 0:
             return None
         if not 2 <= n <= MAX_PLAN_INTS:
             raise ValueError(f"broadcast step plan length {n} is outside [2, {MAX_PLAN_INTS}] (MAX_PLAN_INTS): "
                              "a corrupt or mismatched sender")
-        return cls.decode(bcast(torch.zeros(n, dtype=torch.int64)).tolist())
+        return cls.decode(bcast(torch.zeros(n, dtype=torch.int64, device="cpu")).tolist())
 
 
 # --- the forward ------------------------------------------------------------------------------------------------
-@dataclass
 class PipeStage:
-    """This rank's place in a forward-only serving pipeline.
+    """This rank's part of a pipelined serving forward, driven by the job's pipeline schedule made
+    forward-only (schedules are data for serving too): `executor` (a parallel.pipeline PipelineExecutor over
+    this rank's stages, one or two of them) runs each step cut into `executor.schedule.chunks` micro-batches,
+    its p2p lowered and posted through cluster.p2p like training's. `layer_ids` are the decoder layers of
+    this rank's stages (its page pool holds those, in that order). The last stage's logits rows go to the
+    engine's rank (pp group rank 0 of the engine's pipeline, `engine_pipe`) over the pp group."""
 
-    The stage runs decoder layers `layer_ids` (its page pool holds only those layers, in that order); the
-    first stage embeds, the last applies the final norm and LM head. `group` is the pipeline's process group
-    (`mesh.group("pp")`) and `prev`, `next`, `logits_to`, `logits_from` are group ranks: the neighbours, the
-    rank the last stage sends the wanted logits rows to (the engine's), and where the engine's rank receives
-    them (None where a rank sends or receives none)."""
-
-    layer_ids: list[int]
-    first: bool
-    last: bool
-    group: object = None
-    prev: int | None = None
-    next: int | None = None
-    logits_to: int | None = None
-    logits_from: int | None = None
-    micro: int = 1  # split each step into this many micro-batches, which flow through the stages together
+    def __init__(self, executor, group, engine_pipe: bool) -> None:
+        self.executor, self.group, self.engine_pipe = executor, group, engine_pipe
+        self.layer_ids = sorted(i for s in executor.stages.values() for i in s.layer_ids)
+        self.micro = executor.schedule.chunks
+        self.pp_rank = executor.pp_rank
 
 
 @torch.no_grad()
-def run_plan(model, cache, plan: StepPlan, pipe: PipeStage | None = None) -> torch.Tensor:
+def run_plan(model, cache, plan: StepPlan, pipe: PipeStage | None = None, stage=None) -> torch.Tensor:
     """Run the step; returns fp32 logits [n_wanted, V], one row per segment with want_logits, in order.
 
-    With `pipe`, only this stage's layers run: hidden states come from the previous stage and go to the
-    next; the logits reach the engine's rank from the last stage (other stages return an empty tensor).
-    The step is cut into `pipe.micro` micro-batches; sends are asynchronous, so while stage s+1 works on
-    micro-batch k, stage s already computes k+1 (every rank cuts the same plan the same way).
-    """
+    Without `pipe` the model runs whole (`stage`: its one-stage view, `model.pipeline_stage(0, 1, ...)`, made
+    here when not given). With `pipe`, only this rank's stages run, micro-batch by micro-batch as the
+    schedule says; the engine's rank gets every micro-batch's logits (other ranks return an empty tensor)."""
+    dev = model.lm_head.weight.device
     if pipe is None:
-        return _forward(model, cache, plan, None, [])
-    import torch.distributed as dist
+        n = len(model.model.layers)
+        stage = stage or model.pipeline_stage(0, 1, range(n))
+        return _stage_forward(stage, cache, StepIndex(plan, cache, dev), {li: li for li in range(n)}, None)
+    slots = {li: i for i, li in enumerate(pipe.layer_ids)}
+    groups = _microbatches(plan, pipe.executor.schedule.directions)
+    subs = [plan.select(g) for g in groups]
+    indexes: dict[int, StepIndex] = {}  # one per micro-batch, shared by this rank's stages (two under DualPipeV)
 
-    works: list = []
-    subs = plan.split(max(1, min(pipe.micro, len(plan))))
-    outs = [_forward(model, cache, sub, pipe, works) for sub in subs]
-    if pipe.logits_from is not None and not pipe.last:  # the engine's rank: logits come back in order
-        outs = []
-        for sub in subs:
-            logits = torch.empty(sum(sub.want_logits), model.config.vocab_size, dtype=torch.float32,
-                                 device=model.lm_head.weight.device)
-            if logits.shape[0]:
-                dist.recv(logits, group=pipe.group, group_src=pipe.logits_from)
-            outs.append(logits)
-    for work, _ in works:
-        work.wait()
-    return torch.cat(outs) if outs else torch.zeros(0, model.config.vocab_size)
+    def forward(stage, mb: int, x: torch.Tensor | None) -> torch.Tensor:
+        if mb not in indexes:
+            indexes[mb] = StepIndex(subs[mb], cache, dev)
+        return _stage_forward(stage, cache, indexes[mb], slots, x)
+
+    hidden = model.config.hidden_size
+    outputs = pipe.executor.run_forward_with(forward, lambda mb: (1, len(subs[mb].ids), hidden),
+                                             model.lm_head.weight.dtype, dev)
+    logits = _deliver_logits(pipe, outputs, subs, model.config.vocab_size, dev)
+    if logits.shape[0]:  # back to the plan's row order (DualPipe's micro-batches regroup segments)
+        wanted = [(i, k) for g in groups for i in g for k in range(int(plan.want_logits[i]))]
+        order = sorted(range(len(wanted)), key=wanted.__getitem__)
+        logits = logits.index_select(0, torch.tensor(order, dtype=torch.long, device=dev))
+    return logits
 
 
 def decoder_forward(model, index: StepIndex, ctx: PagedAttention, layer_ids: list[int],
                     h: torch.Tensor | None = None) -> torch.Tensor:
-    """The decoder layers `layer_ids` over the step's tokens ([1, N, H]; embedded from `index.ids` when `h`
-    is None), with the step's attention context."""
+    """The decoder layers `layer_ids` of the whole model over the step's tokens ([1, N, H]; embedded from
+    `index.ids` when `h` is None), with the step's attention context (speculative decoding's forward)."""
     if h is None:
         h = model.model.embed_tokens(index.ids[None])
     cos, sin = index.rope(model, h.dtype)
@@ -208,28 +219,69 @@ def decoder_forward(model, index: StepIndex, ctx: PagedAttention, layer_ids: lis
     return h
 
 
-def _forward(model, cache, plan: StepPlan, pipe: PipeStage | None, works: list) -> torch.Tensor:
-    import torch.distributed as dist
+def _microbatches(plan: StepPlan, directions: tuple[int, ...]) -> list[list[int]]:
+    """The step's micro-batches as lists of the plan's segments, one per entry of the schedule's
+    `directions` (the schedule runs every one; surplus ones are empty). Under DualPipe's mirrored placement
+    a stage has two copies, one per direction, and a sequence's cached latents live on the ranks of the
+    direction that computed them: a sequence keeps the direction of its first page's parity. A prefix-cache
+    hit starts at the cached sequence's first page, so it stays in the direction that computed it too."""
+    groups: list[list[int]] = [[] for _ in directions]
+    for d in sorted(set(directions)):
+        slots = [m for m, x in enumerate(directions) if x == d]
+        mine = [i for i in range(len(plan)) if len(set(directions)) == 1 or plan.pages[i][0] % 2 == d]
+        for m, part in zip(slots, plan.split_segments(mine, len(slots))):
+            groups[m] = part
+    return groups
 
-    dev = model.lm_head.weight.device
-    layer_ids = list(range(len(model.model.layers))) if pipe is None else pipe.layer_ids
-    index = StepIndex(plan, cache, dev)
-    ctx = PagedAttention(cache, index, {li: i for i, li in enumerate(layer_ids)})
-    n = len(plan.ids)
-    h = None
-    if pipe is not None and not pipe.first:
-        h = torch.empty(1, n, model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=dev)
-        dist.recv(h, group=pipe.group, group_src=pipe.prev)
-    h = decoder_forward(model, index, ctx, layer_ids, h)
-    vocab = model.config.vocab_size
-    if pipe is not None and not pipe.last:
-        h = h.contiguous()
-        works.append((dist.isend(h, group=pipe.group, group_dst=pipe.next), h))
+
+def _stage_forward(stage, cache, index: StepIndex, layer_slots: dict[int, int], h: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """One pipeline stage (parallel.pipeline.stages.PipelineStage) over one plan's `StepIndex`: the decoder
+    layers with the paged attention context; on the last stage the wanted rows' fp32 logits. An empty
+    micro-batch (a step with fewer sequences than the schedule's micro-batches) runs nothing: it is empty on
+    every rank alike, so no collective is skipped on one rank only."""
+    dev = index.ids.device
+    if not index.n:
+        if stage.is_last:
+            return torch.zeros(0, 0, dtype=torch.float32, device=dev)  # no rows wanted: never delivered
+        return h if h is not None else torch.zeros(1, 0, stage.embed_tokens.weight.shape[1], device=dev,
+                                                   dtype=stage.embed_tokens.weight.dtype)
+    ctx = PagedAttention(cache, index, layer_slots)
+    if stage.is_first:
+        h = stage.embed_tokens(index.ids[None])
+    cos, sin = index.rope(stage, h.dtype)
+    for layer in stage.layers.values():
+        h = layer(h, cos, sin, ctx)
+    if not stage.is_last:
+        return h
+    return stage.lm_head(stage.norm(h[0].index_select(0, index.want_rows))).float()
+
+
+def _deliver_logits(pipe: PipeStage, outputs: dict[int, torch.Tensor], subs: list[StepPlan], vocab: int,
+                    dev: torch.device) -> torch.Tensor:
+    """The engine's rank collects each micro-batch's logits from the rank of its last stage (one p2p group
+    per rank pair, in micro-batch order); others hand theirs over and return an empty tensor."""
+    from cluster import p2p
+
+    sched = pipe.executor.schedule
+    last = sched.num_stages - 1
+    src = {mb: sched.rank_of(last, mb) for mb in range(len(subs))}
+    if not pipe.engine_pipe:
         return torch.zeros(0, vocab, dtype=torch.float32, device=dev)
-    if not index.num_wanted:
-        return h.new_zeros(0, vocab, dtype=torch.float32)
-    logits = model.head(model.model.norm(h[0].index_select(0, index.want_rows))).float()
-    if pipe is not None and pipe.logits_to is not None:
-        logits = logits.contiguous()
-        works.append((dist.isend(logits, group=pipe.group, group_dst=pipe.logits_to), logits))
-    return logits
+    ops, got, ranks = [], {}, pipe.executor.pp_ranks  # p2p names peers by global rank
+    for mb, sub in enumerate(subs):
+        n = sum(sub.want_logits)
+        if not n or src[mb] == 0 == pipe.pp_rank:
+            continue
+        if pipe.pp_rank == 0:
+            got[mb] = torch.empty(n, vocab, dtype=torch.float32, device=dev)
+            ops.append(p2p.Op("recv", got[mb], ranks[src[mb]], f"logits mb{mb}"))
+        elif src[mb] == pipe.pp_rank:
+            ops.append(p2p.Op("send", outputs[mb].contiguous(), ranks[0], f"logits mb{mb}"))
+    if ops:
+        for work in p2p.channel(pipe.group).post(ops):
+            work.wait()
+    if pipe.pp_rank != 0:
+        return torch.zeros(0, vocab, dtype=torch.float32, device=dev)
+    parts = [got.get(mb, outputs.get(mb)) for mb in range(len(subs)) if sum(subs[mb].want_logits)]
+    return torch.cat(parts) if parts else torch.zeros(0, vocab, dtype=torch.float32, device=dev)

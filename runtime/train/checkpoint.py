@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.shard import to_full, to_local
-from runtime.model.hf_checkpoint import INDEX_NAME, checkpoint_name, chmod_as_umask
+from runtime.model.hf_checkpoint import INDEX_NAME, CheckpointError, chmod_as_umask, hf_tensors
 
 FORMAT = "moerun-train-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -41,10 +41,6 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 # Keys that may change between a run and its resumption without changing what is being trained.
 _HASH_SKIP = {"train": ("steps", "resume", "save_every", "out")}
-
-
-class TrainCheckpointError(RuntimeError):
-    pass
 
 
 def config_hash(config: dict) -> str:
@@ -102,21 +98,6 @@ def _crash_hook(step: int, where: str) -> None:
         os._exit(17)
 
 
-def hf_model_tensors(named: Iterable[tuple[str, torch.Tensor]], num_hidden_layers: int,
-                     tied: bool = False) -> dict[str, torch.Tensor]:
-    """Runtime names (stacked experts, mtp.k) -> HF checkpoint names (per-expert tensors, layer n+k)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in named:
-        if tied and name == "lm_head.weight":
-            continue
-        if re.search(r"\.mlp\.experts\.(gate_proj|up_proj|down_proj)$", name):
-            for e in range(t.shape[0]):
-                out[checkpoint_name(name, num_hidden_layers, e)] = t[e].clone()  # no shared storage
-        else:
-            out[checkpoint_name(name, num_hidden_layers)] = t
-    return out
-
-
 def save_checkpoint(out: str, step: int, *, params: list[tuple[str, torch.Tensor]],
                     buffers: list[tuple[str, torch.Tensor]], marks: dict[str, dict],
                     optim_state: dict[str, dict[str, torch.Tensor]], model_config: Any,
@@ -149,8 +130,9 @@ def save_checkpoint(out: str, step: int, *, params: list[tuple[str, torch.Tensor
         for kind in OPT_KINDS:
             opt[f"{kind}.{name}"] = to_full(kinds[kind], info, tp_group, ep_group)
     if writer:
-        tensors = hf_model_tensors(full_params + [(n, b.detach()) for n, b in buffers],
-                                   model_config.num_hidden_layers, model_config.tie_word_embeddings)
+        tensors = {k: t.clone() for k, t in hf_tensors(full_params + [(n, b.detach()) for n, b in buffers],
+                                                       model_config.num_hidden_layers,
+                                                       model_config.tie_word_embeddings)}  # no shared storage
         _save_tensors(tensors, os.path.join(tmp, f"model-pp{pp_rank:03d}-of-{pp:03d}.safetensors"))
         _save_tensors(opt, os.path.join(tmp, f"optim-pp{pp_rank:03d}.safetensors"))
     if world is not None:
@@ -221,7 +203,7 @@ def resolve_checkpoint(path: str) -> str:
     found = latest_checkpoint(os.path.dirname(base) if os.path.basename(base) == "ckpt" else base)
     if found:
         return found
-    raise TrainCheckpointError(f"{path!r}: no complete checkpoint (a step-N dir with {MANIFEST}, a ckpt dir, "
+    raise CheckpointError(f"{path!r}: no complete checkpoint (a step-N dir with {MANIFEST}, a ckpt dir, "
                                "or a run directory containing ckpt/)")
 
 
@@ -229,7 +211,7 @@ def read_manifest(path: str) -> dict[str, Any]:
     with open(os.path.join(path, MANIFEST)) as f:
         manifest = json.load(f)
     if manifest.get("format") != FORMAT:
-        raise TrainCheckpointError(f"{path}: manifest format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"{path}: manifest format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
 
 
@@ -247,13 +229,13 @@ class OptimizerStateReader:
                 for k in handle.keys():
                     self.files[k] = handle
         if not self.files:
-            raise TrainCheckpointError(f"{path}: no optim-*.safetensors (optimizer state) files")
+            raise CheckpointError(f"{path}: no optim-*.safetensors (optimizer state) files")
         self.path = path
 
     def __call__(self, name: str, kind: str) -> torch.Tensor:
         key = f"{kind}.{name}"
         if key not in self.files:
-            raise TrainCheckpointError(f"{self.path}: optimizer state {key!r} is missing (the checkpoint was "
+            raise CheckpointError(f"{self.path}: optimizer state {key!r} is missing (the checkpoint was "
                                        "written for a different model?)")
         return to_local(self.files[key].get_tensor(key), self.marks.get(name, {}), self.shapes[name])
 
