@@ -215,8 +215,9 @@ def main() -> int:
         prof = profile_decode(make_engine, add_requests, a.requests, min(a.profile_steps, a.new - 4))
         step_tps = prof["tokens_per_step"] / (prof["step_ms"] / 1e3)
         print(f"decode step (engine alone, {a.requests} sequences, mean of {prof['steps']} steps): "
-              f"{prof['step_ms']:.2f} ms (CPU {prof['step_cpu_ms']:.2f} ms); under the profiler {prof['profiled_ms']:.2f} ms = model compute "
-              f"{prof['compute_ms']:.2f} ms + host overhead {prof['host_ms']:.2f} ms  "
+              f"{prof['step_ms']:.2f} ms (CPU {prof['step_cpu_ms']:.2f} ms); under the profiler "
+              f"{prof['profiled_ms']:.2f} ms = model compute {prof['compute_ms']:.2f} ms + host overhead "
+              f"{prof['host_ms']:.2f} ms  "
               f"({prof['ops_per_step']:.0f} aten ops per step, operator call {prof['op_call_us']:.1f} us)")
         print(f"  decode {step_tps:.0f} tok/s = {100 * step_tps / ceiling_tps:.1f}% of the matmul ceiling; "
               f"load average {os.getloadavg()[0]:.2f}")
