@@ -42,21 +42,24 @@ def kernel_backend(device: torch.device | str, backend: str | None = None) -> st
         raise ValueError(f"{src} is {choice!r}; expected one of {', '.join(CHOICES)}")
     if choice == "torch":
         return "torch"
-    dev = torch.device(device)
+    # called for every kernel of every layer: no new torch.device for one that already is
+    dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     if choice == "triton":
         if not triton_installed():
             raise RuntimeError(f"{ENV}=triton but the triton package is not installed")
-        if dev.type == "cuda" or (dev.type == "cpu" and _interpreting()):
+        if dev_type == "cuda" or (dev_type == "cpu" and _interpreting()):
             return "triton"
         raise RuntimeError(
-            f"Triton kernels need CUDA tensors (got {dev.type}); on CPU set TRITON_INTERPRET=1 to run them in "
+            f"Triton kernels need CUDA tensors (got {dev_type}); on CPU set TRITON_INTERPRET=1 to run them in "
             f"Triton's interpreter, or use {ENV}=torch"
         )
-    return "triton" if dev.type == "cuda" and triton_installed() else "torch"
+    return "triton" if dev_type == "cuda" and triton_installed() else "torch"
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in tensors)
 
 
 def _pick(backend: str | None, *tensors: torch.Tensor) -> str:

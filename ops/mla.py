@@ -40,6 +40,11 @@ def mla_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
     k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, s, h, k_pe.shape[-1])], dim=-1)
     q = torch.cat([q_nope, q_pe], dim=-1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    dv = v.shape[-1]
+    if dv < q.shape[-1] and not torch.is_grad_enabled():
+        # inference: values zero-padded to the query/key head dim let torch's fused CPU attention kernel run
+        # (it needs one head dim; otherwise SDPA falls back to its unfused math path); same output columns
+        v = F.pad(v, (0, q.shape[-1] - dv))
     if mask is not None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     elif q_offset == 0 and s == t:
@@ -48,7 +53,7 @@ def mla_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=causal_mask(t, s, q_offset, q.device), scale=scale
         )
-    return out.transpose(1, 2)
+    return out[..., :dv].transpose(1, 2)
 
 
 def causal_mask(t: int, s: int, q_offset: int, device: torch.device) -> torch.Tensor:
