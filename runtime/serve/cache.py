@@ -134,6 +134,19 @@ class BlockTable:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.table = torch.zeros(0, 0, dtype=torch.int32, device=self.device)
+        self._free: list[int] = []  # rows given back, handed out again first
+        self._rows = 0
+
+    def take_row(self) -> int:
+        """A row for a sequence that starts holding pages (the driver's engine hands rows out; other ranks
+        take theirs from the plans)."""
+        if self._free:
+            return self._free.pop()
+        self._rows += 1
+        return self._rows - 1
+
+    def give_row(self, row: int) -> None:
+        self._free.append(row)
 
     def reserve(self, rows: int, cols: int) -> None:
         """Grow the table to at least rows x cols (new entries 0)."""

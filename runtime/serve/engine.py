@@ -3,9 +3,12 @@
 Every `step()` schedules one batched forward: each running request contributes either one decode token or
 a prefill chunk (prefill tokens per step are capped by `max_prefill_tokens`), and waiting requests join as
 soon as there is room (`max_batch` running, pages in the cache). Requests are ordered by priority (higher
-first) then arrival. When a decode needs a page and none is free, the least important running request is
-preempted by recompute: its pages go back (full ones stay in the prefix cache, so the recompute is mostly a
-prefix hit) and it waits again with its generated tokens, to be re-prefilled later. The engine is driven
+first) then arrival. Requests may name an `owner` (the server's connection): while several owners have
+requests, each gets a fair share of the running slots (max_batch / owners, rounded up) before priority
+decides, and an owner above its share yields a running slot (preempted by recompute) to one below it.
+When a decode needs a page and none is free, the least important running request is preempted by
+recompute: its pages go back (full ones stay in the prefix cache, so the recompute is mostly a prefix hit)
+and it waits again with its generated tokens, to be re-prefilled later. The engine is driven
 from outside (the server loop, or later the shared train/serve scheduler), so it never blocks.
 """
 
@@ -21,8 +24,8 @@ from runtime.serve.attention import MAX_DECODE_TOKENS
 from runtime.serve.cache import PagedLatentCache, page_hashes, tokens_from_free_memory
 from runtime.serve.graphs import DecodeGraphs
 from runtime.serve.metrics import ServeMetrics
-from runtime.serve.request import EngineError, Request, RequestOutput
-from runtime.serve.sampling import SamplingParams, emitted_logprobs, make_generator, sample_rows
+from runtime.serve.request import EngineError, Request, RequestOutput, above_share, fair_share
+from runtime.serve.sampling import SamplingParams, emitted_logprobs, make_generator, sample_rows_or_errors
 from runtime.serve.speculative import MTPSpeculator, pick_drafts, verify_segments
 from runtime.serve.step import PipeStage, StepPlan, run_plan
 
@@ -57,19 +60,8 @@ class Engine:
                         ("max_prefill_tokens", max_prefill_tokens), ("page_size", page_size)):
             if v < 1:
                 raise ValueError(f"serve.{name} must be >= 1, got {v}")
-        if speculative not in SPECULATIVE:
-            raise ValueError(f"serve.speculative = {speculative!r} is not one of: "
-                             f"{', '.join(repr(k) for k in SPECULATIVE)}")
-        if speculative != "off" and not 1 <= speculative_tokens < MAX_DECODE_TOKENS:
-            raise ValueError(f"serve.speculative_tokens must be in 1..{MAX_DECODE_TOKENS - 1}, "
-                             f"got {speculative_tokens}")
-        for name, on in (("speculative", speculative != "off"), ("cuda_graphs", cuda_graphs)):
-            if on and (pipe is not None or group is not None):
-                raise ValueError(f"serve.{name} runs on one rank only; this job serves on several (pipeline, "
-                                 f"tensor or expert parallel): leave serve.{name} off")
-        if cuda_graphs and model.lm_head.weight.device.type != "cuda":
-            raise ValueError(f"serve.cuda_graphs needs a CUDA device; this model is on "
-                             f"{model.lm_head.weight.device.type}")
+        _check_switches(speculative, speculative_tokens, cuda_graphs, pipe is not None or group is not None,
+                        model.lm_head.weight.device)
         self.model = model
         self.max_batch, self.max_model_len = max_batch, max_model_len
         self.max_prefill_tokens, self.page_size = max_prefill_tokens, page_size
@@ -94,8 +86,6 @@ class Engine:
         self.eos_ids = set(eos_ids)
         self.vocab_size = cfg.vocab_size
         self.device = p.device
-        self._free_rows: list[int] = []
-        self._num_rows = 0
         self.plan_hook: Callable[[StepPlan], None] | None = None  # the driver broadcasts each plan first
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
@@ -126,8 +116,11 @@ class Engine:
 
     # --- public API -----------------------------------------------------------------------------------
     def add_request(
-        self, key: str, prompt_ids: list[int], params: SamplingParams | None = None, priority: int = 0
+        self, key: str, prompt_ids: list[int], params: SamplingParams | None = None, priority: int = 0,
+        owner: str | None = None, probe: bool = False,
     ) -> None:
+        """Queue a request. `probe` (a health check) runs like any other but is counted apart: not in
+        requests, tokens, prefix-cache or latency metrics."""
         params = params or SamplingParams()
         if key in self.requests:
             raise EngineError("bad_request", f"request id {key!r} is already active")
@@ -147,12 +140,14 @@ class Engine:
         if -(-total // self.page_size) > self.cache.num_pages:
             raise EngineError("too_long", f"{total} tokens need more pages than the whole KV cache "
                                           f"({self.cache.num_pages} x {self.page_size})")
-        req = Request(key, list(prompt_ids), params, int(priority), next(self._seq), time.perf_counter())
+        req = Request(key, list(prompt_ids), params, int(priority), next(self._seq), time.perf_counter(), owner,
+                      probe=probe)
         req.tokens = list(prompt_ids)
         req.generator = None if params.greedy else make_generator(params.seed, self.device)
         self.requests[key] = req
         self.waiting.append(req)
-        self.metrics.inc("requests_total")
+        if not probe:
+            self.metrics.inc("requests_total")
         self._update_gauges()
 
     def abort(self, key: str) -> RequestOutput | None:
@@ -160,7 +155,8 @@ class Engine:
         req = self.requests.get(key)
         if req is None:
             return None
-        self.metrics.inc("requests_aborted_total")
+        if not req.probe:
+            self.metrics.inc("requests_aborted_total")
         out = self._finish(req, "abort")
         self._update_gauges()
         return out
@@ -182,27 +178,24 @@ class Engine:
         return outputs
 
     def _step_plain(self, sched: list[tuple[Request, int]]) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
-        if sched:
-            plan = StepPlan()
-            for req, n in sched:
-                want = req.num_computed + n == len(req.tokens)
-                self._add_to_plan(plan, req, req.tokens[req.num_computed : req.num_computed + n], want)
-            if self.plan_hook is not None:
-                self.plan_hook(plan)
-            logits = self.run_plan(plan)
-            self.metrics.inc("steps_total")
-            emitting = [req for (req, _), want in zip(sched, plan.want_logits) if want]
-            tokens = sample_rows(logits, [r.params for r in emitting], [r.generator for r in emitting])
-            lps = emitted_logprobs(logits, [r.params.logprobs for r in emitting], [[t] for t in tokens],
-                                   list(range(len(emitting))))
-            for req, n in sched:
-                req.num_computed += n
-                self._offer_pages(req)
-            now = time.perf_counter()
-            for j, req in enumerate(emitting):
-                outputs.append(self._emit(req, [tokens[j]], lps[j], now))
-        return outputs
+        plan = StepPlan()
+        for req, n in sched:
+            want = req.num_computed + n == len(req.tokens)
+            self._add_to_plan(plan, req, req.tokens[req.num_computed : req.num_computed + n], want)
+        if self.plan_hook is not None:
+            self.plan_hook(plan)
+        logits = self.run_plan(plan)
+        self.metrics.inc("steps_total")
+        emitting = [req for (req, _), want in zip(sched, plan.want_logits) if want]
+        tokens = sample_rows_or_errors(logits, [r.params for r in emitting], [r.generator for r in emitting])
+        ok = [j for j, t in enumerate(tokens) if not isinstance(t, Exception)]
+        lps = emitted_logprobs(logits, [emitting[j].params.logprobs for j in ok], [[tokens[j]] for j in ok], ok)
+        for req, n in sched:
+            req.num_computed += n
+            self._offer_pages(req)
+        now = time.perf_counter()
+        return ([self._emit(emitting[j], [tokens[j]], lp, now) for j, lp in zip(ok, lps)]
+                + [self._fail(emitting[j], t) for j, t in enumerate(tokens) if isinstance(t, Exception)])
 
     def _step_speculative(self, sched: list[tuple[Request, int]]) -> list[RequestOutput]:
         """A step with MTP drafts (runtime/serve/speculative.py): verify, emit 1..m+1 tokens per decoding
@@ -219,13 +212,15 @@ class Engine:
                 segs.append((req, n, None))
         index, ctx, hidden, logits = self.spec.verify(plan)
         self.metrics.inc("steps_total")
-        emitted, rows = verify_segments(
+        emitted, rows, failed = verify_segments(
             logits, plan.want_logits, [(r.params, r.generator, d, r.draft_probs) for r, _, d in segs])
         # The MTP pass over every position of the step: the token after each one is known now.
         next_ids, draft_at, keep, budgets = [], [], [], []
         for k, (req, n, drafts) in enumerate(segs):
             start, toks = plan.starts[k], emitted[k]
-            if drafts is None:
+            if k in failed:  # ends below; its MTP rows only ever feed drafts
+                next_ids += [0] * n
+            elif drafts is None:
                 nxt = req.tokens[req.num_computed + 1 : req.num_computed + n + 1] + toks
                 next_ids += nxt[:n]
             else:
@@ -240,7 +235,7 @@ class Engine:
             req.num_computed += n if drafts is None else len(emitted[k])
             self._offer_pages(req)
             req.draft, req.draft_probs = [], None
-            if drafts is not None:
+            if drafts is not None and k not in failed:
                 self.metrics.inc("spec_verify_total")
                 self.metrics.inc("spec_draft_tokens_total", len(drafts))
                 self.metrics.inc("spec_accepted_tokens_total", len(emitted[k]) - 1)
@@ -248,7 +243,8 @@ class Engine:
             self._draft([segs[k][0] for k in keep], budgets, hm, dlogits)
         lps = emitted_logprobs(logits, [r.params.logprobs for r, _, _ in segs], emitted, rows)
         now = time.perf_counter()
-        return [self._emit(req, emitted[k], lps[k], now) for k, (req, _, _) in enumerate(segs) if emitted[k]]
+        return ([self._emit(req, emitted[k], lps[k], now) for k, (req, _, _) in enumerate(segs) if emitted[k]]
+                + [self._fail(segs[k][0], e) for k, e in failed.items()])
 
     def _drafts_wanted(self, req: Request, toks: list[int]) -> int:
         """How many drafts `req` can use in its next step after emitting `toks` (0 when it ends here)."""
@@ -286,11 +282,7 @@ class Engine:
         """One segment for `req`: `tokens` from position `offset` (default: its first uncomputed one), with
         its block-table row."""
         if req.row is None:
-            if self._free_rows:
-                req.row = self._free_rows.pop()
-            else:
-                req.row, self._num_rows = self._num_rows, self._num_rows + 1
-            req.table_pages = 0
+            req.row, req.table_pages = self.cache.block_table.take_row(), 0
         plan.add(tokens, req.num_computed if offset is None else offset, req.pages, self.page_size, want,
                  row=req.row, table_from=req.table_pages)
         req.table_pages = len(req.pages)
@@ -320,8 +312,20 @@ class Engine:
                 if pending > 1:
                     budget -= n
         self.waiting.sort(key=Request.order)
-        while self.waiting and len(self.running) < self.max_batch and budget > 0:
-            req = self.waiting[0]
+        share, held = fair_share(self.requests.values(), self.running, self.max_batch)
+        i = 0
+        while i < len(self.waiting) and budget > 0:
+            req = self.waiting[i]
+            if req.owner is not None and held.get(req.owner, 0) >= share:
+                i += 1  # this owner has its share: the next owner's request may join
+                continue
+            if len(self.running) >= self.max_batch:
+                victim = above_share(self.running, held, share)
+                if victim is None:
+                    break
+                sched = [(r, k) for r, k in sched if r is not victim]
+                self._preempt(victim)
+                held[victim.owner] -= 1
             if not req.pages:
                 self._match_prefix(req)
             n = min(len(req.tokens) - req.num_computed, budget)
@@ -336,8 +340,10 @@ class Engine:
                 self._release(req)  # hold nothing while waiting, or a waiter could starve the running
                 break
             self._count_admission(req)
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             self.running.append(req)
+            if req.owner is not None:
+                held[req.owner] = held.get(req.owner, 0) + 1
             sched.append((req, n))
             budget -= n if n > 1 or req.num_computed == 0 else 0
         return sched
@@ -348,7 +354,9 @@ class Engine:
         req.pages, req.num_computed, req.hashed_pages = pages, len(pages) * self.page_size, len(pages)
 
     def _count_admission(self, req: Request) -> None:
-        if not req.admitted:
+        if req.probe:
+            req.admitted = True
+        elif not req.admitted:
             req.admitted = True
             req.cached_tokens = req.num_computed
             self.metrics.inc("prefix_cache_queries_tokens_total", len(req.prompt))
@@ -378,7 +386,7 @@ class Engine:
         self.cache.allocator.decref(req.pages)
         req.pages, req.num_computed, req.hashed_pages = [], 0, 0
         if req.row is not None:
-            self._free_rows.append(req.row)
+            self.cache.block_table.give_row(req.row)
             req.row, req.table_pages = None, 0
         req.draft, req.draft_probs = [], None  # its MTP cache rows are gone with its pages
 
@@ -412,17 +420,26 @@ class Engine:
                 reason = "length"
             if reason is not None:
                 break
+        if not req.probe:
+            if req.first_token_t is None:
+                self.metrics.observe("time_to_first_token_seconds", now - req.arrival)
+            else:
+                self.metrics.observe("inter_token_latency_seconds", (now - req.last_token_t) / len(out.ids))
+            self.metrics.inc("generation_tokens_total", len(out.ids))
         if req.first_token_t is None:
             req.first_token_t = now
-            self.metrics.observe("time_to_first_token_seconds", now - req.arrival)
-        else:
-            self.metrics.observe("inter_token_latency_seconds", (now - req.last_token_t) / len(out.ids))
         req.last_token_t = now
-        self.metrics.inc("generation_tokens_total", len(out.ids))
         if reason is not None:
             fin = self._finish(req, reason)
             out.finished, out.finish_reason = True, reason
             out.completion_tokens, out.cached_tokens = fin.completion_tokens, fin.cached_tokens
+        return out
+
+    def _fail(self, req: Request, exc: Exception) -> RequestOutput:
+        """End `req` alone: its sampling raised `exc` (the step and every other request go on)."""
+        out = self._finish(req, "error")
+        out.error = f"sampling failed: {type(exc).__name__}: {exc}"
+        self.metrics.inc("requests_failed_total")
         return out
 
     def _finish(self, req: Request, reason: str) -> RequestOutput:
@@ -432,10 +449,11 @@ class Engine:
             self.waiting.remove(req)
         self._release(req)
         del self.requests[req.key]
-        self.metrics.observe("e2e_latency_seconds", time.perf_counter() - req.arrival)
-        if reason != "abort":
-            self.metrics.inc("requests_finished_total")
-        self.metrics.inc("prompt_tokens_total", len(req.prompt))
+        if not req.probe:
+            self.metrics.observe("e2e_latency_seconds", time.perf_counter() - req.arrival)
+            if reason not in ("abort", "error"):
+                self.metrics.inc("requests_finished_total")
+            self.metrics.inc("prompt_tokens_total", len(req.prompt))
         return RequestOutput(
             req.key, [], finished=True, finish_reason=reason, prompt_tokens=len(req.prompt),
             completion_tokens=len(req.output), cached_tokens=req.cached_tokens,
@@ -466,3 +484,17 @@ class Engine:
             drafted, verified = c["spec_draft_tokens_total"], c["spec_verify_total"]
             g["spec_acceptance_rate"] = c["spec_accepted_tokens_total"] / drafted if drafted else 0.0
             g["spec_tokens_per_step"] = (c["spec_accepted_tokens_total"] / verified + 1) if verified else 0.0
+
+
+def _check_switches(speculative: str, tokens: int, cuda_graphs: bool, multi_rank: bool, device: torch.device
+                    ) -> None:
+    if speculative not in SPECULATIVE:
+        raise ValueError(f"serve.speculative = {speculative!r} is not one of: {', '.join(map(repr, SPECULATIVE))}")
+    if speculative != "off" and not 1 <= tokens < MAX_DECODE_TOKENS:
+        raise ValueError(f"serve.speculative_tokens must be in 1..{MAX_DECODE_TOKENS - 1}, got {tokens}")
+    for name, on in (("speculative", speculative != "off"), ("cuda_graphs", cuda_graphs)):
+        if on and multi_rank:
+            raise ValueError(f"serve.{name} runs on one rank only; this job serves on several (pipeline, "
+                             f"tensor or expert parallel): leave serve.{name} off")
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"serve.cuda_graphs needs a CUDA device; this model is on {device.type}")

@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["MAX_LOGPROBS", "SamplingParams", "accept_greedy", "accept_sampled", "emitted_logprobs", "logprobs_of",
-           "logprobs_rows", "make_generator", "processed_probs", "sample", "sample_rows"]
+__all__ = ["GREEDY_BELOW", "MAX_LOGPROBS", "SamplingParams", "accept_greedy", "accept_sampled", "emitted_logprobs",
+           "logprobs_of", "logprobs_rows", "make_generator", "processed_probs", "sample", "sample_rows",
+           "sample_rows_or_errors"]
 
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # a temperature below this samples greedily (dividing by it overflows float32 logits)
 
 
 @dataclass
@@ -49,7 +51,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -63,8 +65,9 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 # --- one row: the definition ------------------------------------------------------------------------------------
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from a logits row [V] (fp32)."""
-    if params.temperature == 0.0:
+    """One token id from a logits row [V] (fp32). A temperature below `GREEDY_BELOW` is greedy, and the most
+    likely token always stays in the top-p nucleus, so any valid parameters give a computable distribution."""
+    if params.greedy:
         return int(torch.argmax(logits))
     scores = logits.float() / params.temperature
     if params.top_k > 0 and params.top_k < scores.shape[-1]:
@@ -75,6 +78,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         probs = torch.softmax(sorted_scores, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = (probs.cumsum(-1) - probs) >= params.top_p
+        drop[0] = False  # even when top_p rounds to 0 in float32
         sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
     probs = torch.softmax(scores, dim=-1)
@@ -108,6 +112,7 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         probs = torch.softmax(sorted_scores, dim=-1)
         top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
         drop = ((probs.cumsum(-1) - probs) >= top_p) & (top_p < 1.0)
+        drop[:, 0] = False  # the most likely token stays, even when top_p rounds to 0 in float32
         sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(1, order, sorted_scores)
     return torch.softmax(scores, dim=-1)
@@ -132,6 +137,24 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
     picks = [torch.multinomial(probs[j], 1, generator=generators[i]) for j, i in enumerate(rest)]
     for i, t in zip(rest, torch.cat(picks).tolist()):
         out[i] = t
+    return out
+
+
+def sample_rows_or_errors(logits: torch.Tensor, params: list[SamplingParams], generators: list
+                          ) -> list[int | Exception]:
+    """`sample_rows`; when that raises, `sample` row by row, so that whatever one request's sampling raises
+    stays with that request (its entry is the exception) and the other rows still get their tokens. Rows the
+    batched pass drew before the failure draw again: their generators move on twice, in that step only."""
+    try:
+        return sample_rows(logits, params, generators)
+    except Exception:  # noqa: BLE001 - find the row(s) it belongs to, below
+        pass
+    out: list[int | Exception] = []
+    for j, (p, g) in enumerate(zip(params, generators)):
+        try:
+            out.append(sample(logits[j], p, g))
+        except Exception as e:  # noqa: BLE001 - stays with this row's request
+            out.append(e)
     return out
 
 

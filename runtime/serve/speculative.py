@@ -79,12 +79,32 @@ class MTPSpeculator:
         return self.draft(index, ctx, hidden, plan.ids, list(range(len(plan.ids))))
 
 
-def verify_segments(logits: torch.Tensor, want: list[int], segs: list[tuple]) -> tuple[list[list[int]], list[int]]:
-    """The tokens each segment of a step emits, and the first logits row of each segment.
+def verify_segments(logits: torch.Tensor, want: list[int], segs: list[tuple]
+                    ) -> tuple[list[list[int]], list[int], dict[int, Exception]]:
+    """The tokens each segment of a step emits, the first logits row of each segment, and the segments whose
+    own sampling or verification raised ({segment: exception}; they emit nothing and end alone).
 
     `want[k]` logits rows belong to segment k; `segs[k]` = (params, generator, drafts or None, draft_probs).
     A segment without drafts emits one token (sampled as plain decoding would) when it has a logits row, none
-    otherwise (a prefill chunk before the end of its prompt); one with drafts emits what verification keeps."""
+    otherwise (a prefill chunk before the end of its prompt); one with drafts emits what verification keeps.
+    The step is verified at once; when that raises, segment by segment, to find whose it is."""
+    try:
+        emitted, rows = _verify_all(logits, want, segs)
+        return emitted, rows, {}
+    except Exception:  # noqa: BLE001 - find the segment(s) it belongs to, below
+        pass
+    rows = [sum(int(w) for w in want[:k]) for k in range(len(segs))]
+    emitted, failed = [], {}
+    for k, seg in enumerate(segs):
+        try:
+            emitted.append(_verify_all(logits[rows[k] : rows[k] + int(want[k])], [want[k]], [seg])[0][0])
+        except Exception as e:  # noqa: BLE001 - stays with this segment's request
+            emitted.append([])
+            failed[k] = e
+    return emitted, rows, failed
+
+
+def _verify_all(logits: torch.Tensor, want: list[int], segs: list[tuple]) -> tuple[list[list[int]], list[int]]:
     emitted: list[list[int]] = [[] for _ in segs]
     rows, single, greedy_verify, row = [], [], False, 0
     for k, (params, _, drafts, _) in enumerate(segs):
