@@ -14,6 +14,7 @@ from runtime.model.deepseek import DeepseekModel
 from runtime.model.tokenizer import ByteTokenizer
 from runtime.serve import Engine, SamplingParams
 from runtime.serve.sampling import accept_greedy, accept_sampled
+from runtime.serve.speculative import verify_segments
 
 PROMPTS = ["In the morning, Ada", "The garden was quiet, so", "Hugo counted 3 boats by the", "Once, Mara and Lev",
            "Tara walked to the old"]
@@ -137,3 +138,18 @@ def test_rejection_sampling_keeps_the_target_distribution():
     assert accept_greedy([4, 5, 6], [4, 5, 9, 1]) == [4, 5, 9]
     assert accept_greedy([4, 5], [4, 5, 7]) == [4, 5, 7]
     assert accept_greedy([], [3]) == [3]
+
+
+def test_a_failing_verification_ends_its_segment_alone():
+    """Whatever one segment's sampling or verification raises stays with it: the others emit what they would."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    best = logits.argmax(-1).tolist()
+    greedy, sampled = SamplingParams(), SamplingParams(temperature=0.8)
+    segs = [(greedy, None, [best[0]], None),  # a draft the model accepts, then its own token
+            (sampled, object(), None, None),  # a plain decode row whose generator is not one: raises
+            (greedy, None, None, None)]
+    emitted, rows, failed = verify_segments(logits, [2, 1, 1], segs)
+    assert rows == [0, 2, 3] and list(failed) == [1] and isinstance(failed[1], TypeError)
+    assert emitted == [[best[0], best[1]], [], [best[3]]]
+    assert verify_segments(logits, [2, 1, 1], [segs[0], segs[2], segs[2]])[2] == {}
+

@@ -12,7 +12,7 @@ import runtime
 from runtime.jobconfig import ConfigError, load_config
 from runtime.serve import Engine, SamplingParams
 from runtime.serve.graphs import DecodeGraphs
-from runtime.serve.sampling import logprobs_of, logprobs_rows, sample, sample_rows
+from runtime.serve.sampling import logprobs_of, logprobs_rows, sample, sample_rows, sample_rows_or_errors
 from runtime.serve.step import StepPlan, run_plan
 
 
@@ -66,6 +66,20 @@ def test_sample_rows_equals_sample_row_by_row():
         assert sample_rows(logits, MIXED, gens_b) == one_by_one
     greedy = [SamplingParams()] * 3
     assert sample_rows(logits[:3], greedy, [None] * 3) == logits[:3].argmax(-1).tolist()
+
+
+def test_extreme_parameters_sample_and_a_failing_row_fails_alone():
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(4)) * 3
+    best = logits.argmax(-1).tolist()
+    tiny_t, tiny_p = SamplingParams(temperature=1e-39), SamplingParams(temperature=1.0, top_p=1e-46)
+    # a temperature that would overflow is greedy; a nucleus that rounds to 0 keeps the best token (both paths)
+    assert sample_rows(logits[:2], [tiny_t, tiny_p], [None, torch.Generator().manual_seed(0)]) == best[:2]
+    assert [sample(logits[0], tiny_t, None), sample(logits[1], tiny_p, torch.Generator().manual_seed(0))] == best[:2]
+    # a row whose sampling raises (its generator is not one) ends alone; the other rows get their tokens
+    params = [SamplingParams(), SamplingParams(temperature=0.8), SamplingParams(temperature=0.8)]
+    out = sample_rows_or_errors(logits, params, [None, object(), torch.Generator().manual_seed(3)])
+    assert out[0] == best[0] and isinstance(out[1], TypeError)
+    assert out[2] == sample(logits[2], params[2], torch.Generator().manual_seed(3))
 
 
 def test_logprobs_rows_equals_logprobs_of():
