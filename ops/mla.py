@@ -41,9 +41,11 @@ def mla_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
     q = torch.cat([q_nope, q_pe], dim=-1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     dv = v.shape[-1]
-    if dv < q.shape[-1] and not torch.is_grad_enabled():
-        # inference: values zero-padded to the query/key head dim let torch's fused CPU attention kernel run
-        # (it needs one head dim; otherwise SDPA falls back to its unfused math path); same output columns
+    if dv < q.shape[-1] and q.dtype == torch.float32 and q.device.type == "cpu" and not torch.is_grad_enabled():
+        # fp32 inference on CPU: values zero-padded to the query/key head dim let torch's fused attention
+        # kernel run (it needs one head dim; otherwise SDPA takes its unfused math path); the same output
+        # columns within 1e-5. bf16 keeps the math path: the fused kernel rounds differently, which moves a
+        # served bf16 generation across router near-ties (tests/test_bf16.py checks it against fp32)
         v = F.pad(v, (0, q.shape[-1] - dv))
     if mask is not None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
