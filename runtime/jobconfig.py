@@ -54,6 +54,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # CurveZMQ beyond loopback: this server's NAME.key_secret, and the clients' NAME.key files ("*": any)
         "curve_secret_key_file": "", "curve_authorized_dir": "",
         "metrics_bind": "",  # extension: HOST:PORT of the Prometheus /metrics page ("": off)
+        # extensions (docs/serving.md): MTP speculative decoding, CUDA-graph decode steps
+        "speculative": "off", "speculative_tokens": 1, "cuda_graphs": False,
     },
     # The shared train/serve scheduler (docs/scheduler.md): which kind of step runs when both have work.
     "scheduler": {"policy": "serve_first", "share": 0.5, "max_train_microsteps": 8, "split_backward": True,
@@ -64,6 +66,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "parallel.schedule": ("1f1b", "zb1p", "dualpipe", "dualpipev", "gpipe"),
     "scheduler.policy": ("serve_first", "time_share", "train_first"),
+    "serve.speculative": ("off", "mtp"),
 }
 
 

@@ -77,16 +77,22 @@ def test_sampling_parameters_that_underflow_fail_nobody(model):
 def test_a_sampling_failure_ends_that_request_only(model, monkeypatch):
     """Whatever goes wrong while sampling one request's token ends that request with `internal`; the other
     requests of the same step go on."""
-    import runtime.serve.engine as engine_mod
+    import runtime.serve.sampling as sampling_mod
 
-    real = engine_mod.sample
+    real_rows, real = sampling_mod.sample_rows, sampling_mod.sample
 
-    def sample(logits, params, generator):
+    def sample_rows(logits, params, generators):  # the step's batched sampling: that row fails it all
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("probability tensor contains nan")
+        return real_rows(logits, params, generators)
+
+    def sample(logits, params, generator):  # then row by row: only that request's fails
         if params.seed == 666:
             raise RuntimeError("probability tensor contains nan")
         return real(logits, params, generator)
 
-    monkeypatch.setattr(engine_mod, "sample", sample)
+    monkeypatch.setattr(sampling_mod, "sample_rows", sample_rows)
+    monkeypatch.setattr(sampling_mod, "sample", sample)
     srv = _server(model)
     try:
         with Client(srv.endpoint, timeout=60) as a, Client(srv.endpoint, timeout=60) as b:

@@ -20,7 +20,14 @@ metrics_bind (HOST:PORT, e.g. 127.0.0.1:9400: serve the Prometheus text at http:
 "" = off, the default; loopback unless you choose otherwise); what one client may take:
 max_queue_per_client, max_priority, client_timeout_s (a client silent this long is gone), health_timeout_s;
 train ops: max_train_rows, max_train_tokens, max_train_batch_bytes, max_train_queue_bytes;
-curve_secret_key_file, curve_authorized_dir (docs/protocol.md).
+curve_secret_key_file, curve_authorized_dir (docs/protocol.md); and:
+  speculative = "off" | "mtp"   MTP speculative decoding: the checkpoint's multi-token-prediction module
+                                drafts, the model verifies (greedy output unchanged; sampled output keeps
+                                its distribution). One rank only; needs MTP weights in the checkpoint.
+  speculative_tokens = 1..7     drafts per step (default 1)
+  cuda_graphs = true | false    replay captured decode steps on CUDA (one rank; unverified on hardware)
+Metrics (moerun client metrics) then include spec_acceptance_rate, spec_tokens_per_step and
+generation_tokens_per_s. Speed figures and how they were measured: docs/serving.md.
 
 Under a parallel layout (mpirun/srun with parallel.tp / ep / pp > 1) rank 0 owns the socket and the
 engine and broadcasts each step's batch plan; every rank runs the same forward on its shard (with pp, its
@@ -34,6 +41,7 @@ examples:
   moerun serve job.toml --bind tcp://127.0.0.1:6000 --set serve.page_size=16
   moerun serve job.toml --train          # serve and train the same weights (docs/scheduler.md)
   moerun serve --model builtin:tiny --set serve.metrics_bind=127.0.0.1:9400   # + Prometheus /metrics
+  moerun serve --model DIR --set serve.speculative=mtp --set serve.speculative_tokens=2
   mpirun -np 2 moerun serve --model DIR --set parallel.tp=2
   moerun client generate --connect tcp://127.0.0.1:5555 --prompt "Hello" --stream"""
 
@@ -72,11 +80,27 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             return serve(config, mesh, train=args.train, max_frame_bytes=args.max_frame_bytes)
-        except (OSError, zmq.ZMQError, CurveError) as exc:  # a missing model, a bind that fails, a bad key file
+        except (OSError, ValueError, zmq.ZMQError, CurveError) as exc:  # a missing model, a bad config value,
+            # a bind that fails, a bad key file
             raise SystemExit(f"moerun serve: {exc}") from None
 
+    sv = config["serve"]
+    try:
+        _check_single_rank_switches(sv, RankInfo.from_env().world_size)
+    except ValueError as exc:
+        raise SystemExit(f"moerun serve: {exc}") from None
     if RankInfo.from_env().world_size > 1:
         from launch.job import run_on_mesh
 
         return run_on_mesh(config, body)
     return body(None)
+
+
+def _check_single_rank_switches(serve: dict, world_size: int) -> None:
+    """serve.speculative and serve.cuda_graphs run on one rank: refuse a multi-rank job before any rank
+    loads a model (the engine checks the same on its own)."""
+    on = [f"serve.speculative = {serve['speculative']!r}"] if serve["speculative"] != "off" else []
+    on += ["serve.cuda_graphs = true"] if serve["cuda_graphs"] else []
+    if on and world_size > 1:
+        raise ValueError(f"{' and '.join(on)} run on one rank only, and this job has {world_size} ranks; "
+                         "serve on one rank, or leave them off")

@@ -77,6 +77,8 @@ def announce(server, config: dict, training: str = "", metrics_url: str | None =
     print(f"moerun serve: listening on {server.endpoint} pid={os.getpid()} model={config['model']['path']} "
           f"kv_cache={e.cache.num_pages}x{e.page_size} tokens "
           f"({e.cache.bytes_per_token_per_layer} B/token/layer) max_batch={e.max_batch} "
+          f"{f'speculative=mtp x{e.spec.tokens} ' if e.spec is not None else ''}"
+          f"{'cuda_graphs=on ' if e.graphs is not None else ''}"
           f"tokenizer={'yes' if server.tokenizer is not None else 'no (send prompt_ids)'}"
           f"{f' metrics={metrics_url}' if metrics_url else ''}{' curve=on' if server.curve else ''}{training}",
           flush=True)

@@ -70,6 +70,12 @@ HELP: dict[str, tuple[str, str]] = {
     "errors_total": ("counter", "Requests answered with an error reply."),
     "steps_total": ("counter", "Engine steps (batched forwards) run."),
     "health_checks_total": ("counter", "Health checks answered (each a one-token generation, not traffic)."),
+    "spec_verify_total": ("counter", "Decode steps of a request that verified speculative drafts."),
+    "spec_draft_tokens_total": ("counter", "Speculative draft tokens verified."),
+    "spec_accepted_tokens_total": ("counter", "Speculative draft tokens accepted."),
+    "spec_acceptance_rate": ("gauge", "Accepted over verified speculative draft tokens."),
+    "spec_tokens_per_step": ("gauge", "Tokens a decoding request gets per speculative step."),
+    "generation_tokens_per_s": ("gauge", "Generated tokens per second of engine step time."),
     "requests_running": ("gauge", "Generate requests in the running batch."),
     "requests_waiting": ("gauge", "Generate requests waiting for a batch slot or KV pages."),
     "kv_cache_usage": ("gauge", "Fraction of KV pages held by requests."),
@@ -123,6 +129,9 @@ class ServeMetrics:
         "errors_total",
         "steps_total",
         "health_checks_total",
+        "spec_verify_total",  # speculative decoding: decode steps of a request that verified drafts
+        "spec_draft_tokens_total",  # drafts verified
+        "spec_accepted_tokens_total",  # drafts accepted
     )
     HISTOGRAMS = ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_latency_seconds")
 
@@ -131,6 +140,7 @@ class ServeMetrics:
         self.gauges: dict[str, float] = {
             "requests_running": 0, "requests_waiting": 0, "kv_cache_usage": 0.0,
             "kv_pages_total": 0, "kv_pages_used": 0, "kv_pages_cached": 0,
+            "generation_tokens_per_s": 0.0,  # generated tokens per second of engine step time
         }
         self.hist = {name: Histogram() for name in self.HISTOGRAMS}
 
