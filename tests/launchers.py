@@ -55,9 +55,12 @@ def moerun(args: list[str], env: dict[str, str] | None = None, timeout: float = 
 
 def parse_info(stdout: str) -> dict[int, dict[str, str]]:
     """`moerun info` lines -> {rank: {field: value}}."""
+    import re
+
     out = {}
-    for line in stdout.splitlines():
-        if line.startswith("rank="):
-            fields = dict(part.split("=", 1) for part in line.split())
-            out[int(fields["rank"])] = fields
+    # a line may follow another process's output that lacked its newline (ranks share the pipe): find
+    # every "rank=N world=..." record wherever it starts, up to the next record or the line's end
+    for m in re.finditer(r"\brank=\d+ world=[^\n]*?(?=\brank=\d+ world=|\n|$)", stdout):
+        fields = dict(part.split("=", 1) for part in m.group(0).split() if "=" in part)
+        out[int(fields["rank"])] = fields
     return out
