@@ -74,10 +74,10 @@ class Trainer:
             self.log("note: MTP is off under pipeline parallelism (the pipeline stages do not carry the MTP "
                      "module yet); train.mtp_loss_coef is ignored")
         path = resume_from or config["model"]["path"]
-        # This rank's TP/EP shard of every layer (an HF dir, a training checkpoint or builtin:NAME); under pp
-        # `_build_pipeline` keeps only this rank's stages.
+        # This rank's part of the model (an HF dir, a training checkpoint or builtin:NAME): its pipeline
+        # stages (both under DualPipe(V)), its TP slices, its experts; nothing else is built.
         self.model = load_model(path, mesh, dtype=self.dtype, device=str(self.device), seed=tr["seed"], mtp=mtp,
-                                all_layers=True, max_nodes_per_token=par["max_nodes_per_token"],
+                                schedule=par["schedule"], max_nodes_per_token=par["max_nodes_per_token"],
                                 link=EmulatedLink.from_config(par["emulate_link"]))
         if tr.get("fp8"):
             from ops.fp8_train import convert_to_fp8_training
