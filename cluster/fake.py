@@ -9,7 +9,7 @@ from __future__ import annotations
 from cluster.env import RankInfo
 from cluster.layout import Layout
 
-__all__ = ["fake_mesh", "fake_mode_active", "is_fake"]
+__all__ = ["fake_mesh", "fake_mode_active", "is_fake", "no_fake_mode"]
 
 
 def is_fake(t) -> bool:
@@ -24,6 +24,14 @@ def fake_mode_active() -> bool:
     from torch._guards import detect_fake_mode
 
     return detect_fake_mode() is not None
+
+
+def no_fake_mode():
+    """A context without the active FakeTensorMode (if any): construction on the meta device makes plain
+    meta tensors then, which `to_empty` turns into fake ones (modules cannot convert fake parameters)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
 
 
 def fake_mesh(world: int, rank: int, *, pp: int = 1, dp: int = 0, tp: int = 1, ep: int = 1,

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from cluster.fake import no_fake_mode
 from parallel.expert import Dispatcher
 from parallel.pipeline.stages import HeldParts, held_parts
 from parallel.shard import apply_tp_plan
@@ -37,10 +38,10 @@ def build_model(
 ) -> DeepseekModel:
     """Construct without initializing (meta device, only `parts`, split by `tp_group`, then empty storage
     unless `materialize` is False), so building a big model is cheap."""
-    with torch.device("meta"):
+    with no_fake_mode(), torch.device("meta"):  # plain meta tensors, also in a dry run
         model = DeepseekModel(cfg, mtp=mtp, dispatcher=dispatcher, parts=parts)
         apply_tp_plan(model, model.tp_plan(), tp_group)
-    model = model.to(dtype)
+        model = model.to(dtype)
     if materialize:
         model = model.to_empty(device=device)
         _fp32_router_bias(model)
