@@ -233,9 +233,8 @@ class Trainer:
         ops = [dist.P2POp(dist.isend, mine, peer, group), dist.P2POp(dist.irecv, theirs, peer, group)]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
-        experts = torch.arange(theirs.shape[1], device=self.device)
         for layer, counts in enumerate(theirs):
-            self.balancer.record(layer, torch.repeat_interleave(experts, counts))
+            self.balancer.record_counts(layer, counts)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This data-parallel rank's share (inputs, labels) of optimizer step `step`'s data, on its device."""
