@@ -75,7 +75,8 @@ def reference(model, mbs) -> list[torch.Tensor]:
     return losses
 
 
-def run_case(rank: int, world: int, kind: str, pp: int, ep: int, chunks: int, base, lowering: str = "lockstep") -> str:
+def run_case(rank: int, world: int, kind: str, pp: int, ep: int, chunks: int, base, lowering: str = "lockstep",
+             other=None) -> str:
     from dist_spawn import layout_groups
 
     from parallel.expert import Dispatcher
@@ -102,9 +103,24 @@ def run_case(rank: int, world: int, kind: str, pp: int, ep: int, chunks: int, ba
     if ep > 1:
         model = shard_model(model, Dispatcher(model.config.n_routed_experts, groups["ep"][0]))
     stages = build_stages(model, sched, pp_rank)
-    ex = PipelineExecutor(stages, lower(sched, lowering), pp_group=pp_group, pp_ranks=pp_ranks, pp_rank=pp_rank,
-                          check=lowering == "lockstep")
-    loss = ex.run_step(mbs)
+    sliced = lowering == "sliced"  # lock-step, run in slices with another collective between them
+    program = lower(sched, "lockstep" if sliced else lowering)
+    ex = PipelineExecutor(stages, program, pp_group=pp_group, pp_ranks=pp_ranks, pp_rank=pp_rank,
+                          check=lowering != "per-op")
+    if sliced:  # what the shared scheduler does to serve between the slices of a pipelined training step
+        import torch.distributed as dist
+
+        from parallel.pipeline.validate import slices
+
+        ex.start_step(mbs)
+        for cut in slices(program):
+            ex.advance(cut[pp_rank])
+            between = torch.ones(1)
+            dist.all_reduce(between, group=other)  # a "serving step" over another group, every rank at a cut
+            assert int(between) == world
+        loss = ex.finish_step()
+    else:
+        loss = ex.run_step(mbs)
     where = f"{kind} pp={pp} ep={ep} chunks={chunks} rank={rank}" + ("" if lowering == "lockstep" else f" {lowering}")
     torch.testing.assert_close(loss, torch.stack(ref_losses).sum(), **LOSS_TOL, msg=lambda m: f"{where} loss: {m}")
     assert sorted(ex.last_losses) == list(range(chunks)), (where, sorted(ex.last_losses))
@@ -126,8 +142,8 @@ def run_case(rank: int, world: int, kind: str, pp: int, ep: int, chunks: int, ba
             assert (mine - want).abs().max() > 1e-4 * want.abs().max(), f"{where}: dp copies' data alike ({n})"
         checked += 1
     # inference through the same stages: logits of every micro-batch on every pipeline rank
-    fwd = PipelineExecutor(stages, lower(forward_only(sched), lowering), pp_group=pp_group, pp_ranks=pp_ranks,
-                           pp_rank=pp_rank, check=lowering == "lockstep")
+    fwd = PipelineExecutor(stages, lower(forward_only(sched), "lockstep" if sliced else lowering),
+                           pp_group=pp_group, pp_ranks=pp_ranks, pp_rank=pp_rank, check=lowering != "per-op")
     logits = fwd.run_forward([ids for ids, _ in mbs])
     with torch.no_grad():
         for m, (ids, _) in enumerate(mbs):
@@ -141,10 +157,11 @@ def main(argv: list[str]) -> int:
     with cluster.init() as mesh:
         torch.manual_seed(0)
         base = tiny_model()
+        other = mesh.group("control")  # a group no case posts p2p on: the "serving" between slices
         for spec in argv:
             kind, pp, ep, chunks, *lowering = spec.split(":")
-            print(run_case(mesh.rank, mesh.world_size, kind, int(pp), int(ep), int(chunks), base, *lowering),
-                  flush=True)
+            print(run_case(mesh.rank, mesh.world_size, kind, int(pp), int(ep), int(chunks), base, *lowering,
+                           other=other), flush=True)
     return 0
 
 

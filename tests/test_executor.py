@@ -9,7 +9,7 @@ import pytest
 import torch
 from executor_cases import microbatches, reference, tiny_model
 
-from parallel.pipeline import ScheduleError, build
+from parallel.pipeline import ScheduleError, build, lower
 from parallel.pipeline.executor import PipelineExecutor
 from parallel.pipeline.stages import build_stages, layer_split
 
@@ -111,8 +111,10 @@ def test_executor_rejects_bad_input() -> None:
     from runtime.model.loading import build_model
 
     with_mtp = build_model(dataclasses.replace(model.config, num_nextn_predict_layers=1), mtp=True)
-    with pytest.raises(ValueError, match="MTP"):
-        build_stages(with_mtp, build("1f1b", 2, 2), 0)
+    two = build("1f1b", 2, 2)
+    assert build_stages(with_mtp, two, 0)[0].mtp is None  # MTP lives on the last stage only
+    last = build_stages(with_mtp, two, 1)[0]
+    assert last.mtp is with_mtp.mtp and any(n.startswith("mtp.0.") for n, _ in last.full_named_parameters())
 
 
 def test_executor_runs_lowered_programs_and_refuses_ones_that_deadlock() -> None:
@@ -179,3 +181,50 @@ def test_old_posting_order_hangs_under_nccl_emulation_only() -> None:
     # whichever rank times out first names its stuck send (the other may see that rank give up first)
     assert re.search(r"rank (0: its send act s0 mb1 -> rank 1|1: its send grad s1 mb0 -> rank 0) \(rank [01] "
                      r"has not started the matching receive\): not matched within 3 s", out), out[-3000:]
+
+
+SLICED = ["1f1b:2:1:4:sliced", "zb1p:4:1:8:sliced", "dualpipev:2:2:4:sliced", "dualpipe:2:1:4:sliced"]
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(420)
+def test_steps_run_in_slices_with_other_work_between_them() -> None:
+    """The shared scheduler serves between the slices of a pipelined training step (consistent cuts of the
+    lowered program, `parallel.pipeline.validate.slices`): run slice by slice with a collective over another
+    group after each, every schedule still reaches its cuts and equals the reference, under the NCCL p2p
+    emulation (a cut that left a rank waiting for a later slice would time out there)."""
+    from launchers import base_env, mpirun, mpirun_path
+
+    if mpirun_path() is None:
+        pytest.skip("mpirun not found")
+    env = base_env(MOERUN_P2P="nccl-emulated", MOERUN_P2P_TIMEOUT="60")
+    res = mpirun(4, [], env=env, python_args=["tests/executor_cases.py", *SLICED], timeout=400)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    for case in SLICED:
+        kind, pp, ep, chunks, _ = case.split(":")
+        passed = re.findall(rf"PASS {kind} pp={pp} ep={ep} chunks={chunks} rank=(\d) sliced", res.stdout)
+        assert sorted(map(int, passed)) == [0, 1, 2, 3], (case, out[-3000:])
+
+
+def test_slices_are_consistent_cuts() -> None:
+    """Every slice boundary is a point every rank reaches with only earlier slices' work from the others:
+    the cuts end at each rank's program end, never go back, and each rank's compute actions per slice stay
+    within the budget."""
+    from parallel.pipeline.schedule import COMPUTE_KINDS
+    from parallel.pipeline.validate import slices
+
+    for kind, pp, chunks in [("1f1b", 4, 8), ("zb1p", 2, 4), ("dualpipev", 2, 8), ("dualpipe", 4, 8)]:
+        low = lower(build(kind, pp, chunks))
+        for computes in (1, 3):
+            cuts = slices(low, computes)
+            assert cuts[-1] == [len(r) for r in low.ranks]
+            prev = [0] * pp
+            for cut in cuts:
+                assert all(c >= p for c, p in zip(cut, prev))
+                for r in range(pp):
+                    n = sum(a.kind in COMPUTE_KINDS for a in low.ranks[r][prev[r]:cut[r]])
+                    assert n <= computes, (kind, r, n)
+                prev = cut
+    with pytest.raises(ScheduleError, match="lowered"):
+        slices(build("1f1b", 2, 4))

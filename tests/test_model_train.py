@@ -41,7 +41,7 @@ def test_forward_loss_parts(tiny):
     # MTP at position t predicts labels[t+1] from the main hidden state at t and the embedding of ids[t+1].
     with torch.no_grad():
         h = tiny.hidden_states(ids)
-        mtp_logits = tiny.head(tiny.mtp_hidden(h, ids))
+        mtp_logits = tiny.mtp_logits(tiny.mtp_hidden(h, ids))
     mtp_ce = F.cross_entropy(mtp_logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(parts["mtp"], mtp_ce, atol=1e-6)
     assert torch.allclose(loss, ce + tiny.mtp_loss_coef * mtp_ce, atol=1e-6)

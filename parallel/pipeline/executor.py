@@ -140,35 +140,62 @@ class PipelineExecutor:
 
     def _forward(self, a_stage: int, mb: int, chunk: int):
         stage = self.stages[chunk]
-        x = self.mbs[mb][0] if stage.is_first else self.box.pop((ACT, a_stage - 1, mb))
-        out, tape = yield from stage_forward(stage, x, self.mbs[mb][1] if stage.is_last else None,
-                                             self.total_tokens, 1.0 / len(self.mbs))
+        ids, labels = self.mbs[mb]
+        side = None
+        if stage.is_first:
+            x = ids
+        else:
+            x = self.box.pop((ACT, a_stage - 1, mb))
+            if self.carry:  # [hidden | the first stage's embeddings, carried to the MTP modules]
+                x, side = x.split(x.shape[-1] // 2, dim=-1)
+        target = labels if self.loss is None else (lambda logits, mb=mb: self.loss(mb, logits))
+        parts: dict = {}
+        out, tape = yield from stage_forward(stage, x, target if stage.is_last else None, self.total_tokens,
+                                             1.0 / len(self.mbs), side if stage.is_last else None,
+                                             self.mtp_scale, parts)
         self.tapes[(a_stage, mb)] = tape
         for node in tape:  # auxiliary (balance) losses of this stage's gates, weighted 1/M
             for aux in getattr(node, "aux", ()):
-                self.mb_losses[mb] += aux.detach().double() / len(self.mbs)
+                self.mb_parts[mb, 2] += aux.detach().double() / len(self.mbs)
         if stage.is_last:
-            if self.mbs[mb][1] is not None:
-                self.mb_losses[mb] += out.detach().double()
+            self.mb_parts[mb, 0] += parts["ce"].double() if "ce" in parts else out.detach().double()
+            if "mtp" in parts:
+                self.mb_parts[mb, 1] += parts["mtp"].double()
             self.outputs[(a_stage, mb)] = out
-        else:
-            self.box[(ACT, a_stage, mb)] = out.detach()
+            return None
+        out = out.detach()
+        if self.carry:
+            if stage.is_first:  # the embeddings again, with their own graph (MTP's gradient flows back here)
+                side = stage.embed_tokens(ids)
+                self.sides[mb] = side
+            out = torch.cat([out, side.detach()], dim=-1)
+        self.box[(ACT, a_stage, mb)] = out
         return None
 
     def _backward(self, a_stage: int, mb: int, chunk: int, split: bool, fill: bool = False):
         stage = self.stages[chunk]
+        g_side = None
         if stage.is_last:
             grad = torch.ones_like(self.outputs.pop((a_stage, mb)))
         else:
             grad = self.box.pop((GRAD, a_stage + 1, mb))
+            if self.carry:
+                grad, g_side = grad.split(grad.shape[-1] // 2, dim=-1)
         tape = self.tapes[(a_stage, mb)] if split else self.tapes.pop((a_stage, mb))
-        g_in = yield from stage_backward(tape, grad, split, fill)
+        g_in, g_last_side = yield from stage_backward(tape, grad, split, fill)
+        g_side = g_last_side if stage.is_last else g_side
         if split:
             self.deferred.append((a_stage, mb, chunk))
-        if not stage.is_first:
-            if g_in is None:
-                raise RuntimeError(f"stage {a_stage} mb {mb}: backward produced no input gradient")
-            self.box[(GRAD, a_stage, mb)] = g_in
+        if stage.is_first:
+            side = self.sides.pop(mb, None)
+            if side is not None and g_side is not None:
+                side.backward(g_side)  # the MTP modules' gradient of the embeddings
+            return None
+        if g_in is None:
+            raise RuntimeError(f"stage {a_stage} mb {mb}: backward produced no input gradient")
+        if self.carry:
+            g_in = torch.cat([g_in, g_side if g_side is not None else torch.zeros_like(g_in)], dim=-1)
+        self.box[(GRAD, a_stage, mb)] = g_in
         return None
 
     def _weights(self, a: Action) -> None:
@@ -239,8 +266,20 @@ class PipelineExecutor:
         return out
 
     # ---------------------------------------------------------------------------------------------- step
-    def run_step(self, microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Run one step over `microbatches` (every pp rank passes the same list); returns the step loss."""
+    def run_step(self, microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]], loss=None,
+                 mtp_coef: float = 0.0) -> torch.Tensor:
+        """Run one step over `microbatches` (every pp rank passes the same list); returns the step loss.
+        `loss(mb, logits)` replaces the cross-entropy term of micro-batch mb on its last stage (it returns
+        that term, scaled as it should add up over the step); `mtp_coef` > 0 adds the MTP loss (the model's
+        last stage has the MTP modules; every rank passes the same coefficient)."""
+        self.start_step(microbatches, loss, mtp_coef)
+        self.advance()
+        return self.finish_step()
+
+    def start_step(self, microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]], loss=None,
+                   mtp_coef: float = 0.0) -> None:
+        """Begin a step that `advance` runs, possibly in slices (other work, e.g. serving steps over other
+        groups, may run between them), and `finish_step` ends. Arguments as for `run_step`."""
         sched = self.schedule
         if len(microbatches) != sched.chunks:
             raise ValueError(f"{sched.kind} schedule built for {sched.chunks} micro-batches, got "
@@ -248,21 +287,32 @@ class PipelineExecutor:
         shapes = {tuple(ids.shape) for ids, _ in microbatches}
         if len(shapes) != 1 or any(tuple(lab.shape) != tuple(ids.shape) for ids, lab in microbatches):
             raise ValueError(f"all micro-batches need the same [B, T] shape for inputs and labels, got {shapes}")
-        dtype, device = _placement(self.stages, microbatches[0][0].device)
-        hidden = _hidden_size(self.stages)
-        act_shape = (*next(iter(shapes)), hidden)
-        self.mbs = list(microbatches)
-        self.total_tokens = max(1, int(sum(int((lab != IGNORE_INDEX).sum()) for _, lab in microbatches)))
-        self.box: dict = {}
-        self.tapes: dict = {}
-        self.outputs: dict = {}
+        self.dtype, self.device = _placement(self.stages, microbatches[0][0].device)
+        self.carry = mtp_coef > 0 and sched.num_stages > 1
+        hidden = _hidden_size(self.stages) * (2 if self.carry else 1)
+        self.act_shape = (*next(iter(shapes)), hidden)
+        self.mbs, self.loss = list(microbatches), loss
+        valid = [int((lab != IGNORE_INDEX).sum()) for _, lab in microbatches]
+        self.total_tokens = max(1, sum(valid))
+        # MTP module k predicts labels[t+k+1]: its term is mtp_coef / depth * sum(CE_k) / its target count
+        depth = _mtp_depth(self.stages) if self.carry else 0
+        counts = [max(1, sum(int((lab[:, k + 1:] != IGNORE_INDEX).sum()) for _, lab in microbatches))
+                  for k in range(depth)]
+        self.mtp_scale = [mtp_coef / depth / c for c in counts]
+        self.box, self.tapes, self.outputs, self.sides, self.inflight = {}, {}, {}, {}, {}
         self.deferred: deque = deque()
-        self.mb_losses = torch.zeros(len(self.mbs), dtype=torch.float64, device=device)
-        self.inflight: dict = {}
-
+        self.mb_parts = torch.zeros(len(self.mbs), 3, dtype=torch.float64, device=self.device)  # ce, mtp, aux
         self.busy_s = 0.0
-        for a in self.actions:
-            if self._p2p_action(a, act_shape, dtype, device):
+        self._pc = 0
+
+    def advance(self, until: int | None = None) -> None:
+        """Run this rank's program up to action `until` (None: to its end). Stopping only at consistent
+        cuts (`parallel.pipeline.validate.slices`) keeps every rank able to reach its next cut."""
+        end = len(self.actions) if until is None else until
+        while self._pc < end:
+            a = self.actions[self._pc]
+            self._pc += 1
+            if self._p2p_action(a, self.act_shape, self.dtype, self.device):
                 continue
             t0 = time.perf_counter()
             if a.kind == F:
@@ -277,12 +327,27 @@ class PipelineExecutor:
             else:
                 raise ScheduleError(f"unknown action kind {a.kind!r}")
             self.busy_s += time.perf_counter() - t0
+
+    def finish_step(self) -> torch.Tensor:
+        """End the step (collective over pp): sum DualPipe's mirrored gradients, gather each micro-batch's
+        loss terms on every pp rank (`last_losses`, `last_parts` with "ce", "mtp", "aux"); returns the loss."""
+        self.advance()
         self._check_drained()
-        sum_mirrored_grads(self.stages, sched, self.pp_rank, self.pp_group, self.pp_ranks, device)
+        sum_mirrored_grads(self.stages, self.schedule, self.pp_rank, self.pp_group, self.pp_ranks, self.device)
         if len(self.pp_ranks) > 1:
-            dist.all_reduce(self.mb_losses, group=self.pp_group)
-        self.last_losses = {m: v.float() for m, v in enumerate(self.mb_losses)}
-        return self.mb_losses.sum().float()
+            dist.all_reduce(self.mb_parts, group=self.pp_group)
+        per_mb = self.mb_parts.sum(1)
+        self.last_losses = {m: v.float() for m, v in enumerate(per_mb)}
+        self.last_parts = dict(zip(("ce", "mtp", "aux"), self.mb_parts.sum(0).tolist()))
+        return per_mb.sum().float()
+
+
+def _mtp_depth(stages: dict[int, PipelineStage]) -> int:
+    """How many MTP modules the model has (every rank must agree: the last stage's count, else 1)."""
+    for s in stages.values():
+        if s.mtp is not None:
+            return len(s.mtp)
+    return 1
 
 
 def _placement(stages: dict[int, PipelineStage], fallback: torch.device) -> tuple[torch.dtype, torch.device]:

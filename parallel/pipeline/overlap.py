@@ -35,7 +35,7 @@ behind W as well as behind the other micro-batch's forward (DualPipe's MLP(W) / 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,11 +54,12 @@ def _diff(t: object) -> bool:
 class Segment:
     """Compute on detached leaves: fn(*leaves) -> (outputs, aux scalars). Backward stops at the leaves."""
 
-    def __init__(self, fn: Callable, inputs: tuple, aux_scale: float) -> None:
+    def __init__(self, fn: Callable, inputs: tuple, aux_scale: float, side: bool = False) -> None:
         track = torch.is_grad_enabled()  # under no_grad (forward-only pipelines) no graph is kept
         self.leaves = tuple(x.detach().requires_grad_(track) if _diff(x) else x for x in inputs)
         outs, aux = fn(*self.leaves)
         self.outs, self.aux, self.aux_scale = tuple(outs), list(aux), aux_scale
+        self.side = side  # its last leaf is the stage's side input (its gradient leaves the stage apart)
         self.deferred: tuple[list, list] | None = None
 
     def _targets(self, grads: tuple) -> tuple[list, list]:
@@ -181,12 +182,17 @@ def overlapped(layer) -> bool:
 
 
 def stage_forward(stage, x: torch.Tensor, labels: torch.Tensor | None, loss_scale: float,
-                  aux_scale: float) -> Phases:
+                  aux_scale: float, side: torch.Tensor | None = None, mtp_scale: Sequence[float] = (),
+                  parts: dict | None = None) -> Phases:
     """Generator: the forward of `stage` on x (input_ids on the first stage, hidden states elsewhere).
 
     Returns (output, tape): hidden states, or on the last stage the loss sum(CE over tokens) / loss_scale
-    (logits [B, T, V] when labels is None: forward-only pipelines).
-    Yields right after starting each all-to-all.
+    (logits [B, T, V] when labels is None: forward-only pipelines; `labels` may instead be a function of the
+    fp32 logits giving the loss term). On a last stage with MTP modules,
+    `side` is the first stage's embedding output [B, T, H] and the loss adds sum_k mtp_scale[k] * sum(CE of
+    MTP module k) (module k predicts labels[t+k+1] at position t from the normed hidden state and the next
+    tokens' embeddings); `side`'s gradient comes out of `stage_backward` apart from the input's. `parts` receives the
+    detached terms ("ce", "mtp"). Yields right after starting each all-to-all.
     """
     tape: list = []
     state: tuple = (x,)
@@ -247,21 +253,41 @@ def stage_forward(stage, x: torch.Tensor, labels: torch.Tensor | None, loss_scal
         state = (state[0], state[1], routed, shared_out)
         pending.append(lambda h1, xn, r, sh, layer=layer: ((layer.finish_phase(h1, r, sh),), []))
     if stage.is_last:
-        def head(h):
-            logits = stage.lm_head(stage.norm(h)).float()
+        def head(h, e=None):
+            hn = stage.norm(h)
+            logits = stage.lm_head(hn).float()
             if labels is None:
                 return (logits,), []
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                 ignore_index=IGNORE_INDEX, reduction="sum")
-            return (ce / loss_scale,), []
+            if callable(labels):  # the caller's loss term (e.g. a policy-gradient loss over the tokens)
+                loss = labels(logits)
+                if parts is not None:
+                    parts["ce"] = loss.detach()
+                return (loss,), []
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum") / loss_scale
+            if parts is not None:
+                parts["ce"] = loss.detach()
+            if e is not None and stage.mtp_loss is not None:
+                sums = stage.mtp_loss(hn, e, labels)
+                mtp = (sums * torch.tensor(mtp_scale[: sums.shape[0]], dtype=sums.dtype, device=sums.device)).sum()
+                if parts is not None:
+                    parts["mtp"] = mtp.detach()
+                return (loss + mtp,), [a for layer in stage.mtp if (a := layer.aux_loss) is not None]
+            return (loss,), []
 
+        if side is not None and labels is not None:  # the head as its own segment, the side input a leaf
+            flush()
+            seg = Segment(head, (*state, side), aux_scale, side=True)
+            tape.append(seg)
+            return seg.outs[0], tape
         pending.append(head)
     flush()
     return state[0], tape
 
 
 def stage_backward(tape: list, grad_out: torch.Tensor, split: bool = False, fill: bool = False) -> Phases:
-    """Generator: backward through a forward's tape; returns the gradient of the stage input (or None).
+    """Generator: backward through a forward's tape; returns (the gradient of the stage input or None, the
+    gradient of its side input or None).
 
     split: weight gradients are left for a later `stage_weight_backward` (zero-bubble I / W).
     fill: each segment's weight gradients run right after the next transfer has started, under it, instead
@@ -269,10 +295,13 @@ def stage_backward(tape: list, grad_out: torch.Tensor, split: bool = False, fill
     hide behind). The result equals a plain backward.
     """
     grads: tuple = (grad_out,)
+    g_side = None
     owed: list[Segment] = []  # segments whose W is still to run (fill)
     for node in reversed(tape):
         if isinstance(node, Segment):
             grads = node.backward(grads, split or fill)
+            if node.side:
+                grads, g_side = grads[:-1], grads[-1]
             owed.append(node)
             continue
         if isinstance(node, CombineNode):
@@ -289,7 +318,7 @@ def stage_backward(tape: list, grad_out: torch.Tensor, split: bool = False, fill
     if fill:
         for seg in owed:
             seg.backward_weights()
-    return grads[0]
+    return grads[0], g_side
 
 
 def stage_weight_backward(tape: list) -> None:

@@ -77,11 +77,16 @@ class PipelineStage(nn.Module):
     `forward(x)` is the plain (non-overlapped) forward: x is input_ids [B,T] on the first stage, hidden
     states [B,T,H] elsewhere; returns hidden states, or normed-and-projected logits on the last stage. The
     executor runs the same computation phase by phase (parallel/pipeline/overlap.py). `names` gives each
-    part's name in the whole model: keys "embed", "layers", "norm", "head".
+    part's name in the whole model: keys "embed", "layers", "norm", "head" (and "mtp").
+
+    MTP (multi-token prediction) lives on the last stage: `mtp` holds its modules (their parameters are the
+    stage's) and `mtp_loss(hn, emb, labels)` gives each module's summed cross-entropy from the final-normed
+    hidden states and the first stage's embeddings of the same tokens, which the executor carries along.
     """
 
     def __init__(self, stage: int, num_stages: int, *, embed: nn.Module | None, layers: dict[int, nn.Module],
-                 norm: nn.Module | None, head: nn.Module | None, rotary, names: dict[str, str]) -> None:
+                 norm: nn.Module | None, head: nn.Module | None, rotary, names: dict[str, str],
+                 mtp: nn.Module | None = None, mtp_loss=None) -> None:
         super().__init__()
         self.stage, self.num_stages = stage, num_stages
         self.is_first, self.is_last = stage == 0, stage == num_stages - 1
@@ -94,8 +99,12 @@ class PipelineStage(nn.Module):
         self.norm = norm
         self.lm_head = head
         self.rotary = rotary  # plain object, not a module: no parameters
+        if (mtp is not None) != (mtp_loss is not None) or (mtp is not None and not self.is_last):
+            raise ValueError("MTP modules (with their loss) belong to the last stage only")
+        self.mtp = mtp
+        self.mtp_loss = mtp_loss
         self._prefix = {"embed_tokens": names["embed"], "layers": names["layers"], "norm": names["norm"],
-                        "lm_head": names["head"]}
+                        "lm_head": names["head"], "mtp": names.get("mtp", "mtp")}
 
     def rope(self, t: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary(torch.arange(t, device=device), dtype)

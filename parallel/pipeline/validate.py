@@ -18,7 +18,24 @@ from __future__ import annotations
 from collections import Counter
 
 from .p2p_model import P2PModel
-from .schedule import ACT, BI, FB, GRAD, KINDS, POST, RECV, SEND, WAIT, Action, B, F, Schedule, ScheduleError, W
+from .schedule import (
+    ACT,
+    BI,
+    COMPUTE_KINDS,
+    FB,
+    GRAD,
+    KINDS,
+    POST,
+    RECV,
+    SEND,
+    WAIT,
+    Action,
+    B,
+    F,
+    Schedule,
+    ScheduleError,
+    W,
+)
 
 _MAX_LISTED = 6
 
@@ -188,23 +205,32 @@ class _Data:
         return ok
 
 
-def _run(s: Schedule, step) -> list[int] | None:
+def _run(s: Schedule, step, computes: int | None = None, rounds: list | None = None) -> list[int] | None:
     """Advance every rank's program while some rank can. `step(rank, action)` returns True (done: go on),
     False (blocked here for now) or None (it recorded a problem: stop, and return None). Returns each rank's
-    final position (a rank short of its program's end is stuck)."""
+    final position (a rank short of its program's end is stuck). With `computes`, a rank runs at most that
+    many compute actions per round, and `rounds` receives every rank's position after each round."""
     pc = [0] * s.pp
     progress = True
     while progress:
         progress = False
         for r in range(s.pp):
+            budget = computes
             while pc[r] < len(s.ranks[r]):
-                ok = step(r, s.ranks[r][pc[r]])
+                a = s.ranks[r][pc[r]]
+                if budget == 0 and a.kind in COMPUTE_KINDS:
+                    break
+                ok = step(r, a)
                 if ok is None:
                     return None
                 if not ok:
                     break
                 pc[r] += 1
                 progress = True
+                if budget is not None and a.kind in COMPUTE_KINDS:
+                    budget -= 1
+        if rounds is not None and progress:
+            rounds.append(list(pc))
     return pc
 
 
@@ -236,9 +262,10 @@ def _walk(s: Schedule) -> list[str]:
     return data.problems
 
 
-def _walk_lowered(s: Schedule, per_rank_queue: bool = False) -> list[str]:
+def _walk_lowered(s: Schedule, per_rank_queue: bool = False, computes: int | None = None,
+                  rounds: list | None = None) -> list[str]:
     """A lowered program under NCCL's p2p semantics (p2p_model.py): dependency violations, ops posted or
-    waited wrongly, and deadlock."""
+    waited wrongly, and deadlock (`computes`, `rounds`: as for `_run`)."""
     model = P2PModel(s.pp, per_rank=per_rank_queue)
     data = _Data(s)
     posted: list[set] = [set() for _ in range(s.pp)]
@@ -274,7 +301,7 @@ def _walk_lowered(s: Schedule, per_rank_queue: bool = False) -> list[str]:
             return None
         return True
 
-    pc = _run(s, step)
+    pc = _run(s, step, computes, rounds)
     if pc is None:
         return problems
     stuck = [r for r in range(s.pp) if pc[r] < len(s.ranks[r])]
@@ -291,6 +318,21 @@ def _walk_lowered(s: Schedule, per_rank_queue: bool = False) -> list[str]:
             problems.append(f"rank {r}: posts {left[0]} but never waits for it"
                             + (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))
     return problems
+
+
+def slices(schedule: Schedule, computes: int = 1) -> list[list[int]]:
+    """Consistent cuts of a lowered program, for running a step in slices with other work between them:
+    slice k takes every rank from its position after slice k-1 to `cuts[k][rank]`. The cuts come from a
+    valid execution under NCCL's p2p semantics in which each rank runs at most `computes` compute actions
+    per round, so whatever a rank needs before its k-th cut (a received activation, a matched send) other
+    ranks produce before theirs: every rank reaches its cut without waiting for a later slice. At a cut no
+    all-to-all is in flight (a compute action completes its own); p2p may be, on the step's own group."""
+    if not schedule.lowered:
+        raise ScheduleError("slices needs a lowered schedule (parallel.pipeline.lower)")
+    rounds: list = []
+    problems = _walk_lowered(schedule, computes=computes, rounds=rounds)
+    _fail(problems, schedule)
+    return rounds
 
 
 def validate(schedule: Schedule, per_rank_queue: bool = False) -> None:

@@ -284,7 +284,8 @@ class SharedHead(nn.Module):
 class MTPLayer(DecoderLayer):
     """DeepSeek-V3 multi-token prediction module: h' = block(eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)])),
     logits = lm_head(shared_head.norm(h')) predict t_{i+2}. Concatenation order and the use of the main
-    model's final-normed hidden state follow the vLLM/SGLang readers of the released weights."""
+    model's final-normed hidden state follow the vLLM/SGLang readers of the released weights; a deeper
+    module takes the block output h' (before shared_head.norm), as the V3 report's chaining does."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, dispatcher: Dispatcher) -> None:
         super().__init__(cfg, layer_idx, dispatcher)
@@ -296,9 +297,10 @@ class MTPLayer(DecoderLayer):
     def predict(
         self, h_prev: torch.Tensor, next_emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        """Returns the normed MTP hidden state (apply lm_head for logits)."""
+        """The block output h' (what the next module chains on; `shared_head.norm` then the LM head give its
+        logits)."""
         h = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h_prev)], dim=-1))
-        return self.shared_head.norm(self(h, cos, sin))
+        return self(h, cos, sin)
 
 
 class Backbone(nn.Module):
@@ -393,19 +395,25 @@ class DeepseekModel(nn.Module):
 
     def pipeline_stage(self, stage: int, num_stages: int, layers: range) -> PipelineStage:
         """Pipeline stage `stage` of `num_stages`: decoder layers `layers`, the embedding on the first stage,
-        the final norm and LM head on the last. It references this model's modules (no copies). One stage
-        (`num_stages` 1) is the whole model without its MTP modules: what serving runs."""
-        if len(self.mtp) and num_stages > 1:
-            raise ValueError("pipeline stages do not support MTP modules yet (the MTP block needs the "
-                             "embedding on the last stage); build the model with mtp=False")
+        the final norm and LM head on the last, with the MTP modules when the model has them (their loss
+        takes the first stage's embeddings, which the executor sends along). It references this model's
+        modules (no copies). One stage (`num_stages` 1) is the whole model without its MTP modules: what
+        serving runs."""
         if num_stages > 1 and self.lm_head.weight is self.model.embed_tokens.weight:
             raise ValueError("pipeline stages do not support tied embeddings (tie_word_embeddings=True)")
         first, last = stage == 0, stage == num_stages - 1
+        mtp = last and num_stages > 1 and len(self.mtp) > 0
+
+        def mtp_loss(hn: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return torch.stack(self.mtp_cross_entropy(hn, emb, labels, reduction="sum"))
+
         return PipelineStage(
             stage, num_stages, embed=self.model.embed_tokens if first else None,
             layers={i: self.model.layers[i] for i in layers}, norm=self.model.norm if last else None,
-            head=self.lm_head if last else None, rotary=self.rotary,
-            names={"embed": "model.embed_tokens", "layers": "model.layers", "norm": "model.norm", "head": "lm_head"})
+            head=self.lm_head if last else None, rotary=self.rotary, mtp=self.mtp if mtp else None,
+            mtp_loss=mtp_loss if mtp else None,
+            names={"embed": "model.embed_tokens", "layers": "model.layers", "norm": "model.norm", "head": "lm_head",
+                   "mtp": "mtp"})
 
     # --- public API ---------------------------------------------------------------------------------------
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -426,11 +434,32 @@ class DeepseekModel(nn.Module):
         return self.head(self.hidden_states(input_ids, cache, absorbed)).float()
 
     def mtp_hidden(self, h: torch.Tensor, input_ids: torch.Tensor, k: int = 0) -> torch.Tensor:
-        """MTP module k on main hidden states h [B,T,H] (final-normed) and the next tokens: [B,T-1,H]."""
+        """MTP module k's block output on hidden states h [B,T,H] (the main model's final-normed ones for
+        k = 0, module k-1's block output after) and the next tokens: [B,T-1,H]."""
         t = input_ids.shape[1] - 1
         next_emb = self.model.embed_tokens(input_ids[:, 1:])
         cos, sin = self.rotary(self.positions(t, 0, input_ids.device), h.dtype)
         return self.mtp[k].predict(h[:, :t], next_emb, cos, sin)
+
+    def mtp_logits(self, mh: torch.Tensor, k: int = 0) -> torch.Tensor:
+        """fp32 logits of MTP module k from its block output."""
+        return self.head(self.mtp[k].shared_head.norm(mh)).float()
+
+    def mtp_cross_entropy(self, h: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+                          ) -> list[torch.Tensor]:
+        """Per MTP module k, the cross-entropy of its predictions of labels[t+k+1] at position t (the
+        `reduction` of F.cross_entropy, IGNORE_INDEX ignored). h: final-normed main hidden states [B,T,H];
+        emb: the embeddings of the same tokens [B,T,H] (module k takes those of tokens t+k+1). A pipeline's
+        last stage calls this with the first stage's embeddings (parallel/pipeline/overlap.py)."""
+        out, mh, n = [], h, h.shape[1]
+        for k in range(min(len(self.mtp), n - 1)):
+            t = n - 1 - k  # module k sees tokens shifted by k+1; deeper ones chain on the previous output
+            cos, sin = self.rotary(self.positions(t, 0, h.device), h.dtype)
+            mh = self.mtp[k].predict(mh[:, :t], emb[:, k + 1 : k + 1 + t], cos, sin)
+            ml = self.mtp_logits(mh, k)
+            out.append(F.cross_entropy(ml.reshape(-1, ml.shape[-1]), labels[:, k + 1 : k + 1 + t].reshape(-1),
+                                       ignore_index=IGNORE_INDEX, reduction=reduction))
+        return out
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
@@ -450,14 +479,7 @@ class DeepseekModel(nn.Module):
         parts: dict[str, torch.Tensor] = {"ce": ce}
         loss = ce
         if len(self.mtp) and input_ids.shape[1] > 1:
-            mtp_losses = []
-            mh = h
-            for k in range(min(len(self.mtp), input_ids.shape[1] - 1)):
-                # Module k sees tokens shifted by k+1; depth > 1 chains on the previous module's output.
-                mh = self.mtp_hidden(mh, input_ids[:, k:], k)
-                ml = self.head(mh).float()
-                tgt = labels[:, k + 1 :]
-                mtp_losses.append(F.cross_entropy(ml.reshape(-1, v), tgt.reshape(-1), ignore_index=IGNORE_INDEX))
+            mtp_losses = self.mtp_cross_entropy(h, self.model.embed_tokens(input_ids), labels)
             parts["mtp"] = torch.stack(mtp_losses).mean()
             loss = loss + self.mtp_loss_coef * parts["mtp"]
         aux = [m.gate.last_aux_loss for m in self.modules() if isinstance(m, MoE) and m.gate.last_aux_loss is not None]

@@ -69,10 +69,7 @@ class Trainer:
         if self.pp > 1 and (tr["global_batch"] // self.dp) % self.microbatches:
             raise ValueError(f"pipeline: train.global_batch / dp = {tr['global_batch'] // self.dp} sequences "
                              f"do not split into parallel.microbatches = {self.microbatches} equal micro-batches")
-        mtp = tr["mtp_loss_coef"] > 0 and self.pp == 1
-        if tr["mtp_loss_coef"] > 0 and self.pp > 1:
-            self.log("note: MTP is off under pipeline parallelism (the pipeline stages do not carry the MTP "
-                     "module yet); train.mtp_loss_coef is ignored")
+        mtp = tr["mtp_loss_coef"] > 0  # under pp the MTP modules sit on the last stage (the executor)
         path = resume_from or config["model"]["path"]
         # This rank's part of the model (an HF dir, a training checkpoint or builtin:NAME): its pipeline
         # stages (both under DualPipe(V)), its TP slices, its experts; nothing else is built.
@@ -101,7 +98,6 @@ class Trainer:
         biased = [g for g in self.gates if g.e_score_correction_bias is not None]
         self.balancer = (ExpertBalancer([g.e_score_correction_bias for g in biased], tr["bias_update_rate"],
                                         self.dp_group) if biased else None)
-        self._aux_seen = 0.0
         layer_of = {id(g): i for i, g in enumerate(biased)}
         for g in self.gates:
             g.register_forward_hook(self._gate_hook(layer_of.get(id(g))))
@@ -140,15 +136,12 @@ class Trainer:
 
     # --- one step --------------------------------------------------------------------------------------
     def _gate_hook(self, layer: int | None):
-        """Counts the gate's expert loads for the bias update (layer = its index among biased gates) and
-        sums its balance loss, which the pipeline path reports separately from the cross-entropy."""
+        """Counts the gate's expert loads for the bias update (layer = its index among biased gates)."""
         def hook(module, args, output):
             if not module.training:
                 return
             if layer is not None and self.balancer is not None:
                 self.balancer.record_counts(layer, module.last_load)  # the gate's own count of this forward
-            if module.last_aux_loss is not None:  # a device tensor: read once per step, not per gate
-                self._aux_seen = self._aux_seen + module.last_aux_loss.detach()
 
         return hook
 
@@ -254,7 +247,6 @@ class Trainer:
                          chunks: list[slice]) -> dict[str, float]:
         """Gradients of this rank's share of the step loss; returns the loss parts (ce, mtp, aux) averaged
         over its micro-batches."""
-        self._aux_seen = 0.0
         if self.executor is None:
             parts_sum: dict[str, torch.Tensor] = {}  # device tensors, read on the host once at the end
             for sl in chunks:
@@ -264,12 +256,20 @@ class Trainer:
                     parts_sum[k] = parts_sum.get(k, 0.0) + v.detach().double() / len(chunks)
             keys = sorted(parts_sum)
             return dict(zip(keys, torch.stack([parts_sum[k] for k in keys]).tolist()))
-        total = float(self.executor.run_step([(inputs[sl], labels[sl]) for sl in chunks]))
-        out = {"ce": total}
-        if self.config["train"]["aux_loss_coef"] > 0:
-            aux = (torch.as_tensor(self._aux_seen, dtype=torch.float64, device=self.device) / len(chunks)).reshape(1)
-            dist.all_reduce(aux, group=self.mesh.group("pp"))
-            out = {"ce": total - float(aux), "aux": float(aux)}
+        tr = self.config["train"]
+        mtp_coef = tr["mtp_loss_coef"] if len(self.model.mtp) else 0.0
+        self.executor.run_step([(inputs[sl], labels[sl]) for sl in chunks], mtp_coef=mtp_coef)
+        return self.pipeline_parts()
+
+    def pipeline_parts(self) -> dict[str, float]:
+        """The last pipelined step's loss parts as `forward_backward` reports them: ce, and mtp (unscaled, as
+        the model's forward gives it) and aux when they are on."""
+        tr, parts = self.config["train"], self.executor.last_parts
+        out = {"ce": parts["ce"]}
+        if len(self.model.mtp) and tr["mtp_loss_coef"] > 0:
+            out["mtp"] = parts["mtp"] / tr["mtp_loss_coef"]
+        if tr["aux_loss_coef"] > 0:
+            out["aux"] = parts["aux"]
         return out
 
     def mean_over_dp(self, parts: dict[str, float]) -> dict[str, float]:
