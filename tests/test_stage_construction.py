@@ -22,7 +22,8 @@ V3 = builtin_config("builtin:deepseek-v3")
 def _v3_share(pp: int, ep: int, kind: str, pp_rank: int) -> int:
     """DeepSeek-V3's parameters on one rank, from the published config numbers alone: attention, norms,
     dense MLP, router, this rank's routed experts, shared expert, per held layer; embedding on the first
-    stage, final norm and head on the last (no MTP under pp)."""
+    stage, final norm, head and the MTP module (a MoE layer, its two input norms, its 2h -> h projection and
+    its own final norm; embedding and head shared) on the last."""
     h, heads, q_rank, kv_rank, nope, rope, v = 7168, 128, 1536, 512, 128, 64, 128
     attn = (h * q_rank + q_rank + q_rank * heads * (nope + rope) + h * (kv_rank + rope) + kv_rank
             + kv_rank * heads * (nope + v) + heads * v * h)
@@ -42,6 +43,7 @@ def _v3_share(pp: int, ep: int, kind: str, pp_rank: int) -> int:
             total += 129280 * h
         if s == stages - 1:
             total += h + 129280 * h
+            total += attn + norms + moe_mlp + moe_bias + 2 * h + 2 * h * h + h  # MTP module
     return total
 
 
@@ -58,7 +60,7 @@ def test_deepseek_v3_rank_of_2048_materialises_its_share(kind):
             from parallel.pipeline.stages import held_parts
 
             parts = held_parts(61, kind, pp, mesh.coord("pp"))
-            model = build_model(V3, torch.bfloat16, mtp=False, materialize=False, parts=parts,
+            model = build_model(V3, torch.bfloat16, mtp=True, materialize=False, parts=parts,
                                 dispatcher=Dispatcher.from_mesh(mesh, 256))
             count = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
             assert all(p.is_meta for p in model.parameters())

@@ -154,7 +154,7 @@ def load_checkpoint(model: nn.Module, path: str, select: Select | None = None) -
     files = checkpoint_files(path)
     report = LoadReport(files=sorted(set(files.values())))
     has_mtp = any(_is_mtp(n, n_layers) for n in files)
-    if len(model.mtp) and not has_mtp:
+    if getattr(model, "mtp_depth", len(model.mtp)) and not has_mtp:  # the same decision on every pp rank
         msg = (
             f"{path}: checkpoint has no MTP weights (layer {n_layers}); multi-token prediction is off "
             "for this model"
@@ -162,6 +162,7 @@ def load_checkpoint(model: nn.Module, path: str, select: Select | None = None) -
         log.warning(msg)
         report.notes.append(msg)
         model.mtp = nn.ModuleList()
+        model.mtp_depth = 0
     report.mtp_loaded = bool(len(model.mtp))
     targets = _targets(model)
     holds = getattr(model, "holds", lambda name: True)  # pipeline: only this rank's stages are built

@@ -257,7 +257,7 @@ class Trainer:
             keys = sorted(parts_sum)
             return dict(zip(keys, torch.stack([parts_sum[k] for k in keys]).tolist()))
         tr = self.config["train"]
-        mtp_coef = tr["mtp_loss_coef"] if len(self.model.mtp) else 0.0
+        mtp_coef = tr["mtp_loss_coef"] if self.model.mtp_depth else 0.0  # every pp rank: the same
         self.executor.run_step([(inputs[sl], labels[sl]) for sl in chunks], mtp_coef=mtp_coef)
         return self.pipeline_parts()
 
@@ -266,7 +266,7 @@ class Trainer:
         the model's forward gives it) and aux when they are on."""
         tr, parts = self.config["train"], self.executor.last_parts
         out = {"ce": parts["ce"]}
-        if len(self.model.mtp) and tr["mtp_loss_coef"] > 0:
+        if self.model.mtp_depth and tr["mtp_loss_coef"] > 0:
             out["mtp"] = parts["mtp"] / tr["mtp_loss_coef"]
         if tr["aux_loss_coef"] > 0:
             out["aux"] = parts["aux"]
