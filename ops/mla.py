@@ -37,6 +37,13 @@ def mla_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
     k_nope, v = kv[..., :dn], kv[..., dn:]
     k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, s, h, k_pe.shape[-1])], dim=-1)
     q = torch.cat([q_nope, q_pe], dim=-1)
+    dv = v.shape[-1]
+    if dv < q.shape[-1] and q.requires_grad:
+        # Training: CPU's fused kernel (flash attention) needs one head dim for q, k and v; without it SDPA
+        # takes the math path, which keeps every [T, S] score matrix for the backward. Zero columns appended
+        # to v leave the first dv output columns as they were. (CUDA's memory-efficient kernel takes dv < dq
+        # as is.) Inference keeps the math path: no scores outlive the call there.
+        v = F.pad(v, (0, q.shape[-1] - dv))
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if q_offset == 0 and s == t:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -44,7 +51,7 @@ def mla_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=causal_mask(t, s, q_offset, q.device), scale=scale
         )
-    return out.transpose(1, 2)
+    return out[..., :dv].transpose(1, 2)
 
 
 def causal_mask(t: int, s: int, q_offset: int, device: torch.device) -> torch.Tensor:
