@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from . import runtime_memory as rm
 from .hardware import (
     ATTN_BWD_EFFICIENCY,
     ATTN_FWD_EFFICIENCY,
@@ -31,6 +32,11 @@ from .models import ModelSpec
 
 RECOMPUTE = ("selective", "full", "none")
 PRECISIONS = ("fp8", "bf16")
+# What the training code keeps in memory: "v3" = DeepSeek-V3's published recipe (BF16 weights, FP32 gradients,
+# FP32 master + BF16 moments, FP8-cached activations, the layout's recompute policy); "moerun" = moerun's own
+# trainer (weights, gradients and activations in the model dtype, fp32 AdamW state, no recompute:
+# runtime_memory.py, rank_memory.py), what `moerun dryrun` measures.
+RECIPES = ("v3", "moerun")
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class Setup:
     # assumed. Used only for totals over --tokens (batch_ramp_tokens=0 turns it off).
     batch_ramp_start: int = 3072   # sequences per step at the start of training
     batch_ramp_tokens: float = 469e9
+    recipe: str = "v3"             # what the training code keeps in memory (RECIPES)
+    dtype_bytes: int = 2           # recipe "moerun": the model's dtype (bf16 2, fp32 4)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -63,6 +71,10 @@ class Setup:
         if self.batch_ramp_start < 1 or self.batch_ramp_tokens < 0:
             raise ValueError(f"batch ramp needs start >= 1 sequence and tokens >= 0, got "
                              f"{self.batch_ramp_start}, {self.batch_ramp_tokens}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.dtype_bytes not in (2, 4):
+            raise ValueError(f"dtype_bytes must be 2 (bf16) or 4 (fp32), got {self.dtype_bytes}")
         if self.load_imbalance < 1.0:
             raise ValueError(f"load_imbalance is max/mean and must be >= 1, got {self.load_imbalance}")
 
@@ -350,8 +362,19 @@ class CostModel:
             u.a2a_b += u.a2a_f
             u.tp_b += u.tp_f
         self._accumulate(u, u.params_dense + u.params_expert, par)
+        if self.s.recipe == "moerun":
+            u.act_bytes = T * self._moerun_layer_act(moe, par)
         self._cache[key] = u
         return u
+
+    def _moerun_layer_act(self, moe: bool, par: Par) -> float:
+        """Bytes per token moerun keeps for one decoder layer (runtime_memory.py). Under EP the pipeline's
+        overlap engine cuts a MoE layer into compute segments at its all-to-alls and keeps two more
+        activations per token: the attention block's residual output and the combined expert output, which
+        end segments (parallel/pipeline/overlap.py)."""
+        b = self.s.dtype_bytes
+        extra = 2 * b * self.m.hidden if moe and par.ep > 1 else 0.0
+        return rm.layer(self.m, moe, b, par.tp) + extra
 
     def _accumulate(self, u: UnitCost, params: float, par: Par) -> None:
         """Every micro-batch's weight gradient is added into the FP32 gradient buffer (V3 keeps gradients in
@@ -385,6 +408,8 @@ class CostModel:
         u.f = self._mem(T * 2 * m.hidden, par)
         u.b = 2 * u.f
         u.params_dense = m.vocab * m.hidden / par.tp
+        if self.s.recipe == "moerun":
+            u.act_bytes = T * rm.embedding()
         return u
 
     def head(self, par: Par, shares_weights: bool = False) -> UnitCost:
@@ -401,6 +426,9 @@ class CostModel:
         self._accumulate(u, V * m.hidden, par)  # the MTP head shares the weights but adds its own gradient
         u.act_bytes = T * 2 * m.hidden
         u.transient_bytes = T * V * 6.0  # BF16 logits and their FP32 softmax
+        if self.s.recipe == "moerun":
+            u.act_bytes = T * rm.head(m, self.s.dtype_bytes)
+            u.transient_bytes = T * rm.logits_transient(m, self.s.dtype_bytes)
         return u
 
     def mtp(self, par: Par) -> UnitCost:
@@ -417,6 +445,10 @@ class CostModel:
         u.add(self.embedding(par))
         u.params_dense -= m.vocab * m.hidden / par.tp  # embedding shared with the main model
         u.name = "mtp"
+        if self.s.recipe == "moerun":
+            moe = m.moe_layers > 0
+            u.act_bytes = T * (rm.mtp(m, self.s.dtype_bytes, par.tp) - rm.layer(m, moe, self.s.dtype_bytes, par.tp)
+                               + self._moerun_layer_act(moe, par))
         return u
 
     def units(self, par: Par) -> list[UnitCost]:

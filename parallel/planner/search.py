@@ -9,18 +9,39 @@ and stops when the bound exceeds the K-th best time found (branch and bound: the
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 
 import numpy as np
 
-from .costmodel import RECOMPUTE, CostModel, Par, Setup, UnitCost, param_counts
+from parallel.pipeline.schedule import layer_split
+
+from . import runtime_memory as rm
+from .costmodel import RECOMPUTE, CostModel, Par, Setup, param_counts
 from .hardware import GPU, HBM_EFFICIENCY, P2P_LATENCY_S
 from .models import ModelSpec
-from .pipeline_time import SIM_KINDS, PipelineError, pipeline_time, valid_chunks
+from .pipeline_time import SIM_KINDS, PipelineError, min_chunks, pipeline_time, valid_chunks
+from .rank_memory import rank_actions, rank_peak
+from .stage_split import (
+    AB,
+    ACT,
+    AF,
+    B_,
+    F_,
+    PD,
+    PE,
+    TB,
+    TF,
+    TIME,
+    TR,
+    W_,
+    partition,
+    rank_stages,
+    stage_matrix,
+    unit_matrix,
+    visit_weight,
+)
 
 OVERLAP_KINDS = ("dualpipe", "dualpipev")
 W_BYTES, G_BYTES, OPT_BYTES = 2, 4, 8  # BF16 weights, FP32 gradients, FP32 master + BF16 AdamW moments (V3)
@@ -128,75 +149,6 @@ def ramp_seconds(step_s: float, per_seq_s: float, setup: Setup, tokens: float) -
     return per_seq_s * tokens / S + fixed * inv_b / S
 
 
-# ------------------------------------------------------------------------------------------ stages
-
-# Columns of a unit / stage cost row.
-FIELDS = ("f", "b", "w", "a2a_f", "a2a_b", "tp_f", "tp_b", "params_dense", "params_expert", "act_bytes",
-          "transient_bytes")
-F_, B_, W_, AF, AB, TF, TB, PD, PE, ACT, TR = range(len(FIELDS))
-TIME = slice(0, 7)
-
-
-@lru_cache(maxsize=64)
-def rank_stages(kind: str, pp: int) -> list[list[int]]:
-    """Stages held by each pipeline rank: the schedule builders' own placement."""
-    from parallel.pipeline.schedule import build
-
-    sched = build(kind, pp, 2 * pp, check=False)  # the placement does not depend on the micro-batch count
-    return [list(sched.stages_of(r).values()) for r in range(pp)]
-
-
-def _weight(row, overlap: bool) -> float:
-    """What the stage balancer equalises: a micro-batch's time on the rank. With F&B overlap the all-to-all
-    hides behind compute (counted only where it exceeds it); without, it adds up."""
-    comp = row[F_] + row[B_]
-    comm = row[AF] + row[AB]
-    return float((max(comp, comm) if overlap else comp + comm) + row[TF] + row[TB])
-
-
-def unit_matrix(units: list[UnitCost]) -> np.ndarray:
-    return np.array([[getattr(u, f) for f in FIELDS] for u in units], dtype=float)
-
-
-def partition(extra_first: float, extra_last: float, layer_w: float, n_layers: int, kind: str, pp: int) -> list[int]:
-    """Layers per stage: embedding fixed on the first stage, head and MTP on the last; each layer goes,
-    in turn, to a stage of the least-loaded rank (water-filling, optimal for identical layers)."""
-    lw = layer_w if layer_w > 0 else 1.0
-    return list(_partition(round(extra_first / lw, 3), round(extra_last / lw, 3), n_layers, kind, pp))
-
-
-@lru_cache(maxsize=8192)
-def _partition(extra_first: float, extra_last: float, n_layers: int, kind: str, pp: int) -> tuple[int, ...]:
-    n_stages = 2 * pp if kind == "dualpipev" else pp
-    # ranks holding the same stages (DualPipe's mirrored pairs) form one group with one load
-    groups = sorted({tuple(sorted(ss)) for ss in rank_stages(kind, pp)})
-    extra = [0.0] * n_stages
-    extra[0] += extra_first
-    extra[-1] += extra_last
-    counts = [0] * n_stages
-    heap = [(sum(extra[st] for st in g), i) for i, g in enumerate(groups)]
-    heapq.heapify(heap)
-    for _ in range(n_layers):
-        load, i = heapq.heappop(heap)
-        st = min(groups[i], key=lambda x: (counts[x], x))
-        counts[st] += 1
-        heapq.heappush(heap, (load + 1.0, i))
-    return tuple(counts)
-
-
-def stage_matrix(U: np.ndarray, counts: list[int]) -> np.ndarray:
-    """Stage rows from unit rows: stage 0 adds the embedding (row 0), the last stage the tail (head, MTP)."""
-    bounds = [0, 1 + counts[0]]
-    for c in counts[1:]:
-        bounds.append(bounds[-1] + c)
-    bounds[-1] = len(U)
-    C = np.vstack([np.zeros(U.shape[1]), np.cumsum(U, axis=0)])
-    lo, hi = np.array(bounds[:-1]), np.array(bounds[1:])
-    S = C[hi] - C[lo]
-    S[:, TR] = [U[a:b, TR].max(initial=0.0) for a, b in zip(lo, hi, strict=True)]
-    return S
-
-
 # ------------------------------------------------------------------------------------------ evaluation
 
 class Planner:
@@ -255,7 +207,7 @@ class Planner:
             units = self.cm.units(par)
             U = unit_matrix(units)
             n = self.m.layers
-            w = [_weight(r, par.overlap) for r in U]
+            w = [visit_weight(r, par.overlap) for r in U]
             ep_bytes = max((u.detail.get("ep_bytes_per_token", 0.0) for u in units), default=0.0)
             self._units[par] = (U, w[0], sum(w[1 + n:]), sum(w[1:1 + n]) / max(1, n), ep_bytes)
         return self._units[par]
@@ -263,12 +215,21 @@ class Planner:
     def _stages(self, lay: Candidate):
         par = self._par(lay)
         U, first, last, layer_w, _ = self._unit_rows(par)
-        counts = partition(first, last, layer_w, self.m.layers, lay.schedule, lay.pp)
+        if self.s.recipe == "moerun":  # moerun splits layers its own way (parallel.pipeline.layer_split)
+            n_stages = 2 * lay.pp if lay.schedule == "dualpipev" else lay.pp
+            counts = [len(r) for r in layer_split(self.m.layers, n_stages)]
+        else:
+            counts = partition(first, last, layer_w, self.m.layers, lay.schedule, lay.pp)
         S = stage_matrix(U, counts)
         held = np.array(rank_stages(lay.schedule, lay.pp))
         return par, counts, S, held
 
     def memory(self, lay: Candidate, S: np.ndarray, held: np.ndarray, peak_acts: int) -> tuple[float, dict]:
+        """GB on the most loaded GPU and its parts (bytes)."""
+        if self.s.recipe == "moerun":
+            ranks = [self._moerun_rank(lay, S, held, r) for r in range(lay.pp)]
+            worst = max(ranks, key=lambda d: d["total"])
+            return worst["total"] / 1e9, {k: v for k, v in worst.items() if k != "total"}
         edp = max(1, lay.dp * lay.tp // lay.ep)
         pd = S[held, PD].sum(axis=1)
         pe = S[held, PE].sum(axis=1)
@@ -284,6 +245,41 @@ class Planner:
         tot = sum(parts.values())
         r = int(np.argmax(tot))
         return float(tot[r]) / 1e9, {k: float(v[r]) for k, v in parts.items()}
+
+    def rank_memory(self, lay: Candidate, pp_rank: int) -> dict[str, float]:
+        """Bytes of pipeline rank `pp_rank` under `lay` ("moerun" recipe: weights, gradients, optimizer,
+        activations, transient and reserve at its peak; peak_forward_backward, peak_optimizer_step, total)."""
+        if self.s.recipe != "moerun":
+            raise ValueError("rank_memory needs the moerun recipe (the v3 recipe models the most loaded rank)")
+        why = self.check(lay)
+        if why:
+            raise ValueError(f"layout {lay.label()}: {why}")
+        _, _, S, held = self._stages(lay)
+        return self._moerun_rank(lay, S, held, pp_rank)
+
+    def _moerun_rank(self, lay: Candidate, S: np.ndarray, held: np.ndarray, pp_rank: int) -> dict[str, float]:
+        mb = self.s.global_batch // (lay.dp * lay.mbs)
+        chunks = mb if lay.pp == 1 else min(mb, max(min_chunks(lay.schedule, lay.pp), 2 * lay.pp) + 6)
+        chunks += chunks % 2 if lay.schedule == "dualpipe" else 0
+        n = len(S)
+        T, b = lay.mbs * self.s.seq_len, self.s.dtype_bytes
+        carry = self.m.mtp_layers > 0 and n > 1
+        act = {s: S[s, ACT] + T * rm.stage_boundary(self.m, b, s == 0, s == n - 1, carry) for s in range(n)}
+        stages = sorted(set(int(x) for x in held[pp_rank]))
+        counts = self._stages(lay)[1]
+        first_layer = [sum(counts[:s]) for s in range(n)]
+        recv = T * rm.receive_buffers(self.m, b, carry) if lay.pp > 1 else 0.0
+        transient = {}
+        for s in range(n):
+            kinds = {i >= self.m.dense_layers for i in range(first_layer[s], first_layer[s] + counts[s])}
+            bwd = max((rm.backward_transient(self.m, b, moe, lay.tp) for moe in kinds), default=0.0)
+            transient[s] = max(S[s, TR], T * bwd) + recv
+        out = rank_peak(stages, act, transient, {s: S[s, PD] for s in range(n)},
+                        {s: S[s, PE] for s in range(n)}, b, lay.dp, max(1, lay.dp * lay.tp // lay.ep),
+                        rank_actions(lay.schedule, lay.pp, chunks, pp_rank))
+        out["reserve"] = self.s.reserve_gb * 1e9
+        out["total"] = out["peak"] + out["reserve"]
+        return out
 
     def _sync(self, lay: Candidate, S: np.ndarray, held: np.ndarray) -> tuple[float, float]:
         """ZeRO-1 step end: gradient reduce-scatter (FP32) + parameter all-gather (BF16) over the data-parallel
@@ -305,7 +301,7 @@ class Planner:
     def sim_costs(self, lay: Candidate, S: np.ndarray, held: np.ndarray) -> dict:
         """The simulator's per-action costs (seconds): the per-stage-visit average of the bottleneck rank."""
         avg = S[held, TIME].mean(axis=1)           # ranks x time fields
-        wt = [_weight(row, lay.schedule in OVERLAP_KINDS) for row in avg]
+        wt = [visit_weight(row, lay.schedule in OVERLAP_KINDS) for row in avg]
         a = avg[int(np.argmax(wt))]
         act = self.s.seq_len * lay.mbs * 2 * self.m.hidden / lay.tp
         bw = self.gpu.ib_gbps if lay.dp * lay.tp >= self.G else self.gpu.nvlink_gbps
@@ -384,7 +380,7 @@ class Planner:
                 for ep in eps:
                     for sched in (("1f1b",) if pp == 1 else SIM_KINDS):
                         for mbs in (1, 2, 4):
-                            for rc in RECOMPUTE:
+                            for rc in (("none",) if self.s.recipe == "moerun" else RECOMPUTE):
                                 lay = Candidate(tp, pp, ep, dp, sched, mbs, rc)
                                 if any(getattr(lay, k) != v for k, v in fixed.items()):
                                     continue
