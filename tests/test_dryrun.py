@@ -70,7 +70,8 @@ def test_planner_agrees_with_dry_run_within_10_percent(model_dir, world, rank, l
     assert report["parameters"] == pytest.approx(plan["weights"], rel=0.01)  # the same rank's share
     assert report["optimizer"] == pytest.approx(plan["optimizer"], rel=0.01)
     assert abs(plan["peak"] - report["peak"]) <= 0.10 * report["peak"]
-    assert abs(plan["peak_forward_backward"] - report["peak_forward_backward"]) <= 0.10 * report["peak_forward_backward"]
+    fb = report["peak_forward_backward"]
+    assert abs(plan["peak_forward_backward"] - fb) <= 0.10 * fb
     assert report["activations"] > report["parameters"]  # activations set this peak, not the weights
 
 

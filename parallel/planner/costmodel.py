@@ -49,6 +49,11 @@ class Setup:
     # FP8 GEMM kernels (hardware.py [DeepGEMM]): cutlass36 = DeepSeek's internal CUTLASS 3.6-based ones, the
     # baseline of DeepGEMM's README (V3 was trained in 2024, before DeepGEMM); deepgemm = DeepGEMM's figures
     gemm_kernels: str = "cutlass36"
+    # fixed framework cost (measured machines: ops x the measured cost of one op; runtime/calibrate.py) of one
+    # micro-batch's forward and backward through a stage, and of the step's end (reductions, optimizer)
+    overhead_f_s: float = 0.0
+    overhead_b_s: float = 0.0
+    overhead_step_s: float = 0.0
     gpus_per_node: int = 8
     reserve_gb: float = 4.0        # CUDA context, NCCL / DeepEP buffers, allocator slack (assumption)
     load_imbalance: float = 1.0    # max/mean routed tokens per GPU (1.0: balanced, as aux-loss-free aims)
@@ -164,12 +169,16 @@ class CostModel:
 
     # -- kernels
     def _sm(self, par: Par) -> float:
+        if self.gpu.measured is not None:  # a measured machine: no SMs set aside
+            return 1.0
         return (self.gpu.sms - COMM_SMS) / self.gpu.sms if par.overlap else 1.0
 
     def _gemm(self, tokens: float, n: int, k: int, par: Par, grouped: bool = False, bf16: bool = False) -> float:
         """Seconds of one forward GEMM (tokens x k) @ (k x n); dgrad and wgrad take the same each."""
         if tokens <= 0:
             return 0.0
+        if self.gpu.measured is not None:
+            return self.gpu.measured.gemm_s(tokens, n, k, self._dtype())
         if bf16 or self.s.precision == "bf16":
             tf = bf16_gemm_tflops(self.gpu, tokens, n, k)
         else:
@@ -194,7 +203,12 @@ class CostModel:
             return 0.0
         return self._mem(tokens * (2.0 * k + 4.0 * n), par)
 
+    def _dtype(self) -> str:
+        return "float32" if self.s.dtype_bytes == 4 else "bfloat16"
+
     def _mem(self, nbytes: float, par: Par) -> float:
+        if self.gpu.measured is not None:
+            return self.gpu.measured.mem_s(nbytes)
         return nbytes / (self.gpu.hbm_tbps * 1e12 * HBM_EFFICIENCY)
 
     def _attn_core(self, tokens: float, par: Par) -> tuple[float, float, float]:
@@ -202,6 +216,12 @@ class CostModel:
         m, s = self.m, self.s
         ctx = (s.seq_len + 1) / 2.0
         flops = 2.0 * tokens * ctx * (m.heads / par.tp) * (m.qk_nope + m.qk_rope + m.v_head)
+        if self.gpu.measured is not None:  # moerun pads v to the q/k head dim for the fused kernel (ops/mla.py)
+            qk = m.qk_nope + m.qk_rope
+            run = 2.0 * tokens * ctx * (m.heads / par.tp) * (qk + max(qk, m.v_head))
+            mp = self.gpu.measured
+            return (mp.attention_s(tokens, run, self._dtype()), mp.attention_s(tokens, 2.5 * run, self._dtype(), True),
+                    flops)
         peak = self.gpu.bf16_tflops * 1e12 * self._sm(par)
         return flops / (peak * ATTN_FWD_EFFICIENCY), 2.5 * flops / (peak * ATTN_BWD_EFFICIENCY), flops
 
@@ -271,6 +291,8 @@ class CostModel:
 
     def _tp_collective(self, T: float, par: Par) -> float:
         tp = par.tp
+        if self.gpu.measured is not None:  # moerun: an all-reduce of the block's [T, h] output (or its gradient)
+            return self.gpu.measured.link("all_reduce", tp).seconds(T * self.s.dtype_bytes * self.m.hidden) / 2
         return T * 2 * self.m.hidden * (tp - 1) / tp / (self.gpu.nvlink_gbps * 1e9)
 
     def ep_alltoall(self, T: float, par: Par) -> tuple[float, dict]:
@@ -278,6 +300,11 @@ class CostModel:
         m, s = self.m, self.s
         if par.ep <= 1 or not m.moe_layers:
             return 0.0, {"ep_bytes_per_token": 0.0}
+        if self.gpu.measured is not None:  # moerun: a token goes once to each rank holding one of its experts,
+            touched = par.ep * (1 - (1 - 1 / par.ep) ** m.topk)   # in the model dtype both ways; a dispatch is
+            per_token = touched * (1 - 1 / par.ep) * 2 * self.s.dtype_bytes * m.hidden  # 2 all-to-alls (counts,
+            link = self.gpu.measured.link("all_to_all", par.ep)                         # rows), a combine 1
+            return link.seconds(T * per_token * s.load_imbalance, calls=3), {"ep_bytes_per_token": per_token}
         G = s.gpus_per_node
         bw, internode = ep_bandwidth_gbps(self.gpu, par.ep, G)
         h = m.hidden

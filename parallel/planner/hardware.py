@@ -54,6 +54,7 @@ class GPU:
     nvlink_gbps: float          # achievable intra-node all-to-all bandwidth per GPU, GB/s
     ib_gbps: float              # InfiniBand line rate per GPU, GB/s
     ep_internode_gbps: tuple[tuple[int, float], ...]  # (EP size, achievable RDMA GB/s per GPU) [DeepEP]
+    measured: object = None     # a machine.MachineProfile: every figure measured on this machine instead
 
 
 GPUS: dict[str, GPU] = {

@@ -10,7 +10,8 @@ jobs run with moerun:
 - the forward/backward peak found by walking the rank's own action list of the schedule: a forward adds its
   stage's activations, a backward (or the W of a split one) frees them, and a stage's gradients exist from
   its first backward on (the trainer drops them at every step start); the head's logits are a transient
-  while the last stage runs forward or backward;
+  while the last stage runs forward or backward; every tensor the rank sends stays until the step's end
+  (the lowered p2p program waits for all sends last: parallel/pipeline/lower.py);
 - the optimizer step's peak: weights + gradients + state + its temporaries (per parameter bucket, in turn:
   the fp32 gradient slice and two update temporaries, 12 bytes per shard element; then the fp32 all-gather
   of the updated master weights, 8 bytes per bucket element plus the padded shard).
@@ -20,19 +21,19 @@ dry run counts tensors, and so does this (add --reserve-gb for a real device).
 
 from __future__ import annotations
 
-from parallel.pipeline.schedule import BI, FB, B, F, W, build
+from functools import lru_cache
+
+from parallel.pipeline.schedule import BI, FB, SEND, B, F, W, build
 
 OPTIMIZER_BYTES = 12  # fp32 master + fp32 exp_avg + fp32 exp_avg_sq per parameter of the shard
 
 
-def rank_actions(kind: str, pp: int, chunks: int, pp_rank: int) -> list:
+@lru_cache(maxsize=256)
+def rank_actions(kind: str, pp: int, chunks: int, pp_rank: int) -> tuple:
     """The compute actions of `pp_rank` (F/B/I/W/FB with stage ids); one process: F then B per micro-batch."""
     if pp == 1:
-        out = []
-        for m in range(chunks):
-            out += [_Act(F, 0, m), _Act(B, 0, m)]
-        return out
-    return [a for a in build(kind, pp, chunks, check=False).ranks[pp_rank] if a.kind in (F, B, BI, W, FB)]
+        return tuple(a for m in range(chunks) for a in (_Act(F, 0, m), _Act(B, 0, m)))
+    return tuple(a for a in build(kind, pp, chunks, check=False).ranks[pp_rank] if a.kind in (F, B, BI, W, FB, SEND))
 
 
 class _Act:
@@ -40,11 +41,12 @@ class _Act:
         self.kind, self.stage, self.mb, self.b_stage = kind, stage, mb, -1
 
 
-def walk_peak(actions: list, act: dict[int, float], transient: dict[int, float], grads: dict[int, float]
-              ) -> dict[str, float]:
+def walk_peak(actions: list, act: dict[int, float], transient: dict[int, float], grads: dict[int, float],
+              sent: float = 0.0) -> dict[str, float]:
     """Largest activations + transient + gradients over the rank's actions, and its parts at that moment.
     `act`, `transient`, `grads`: bytes per stage (one micro-batch's activations; the stage's transient while
-    it computes; its gradients)."""
+    it computes; its gradients); `sent`: bytes of one sent activation or gradient, kept to the step's end
+    (counted with the activations)."""
     live = 0.0
     have: set[int] = set()
     best = {"total": 0.0, "activations": 0.0, "transient": 0.0, "gradients": 0.0}
@@ -56,6 +58,9 @@ def walk_peak(actions: list, act: dict[int, float], transient: dict[int, float],
             best.update(total=live + t + g, activations=live, transient=t, gradients=g)
 
     for a in actions:
+        if a.kind == SEND:
+            live += sent
+            continue
         if a.kind in (F, FB):
             live += act[a.stage]
             at(a.stage)
@@ -82,13 +87,14 @@ def optimizer_transient(params: float, group: int) -> float:
 
 
 def rank_peak(stages: list[int], act: dict[int, float], transient: dict[int, float], dense: dict[int, float],
-              expert: dict[int, float], b: int, dp: int, edp: int, actions: list) -> dict[str, float]:
+              expert: dict[int, float], b: int, dp: int, edp: int, actions: list, sent: float = 0.0
+              ) -> dict[str, float]:
     """One pipeline rank holding `stages` (params per stage: `dense`, `expert`): its peak memory and parts."""
     pd = sum(dense[s] for s in stages)
     pe = sum(expert[s] for s in stages)
     weights = (pd + pe) * b
     optimizer = OPTIMIZER_BYTES * (pd / dp + pe / edp)
-    walk = walk_peak(actions, act, transient, {s: (dense[s] + expert[s]) * b for s in stages})
+    walk = walk_peak(actions, act, transient, {s: (dense[s] + expert[s]) * b for s in stages}, sent)
     fb = weights + optimizer + walk["total"]
     opt_step = weights + (pd + pe) * b + optimizer + max(optimizer_transient(pd, dp), optimizer_transient(pe, edp))
     return {"weights": weights, "gradients": walk["gradients"], "optimizer": optimizer,

@@ -23,8 +23,8 @@ Per op (b = dtype bytes, h = hidden):
 - the head: the final norm, the head's input, and the fp32 log-softmax of the cross-entropy (V wide).
 - MTP module: its two input norms, the concatenation (2h, the projection's input), a decoder layer, its own
   final norm, and the head again.
-- A pipeline stage also keeps the activation it received and the one it sent (until the backward returns a
-  gradient), twice as wide when the first stage's embeddings travel along for MTP.
+- A pipeline stage also keeps the activation it received until its backward, and every activation and
+  gradient it sends until the step's end (stage_boundary; rank_memory.py).
 Transients (alive only while a stage computes): the head's logits and their fp32 copy; one layer's backward
 gradient temporaries; the receive buffers the pipeline posts ahead of the compute that reads them.
 """
@@ -32,6 +32,10 @@ gradient temporaries; the receive buffers the pipeline posts ahead of the comput
 from __future__ import annotations
 
 from .models import ModelSpec
+
+DENSE_TENSORS_PER_LAYER = 13  # MLA's 5 projections + 2 latent norms, 2 layer norms, 3 MLP weights, the router
+OPTIMIZER_UPDATE_BYTES = 96   # per shard element of one AdamW update (runtime/train/optim.py): the fp32 gradient
+                              # slice, decay, the two moments, sqrt, denominator and the step, each read + written
 
 
 def norm(d: float, b: int) -> float:
@@ -98,11 +102,14 @@ def receive_buffers(m: ModelSpec, b: int, carry: bool) -> float:
 
 
 def stage_boundary(m: ModelSpec, b: int, first: bool, last: bool, carry: bool) -> float:
-    """What the pipeline executor holds per token of an in-flight micro-batch beside autograd: the received
-    activation (not on the first stage) and the sent one (not on the last), [hidden | embeddings] wide when
-    the embeddings travel to the MTP modules."""
+    """What the pipeline executor holds per token of an in-flight micro-batch beside autograd: the activation
+    it received (not on the first stage; [hidden | embeddings] wide when the embeddings travel to the MTP
+    modules), and with that carry the stage's own output (the message sent is a new concatenation) and, on
+    the first stage, the embeddings it sent along. (Without carry the output is the message itself, which
+    stays until the step's end: counted with the sends, rank_memory.py.)"""
     width = (2 if carry else 1) * b * m.hidden
-    return (0.0 if first else width) + (0.0 if last else width)
+    return (0.0 if first else width) + (b * m.hidden if carry and not last else 0.0) + \
+        (b * m.hidden if carry and first else 0.0)
 
 
 def logits_transient(m: ModelSpec, b: int) -> float:

@@ -255,11 +255,14 @@ class Planner:
         if why:
             raise ValueError(f"layout {lay.label()}: {why}")
         _, _, S, held = self._stages(lay)
-        return self._moerun_rank(lay, S, held, pp_rank)
+        return self._moerun_rank(lay, S, held, pp_rank, exact=True)
 
-    def _moerun_rank(self, lay: Candidate, S: np.ndarray, held: np.ndarray, pp_rank: int) -> dict[str, float]:
+    def _moerun_rank(self, lay: Candidate, S: np.ndarray, held: np.ndarray, pp_rank: int,
+                     exact: bool = False) -> dict[str, float]:
+        """`exact`: walk every micro-batch of the step; else (the search) at most 2pp + 6 of them, past the
+        warm-up (in-flight counts stay, which stages are in flight at the peak may differ slightly)."""
         mb = self.s.global_batch // (lay.dp * lay.mbs)
-        chunks = mb if lay.pp == 1 else min(mb, max(min_chunks(lay.schedule, lay.pp), 2 * lay.pp) + 6)
+        chunks = mb if exact or lay.pp == 1 else min(mb, max(min_chunks(lay.schedule, lay.pp), 2 * lay.pp) + 6)
         chunks += chunks % 2 if lay.schedule == "dualpipe" else 0
         n = len(S)
         T, b = lay.mbs * self.s.seq_len, self.s.dtype_bytes
@@ -276,7 +279,8 @@ class Planner:
             transient[s] = max(S[s, TR], T * bwd) + recv
         out = rank_peak(stages, act, transient, {s: S[s, PD] for s in range(n)},
                         {s: S[s, PE] for s in range(n)}, b, lay.dp, max(1, lay.dp * lay.tp // lay.ep),
-                        rank_actions(lay.schedule, lay.pp, chunks, pp_rank))
+                        rank_actions(lay.schedule, lay.pp, chunks, pp_rank),
+                        T * (2 if carry else 1) * b * self.m.hidden)
         out["reserve"] = self.s.reserve_gb * 1e9
         out["total"] = out["peak"] + out["reserve"]
         return out
@@ -289,6 +293,8 @@ class Planner:
         ib, nvl = self.gpu.ib_gbps * 1e9, self.gpu.nvlink_gbps * 1e9
         pd = float(S[held, PD].sum(axis=1).max())
         pe = float(S[held, PE].sum(axis=1).max())
+        if self.gpu.measured is not None:
+            return self._sync_measured(lay, pd, pe, edp)
         sync = 0.0
         for p, n, stride in ((pd, lay.dp * mirror, lay.tp), (pe, edp * mirror, lay.ep)):
             if n > 1 and p > 0:
@@ -298,6 +304,21 @@ class Planner:
         opt = shard * 24.0 / (self.gpu.hbm_tbps * 1e12 * HBM_EFFICIENCY)  # read/write master, moments, grad
         return sync, opt
 
+    def _sync_measured(self, lay: Candidate, pd: float, pe: float, edp: int) -> tuple[float, float]:
+        """moerun's step end on a measured machine: an all-reduce per gradient tensor over dp (experts over
+        edp), the gradient norm's all-reduce, the AdamW update of the shard (memory-bound,
+        rm.OPTIMIZER_UPDATE_BYTES per element) and the all-gather of the fp32 master weights into the
+        parameters; plus the step-end framework overhead (Setup.overhead_step_s)."""
+        mp, b = self.gpu.measured, self.s.dtype_bytes
+        layers = max(self._stages(lay)[1]) * (2 if lay.schedule in OVERLAP_KINDS else 1)
+        sync = mp.link("all_reduce", self.world).latency_s if self.world > 1 else 0.0
+        for p, n, tensors in ((pd, lay.dp, layers * rm.DENSE_TENSORS_PER_LAYER), (pe, edp, layers * 3)):
+            if n > 1 and p > 0:
+                sync += mp.link("all_reduce", n).seconds(p * b, calls=tensors) + mp.link("all_gather", n).seconds(4 * p)
+        shard = pd / lay.dp + pe / edp
+        opt = mp.mem_s(rm.OPTIMIZER_UPDATE_BYTES * shard + (4 + b) * (pd + pe)) + self.s.overhead_step_s
+        return sync, opt
+
     def sim_costs(self, lay: Candidate, S: np.ndarray, held: np.ndarray) -> dict:
         """The simulator's per-action costs (seconds): the per-stage-visit average of the bottleneck rank."""
         avg = S[held, TIME].mean(axis=1)           # ranks x time fields
@@ -305,10 +326,15 @@ class Planner:
         a = avg[int(np.argmax(wt))]
         act = self.s.seq_len * lay.mbs * 2 * self.m.hidden / lay.tp
         bw = self.gpu.ib_gbps if lay.dp * lay.tp >= self.G else self.gpu.nvlink_gbps
-        d = {"f": a[F_] + a[TF], "b": a[B_] + a[TB], "w": min(a[W_], a[B_]), "a2a_f": a[AF], "a2a_b": a[AB],
-             "comm": act / (bw * 1e9) + P2P_LATENCY_S if lay.pp > 1 else 0.0}
+        comm = act / (bw * 1e9) + P2P_LATENCY_S
+        if self.gpu.measured is not None:  # moerun sends [hidden | embeddings] when MTP rides along
+            width = (2 if self.m.mtp_layers else 1) * self.s.dtype_bytes * self.m.hidden / lay.tp
+            comm = self.gpu.measured.link("p2p", 2).seconds(self.s.seq_len * lay.mbs * width)
+        of, ob = self.s.overhead_f_s, self.s.overhead_b_s
+        d = {"f": a[F_] + a[TF] + of, "b": a[B_] + a[TB] + ob, "w": min(a[W_], a[B_]), "a2a_f": a[AF],
+             "a2a_b": a[AB], "comm": comm if lay.pp > 1 else 0.0}
         if lay.schedule in OVERLAP_KINDS:  # F&B: each chunk's all-to-all runs behind the other's compute
-            d["fb"] = max(a[F_] + a[B_], a[AF] + a[AB]) + a[TF] + a[TB]
+            d["fb"] = max(a[F_] + a[B_], a[AF] + a[AB]) + a[TF] + a[TB] + of + ob
         return {k: float(v) for k, v in d.items()}
 
     def lower_bound(self, lay: Candidate, S: np.ndarray, held: np.ndarray) -> float:
