@@ -349,3 +349,30 @@ def test_layout_filter_lists_every_matching_layout(capsys):
     assert len(json.loads(capsys.readouterr().out)["layouts"]) == 3
     assert main(argv[:-3] + ["--json"]) == 0  # no --layout: the best 10
     assert len(json.loads(capsys.readouterr().out)["layouts"]) == 10
+
+
+def test_plan_prints_the_train_flags_of_its_layout(capsys):
+    """The recommended layout comes with the `moerun train` flags (and TOML) that run it: the job config they
+    make holds the layout, its micro-batches and the batch the planner assumed."""
+    import tomllib
+
+    from launch.cli import main
+    from runtime.jobconfig import load_config
+
+    argv = ["plan", "--model", "deepseek-v3", "--nodes", "256", "--gpus-per-node", "8", "--gpu", "h800",
+            "--layout", "pp=16,ep=64,tp=1", "--top", "1"]
+    assert main([*argv, "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["best"]
+    items = best["train_flags"].split()
+    assert items[::2] == ["--set"] * (len(items) // 2)
+    cfg = load_config(None, items[1::2])
+    par = cfg["parallel"]
+    assert (par["tp"], par["pp"], par["ep"], par["dp"]) == (best["tp"], best["pp"], best["ep"], best["dp"])
+    assert par["schedule"] == best["schedule"] and par["microbatches"] == best["microbatches"]
+    assert cfg["train"]["global_batch"] == 15360 and cfg["data"]["seq_len"] == 4096 and cfg["train"]["fp8"]
+    assert par["tp"] * par["pp"] * par["dp"] == 2048
+    assert main([*argv, "--toml"]) == 0
+    toml = tomllib.loads(capsys.readouterr().out)
+    assert toml["parallel"] == {k: par[k] for k in toml["parallel"]} and toml["train"]["global_batch"] == 15360
+    assert main(argv) == 0
+    assert f"moerun launch -n 2048 -- train JOB.toml {best['train_flags']}" in capsys.readouterr().out

@@ -21,6 +21,15 @@ are in docs/tuning.md. Step time comes from the same pipeline simulator as `moer
       --gemm-kernels deepgemm
   moerun plan --model path/to/config.json --nodes 4 --gpus-per-node 8 --gpu h100 --top 5
 
+The recommended layout ends with the `moerun train` flags that run it (`--toml`: the same as a TOML job
+config). The planner's default recipe is DeepSeek-V3's published one (selective recompute, FP8 caching);
+`--recipe moerun` plans for moerun's own trainer (no recompute; the memory `moerun dryrun` measures).
+
+This machine: measure it, then predict `moerun train` step times on it (imports torch):
+
+  moerun plan --calibrate --ranks 4 --machine-out machine.json
+  moerun plan --machine machine.json --job job.toml --set parallel.pp=2 --set parallel.ep=2
+
 Expert placement for serving with redundant experts (loads: .npy of shape (experts,) or (layers, experts)):
 
   moerun plan experts --load loads.npy --gpus 32 --nodes 4 --redundant 32 --groups 8 [--json] [--out P.json]
@@ -70,7 +79,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="max/mean routed tokens per GPU (default 1.0 = balanced)")
     g.add_argument("--reserve-gb", type=float, default=4.0,
                    help="memory kept for CUDA context, comm buffers, fragmentation (default 4)")
+    g.add_argument("--recipe", choices=("v3", "moerun"), default="v3",
+                   help="what training keeps in memory: v3 = DeepSeek-V3's published recipe (default), moerun = "
+                        "moerun's own trainer (model-dtype weights and gradients, fp32 AdamW state, no recompute)")
+    g.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="--recipe moerun: the model's dtype (default bfloat16)")
+    g.add_argument("--toml", action="store_true", help="print the recommended layout as a TOML job config")
     g.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c = p.add_argument_group("this machine (imports torch)")
+    c.add_argument("--calibrate", action="store_true",
+                   help="measure matmul, attention, memory, op cost, all-to-all, all-reduce, all-gather and p2p "
+                        "with --ranks local ranks at once")
+    c.add_argument("--ranks", type=int, default=4, help="local ranks for --calibrate and --job (default 4)")
+    c.add_argument("--machine", help="a machine profile written by --calibrate --machine-out")
+    c.add_argument("--machine-out", help="write the measured machine profile (JSON) here")
+    c.add_argument("--job", metavar="CONFIG",
+                   help="predict the step time of this `moerun train` job config on --ranks local ranks of the "
+                        "measured machine (with --set overrides)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="--job: override a job config key (repeatable)")
     e = p.add_argument_group("experts")
     e.add_argument("--load", help=".npy with per-expert loads, shape (experts,) or (layers, experts)")
     e.add_argument("--gpus", type=int, help="GPUs serving the experts")
@@ -83,6 +110,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.what == "experts":
             return _run_experts(args)
+        if args.calibrate or args.machine:
+            from launch.commands.plan_machine import run_machine
+
+            return run_machine(args)
+        if args.job or args.overrides:
+            raise ValueError("--job and --set need a machine: --calibrate or --machine PROFILE")
         return _run_layouts(args)
     except ValueError as e:
         print(f"moerun plan: error: {e}", file=sys.stderr)
@@ -107,7 +140,8 @@ def _run_layouts(args: argparse.Namespace) -> int:
     setup = Setup(seq_len=args.seq_len, global_batch=args.global_batch, precision=args.precision,
                   gemm_kernels=args.gemm_kernels, gpus_per_node=args.gpus_per_node, reserve_gb=args.reserve_gb,
                   load_imbalance=args.load_imbalance,
-                  batch_ramp_start=ramp_start, batch_ramp_tokens=ramp_tokens)
+                  batch_ramp_start=ramp_start, batch_ramp_tokens=ramp_tokens, recipe=args.recipe,
+                  dtype_bytes=4 if args.dtype == "float32" else 2)
     planner = Planner(model, gpu, args.nodes, args.gpus_per_node, setup, tokens=args.tokens)
     fixed = parse_layout(args.layout) if args.layout else {}
     top = args.top if args.top is not None else (1 << 30 if fixed else 10)  # --layout: every match
@@ -126,6 +160,14 @@ def _run_layouts(args: argparse.Namespace) -> int:
         "layout_filter": fixed, "candidates": res["candidates"], "fit_memory": res["fit_memory"],
         "elapsed_s": round(res["elapsed_s"], 3), "layouts": rows, "best": best,
     }
+    if best:
+        best["train_flags"] = train_flags(best, setup, args.dtype if args.recipe == "moerun" else None)
+        best["train_toml"] = train_toml(best, setup, args.dtype if args.recipe == "moerun" else None)
+    if args.toml:
+        if not best:
+            raise ValueError("no layout to print")
+        print(best["train_toml"], end="")
+        return 0
     if args.json:
         print(json.dumps(out, indent=2))
         return 0 if best else 1
@@ -140,6 +182,37 @@ def _run_layouts(args: argparse.Namespace) -> int:
         return 1
     _print_table(out)
     return 0
+
+
+def _train_settings(row: dict, setup, dtype: str | None) -> dict[str, dict]:
+    """The job config keys of a planned layout: moerun's names for the planner's layout and batch."""
+    par = {"tp": row["tp"], "pp": row["pp"], "ep": row["ep"], "dp": row["dp"], "schedule": row["schedule"],
+           "microbatches": row["microbatches"]}
+    out = {"parallel": par, "train": {"global_batch": setup.global_batch}, "data": {"seq_len": setup.seq_len}}
+    if dtype:
+        out["model"] = {"dtype": dtype}
+    elif setup.precision == "fp8":
+        out["model"], out["train"]["fp8"] = {"dtype": "bfloat16"}, True
+    return out
+
+
+def train_flags(row: dict, setup, dtype: str | None = None) -> str:
+    """`--set` flags of `moerun train` that run the planned layout (world = tp * pp * dp ranks)."""
+    items = _train_settings(row, setup, dtype)
+    return " ".join(f"--set {sec}.{k}={str(v).lower() if isinstance(v, bool) else v}"
+                    for sec, d in items.items() for k, v in d.items())
+
+
+def train_toml(row: dict, setup, dtype: str | None = None) -> str:
+    """The planned layout as a TOML job config (merge with the model and data of the job)."""
+    lines = [f"# {row['tp'] * row['pp'] * row['dp']} ranks; planner: step {row['step_time_s']:.3g} s, "
+             f"{row['memory_gb_per_gpu']:.1f} GB per GPU (recompute {row['recompute']} assumed)"]
+    for sec, d in _train_settings(row, setup, dtype).items():
+        lines.append(f"\n[{sec}]")
+        for k, v in d.items():
+            lines.append(f"{k} = " + (str(v).lower() if isinstance(v, bool) else f'"{v}"' if isinstance(v, str)
+                                      else str(v)))
+    return "\n".join(lines) + "\n"
 
 
 def _batch_ramp(text: str, global_batch: int) -> tuple[int, float]:
@@ -191,6 +264,11 @@ def _print_table(out: dict) -> None:
               f"{b['gpu_hours_per_trillion_tokens']:,.0f} GPU-hours per trillion tokens, "
               f"{b['gpu_hours_total']:,.0f} GPU-hours / {b['days_total']} days for {out['tokens']:.3g} tokens"
               f" (batch ramp included)")
+    if b:
+        print(f"run it: moerun launch -n {b['tp'] * b['pp'] * b['dp']} -- train JOB.toml {b['train_flags']}")
+        if b["recompute"] != "none":
+            print(f"  (the planner assumed {b['recompute']} recompute, DeepSeek-V3's recipe; moerun's trainer does "
+                  "not recompute: --recipe moerun plans its memory)")
     if any(not r["fits"] for r in out["layouts"]):
         print("! does not fit in GPU memory")
     print("MFU against the BF16 dense peak; mb = micro-batches per step, mbs = sequences per micro-batch")
