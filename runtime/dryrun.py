@@ -53,9 +53,14 @@ class DryRunMode(TorchDispatchMode):
         self.phase_peak, self.phase_set = 0, {}
         self.in_phase = False
         self.ops = 0
+        self.phase_ops = [0, 0]  # forward, backward
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "prim":  # fake tensors' own metadata queries (prim.device): not ops the code runs
+            return func(*args, **(kwargs or {}))
         self.ops += 1
+        if self.in_phase:  # the forward/backward's ops, split by whether autograd's engine runs them
+            self.phase_ops[torch._C._current_graph_task_id() != -1] += 1
         if self.progress is not None and not self.ops % 4096 and time.perf_counter() > self.next_report:
             self.next_report = time.perf_counter() + self.every_s
             self.progress(self.ops, self.total, self.peak)
@@ -192,7 +197,8 @@ def dry_run(config: dict, world: int, rank: int, ranks_per_node: int = 8, log=No
                     "optimizer": held["optimizer"], "activations": step["activations"],
                     "gradients_at_peak": step["gradients"],
                     "peak_forward_backward": mode.phase_peak, "peak": mode.peak,
-                    "peak_breakdown": whole, "ops": mode.ops,
+                    "peak_breakdown": whole, "ops": mode.ops, "ops_forward": mode.phase_ops[0],
+                    "ops_backward": mode.phase_ops[1],
                     "build_s": round(t_build, 1), "elapsed_s": round(time.perf_counter() - t0, 1),
                 }
     return report

@@ -263,6 +263,10 @@ class CostModel:
         u.act_bytes = T * self._attn_act_per_token(par)
         if tp > 1:
             u.tp_f = u.tp_b = 2 * self._tp_collective(T, par)  # all-gather in, reduce-scatter out
+            if self.gpu.measured is not None:  # moerun: the q and kv latents' gradients are summed over TP
+                ar = self.gpu.measured.link("all_reduce", tp)
+                u.tp_b += ar.seconds(T * self.s.dtype_bytes * (m.q_lora_rank + m.kv_lora_rank + m.qk_rope),
+                                     calls=2 if m.q_lora_rank else 1)
         return u
 
     def _attn_act_per_token(self, par: Par) -> float:
@@ -338,6 +342,8 @@ class CostModel:
         mem_common = self._mem(T * (3 * h + 6 * h + 4 * h) / tp, par)  # norm + cast, residual add, BF16 copy
         if moe:
             tok_ep = T / tp  # sequence-parallel: each tp rank dispatches its share of the tokens
+            if self.s.recipe == "moerun" and par.ep == 1:
+                tok_ep = T  # moerun without EP: every TP rank routes all tokens through all experts
             routed_rows = tok_ep * m.topk * self.s.load_imbalance  # expert rows computed on this GPU
             per_expert = routed_rows * par.ep / m.n_routed
             up = self._fdw(per_expert, 2 * m.moe_intermediate, h, par, True)
@@ -437,6 +443,8 @@ class CostModel:
         u.params_dense = m.vocab * m.hidden / par.tp
         if self.s.recipe == "moerun":
             u.act_bytes = T * rm.embedding()
+        if self.gpu.measured is not None and par.tp > 1:  # vocabulary-split lookup: its output summed over TP
+            u.tp_f = u.tp_b = 2 * self._tp_collective(T, par)
         return u
 
     def head(self, par: Par, shares_weights: bool = False) -> UnitCost:
@@ -455,6 +463,8 @@ class CostModel:
         u.transient_bytes = T * V * 6.0  # BF16 logits and their FP32 softmax
         if self.s.recipe == "moerun":
             u.act_bytes = T * rm.head(m, self.s.dtype_bytes)
+        if self.gpu.measured is not None and par.tp > 1:  # the logits gathered over TP
+            u.tp_f = self.gpu.measured.link("all_gather", par.tp).seconds(T * m.vocab * self.s.dtype_bytes)
             u.transient_bytes = T * rm.logits_transient(m, self.s.dtype_bytes)
         return u
 

@@ -315,6 +315,10 @@ class Planner:
         for p, n, tensors in ((pd, lay.dp, layers * rm.DENSE_TENSORS_PER_LAYER), (pe, edp, layers * 3)):
             if n > 1 and p > 0:
                 sync += mp.link("all_reduce", n).seconds(p * b, calls=tensors) + mp.link("all_gather", n).seconds(4 * p)
+        if lay.tp > 1:  # replicated weights that saw a part of the heads (MLA's latent down-projections and
+            m = self.m  # their norms) get their gradients summed over TP
+            part = m.hidden * (m.q_lora_rank + m.kv_lora_rank + m.qk_rope) + m.q_lora_rank + m.kv_lora_rank
+            sync += mp.link("all_reduce", lay.tp).seconds(layers * part * b, calls=layers * 4)
         shard = pd / lay.dp + pe / edp
         opt = mp.mem_s(rm.OPTIMIZER_UPDATE_BYTES * shard + (4 + b) * (pd + pe)) + self.s.overhead_step_s
         return sync, opt
