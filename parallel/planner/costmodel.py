@@ -304,11 +304,8 @@ class CostModel:
         m, s = self.m, self.s
         if par.ep <= 1 or not m.moe_layers:
             return 0.0, {"ep_bytes_per_token": 0.0}
-        if self.gpu.measured is not None:  # moerun: a token goes once to each rank holding one of its experts,
-            touched = par.ep * (1 - (1 - 1 / par.ep) ** m.topk)   # in the model dtype both ways; a dispatch is
-            per_token = touched * (1 - 1 / par.ep) * 2 * self.s.dtype_bytes * m.hidden  # 2 all-to-alls (counts,
-            link = self.gpu.measured.link("all_to_all", par.ep)                         # rows), a combine 1
-            return link.seconds(T * per_token * s.load_imbalance, calls=3), {"ep_bytes_per_token": per_token}
+        if self.gpu.measured is not None:
+            return self.gpu.measured.moerun_alltoall(T * s.load_imbalance, par.ep, m.topk, m.hidden, s.dtype_bytes)
         G = s.gpus_per_node
         bw, internode = ep_bandwidth_gbps(self.gpu, par.ep, G)
         h = m.hidden

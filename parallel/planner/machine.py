@@ -64,6 +64,14 @@ class MachineProfile:
         key = min(table, key=lambda g: abs(int(g) - group))
         return table[key]
 
+    def moerun_alltoall(self, tokens: float, ep: int, topk: int, hidden: int, b: int) -> tuple[float, dict]:
+        """Seconds of moerun's dispatch + combine of `tokens` over `ep` ranks: a token goes once to each other
+        rank holding one of its experts, in the model dtype (`b` bytes) both ways; a dispatch is two
+        all-to-alls (counts, rows), a combine one."""
+        touched = ep * (1 - (1 - 1 / ep) ** topk)
+        per_token = touched * (1 - 1 / ep) * 2 * b * hidden
+        return self.link("all_to_all", ep).seconds(tokens * per_token, calls=3), {"ep_bytes_per_token": per_token}
+
     # -- files
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
