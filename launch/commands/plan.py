@@ -18,7 +18,7 @@ are in docs/tuning.md. Step time comes from the same pipeline simulator as `moer
   moerun plan --model deepseek-v3 --nodes 256 --gpus-per-node 8 --gpu h800
   moerun plan --model deepseek-v3 --nodes 256 --gpus-per-node 8 --gpu h800 --layout pp=16,ep=64,tp=1 --json
   moerun plan --model deepseek-v3 --nodes 256 --gpus-per-node 8 --gpu h800 --layout pp=16,ep=64,tp=1 \
-      --gemm-kernels deepgemm
+      --kernels-of 2024-12
   moerun plan --model path/to/config.json --nodes 4 --gpus-per-node 8 --gpu h100 --top 5
 
 The recommended layout ends with the `moerun train` flags that run it (`--toml`: the same as a TOML job
@@ -70,11 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "TOKENS tokens (default 3072,469B as DeepSeek-V3; 'none' = off); affects only the "
                         "totals over --tokens, not the steady-state GPU-hours per trillion tokens")
     g.add_argument("--precision", choices=("fp8", "bf16"), default="fp8", help="GEMM precision (default fp8)")
-    g.add_argument("--gemm-kernels", choices=("cutlass36", "deepgemm"), default="cutlass36",
-                   help="FP8 GEMM throughputs. cutlass36: DeepSeek's internal CUTLASS 3.6-based FP8 GEMMs, the "
-                        "baseline of DeepGEMM's README = the kernels of V3's 2024 training run (default: the "
-                        "configuration checked against V3's published cost); deepgemm: DeepGEMM's "
-                        "first-release figures, up to 1.2x faster at M=4096")
+    g.add_argument("--kernels-of", default="latest", metavar="YYYY-MM",
+                   help="when the run trains: the FP8 GEMM and attention kernels it has are the newest released "
+                        "by then (2024-12, V3's report: CUTLASS 3.6-based FP8 GEMMs, FlashAttention-3; 2024-05, "
+                        "V2's: FlashAttention-2; default latest: DeepGEMM, FlashAttention-3)")
+    g.add_argument("--capacity-factor", type=float, default=0.0,
+                   help="token dropping: each expert keeps at most this x its balanced share of rows (V2 "
+                        "trained with 1.0; default 0: dropless, as V3)")
     g.add_argument("--load-imbalance", type=float, default=1.0,
                    help="max/mean routed tokens per GPU (default 1.0 = balanced)")
     g.add_argument("--reserve-gb", type=float, default=4.0,
@@ -138,7 +140,8 @@ def _run_layouts(args: argparse.Namespace) -> int:
     gpu = get_gpu(args.gpu)
     ramp_start, ramp_tokens = _batch_ramp(args.batch_ramp, args.global_batch)
     setup = Setup(seq_len=args.seq_len, global_batch=args.global_batch, precision=args.precision,
-                  gemm_kernels=args.gemm_kernels, gpus_per_node=args.gpus_per_node, reserve_gb=args.reserve_gb,
+                  kernels_of=args.kernels_of, capacity_factor=args.capacity_factor,
+                  gpus_per_node=args.gpus_per_node, reserve_gb=args.reserve_gb,
                   load_imbalance=args.load_imbalance,
                   batch_ramp_start=ramp_start, batch_ramp_tokens=ramp_tokens, recipe=args.recipe,
                   dtype_bytes=4 if args.dtype == "float32" else 2)
@@ -154,7 +157,8 @@ def _run_layouts(args: argparse.Namespace) -> int:
         "model": model.name, "gpu": gpu.name, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
         "world": planner.world, "tokens": args.tokens,
         "setup": {"seq_len": setup.seq_len, "global_batch": setup.global_batch, "precision": setup.precision,
-                  "gemm_kernels": setup.gemm_kernels,
+                  "kernels_of": setup.kernels_of, "kernels": setup.kernels,
+                  "capacity_factor": setup.capacity_factor,
                   "load_imbalance": setup.load_imbalance, "reserve_gb": setup.reserve_gb,
                   "batch_ramp": {"start": setup.batch_ramp_start, "tokens": setup.batch_ramp_tokens}},
         "layout_filter": fixed, "candidates": res["candidates"], "fit_memory": res["fit_memory"],
@@ -244,9 +248,11 @@ def _why_not(planner, fixed: dict) -> str | None:
 
 
 def _print_table(out: dict) -> None:
+    st = out["setup"]
+    kernels = ", ".join(v for k, v in st["kernels"].items() if k != "fp8_gemm" or st["precision"] == "fp8")
     print(f"{out['model']} on {out['nodes']} x {out['gpus_per_node']} {out['gpu']} ({out['world']} GPUs), "
           f"seq {out['setup']['seq_len']}, batch {out['setup']['global_batch']} seqs, {out['setup']['precision']}"
-          f"{' (' + out['setup']['gemm_kernels'] + ' GEMMs)' if out['setup']['precision'] == 'fp8' else ''}; "
+          f" (kernels of {st['kernels_of']}: {kernels}); "
           f"{out['candidates']} layouts, {out['fit_memory']} fit in memory ({out['elapsed_s']:.2f} s)")
     head = ("#", "tp", "pp", "ep", "dp", "schedule", "mb", "mbs", "recompute", "mem GB", "step s", "bubble",
             "tok/s", "MFU", "GPU-h/1T")

@@ -6,7 +6,7 @@ FP8 dispatch and BF16 combine, node-limited routing bounding the InfiniBand copi
 collectives; parameters held; activation bytes kept until the backward; and model FLOPs (for MFU).
 
 Compute time is FLOPs / achievable TFLOPS of the kernel that runs it (hardware.py: FP8 figures per GEMM shape
-from DeepGEMM's README, by default those of its CUTLASS 3.6-based baseline (Setup.gemm_kernels),
+from DeepGEMM's README, or those of its CUTLASS 3.6-based baseline before DeepGEMM's release (Setup.kernels_of),
 FlashAttention-3 for the attention core, a BF16 efficiency for BF16 GEMMs) scaled by the share of SMs left to
 compute (DualPipe-style overlap gives 20 of 132 SMs to communication), plus memory-bound
 element-wise work (norms, SwiGLU, FP8 casts, residual adds, rope) as bytes / achievable HBM bandwidth.
@@ -18,10 +18,8 @@ from dataclasses import dataclass, field
 
 from . import runtime_memory as rm
 from .hardware import (
-    ATTN_BWD_EFFICIENCY,
-    ATTN_FWD_EFFICIENCY,
+    ATTENTION_EFFICIENCY,
     COMM_SMS,
-    GEMM_KERNELS,
     GPU,
     HBM_EFFICIENCY,
     bf16_gemm_tflops,
@@ -29,59 +27,9 @@ from .hardware import (
     fp8_gemm_tflops,
 )
 from .models import ModelSpec
+from .setup import PRECISIONS, RECIPES, RECOMPUTE, Setup
 
-RECOMPUTE = ("selective", "full", "none")
-PRECISIONS = ("fp8", "bf16")
-# What the training code keeps in memory: "v3" = DeepSeek-V3's published recipe (BF16 weights, FP32 gradients,
-# FP32 master + BF16 moments, FP8-cached activations, the layout's recompute policy); "moerun" = moerun's own
-# trainer (weights, gradients and activations in the model dtype, fp32 AdamW state, no recompute:
-# runtime_memory.py, rank_memory.py), what `moerun dryrun` measures.
-RECIPES = ("v3", "moerun")
-
-
-@dataclass(frozen=True)
-class Setup:
-    """What the layout does not decide: training shape, precision, and the cluster's node size."""
-
-    seq_len: int = 4096            # DeepSeek-V3 pre-training sequence length
-    global_batch: int = 15360      # sequences per optimizer step (V3's batch schedule ends at 15360)
-    precision: str = "fp8"         # GEMM precision: fp8 (V3's recipe) or bf16
-    # FP8 GEMM kernels (hardware.py [DeepGEMM]): cutlass36 = DeepSeek's internal CUTLASS 3.6-based ones, the
-    # baseline of DeepGEMM's README (V3 was trained in 2024, before DeepGEMM); deepgemm = DeepGEMM's figures
-    gemm_kernels: str = "cutlass36"
-    # fixed framework cost (measured machines: ops x the measured cost of one op; runtime/calibrate.py) of one
-    # micro-batch's forward and backward through a stage, and of the step's end (reductions, optimizer)
-    overhead_f_s: float = 0.0
-    overhead_b_s: float = 0.0
-    overhead_step_s: float = 0.0
-    gpus_per_node: int = 8
-    reserve_gb: float = 4.0        # CUDA context, NCCL / DeepEP buffers, allocator slack (assumption)
-    load_imbalance: float = 1.0    # max/mean routed tokens per GPU (1.0: balanced, as aux-loss-free aims)
-    # V3 report 4.2: "the batch size is gradually increased from 3072 to 15360 in the training of the first
-    # 469B tokens, and then keeps 15360". The shape of the increase is not published: linear in tokens is
-    # assumed. Used only for totals over --tokens (batch_ramp_tokens=0 turns it off).
-    batch_ramp_start: int = 3072   # sequences per step at the start of training
-    batch_ramp_tokens: float = 469e9
-    recipe: str = "v3"             # what the training code keeps in memory (RECIPES)
-    dtype_bytes: int = 2           # recipe "moerun": the model's dtype (bf16 2, fp32 4)
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.gemm_kernels not in GEMM_KERNELS:
-            raise ValueError(f"gemm_kernels must be one of {GEMM_KERNELS}, got {self.gemm_kernels!r}")
-        for f in ("seq_len", "global_batch", "gpus_per_node"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
-        if self.batch_ramp_start < 1 or self.batch_ramp_tokens < 0:
-            raise ValueError(f"batch ramp needs start >= 1 sequence and tokens >= 0, got "
-                             f"{self.batch_ramp_start}, {self.batch_ramp_tokens}")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
-        if self.dtype_bytes not in (2, 4):
-            raise ValueError(f"dtype_bytes must be 2 (bf16) or 4 (fp32), got {self.dtype_bytes}")
-        if self.load_imbalance < 1.0:
-            raise ValueError(f"load_imbalance is max/mean and must be >= 1, got {self.load_imbalance}")
+__all__ = ["PRECISIONS", "RECIPES", "RECOMPUTE", "CostModel", "Par", "Setup", "UnitCost", "param_counts"]
 
 
 @dataclass
@@ -182,7 +130,7 @@ class CostModel:
         if bf16 or self.s.precision == "bf16":
             tf = bf16_gemm_tflops(self.gpu, tokens, n, k)
         else:
-            tf = fp8_gemm_tflops(self.gpu, tokens, n, k, grouped=grouped, kernels=self.s.gemm_kernels)
+            tf = fp8_gemm_tflops(self.gpu, tokens, n, k, grouped=grouped, kernels=self.s.kernels["fp8_gemm"])
         return 2.0 * tokens * n * k / (tf * 1e12 * self._sm(par))
 
     def _fdw(self, tokens: float, n: int, k: int, par: Par, grouped: bool = False,
@@ -223,7 +171,8 @@ class CostModel:
             return (mp.attention_s(tokens, run, self._dtype()), mp.attention_s(tokens, 2.5 * run, self._dtype(), True),
                     flops)
         peak = self.gpu.bf16_tflops * 1e12 * self._sm(par)
-        return flops / (peak * ATTN_FWD_EFFICIENCY), 2.5 * flops / (peak * ATTN_BWD_EFFICIENCY), flops
+        fwd_eff, bwd_eff = ATTENTION_EFFICIENCY[self.s.kernels["attention"]]
+        return flops / (peak * fwd_eff), 2.5 * flops / (peak * bwd_eff), flops
 
     # -- pieces of a layer
     def _attention(self, T: float, par: Par) -> UnitCost:
@@ -305,7 +254,7 @@ class CostModel:
         if par.ep <= 1 or not m.moe_layers:
             return 0.0, {"ep_bytes_per_token": 0.0}
         if self.gpu.measured is not None:
-            return self.gpu.measured.moerun_alltoall(T * s.load_imbalance, par.ep, m.topk, m.hidden, s.dtype_bytes)
+            return self.gpu.measured.moerun_alltoall(T * s.routed_load, par.ep, m.topk, m.hidden, s.dtype_bytes)
         G = s.gpus_per_node
         bw, internode = ep_bandwidth_gbps(self.gpu, par.ep, G)
         h = m.hidden
@@ -319,10 +268,13 @@ class CostModel:
             touched = reach * (1 - (1 - 1 / reach) ** m.topk)
             copies = touched * (1 - 1 / nodes)  # copies that cross InfiniBand, one per remote node
         else:
-            touched = par.ep * (1 - (1 - 1 / par.ep) ** m.topk)
+            reach = par.ep  # device-limited routing (V2's M=3 at EP8): the groups a token may use are on
+            if m.n_group > 1 and m.topk_group < m.n_group:  # at most this many GPUs
+                reach = max(1, min(par.ep, round(m.topk_group * max(par.ep, m.n_group) / m.n_group)))
+            touched = reach * (1 - (1 - 1 / reach) ** m.topk)
             copies = touched * (1 - 1 / par.ep)  # copies that leave this GPU over NVLink
         per_token = copies * (disp + comb)
-        t = T * per_token * s.load_imbalance / (bw * 1e9)
+        t = T * per_token * s.routed_load / (bw * 1e9)
         return t, {"ep_bytes_per_token": per_token, "ep_copies_per_token": copies, "ep_gbps": bw,
                    "ep_internode": internode}
 
@@ -341,12 +293,12 @@ class CostModel:
             tok_ep = T / tp  # sequence-parallel: each tp rank dispatches its share of the tokens
             if self.s.recipe == "moerun" and par.ep == 1:
                 tok_ep = T  # moerun without EP: every TP rank routes all tokens through all experts
-            routed_rows = tok_ep * m.topk * self.s.load_imbalance  # expert rows computed on this GPU
+            routed_rows = tok_ep * m.topk * self.s.routed_load  # expert rows computed on this GPU
             per_expert = routed_rows * par.ep / m.n_routed
             up = self._fdw(per_expert, 2 * m.moe_intermediate, h, par, True)
             down = self._fdw(per_expert, h, m.moe_intermediate, par, True)
             g_r = tuple((m.n_routed / par.ep) * (a + b) for a, b in zip(up, down, strict=True))
-            fl_r = 2.0 * routed_rows * 3 * h * m.moe_intermediate / self.s.load_imbalance
+            fl_r = 2.0 * routed_rows * 3 * h * m.moe_intermediate / self.s.routed_load
             # SwiGLU of every routed row, and the permutation of rows to / from the expert-contiguous
             # layout of the grouped GEMM (FP8 in, BF16 out, each read and written once)
             mem_r = self._mem(routed_rows * (5 * m.moe_intermediate + 2 * h + 4 * h), par)
