@@ -9,8 +9,9 @@ DeepSeek-V3's architecture at a small size (hidden 256, 4 layers of which 3 MoE 
 shared expert, 4 heads of q/k 48 and v 32, q_lora 128, kv_lora 64, vocabulary 512), fp32, written once as
 an HF checkpoint in --dir; 8 sequences of 256 tokens per step in 4 micro-batches (train.mtp off).
 Measured step time: the median of `time_s` in metrics.jsonl over the steps after the first two (warm-up).
-Predicted: the planner's step time for that job on the machine profile measured at the start of the same
-run (runtime/calibrate.py). The machine's load average is printed before each run: the CPU is shared.
+Predicted: the planner's step time for that job on the machine profile measured right before it
+(runtime/calibrate.py). The machine's load average is printed before and after each run: the CPU is shared,
+and the calibration measures it as loaded at that moment.
 """
 
 from __future__ import annotations
@@ -78,9 +79,9 @@ def sets(items: list[str]) -> list[str]:
 def one_run(directory: str, steps: int) -> list[dict]:
     model, machine = os.path.join(directory, "model"), os.path.join(directory, "machine.json")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    moerun(["plan", "--calibrate", "--ranks", "4", "--machine-out", machine, "--json"], timeout=900)
     rows = []
-    for name, layout in LAYOUTS.items():
+    for name, layout in LAYOUTS.items():  # calibrated right before each run: the machine's load drifts
+        moerun(["plan", "--calibrate", "--ranks", "4", "--machine-out", machine, "--json"], timeout=900)
         job = [f"model.path={model}", *JOB, *layout]
         pred = json.loads(moerun(["plan", "--machine", machine, "--ranks", "4", "--json", *sets(job)], 600))
         out = os.path.join(directory, "run-" + name.replace(" ", "_"))

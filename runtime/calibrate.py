@@ -4,7 +4,8 @@ of the GPU table).
 
 What is measured, by every rank at the same moment (so each rank sees the sharing a job of R ranks sees;
 on a CPU the ranks share its cores), each as a median over ranks:
-- matmul throughput over a grid of (M, N, K) in the model's dtype;
+- GEMM throughput over a grid of (M, N, K) in the model's dtype, as training runs it: a linear layer's
+  forward and backward (three GEMMs, autograd's layouts), and the experts' grouped GEMM the same way;
 - causal attention (torch's scaled_dot_product_attention, v padded to the q/k head dim as ops/mla.py
   trains) forward and backward throughput at three sequence lengths;
 - memory bandwidth of element-wise work (an add over 16 MB tensors);
@@ -13,9 +14,11 @@ on a CPU the ranks share its cores), each as a median over ranks:
 - latency and bandwidth of all-to-all, all-reduce, all-gather (groups of 2 and of R) and point-to-point
   transfers, from two message sizes each.
 
-The prediction: the job's layout, model and batch go to the planner (recipe "moerun"); the fixed framework
-cost per micro-batch and per step is the op count of each pipeline rank's step, taken from a dry run of
-that rank (runtime/dryrun.py counts the ops the real code dispatches), times the measured cost of one op.
+The prediction: the job's layout, model and batch go to the planner (recipe "moerun"), which times GEMMs,
+attention and communication from the measured rates; what the code does besides (framework overhead and
+memory-bound element-wise work, unfused on a CPU) comes from a dry run of each pipeline rank
+(runtime/dryrun.py): the ops it dispatches x the measured cost of one op, plus the bytes its element-wise ops
+read and write / the measured memory bandwidth, per micro-batch visit (forward, backward) and per step.
 Nothing is fitted to a measured step time: the bench (bench/calibration.py) compares the two.
 """
 
@@ -30,6 +33,8 @@ from typing import Any
 
 GEMM_M = (64, 256, 1024)
 GEMM_NK = ((128, 256), (256, 256), (256, 1024), (1024, 256), (1024, 1024))
+GROUPS, GROUPED_M = 4, (32, 128, 512)  # experts and rows per expert of the grouped GEMM measurements
+GROUPED_NK = ((128, 256), (256, 128), (512, 512), (1024, 256), (256, 1024))
 ATTN_T = (128, 512, 1024)
 ATTN_HEADS, ATTN_DIM = 4, 48
 SIZES = (4 << 10, 1 << 20, 8 << 20)  # message sizes (bytes) the links are measured at
@@ -51,14 +56,42 @@ def _seconds(fn, min_s: float = 0.05, reps: int = 5) -> float:
 
 
 def _gemm(dtype) -> list[list[float]]:
+    """A linear layer's forward and backward (the three GEMMs of training, as autograd runs them), per shape."""
     import torch
+    import torch.nn.functional as F
 
     rows = []
     for n, k in GEMM_NK:
-        b = torch.randn(k, n, dtype=dtype)
+        w = torch.randn(n, k, dtype=dtype, requires_grad=True)
         for m in GEMM_M:
-            a = torch.randn(m, k, dtype=dtype)
-            rows.append([m, n, k, 2.0 * m * n * k / _seconds(lambda a=a, b=b: a @ b) / 1e9])
+            x = torch.randn(m, k, dtype=dtype, requires_grad=True)
+            g = torch.randn(m, n, dtype=dtype)
+
+            def step(x=x, w=w, g=g):
+                x.grad = w.grad = None
+                F.linear(x, w).backward(g)
+            rows.append([m, n, k, 6.0 * m * n * k / _seconds(step) / 1e9])
+    return rows
+
+
+def _grouped(dtype) -> list[list[float]]:
+    """The experts' grouped GEMM (ops.moe.grouped_linear) forward and backward over GROUPS experts of m rows."""
+    import torch
+
+    from ops.moe import grouped_linear
+
+    rows = []
+    for n, k in GROUPED_NK:
+        w = torch.randn(GROUPS, n, k, dtype=dtype, requires_grad=True)
+        for m in GROUPED_M:
+            x = torch.randn(GROUPS * m, k, dtype=dtype, requires_grad=True)
+            g = torch.randn(GROUPS * m, n, dtype=dtype)
+            counts = torch.full((GROUPS,), m)
+
+            def step(x=x, w=w, g=g, counts=counts):
+                x.grad = w.grad = None
+                grouped_linear(x, w, counts).backward(g)
+            rows.append([m, n, k, 6.0 * GROUPS * m * n * k / _seconds(step) / 1e9])
     return rows
 
 
@@ -207,8 +240,10 @@ def measure_rank(rank: int, world: int, dtypes: tuple[str, ...], log=None) -> di
     for name in dtypes:
         dtype = getattr(torch, name)
         sync()
-        log(f"matmul ({name}): {len(GEMM_M) * len(GEMM_NK)} shapes")
+        log(f"linear layers and grouped experts, forward + backward ({name}): "
+            f"{len(GEMM_M) * len(GEMM_NK) + len(GROUPED_M) * len(GROUPED_NK)} shapes")
         res["gemm"][name] = _gemm(dtype)
+        res["gemm"][name + "/grouped"] = _grouped(dtype)
         sync()
         log(f"causal attention ({name}) at {', '.join(map(str, ATTN_T))} tokens")
         res["attention"][name] = _attention(dtype)
@@ -342,10 +377,11 @@ def predict_step(config: dict, profile, world: int, ranks_per_node: int | None =
         rank = stage * lay.stage_size
         log(f"counting the ops of rank {rank} (pipeline rank {stage}) with a dry run")
         r = dry_run(config, world, rank, rpn)
-        ops.append({k: r[k] for k in ("ops", "ops_forward", "ops_backward")})
-        over_f = max(over_f, r["ops_forward"] / visits * profile.op_s)
-        over_b = max(over_b, r["ops_backward"] / visits * profile.op_s)
-        over_step = max(over_step, (r["ops"] - r["ops_forward"] - r["ops_backward"]) * profile.op_s)
+        ops.append({k: r[k] for k in ("ops", "ops_forward", "ops_backward", "elementwise_bytes")})
+        moved = {k: v / (profile.mem_gbps * 1e9) for k, v in r["elementwise_bytes"].items()}
+        over_f = max(over_f, (r["ops_forward"] * profile.op_s + moved["forward"]) / visits)
+        over_b = max(over_b, (r["ops_backward"] * profile.op_s + moved["backward"]) / visits)
+        over_step = max(over_step, (r["ops"] - r["ops_forward"] - r["ops_backward"]) * profile.op_s + moved["rest"])
     setup = Setup(seq_len=data["seq_len"], global_batch=tr["global_batch"], recipe="moerun",
                   dtype_bytes=4 if config["model"]["dtype"] == "float32" else 2, precision="bf16",
                   reserve_gb=0.0, overhead_f_s=over_f, overhead_b_s=over_b, overhead_step_s=over_step)

@@ -54,6 +54,7 @@ class DryRunMode(TorchDispatchMode):
         self.in_phase = False
         self.ops = 0
         self.phase_ops = [0, 0]  # forward, backward
+        self.traffic = [0, 0, 0]  # bytes read + written by element-wise ops: forward, backward, rest of the step
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "prim":  # fake tensors' own metadata queries (prim.device): not ops the code runs
@@ -80,6 +81,10 @@ class DryRunMode(TorchDispatchMode):
                 grew |= self._track(t.untyped_storage())
         if grew:
             self._peaks()
+            if func not in _COMPUTE_OPS:  # new data from memory-bound work: what it read and wrote
+                part = (torch._C._current_graph_task_id() != -1) if self.in_phase else 2
+                self.traffic[part] += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
+                                          if isinstance(t, torch.Tensor))
         return out
 
     def start_phase(self) -> None:
@@ -124,6 +129,11 @@ class DryRunMode(TorchDispatchMode):
         for serial, n in snapshot.items():
             out[next((c for c, ids in known.items() if serial in ids), "activations")] += n
         return out
+
+
+_COMPUTE_OPS = {getattr(torch.ops.aten, n).default for n in (
+    "mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention_for_cpu_backward")}  # GEMMs and attention: the planner times these
 
 
 def _grouped_mm_output(a: torch.Tensor, b: torch.Tensor, offs=None, bias=None, out_dtype=None) -> torch.Tensor:
@@ -198,7 +208,8 @@ def dry_run(config: dict, world: int, rank: int, ranks_per_node: int = 8, log=No
                     "gradients_at_peak": step["gradients"],
                     "peak_forward_backward": mode.phase_peak, "peak": mode.peak,
                     "peak_breakdown": whole, "ops": mode.ops, "ops_forward": mode.phase_ops[0],
-                    "ops_backward": mode.phase_ops[1],
+                    "ops_backward": mode.phase_ops[1], "elementwise_bytes": dict(zip(
+                        ("forward", "backward", "rest"), mode.traffic)),
                     "build_s": round(t_build, 1), "elapsed_s": round(time.perf_counter() - t0, 1),
                 }
     return report

@@ -15,7 +15,9 @@ def print_profile(profile) -> None:
           "per rank")
     for dtype, rows in profile.gemm.items():
         rates = sorted(r[3] for r in rows)
-        print(f"  matmul {dtype}: {rates[0]:.1f} - {rates[-1]:.1f} GFLOPS per rank over {len(rows)} shapes "
+        what = "grouped experts" if dtype.endswith("/grouped") else "linear layers"
+        print(f"  {what} {dtype.split('/')[0]}, forward + backward: {rates[0]:.1f} - {rates[-1]:.1f} GFLOPS per "
+              f"rank over {len(rows)} shapes "
               f"(median {rates[len(rates) // 2]:.1f})")
     for dtype, ph in profile.attention.items():
         fwd = ", ".join(f"{int(t)}: {g:.1f}" for t, g in ph["fwd"])

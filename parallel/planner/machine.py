@@ -32,7 +32,7 @@ class Link:
 class MachineProfile:
     name: str
     ranks: int                                  # ranks that ran the measurements at once
-    gemm: dict[str, list[tuple[int, int, int, float]]]   # dtype -> [(M, N, K, GFLOPS)]
+    gemm: dict[str, list[tuple[int, int, int, float]]]   # dtype (+ "/grouped") -> [(M, N, K, GFLOPS)]
     attention: dict[str, dict[str, list[tuple[int, float]]]]  # dtype -> fwd / bwd -> [(tokens, GFLOPS)]
     mem_gbps: float                             # memory-bound element-wise work, bytes read + written
     op_s: float                                 # one framework op of a training step (dispatch, autograd)
@@ -40,11 +40,12 @@ class MachineProfile:
     notes: dict = field(default_factory=dict)   # when, load average, threads
 
     # -- what the cost model asks
-    def gemm_s(self, m: float, n: int, k: int, dtype: str) -> float:
-        """Seconds of an (m x k) @ (k x n) matmul: the measured shape nearest in log space, at its rate."""
+    def gemm_s(self, m: float, n: int, k: int, dtype: str, grouped: bool = False) -> float:
+        """Seconds of an (m x k) @ (k x n) GEMM (m rows per expert when `grouped`) at the rate measured for the
+        nearest shape in log space (of a linear layer's, or the grouped experts', forward + backward)."""
         if m <= 0:
             return 0.0
-        rows = self.gemm.get(dtype) or next(iter(self.gemm.values()))
+        rows = (grouped and self.gemm.get(dtype + "/grouped")) or self.gemm.get(dtype) or next(iter(self.gemm.values()))
         _, _, _, gflops = min(rows, key=lambda r: sum(math.log(a / b) ** 2 for a, b in zip(r[:3], (m, n, k))))
         return 2.0 * m * n * k / (gflops * 1e9)
 
@@ -54,13 +55,13 @@ class MachineProfile:
         _, gflops = min(rows, key=lambda r: abs(math.log(r[0] / max(tokens, 1.0))))
         return flops / (gflops * 1e9)
 
-    def mem_s(self, nbytes: float) -> float:
-        return nbytes / (self.mem_gbps * 1e9)
-
     def link(self, kind: str, group: int) -> Link:
         """The measured `kind` ("all_to_all", "all_reduce", "all_gather", "p2p") for a group of `group` ranks
         (the nearest measured size)."""
-        table = self.links[kind]
+        table = self.links.get(kind)
+        if not table:
+            raise ValueError(f"the machine profile has no {kind} measurement (calibrated with {self.ranks} rank(s)); "
+                             "calibrate with as many ranks as the job has")
         key = min(table, key=lambda g: abs(int(g) - group))
         return table[key]
 
@@ -95,6 +96,6 @@ class MachineProfile:
     def as_gpu(self, memory_gb: float = 1e6) -> GPU:
         """A GPU record for the planner whose figures come from this profile (`GPU.measured`)."""
         gemm = max(r[3] for rows in self.gemm.values() for r in rows) / 1e3
+        a2a = self.link("all_to_all", self.ranks).gbps if self.links.get("all_to_all") else 0.0
         return GPU(name=self.name, sms=0, bf16_tflops=gemm, fp8_tflops=gemm, hbm_gb=memory_gb,
-                   hbm_tbps=self.mem_gbps / 1e3, nvlink_gbps=self.link("all_to_all", self.ranks).gbps,
-                   ib_gbps=self.link("all_to_all", self.ranks).gbps, ep_internode_gbps=(), measured=self)
+                   hbm_tbps=self.mem_gbps / 1e3, nvlink_gbps=a2a, ib_gbps=a2a, ep_internode_gbps=(), measured=self)

@@ -34,8 +34,6 @@ from __future__ import annotations
 from .models import ModelSpec
 
 DENSE_TENSORS_PER_LAYER = 13  # MLA's 5 projections + 2 latent norms, 2 layer norms, 3 MLP weights, the router
-OPTIMIZER_UPDATE_BYTES = 96   # per shard element of one AdamW update (runtime/train/optim.py): the fp32 gradient
-                              # slice, decay, the two moments, sqrt, denominator and the step, each read + written
 
 
 def norm(d: float, b: int) -> float:

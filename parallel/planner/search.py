@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from parallel.pipeline.schedule import layer_split
+from parallel.pipeline.schedule import SEND, layer_split
 
 from . import runtime_memory as rm
 from .costmodel import RECOMPUTE, CostModel, Par, Setup, param_counts
@@ -224,10 +224,11 @@ class Planner:
         held = np.array(rank_stages(lay.schedule, lay.pp))
         return par, counts, S, held
 
-    def memory(self, lay: Candidate, S: np.ndarray, held: np.ndarray, peak_acts: int) -> tuple[float, dict]:
-        """GB on the most loaded GPU and its parts (bytes)."""
+    def memory(self, lay: Candidate, S: np.ndarray, held: np.ndarray, peak_acts: int,
+               exact: bool = False) -> tuple[float, dict]:
+        """GB on the most loaded GPU and its parts (bytes); `exact`: see _moerun_rank."""
         if self.s.recipe == "moerun":
-            ranks = [self._moerun_rank(lay, S, held, r) for r in range(lay.pp)]
+            ranks = [self._moerun_rank(lay, S, held, r, exact) for r in range(lay.pp)]
             worst = max(ranks, key=lambda d: d["total"])
             return worst["total"] / 1e9, {k: v for k, v in worst.items() if k != "total"}
         edp = max(1, lay.dp * lay.tp // lay.ep)
@@ -259,8 +260,8 @@ class Planner:
 
     def _moerun_rank(self, lay: Candidate, S: np.ndarray, held: np.ndarray, pp_rank: int,
                      exact: bool = False) -> dict[str, float]:
-        """`exact`: walk every micro-batch of the step; else (the search) at most 2pp + 6 of them, past the
-        warm-up (in-flight counts stay, which stages are in flight at the peak may differ slightly)."""
+        """`exact`: walk every micro-batch of the step; else (the search's memory prune) at most 2pp + 6 of
+        them, past the warm-up, with the sends of the rest added (they stay to the step's end)."""
         mb = self.s.global_batch // (lay.dp * lay.mbs)
         chunks = mb if exact or lay.pp == 1 else min(mb, max(min_chunks(lay.schedule, lay.pp), 2 * lay.pp) + 6)
         chunks += chunks % 2 if lay.schedule == "dualpipe" else 0
@@ -277,13 +278,18 @@ class Planner:
             kinds = {i >= self.m.dense_layers for i in range(first_layer[s], first_layer[s] + counts[s])}
             bwd = max((rm.backward_transient(self.m, b, moe, lay.tp) for moe in kinds), default=0.0)
             transient[s] = max(S[s, TR], T * bwd) + recv
+        actions = rank_actions(lay.schedule, lay.pp, chunks, pp_rank)
+        sent = T * (2 if carry else 1) * b * self.m.hidden
         out = rank_peak(stages, act, transient, {s: S[s, PD] for s in range(n)},
-                        {s: S[s, PE] for s in range(n)}, b, lay.dp, max(1, lay.dp * lay.tp // lay.ep),
-                        rank_actions(lay.schedule, lay.pp, chunks, pp_rank),
-                        T * (2 if carry else 1) * b * self.m.hidden)
+                        {s: S[s, PE] for s in range(n)}, b, lay.dp, max(1, lay.dp * lay.tp // lay.ep), actions, sent)
+        if chunks < mb:  # the sends of the micro-batches not walked
+            more = sum(a.kind == SEND for a in actions) * (mb - chunks) / chunks * sent
+            out["activations"] += more
+            out["peak_forward_backward"] += more
+            out["peak"] = max(out["peak_forward_backward"], out["peak_optimizer_step"])
         out["reserve"] = self.s.reserve_gb * 1e9
         out["total"] = out["peak"] + out["reserve"]
-        return out
+        return {k: float(v) for k, v in out.items()}
 
     def _sync(self, lay: Candidate, S: np.ndarray, held: np.ndarray) -> tuple[float, float]:
         """ZeRO-1 step end: gradient reduce-scatter (FP32) + parameter all-gather (BF16) over the data-parallel
@@ -306,9 +312,8 @@ class Planner:
 
     def _sync_measured(self, lay: Candidate, pd: float, pe: float, edp: int) -> tuple[float, float]:
         """moerun's step end on a measured machine: an all-reduce per gradient tensor over dp (experts over
-        edp), the gradient norm's all-reduce, the AdamW update of the shard (memory-bound,
-        rm.OPTIMIZER_UPDATE_BYTES per element) and the all-gather of the fp32 master weights into the
-        parameters; plus the step-end framework overhead (Setup.overhead_step_s)."""
+        edp), the gradient norm's all-reduce and the all-gather of the fp32 master weights into the
+        parameters; the AdamW update is the step-end overhead (Setup.overhead_step_s: its ops and bytes)."""
         mp, b = self.gpu.measured, self.s.dtype_bytes
         layers = max(self._stages(lay)[1]) * (2 if lay.schedule in OVERLAP_KINDS else 1)
         sync = mp.link("all_reduce", self.world).latency_s if self.world > 1 else 0.0
@@ -319,8 +324,7 @@ class Planner:
             m = self.m  # their norms) get their gradients summed over TP
             part = m.hidden * (m.q_lora_rank + m.kv_lora_rank + m.qk_rope) + m.q_lora_rank + m.kv_lora_rank
             sync += mp.link("all_reduce", lay.tp).seconds(layers * part * b, calls=layers * 4)
-        shard = pd / lay.dp + pe / edp
-        opt = mp.mem_s(rm.OPTIMIZER_UPDATE_BYTES * shard + (4 + b) * (pd + pe)) + self.s.overhead_step_s
+        opt = self.s.overhead_step_s  # the update's ops and memory traffic, counted from the code (a dry run)
         return sync, opt
 
     def sim_costs(self, lay: Candidate, S: np.ndarray, held: np.ndarray) -> dict:
@@ -330,8 +334,8 @@ class Planner:
         a = avg[int(np.argmax(wt))]
         act = self.s.seq_len * lay.mbs * 2 * self.m.hidden / lay.tp
         bw = self.gpu.ib_gbps if lay.dp * lay.tp >= self.G else self.gpu.nvlink_gbps
-        comm = act / (bw * 1e9) + P2P_LATENCY_S
-        if self.gpu.measured is not None:  # moerun sends [hidden | embeddings] when MTP rides along
+        comm = act / (bw * 1e9) + P2P_LATENCY_S if lay.pp > 1 else 0.0
+        if self.gpu.measured is not None and lay.pp > 1:  # moerun sends [hidden | embeddings] with MTP
             width = (2 if self.m.mtp_layers else 1) * self.s.dtype_bytes * self.m.hidden / lay.tp
             comm = self.gpu.measured.link("p2p", 2).seconds(self.s.seq_len * lay.mbs * width)
         of, ob = self.s.overhead_f_s, self.s.overhead_b_s
@@ -376,7 +380,7 @@ class Planner:
                 raise ValueError(f"layout {lay.label()}: {e}") from None
             makespan, bubble, peak, sims = pr.makespan, pr.bubble, pr.peak_activations, pr.simulated_chunks
         per_seq = self._per_sequence(lay, mb, c, makespan)
-        mem_gb, mem = self.memory(lay, S, held, peak)
+        mem_gb, mem = self.memory(lay, S, held, peak, exact=True)
         sync, opt = self._sync(lay, S, held)
         return Evaluation(
             layout=lay, microbatches=mb, fits=mem_gb <= self.gpu.hbm_gb, memory_gb=mem_gb, memory=mem,

@@ -27,8 +27,9 @@ class Setup:
     # KERNEL_RELEASES)
     kernels_of: str = "latest"
     capacity_factor: float = 0.0   # token dropping: each expert keeps at most this x its balanced rows (0: none)
-    # fixed framework cost (measured machines: ops x the measured cost of one op; runtime/calibrate.py) of one
-    # micro-batch's forward and backward through a stage, and of the step's end (reductions, optimizer)
+    # what a measured machine's code does besides GEMMs, attention and communication (its ops x the measured
+    # cost of one op + its element-wise bytes / the measured bandwidth, counted by a dry run:
+    # runtime/calibrate.py), per micro-batch forward and backward through a stage, and at the step's end
     overhead_f_s: float = 0.0
     overhead_b_s: float = 0.0
     overhead_step_s: float = 0.0
