@@ -2,12 +2,15 @@
 passed down explicitly (no module-level process-group state).
 
 `cluster.init(...)` reads the launcher's environment, rendezvouses, initialises torch.distributed (NCCL on
-CUDA with device = local rank, gloo on CPU; same code path), learns the node of every rank, builds the
-groups of `cluster.layout.Layout`, and starts the health watchdog.
+CUDA with device = local rank, gloo on CPU; same code path), shares the job's secret over the control
+group (it signs what the health watchdog writes to the unauthenticated store), starts the watchdog,
+learns the node of every rank and builds the groups of `cluster.layout.Layout`. A step loop calls
+`mesh.tick()` once per step so that a hung rank is named (cluster/health.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -58,6 +61,17 @@ class Mesh:
             raise LayoutError(f"unknown mesh dimension {dim!r}; valid: {', '.join(DIMS)}, control")
         return self._groups[dim]
 
+    def twin(self, dim: str):
+        """A second communicator over the members of this rank's `dim` group, made on first use (every
+        member asks, in the same order): two p2p streams over the same ranks that never share a FIFO, e.g.
+        serving's pipeline beside a training step that is between its slices with receives posted."""
+        key = f"{dim}:twin"
+        if key not in self._groups:
+            import torch.distributed as dist
+
+            self._groups[key] = dist.new_group(self.ranks(dim), use_local_synchronization=True)
+        return self._groups[key]
+
     def size(self, dim: str) -> int:
         return self.layout.size(dim)
 
@@ -90,6 +104,16 @@ class Mesh:
     def first_failure(self) -> str | None:
         return self._watchdog.failure() if self._watchdog is not None else None
 
+    def tick(self) -> None:
+        """One step of this rank's step loop is done (the watchdog's progress counter; cheap, no I/O)."""
+        if self._watchdog is not None:
+            self._watchdog.tick()
+
+    def quiet(self, reason: str):
+        """Context manager: this rank may be busy outside collectives for a while (`reason`); the watchdog does
+        not take it for hung meanwhile."""
+        return self._watchdog.quiet(reason) if self._watchdog is not None else contextlib.nullcontext()
+
     def close(self) -> None:
         if self._closed:
             return
@@ -104,15 +128,14 @@ class Mesh:
             dist.destroy_process_group()
 
     def _drain(self) -> None:
-        """A barrier on each of this rank's groups (DIMS order, each group once). gloo's barrier first waits
+        """A barrier on each of this rank's groups (creation order, each group once). gloo's barrier first waits
         for every collective issued before it, so afterwards no worker thread is still finishing one: a gloo
         thread that frees a Python-owned tensor while the interpreter exits aborts the whole process
         (exit 134 after a job that had succeeded)."""
         import torch.distributed as dist
 
         done: list = []
-        for dim in (*DIMS, "control"):
-            group = self._groups[dim]
+        for group in list(self._groups.values()):  # the layout's groups, the control group, twins
             if not any(group is g for g in done):
                 done.append(group)
                 dist.barrier(group=group)
@@ -145,14 +168,16 @@ class Mesh:
         rather than blaming ourselves."""
         wait = self._watchdog.dead_after + 2.0 if self._watchdog and _is_comm_error(exc) else 0.0
         deadline = time.monotonic() + wait
-        while True:
-            try:
-                earlier = self.first_failure()
-            except Exception:  # noqa: BLE001 - store gone: rank 0 died; the watchdog says so
-                earlier = None
-            if earlier is not None or time.monotonic() >= deadline:
-                return earlier
-            time.sleep(0.1)
+        # waiting for the peers' verdict: the watchdog counts this rank as waiting (a hung peer is named)
+        with self._watchdog.waiting() if self._watchdog is not None else contextlib.nullcontext():
+            while True:
+                try:
+                    earlier = self.first_failure()
+                except Exception:  # noqa: BLE001 - store gone: rank 0 died; the watchdog says so
+                    earlier = None
+                if earlier is not None or time.monotonic() >= deadline:
+                    return earlier
+                time.sleep(0.1)
 
 
 _COMM_ERROR = re.compile(r"connection (closed|reset)|broken pipe|gloo|nccl|timed out|peer", re.IGNORECASE)
@@ -208,10 +233,21 @@ def init(tp: int = 1, pp: int = 1, ep: int = 1, dp: int = 0, *, timeout_s: float
         backend, store=store, rank=info.rank, world_size=info.world_size,
         timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None,
     )
+    # the host's control plane: CPU tensors over gloo whatever the device backend is (its own group under the
+    # device-discipline test mode, so the mode can tell control traffic from device traffic on gloo too);
+    # made first: the watchdog's secret travels over it
+    from cluster import devicecheck
+
+    checking = devicecheck.enabled()
+    control = dist.group.WORLD if backend == "gloo" and not checking else dist.new_group(backend="gloo")
+    if checking:  # before the first control-plane call (the watchdog's secret); again for each Mesh made
+        devicecheck.install(device, [control])
     dog = None
     if watchdog and info.world_size > 1:
-        dog_store = connect_store(ep_info.addr, ep_info.port, timeout_s=30)
-        dog = Watchdog(dog_store, info.rank, info.world_size, f"{ep_info.addr}:{ep_info.port}").start()
+        dead_after = float(os.environ.get("MOERUN_DEAD_AFTER_S", 10))
+        dog_store = connect_store(ep_info.addr, ep_info.port, timeout_s=max(dead_after, 1.0))
+        dog = Watchdog(dog_store, info.rank, info.world_size, f"{ep_info.addr}:{ep_info.port}",
+                       dead_after_s=dead_after, secret=_job_secret(control, info.rank)).start()
 
     # Node of every rank, as the launcher / MPI split saw it.
     mine = torch.tensor([info.node_rank], dtype=torch.int64, device=device)
@@ -224,16 +260,7 @@ def init(tp: int = 1, pp: int = 1, ep: int = 1, dp: int = 0, *, timeout_s: float
         warnings.warn(f"tp={tp} groups span nodes (node map {nodes}); TP traffic will cross the network",
                       stacklevel=2)
 
-    groups: dict = {"world": dist.group.WORLD}
-    # the host's control plane: CPU tensors over gloo whatever the device backend is (its own group under the
-    # device-discipline test mode, so the mode can tell control traffic from device traffic on gloo too)
-    from cluster import devicecheck
-
-    checking = devicecheck.enabled()
-    groups["control"] = (dist.group.WORLD if backend == "gloo" and not checking
-                         else dist.new_group(backend="gloo"))
-    if checking:
-        devicecheck.install(device, [groups["control"]])
+    groups: dict = {"world": dist.group.WORLD, "control": control}
     by_members: dict[tuple[int, ...], object] = {}
     for dim in ("tp", "pp", "dp", "ep", "edp"):
         members = tuple(layout.group_of(dim, info.rank))
@@ -243,6 +270,17 @@ def init(tp: int = 1, pp: int = 1, ep: int = 1, dp: int = 0, *, timeout_s: float
             by_members[members] = dist.new_group(list(members), use_local_synchronization=True)
         groups[dim] = by_members[members]
     return Mesh(info, layout, nodes, groups, device, backend, dog)
+
+
+def _job_secret(control, rank: int) -> bytes:
+    """32 random bytes drawn by rank 0 and broadcast over the job's own process group: the store never sees
+    them, so whoever can reach the store cannot sign what the watchdog trusts."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(list(os.urandom(32)) if rank == 0 else [0] * 32, dtype=torch.int64)
+    dist.broadcast(t, src=0, group=control)
+    return bytes(t.tolist())
 
 
 def _uniform_ranks_per_node(nodes: list[int]) -> int | None:

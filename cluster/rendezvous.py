@@ -11,12 +11,20 @@ Never a fixed port. In order of preference:
      Two steps of one job, and neighbouring jobs, get different ports; a store that answers but belongs to
      another job is detected by a job token and is a clear error, never a silent join.
 An address that does not resolve is an immediate error, not a retry loop.
+
+The store listens only on the interface that reaches rank 0's advertised address (`MASTER_ADDR`, the
+address broadcast over MPI, ...): loopback for a job on one host, so nothing off the host can reach it.
+Only when that address is not one of this host's (a NAT, or a name that resolves to loopback here while
+the job spans hosts) does it listen on every interface, with a warning. The store has no authentication:
+what the health watchdog writes there is signed with a secret that never goes through it (cluster/health.py).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
+import sys
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,7 +32,7 @@ from datetime import timedelta
 
 from cluster.env import RankInfo, mpi_comm, slurm_master_host
 
-__all__ = ["RendezvousError", "Endpoint", "rendezvous", "slurm_port", "connect_store"]
+__all__ = ["RendezvousError", "Endpoint", "rendezvous", "slurm_port", "connect_store", "store_bind_address"]
 
 JOB_KEY = "moerun/job"
 
@@ -99,6 +107,49 @@ def find_endpoint(info: RankInfo, env: Mapping[str, str] | None = None) -> Endpo
     )
 
 
+def store_bind_address(addr: str, num_nodes: int) -> tuple[str, str | None]:
+    """(the IP the store should listen on, None), or ("", why) when it must listen on every interface."""
+    try:
+        ip = socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)[0][4][0]
+    except socket.gaierror:
+        return "", f"{addr!r} does not resolve here"
+    if ipaddress.ip_address(ip.split("%")[0]).is_loopback:
+        if num_nodes == 1:
+            return ip, None
+        return "", f"{addr} is loopback ({ip}) on this host but the job spans {num_nodes} hosts"
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((ip, 0))
+    except OSError:
+        return "", f"{addr} ({ip}) is not an address of this host"
+    return ip, None
+
+
+def _master_store(addr: str, port: int, num_nodes: int, timeout: timedelta):
+    """The store on rank 0, listening where `store_bind_address` says (port 0: a free port)."""
+    from torch.distributed import TCPStore
+
+    ip, why = store_bind_address(addr, num_nodes)
+    if not ip:
+        sys.stderr.write(f"[moerun] warning: the rendezvous store listens on every interface because {why}; "
+                         f"whoever reaches its port can disrupt the job (not stop it: the watchdog's records are "
+                         f"signed); keep that network private\n")
+        return TCPStore("0.0.0.0", port, world_size=None, is_master=True, timeout=timeout, wait_for_workers=False)
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ip, port))
+        sock.listen(4096)
+        port = sock.getsockname()[1]
+    except OSError:
+        sock.close()
+        raise
+    # the store owns the listening socket from here on (closing it is the store's job)
+    return TCPStore(ip, port, world_size=None, is_master=True, timeout=timeout, wait_for_workers=False,
+                    master_listen_fd=sock.detach())
+
+
 def connect_store(addr: str, port: int, timeout_s: float):
     """A client connection to an existing store (used by the health watchdog, one per rank)."""
     from torch.distributed import TCPStore
@@ -133,9 +184,9 @@ def rendezvous(info: RankInfo, timeout_s: float, env: Mapping[str, str] | None =
         comm = mpi_comm()
         store = None
         if info.rank == 0:
-            store = TCPStore("0.0.0.0", 0, world_size=None, is_master=True, timeout=timeout,
-                             wait_for_workers=False)
-            ep = Endpoint(_advertised_address(info, env), store.port, "mpi", uuid.uuid4().hex)
+            addr = _advertised_address(info, env)
+            store = _master_store(addr, 0, info.num_nodes, timeout)
+            ep = Endpoint(addr, store.port, "mpi", uuid.uuid4().hex)
             store.set(JOB_KEY, ep.job_token)
         ep = _bcast_endpoint(comm, ep if info.rank == 0 else None)
         if store is None:
@@ -143,8 +194,10 @@ def rendezvous(info: RankInfo, timeout_s: float, env: Mapping[str, str] | None =
         return store, ep
     is_master = info.rank == 0 and not ep.agent_hosts_store
     try:
-        store = TCPStore("0.0.0.0" if is_master else ep.addr, ep.port, is_master=is_master,
-                         timeout=timeout, wait_for_workers=False)
+        if is_master:
+            store = _master_store(ep.addr, ep.port, info.num_nodes, timeout)
+        else:
+            store = TCPStore(ep.addr, ep.port, is_master=False, timeout=timeout, wait_for_workers=False)
     except Exception as exc:  # noqa: BLE001 - torch raises several types; all mean the same here
         role = "bind" if is_master else "reach"
         raise RendezvousError(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 
 # name -> (module, one-line help). Order is the order shown by `moerun --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,7 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("launch.commands.train", "train the model from a job config (TOML + --set)"),
     "ckpt": ("launch.commands.ckpt", "inspect checkpoints and export them to Hugging Face format"),
     "serve": ("launch.commands.serve", "serve the model over ZeroMQ (msgpack), optionally training too"),
-    "client": ("launch.commands.client", "talk to a running server: generate, health, info, metrics, abort"),
+    "client": ("launch.commands.client",
+               "talk to a running server: generate, health, info, metrics, abort, save, keygen"),
     "schedule": ("launch.commands.schedule", "build and simulate a pipeline schedule (bubbles, timeline)"),
     "plan": ("launch.commands.plan", "rank parallel layouts by predicted memory and step time"),
     "dryrun": ("launch.commands.dryrun", "one rank of an N-rank training step on fake tensors: its memory"),
@@ -69,7 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    _announce_rank0_pid()
     return int(args._module.run(args) or 0)
+
+
+def _announce_rank0_pid() -> None:
+    """Under `moerun launch`, rank 0 writes its pid where the launcher can find it: a first SIGTERM / Ctrl-C
+    to the launcher then goes to rank 0 alone, which stops the job gracefully (mpirun's own forwarding
+    kills the ranks a moment after the signal, before a checkpoint can be written)."""
+    path = os.environ.get("MOERUN_RANK0_PIDFILE")
+    if not path:
+        return
+    from cluster.env import RankInfo
+
+    if RankInfo.from_env(use_mpi=False).rank == 0:
+        Path(path).write_text(f"{os.getpid()}\n")
 
 
 if __name__ == "__main__":

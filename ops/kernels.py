@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ops.paged_attention import DecodeIndex
 
 ENV = "MOERUN_KERNELS"
 CHOICES = ("auto", "torch", "triton")
@@ -38,21 +42,24 @@ def kernel_backend(device: torch.device | str, backend: str | None = None) -> st
         raise ValueError(f"{src} is {choice!r}; expected one of {', '.join(CHOICES)}")
     if choice == "torch":
         return "torch"
-    dev = torch.device(device)
+    # called for every kernel of every layer: no new torch.device for one that already is
+    dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     if choice == "triton":
         if not triton_installed():
             raise RuntimeError(f"{ENV}=triton but the triton package is not installed")
-        if dev.type == "cuda" or (dev.type == "cpu" and _interpreting()):
+        if dev_type == "cuda" or (dev_type == "cpu" and _interpreting()):
             return "triton"
         raise RuntimeError(
-            f"Triton kernels need CUDA tensors (got {dev.type}); on CPU set TRITON_INTERPRET=1 to run them in "
+            f"Triton kernels need CUDA tensors (got {dev_type}); on CPU set TRITON_INTERPRET=1 to run them in "
             f"Triton's interpreter, or use {ENV}=torch"
         )
-    return "triton" if dev.type == "cuda" and triton_installed() else "torch"
+    return "triton" if dev_type == "cuda" and triton_installed() else "torch"
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in tensors)
 
 
 def _pick(backend: str | None, *tensors: torch.Tensor) -> str:
@@ -115,17 +122,22 @@ def grouped_swiglu(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tens
 
 def mla_decode_paged(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_pages: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, softmax_scale: float, backend: str | None = None,
-                     max_seq_len: int | None = None) -> torch.Tensor:
+                     max_seq_len: int | None = None, index: DecodeIndex | None = None) -> torch.Tensor:
     """Absorbed MLA decode over the paged latent cache (layout: `ops.paged_attention`).
 
     `max_seq_len` (>= max(seq_lens)) lets the Triton path launch without reading seq_lens on the host.
+    `index` (an `ops.paged_attention.DecodeIndex` of these block_table / seq_lens): the torch path reuses it
+    instead of recomputing it (a serving step computes it once for all its layers); Triton ignores it.
     """
     if _pick(backend, q_latent, q_pe, kv_pages) == "triton":
         from ops.triton.mla_decode import mla_decode_paged as tri
 
         return tri(q_latent, q_pe, kv_pages, block_table, seq_lens, softmax_scale, max_seq_len=max_seq_len)
+    from ops.paged_attention import mla_decode_indexed
     from ops.paged_attention import mla_decode_paged as ref
 
+    if index is not None:
+        return mla_decode_indexed(q_latent, q_pe, kv_pages, index, softmax_scale)
     return ref(q_latent, q_pe, kv_pages, block_table, seq_lens, softmax_scale)
 
 

@@ -25,11 +25,13 @@ def split_kv_b(
 
 
 def mla_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-                 kv_b_weight: torch.Tensor, scale: float, q_offset: int = 0) -> torch.Tensor:
+                 kv_b_weight: torch.Tensor, scale: float, q_offset: int = 0,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention with per-head keys/values expanded from the latent.
 
     q_nope [B,T,H,dn], q_pe [B,T,H,dr] (rotated), latent [B,S,r], k_pe [B,S,dr] (rotated), S = q_offset + T
-    (keys before the queries come from a cache). Returns [B,T,H,dv].
+    (keys before the queries come from a cache). `mask` ([B,1,T,S] or [T,S] bool, True = visible) replaces
+    the causal mask, e.g. for a batch of sequences of different lengths padded to one shape. Returns [B,T,H,dv].
     """
     b, t, h, dn = q_nope.shape
     s = latent.shape[1]
@@ -45,7 +47,16 @@ def mla_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
         # as is.) Inference keeps the math path: no scores outlive the call there.
         v = F.pad(v, (0, q.shape[-1] - dv))
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q_offset == 0 and s == t:
+    dv = v.shape[-1]
+    if dv < q.shape[-1] and q.dtype == torch.float32 and q.device.type == "cpu" and not torch.is_grad_enabled():
+        # fp32 inference on CPU: values zero-padded to the query/key head dim let torch's fused attention
+        # kernel run (it needs one head dim; otherwise SDPA takes its unfused math path); the same output
+        # columns within 1e-5. bf16 keeps the math path: the fused kernel rounds differently, which moves a
+        # served bf16 generation across router near-ties (tests/test_bf16.py checks it against fp32)
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    if mask is not None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    elif q_offset == 0 and s == t:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
         out = F.scaled_dot_product_attention(

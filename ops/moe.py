@@ -120,8 +120,9 @@ def grouped_linear(
     if x.shape[0] == 0:
         return x.new_zeros(0, weight.shape[1])
     if not force_loop and _grouped_mm_ok(x, weight):
-        offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
-        return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs))
+        offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+        out = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
+        return _ContiguousGrad.apply(out) if torch.is_grad_enabled() else out
     return _SegmentLinear.apply(x, weight, tuple(tokens_per_expert.tolist()))
 
 

@@ -18,6 +18,8 @@ first `kv_lora_rank` columns, and the caller applies W_UV to the returned latent
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -152,6 +154,51 @@ def check_decode_args(
         raise ValueError("seq_lens must be >= 0")
 
 
+@dataclass
+class DecodeIndex:
+    """What the torch decode reads for a batch, computed once and reused by every layer of a step:
+    `slots` [B * S] (long: the pool row of token s of sequence b, S = whole pages covering the longest
+    sequence; past a sequence's length, a row of page 0) and `hidden` [B, 1, S] (True where token s is not
+    cached: s >= seq_lens[b])."""
+
+    slots: torch.Tensor
+    hidden: torch.Tensor
+
+
+def decode_index(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, max_seq_len: int) -> DecodeIndex:
+    """The `DecodeIndex` of block_table [B, >= P] and seq_lens [B] (each <= max_seq_len)."""
+    n_pages = max(1, -(-max_seq_len // page_size))
+    dev = block_table.device
+    lens = seq_lens.long()
+    # Unused block-table entries may be garbage: read page 0 there, the mask hides it.
+    used = torch.arange(n_pages, device=dev)[None, :] * page_size < lens[:, None]
+    pages = torch.where(used, block_table[:, :n_pages].long(), 0)
+    slots = (pages[:, :, None] * page_size + torch.arange(page_size, device=dev)).reshape(-1)
+    hidden = torch.arange(n_pages * page_size, device=dev)[None, :] >= lens[:, None]
+    return DecodeIndex(slots, hidden[:, None, :])
+
+
+def mla_decode_indexed(
+    q_latent: torch.Tensor, q_pe: torch.Tensor, kv_pages: torch.Tensor, index: DecodeIndex, softmax_scale: float
+) -> torch.Tensor:
+    """`mla_decode_paged` over a precomputed `DecodeIndex` (no argument checks, no host reads)."""
+    b, h, r = q_latent.shape
+    if b == 0:
+        return q_latent.new_zeros(b, h, r)
+    width = kv_pages.shape[-1]
+    kv = _f32(kv_pages.view(-1, width).index_select(0, index.slots).view(b, -1, width))  # [B, S, r+dr]
+    # one product over the whole row: q_latent.c + q_pe.k_pe = [q_latent ; q_pe] . [c ; k_pe]
+    scores = torch.bmm(torch.cat([_f32(q_latent), _f32(q_pe)], dim=-1), kv.transpose(1, 2)) * softmax_scale
+    probs = torch.softmax(scores.masked_fill(index.hidden, float("-inf")), dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # seq_len 0: all -inf -> zeros
+    out = torch.bmm(probs, kv[..., :r])
+    return out if out.dtype == q_latent.dtype else out.to(q_latent.dtype)
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def mla_decode_paged(
     q_latent: torch.Tensor,
     q_pe: torch.Tensor,
@@ -167,23 +214,7 @@ def mla_decode_paged(
     to c. Scores, softmax and the weighted sum run in fp32. A sequence with seq_len 0 gets zeros.
     """
     check_decode_args(q_latent, q_pe, kv_pages, block_table, seq_lens)
-    b, h, r = q_latent.shape
-    page_size = kv_pages.shape[1]
-    if b == 0:
-        return q_latent.new_zeros(b, h, r)
-    max_len = int(seq_lens.max())
-    n_pages = max(1, -(-max_len // page_size))
-    lens = seq_lens.long().to(kv_pages.device)
-    page_no = torch.arange(n_pages, device=kv_pages.device)
-    # Unused block-table entries may be garbage: read page 0 there, the mask hides it.
-    used = page_no[None, :] * page_size < lens[:, None]
-    table = torch.where(used, block_table[:, :n_pages].long(), 0)
-    kv = kv_pages[table].reshape(b, n_pages * page_size, -1).float()  # [B, S, r+dr]
-    latent, k_pe = kv[..., :r], kv[..., r:]
-    scores = torch.einsum("bhr,bsr->bhs", q_latent.float(), latent)
-    scores = (scores + torch.einsum("bhd,bsd->bhs", q_pe.float(), k_pe)) * softmax_scale
-    visible = torch.arange(n_pages * page_size, device=kv.device)[None, :] < lens[:, None]  # [B, S]
-    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # seq_len 0: all -inf -> zeros
-    return torch.einsum("bhs,bsr->bhr", probs, latent).to(q_latent.dtype)
+    if q_latent.shape[0] == 0:
+        return q_latent.new_zeros(q_latent.shape)
+    index = decode_index(block_table, seq_lens.to(kv_pages.device), kv_pages.shape[1], int(seq_lens.max()))
+    return mla_decode_indexed(q_latent, q_pe, kv_pages, index, softmax_scale)

@@ -295,6 +295,8 @@ def dispatch_async(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.
     the ids' range (a host read of them; the model's Dispatcher skips it).
     """
     group = group if group_size(group) > 1 else None
+    if group is None and capacity_factor is None and not torch.is_grad_enabled():
+        return _dispatch_local(x, topk_idx, topk_weights, num_experts, link)
     ep = group_size(group)
     epr = _check_inputs(x, topk_idx, topk_weights, num_experts, ep, check_ids)
     n, k = topk_idx.shape
@@ -341,6 +343,26 @@ def dispatch_async(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.
         me = group_rank(group)
         row = x.shape[1] * x.element_size() + k * (8 + topk_weights.element_size())
         handle.delay(link, max(sum(send_counts) - send_counts[me], sum(recv_counts) - recv_counts[me]) * row)
+    return handle
+
+
+def _dispatch_local(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                    link) -> DispatchHandle:
+    """`dispatch_async` with every expert here, no capacity and no autograd (serving): the same handle and
+    rows as the general path (pairs grouped by expert, token order kept), in a few operators and without a
+    host synchronisation, so a step's shapes depend on its token count alone."""
+    if x.dim() != 2 or topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0] or topk_weights.shape != topk_idx.shape:
+        _check_inputs(x, topk_idx, topk_weights, num_experts, 1)  # raises, naming the problem
+    n, k = topk_idx.shape
+    flat = topk_idx.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = _count(flat, num_experts)
+    handle = DispatchHandle(None, num_experts, num_experts, n, k, [n], [n], n * k, torch.arange(n, device=x.device),
+                            counts, torch.zeros_like(counts), link)
+    handle.recv_rows, handle.recv_slots = order // k, order % k
+    handle.recv_expert, handle.tokens_per_expert = flat[order], counts
+    handle.recv_weights = topk_weights.reshape(-1)[order]
+    handle._result = x.index_select(0, handle.recv_rows)
     return handle
 
 

@@ -6,7 +6,10 @@
             print(msg["ids"])
 
 One DEALER socket per client; many requests may be in flight on it at once (replies are routed to the
-right request by id). Errors come back as `ServerError(code, message)`. Replies are decoded as the
+right request by id). A stream left before its `done` (a `break` out of the loop) is aborted on the server
+and its later replies are dropped, not kept. Errors come back as `ServerError(code, message)`. Beyond
+loopback, a server with CurveZMQ needs `curve_server_key_file` (its NAME.key) and, to be admitted, this
+client's `curve_secret_key_file` (NAME.key_secret, whose NAME.key the server lists). Replies are decoded as the
 server decodes requests (msgpack only, string keys, bounded size): a reply that is not one msgpack map
 raises `ReplyError`. A reply larger than `max_reply_bytes` makes ZeroMQ close the connection for good
 (it does not reconnect after a protocol error): the wait for it, and later sends, end in `TimeoutError`;
@@ -43,12 +46,21 @@ class ReplyError(RuntimeError):
     """The server sent a frame that is not a reply this client can read (the message says why)."""
 
 
-def _socket(ctx: zmq.Context, address: str, timeout: float | None, max_reply_bytes: int) -> zmq.Socket:
+def _socket(ctx: zmq.Context, address: str, timeout: float | None, max_reply_bytes: int,
+            curve_server_key_file: str | None = None, curve_secret_key_file: str | None = None) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_reply_bytes)  # larger replies: ZeroMQ drops the connection
     if timeout is not None:  # a send blocks only without a live connection (or at the high-water mark)
         sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
+    if curve_server_key_file:
+        from runtime.serve.curve import secure_client
+
+        try:
+            secure_client(sock, curve_server_key_file, curve_secret_key_file)
+        except Exception:
+            sock.close(0)
+            raise
     sock.connect(address)
     return sock
 
@@ -87,16 +99,19 @@ def _raise_if_error(reply: dict) -> dict:
 
 class Client:
     """Blocking client. `timeout` (seconds, None = wait forever) bounds each wait for a reply;
-    `max_reply_bytes` bounds one reply frame."""
+    `max_reply_bytes` bounds one reply frame; `curve_*`: see the module docstring."""
 
     def __init__(self, address: str, timeout: float | None = 60.0, context: zmq.Context | None = None,
-                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
+                 max_reply_bytes: int = MAX_REPLY_BYTES, *, curve_server_key_file: str | None = None,
+                 curve_secret_key_file: str | None = None) -> None:
         self.ctx = context or zmq.Context.instance()
-        self.sock = _socket(self.ctx, address, timeout, max_reply_bytes)
+        self.sock = _socket(self.ctx, address, timeout, max_reply_bytes, curve_server_key_file,
+                            curve_secret_key_file)
         self.timeout, self.max_reply_bytes = timeout, max_reply_bytes
         self._ids = itertools.count()
         self._prefix = f"c{os.getpid()}-{id(self):x}-"
         self._inbox: dict[str, deque] = defaultdict(deque)
+        self._abandoned: set[str] = set()  # streams left early: their replies are dropped until the last
 
     def __enter__(self) -> Client:
         return self
@@ -130,6 +145,10 @@ class Client:
             got = reply.get("id")
             if got == request_id:
                 return reply
+            if got in self._abandoned:
+                if reply.get("op") in ("done", "error"):
+                    self._abandoned.discard(got)
+                continue
             self._inbox[got].append(reply)
 
     def request(self, op: str, **fields: Any) -> dict:
@@ -146,6 +165,10 @@ class Client:
     def metrics(self) -> dict:
         return self.request("metrics")
 
+    def save(self) -> dict:
+        """A `moerun serve --train` server checkpoints now: `{"op": "saved", "path", "step", "weight_version"}`."""
+        return self.request("save")
+
     def submit(self, prompt: str | None = None, prompt_ids: list[int] | None = None, *, stream: bool = False,
                request_id: str | None = None, **params: Any) -> str:
         """Send a generate request without waiting; returns its id (read replies with `recv(id)`)."""
@@ -160,17 +183,36 @@ class Client:
 
     def stream(self, prompt: str | None = None, prompt_ids: list[int] | None = None, *,
                request_id: str | None = None, **params: Any) -> Iterator[dict]:
-        """Yield `token` maps as they arrive, then the `done` map."""
+        """Yield `token` maps as they arrive, then the `done` map. Leaving early aborts the request."""
         request_id = self.submit(prompt, prompt_ids, stream=True, request_id=request_id, **params)
-        while True:
-            reply = _raise_if_error(self.recv(request_id))
-            yield reply
-            if reply.get("op") == "done":
-                return
+        ended = False
+        try:
+            while True:
+                reply = self.recv(request_id)
+                ended = reply.get("op") in ("done", "error")
+                yield _raise_if_error(reply)
+                if ended:
+                    return
+        finally:
+            if not ended:
+                self._abandon(request_id)
 
-    def abort(self, request_id: str) -> None:
-        """Ask the server to end request `request_id`; its `done` (finish_reason "abort") goes to its reader."""
-        self.send({"op": "abort", "id": request_id})
+    def _abandon(self, request_id: str) -> None:
+        """Stop reading `request_id`: abort it, drop what was kept for it and what still comes."""
+        self._inbox.pop(request_id, None)
+        self._abandoned.add(request_id)
+        try:
+            self.abort(request_id)
+        except (TimeoutError, zmq.ZMQError):
+            pass  # no server to tell: its replies, if any, are dropped all the same
+
+    def abort(self, request_id: str, abort_key: str | None = None) -> None:
+        """Ask the server to end request `request_id` (of this connection, or of another one when
+        `abort_key` is the key its generate gave); its `done` (finish_reason "abort") goes to its reader."""
+        msg = {"op": "abort", "id": request_id}
+        if abort_key is not None:
+            msg["abort_key"] = abort_key
+        self.send(msg)
 
 
 class AsyncClient:
@@ -179,9 +221,11 @@ class AsyncClient:
     with `ReplyError` (whose it was cannot be told) and the reader goes on."""
 
     def __init__(self, address: str, context: zmq.asyncio.Context | None = None, *, timeout: float | None = 60.0,
-                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
+                 max_reply_bytes: int = MAX_REPLY_BYTES, curve_server_key_file: str | None = None,
+                 curve_secret_key_file: str | None = None) -> None:
         self.ctx = context or zmq.asyncio.Context.instance()
-        self.sock = _socket(self.ctx, address, timeout, max_reply_bytes)
+        self.sock = _socket(self.ctx, address, timeout, max_reply_bytes, curve_server_key_file,
+                            curve_secret_key_file)
         self.timeout, self.max_reply_bytes = timeout, max_reply_bytes
         self._ids = itertools.count()
         self._prefix = f"a{os.getpid()}-{id(self):x}-"
@@ -257,6 +301,9 @@ class AsyncClient:
     async def metrics(self) -> dict:
         return await self.request("metrics")
 
+    async def save(self) -> dict:
+        return await self.request("save")
+
     async def generate(self, prompt: str | None = None, prompt_ids: list[int] | None = None, **params: Any
                        ) -> dict:
         return await self._call(_generate_msg(self.new_id(), prompt, prompt_ids, False, **params))
@@ -265,15 +312,29 @@ class AsyncClient:
                      request_id: str | None = None, **params: Any) -> AsyncIterator[dict]:
         request_id = request_id or self.new_id()
         q = self._queue(request_id)
+        ended = False
         try:
             await self._send(_generate_msg(request_id, prompt, prompt_ids, True, **params))
             while True:
-                reply = await self._next(request_id, q)
+                try:
+                    reply = await self._next(request_id, q)
+                except ServerError:
+                    ended = True
+                    raise
+                ended = reply.get("op") == "done"
                 yield reply
-                if reply.get("op") == "done":
+                if ended:
                     return
         finally:
-            self._queues.pop(request_id, None)
+            self._queues.pop(request_id, None)  # later replies for it are dropped by the reader
+            if not ended:
+                try:
+                    await self.abort(request_id)
+                except (TimeoutError, zmq.ZMQError):
+                    pass
 
-    async def abort(self, request_id: str) -> None:
-        await self._send({"op": "abort", "id": request_id})
+    async def abort(self, request_id: str, abort_key: str | None = None) -> None:
+        msg = {"op": "abort", "id": request_id}
+        if abort_key is not None:
+            msg["abort_key"] = abort_key
+        await self._send(msg)

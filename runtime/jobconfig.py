@@ -47,6 +47,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "bind": "tcp://127.0.0.1:5555", "max_batch": 64, "max_queue": 1024,
         "max_model_len": 4096, "max_prefill_tokens": 2048, "page_size": 64, "kv_cache_tokens": 0,
         "pin_weights": False,
+        # extensions (docs/protocol.md): what one client may take, when it counts as gone, `train` op bounds
+        "max_queue_per_client": 256, "max_priority": 1000, "health_timeout_s": 30.0, "client_timeout_s": 10.0,
+        "max_train_rows": 1024, "max_train_tokens": 65536, "max_train_batch_bytes": 32 << 20,
+        "max_train_queue_bytes": 256 << 20,
+        # CurveZMQ beyond loopback: this server's NAME.key_secret, and the clients' NAME.key files ("*": any)
+        "curve_secret_key_file": "", "curve_authorized_dir": "",
+        "metrics_bind": "",  # extension: HOST:PORT of the Prometheus /metrics page ("": off)
+        # extensions (docs/serving.md): MTP speculative decoding, CUDA-graph decode steps
+        "speculative": "off", "speculative_tokens": 1, "cuda_graphs": False,
     },
     # The shared train/serve scheduler (docs/scheduler.md): which kind of step runs when both have work.
     "scheduler": {"policy": "serve_first", "share": 0.5, "max_train_microsteps": 8, "split_backward": True,
@@ -57,6 +66,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "parallel.schedule": ("1f1b", "zb1p", "dualpipe", "dualpipev", "gpipe"),
     "scheduler.policy": ("serve_first", "time_share", "train_first"),
+    "serve.speculative": ("off", "mtp"),
 }
 
 

@@ -217,3 +217,31 @@ def test_exported_tokenizer_gives_hf_and_moerun_the_same_prompt_ids(tmp_path):
         assert served[0] == ByteTokenizer.BOS and served[1:] == ByteTokenizer().encode(text)
         assert hf(text)["input_ids"] == served, text
         assert hf.decode(served, skip_special_tokens=True) == ours.decode(served) == text
+
+
+@pytest.mark.timeout(180)
+def test_re_saving_a_step_never_loses_the_old_copy(tmp_path, monkeypatch):
+    """A re-save whose final rename fails (a full disk) leaves the old step-N whole and current."""
+    from runtime.model.loading import load_model
+
+    cfg = tiny_config(tmp_path)
+    trainer = Trainer(cfg)
+    first = trainer.save()
+    real = os.rename
+
+    def rename(src, dst):
+        if os.path.basename(src).startswith(".tmp-step-"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", rename)
+    with torch.no_grad():
+        next(trainer.model.parameters()).add_(1.0)
+    with pytest.raises(ckpt.CheckpointSaveError):
+        trainer.save()
+    assert ckpt.latest_checkpoint(cfg["train"]["out"]) == first and ckpt.is_complete(first)
+    monkeypatch.setattr(ckpt.os, "rename", real)
+    assert trainer.save() == first  # a re-save that works replaces it
+    assert sorted(os.listdir(os.path.dirname(first))) == ["latest", "step-0"]
+    saved = load_model(first, mtp=False)  # the model files now hold the changed weights
+    assert torch.equal(next(saved.parameters()), next(trainer.model.parameters()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from runtime.serve.protocol import ProtocolError, decode_frame, error_reply, validate_request
+from runtime.serve.protocol import AbortRequest, ProtocolError, decode_frame, error_reply, validate_request
 
 V, L = 100, 64
 
@@ -56,7 +56,10 @@ def test_lengths_and_ops():
     assert code_of({"id": "a"}) == "bad_request"
     assert code_of({"op": 3}) == "bad_request"
     assert code_of({"op": "abort"}) == "bad_request"
-    assert check({"op": "abort", "id": "a"}) == ("abort", "a")
+    assert check({"op": "abort", "id": "a"}) == ("abort", AbortRequest("a"))
+    assert check({"op": "abort", "id": "a", "abort_key": "k"}) == ("abort", AbortRequest("a", "k"))
+    assert code_of({"op": "abort", "id": "a", "abort_key": ""}) == "bad_request"
+    assert code_of({"op": "abort", "id": "a", "bogus": 1}) == "bad_request"
     assert check({"op": "health"}) == ("health", None)
     assert check({"op": "metrics", "id": "m"}) == ("metrics", "m")
     assert code_of({"op": "generate", "id": "a"}) == "bad_request"  # no prompt

@@ -54,6 +54,12 @@ class FakeWork:
         self.log, self.weights = log, None
         self.queue = [FakeItem(Kind.TRAIN_MICRO) for _ in range(micros)] + [FakeItem(Kind.OPTIM)]
         self.queue = self.queue * steps
+        self.saves: list = []  # `save` ops waiting
+
+    def save(self) -> dict:
+        self.log.append("S")
+        self.saves.clear()
+        return {}
 
     def next_kind(self):
         return self.queue[0].kind if self.queue else None
@@ -98,7 +104,22 @@ def test_serve_first_trains_only_in_the_gaps():
     assert order == "SSSSS" + "mmO" * 2
     assert sched.weights.version == 2 and sched.engine.metrics.gauges["weight_version"] == 2
     assert sched.engine.cache.prefix.clears == 2  # stale prefix latents dropped at every update
-    assert sched.stats.counts == {"idle": 0, "serve": 5, "train_micro": 4, "optim": 2, "stop": 0, "train_bwd": 0}
+    assert sched.stats.counts == {"idle": 0, "serve": 5, "train_micro": 4, "optim": 2, "stop": 0, "train_bwd": 0,
+                                  "save": 0}
+
+
+def test_a_save_op_runs_before_anything_else():
+    """A `save` op waiting: the next step is the checkpoint, whatever serving and training have pending."""
+    log: list = []
+    eng, work = FakeEngine(log), FakeWork(log, steps=2)
+    sched = Scheduler(eng, work, SchedulerConfig("train_first"))
+    sched.step()
+    eng.pending = 2
+    work.saves.append(lambda result: None)
+    assert sched.has_work()
+    kinds = [sched.step()[0] for _ in range(3)]
+    assert kinds[0] == Kind.SAVE and "".join(log)[:2] == "mS" and not work.saves
+    assert sched.stats.counts["save"] == 1
 
 
 def test_gauges_exist_before_the_first_step():
@@ -238,20 +259,32 @@ def test_pinned_update_drains_started_requests_then_runs_before_new_ones():
     assert "".join(log) == "S" + "mm" + "SSS" + "O" + "mmO" + "SS"
 
 
-def test_pipelined_training_refuses_what_it_cannot_run():
+def test_pipelined_training_takes_every_loss_and_schedule():
+    """Under pp every train op's loss runs (the last stage computes it), on every schedule; only the KL term
+    still needs the frozen reference switched on."""
     from runtime.sched.work import TrainWork
 
-    class Sched:
-        def __init__(self, kind: str, stages: int) -> None:
-            self.kind, self.num_stages = kind, stages
-
     class T:
-        pp, model, pipelined, step = 2, None, True, 0
+        pp, model, pipelined, step, slice_count = 2, None, True, 0, 5
 
-        def __init__(self, kind: str, stages: int) -> None:
-            self.schedule = Sched(kind, stages)
+    work = TrainWork(T())
+    assert work.supports("ce") is None and work.supports("grpo") is None
+    assert "kl_reference" in work.supports("grpo", kl_coef=0.1)
+    # a train op under pp is one queue item per slice, then its optimizer step: serving can come between;
+    # only the first slice carries the batch (header source 1), later ones name their slice (source 2)
+    import torch
 
-    work = TrainWork(T("1f1b", 2))
-    assert work.supports("ce") is None and "pp > 1" in work.supports("grpo")
-    with pytest.raises(NotImplementedError, match="one stage per pipeline rank"):
-        TrainWork(T("dualpipev", 4))
+    from runtime.sched.rl import RLBatch
+
+    batch = RLBatch(torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4), None, None, "ce", 0.0)
+    done: list[dict] = []
+    work.submit(batch, on_done=done.append)
+    kinds = [(int(i.kind), i.micro) for i in work.queue]
+    assert kinds == [(int(Kind.TRAIN_MICRO), k) for k in range(5)] + [(int(Kind.OPTIM), 0)]
+    heads = [i.header() for i in list(work.queue)[:5]]
+    assert heads[0][0] == 1 and heads[0][-1] == 5 and [h[:3] for h in heads[1:]] == [(2, k, 5) for k in range(1, 5)]
+    assert all(i.on_done is None for i in list(work.queue)[:5]) and work.queue[5].on_done is not None
+    sent: list = []
+    for item in list(work.queue)[:5]:
+        work.broadcast_payload(item, sent.append)
+    assert len(sent) == 2  # the first slice's ids and mask only

@@ -46,7 +46,7 @@ def test_failed_step_fails_everything_in_flight_then_serves(kind):
             for rid, reply in zip([*rids, hid], replies):
                 assert reply == {"op": "error", "id": rid, "code": "internal",
                                  "message": "step failed: RuntimeError: boom"}
-            assert not eng.requests and not srv.active and not srv._health_waiters
+            assert not eng.requests and not srv.active and not srv.health.waiters
             done = c.generate(prompt_ids=[1, 2, 3], max_tokens=4)
             assert done["op"] == "done" and len(done["ids"]) == 4
             assert c.health()["ok"] is True

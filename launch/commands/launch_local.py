@@ -8,13 +8,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 HELP = "run a subcommand on N local ranks through mpirun"
 DESCRIPTION = """\
 Run `moerun SUBCOMMAND ...` on N ranks of this host with the environment's mpirun (Open MPI or MPICH;
 the one next to this Python first, then PATH). Adds --allow-run-as-root when running as root and
 --oversubscribe when N exceeds the cores (Open MPI). The exit code is the job's: non-zero when any rank
-fails, and a dead rank stops all the others within seconds. Ctrl-C / SIGTERM stop every rank.
+fails, and a dead rank stops all the others within seconds. A first Ctrl-C / SIGTERM goes to rank 0 alone
+(`train` and `serve` stop gracefully: the step in flight ends, a checkpoint is saved, every rank exits 0);
+a second one, or a job still running 120 s later, stops every rank at once.
 
 examples:
   moerun launch -n 4 -- selftest
@@ -66,7 +70,7 @@ def build_command(mpirun: str, flavour: str, nprocs: int, subcommand: list[str],
                   ranks_per_node: int | None = None, is_root: bool | None = None) -> list[str]:
     is_root = (os.geteuid() == 0) if is_root is None else is_root
     cmd = [mpirun, "-n", str(nprocs)]
-    env_vars = ["OMP_NUM_THREADS"] + (["MOERUN_RANKS_PER_NODE"] if ranks_per_node else [])
+    env_vars = ["OMP_NUM_THREADS", "MOERUN_RANK0_PIDFILE"] + (["MOERUN_RANKS_PER_NODE"] if ranks_per_node else [])
     if flavour == "openmpi":
         if is_root:
             cmd.append("--allow-run-as-root")
@@ -101,26 +105,56 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(" ".join(cmd))
         return 0
-    # mpirun runs in its own session so that stopping it reaches every rank it started; our SIGTERM
-    # (scancel, kill) and SIGINT (Ctrl-C) are forwarded to that whole session.
+    # mpirun runs in its own session so that stopping it reaches every rank it started. A first SIGTERM
+    # (scancel, kill) or SIGINT (Ctrl-C) goes to rank 0 alone (its pid from MOERUN_RANK0_PIDFILE): `train`
+    # and `serve` then stop gracefully on every rank (finish the step, save, exit 0). A second signal, or
+    # a job still running GRACE_S later, stops the whole session.
+    pidfile = Path(tempfile.mkdtemp(prefix="moerun-launch-")) / "rank0.pid"
+    env["MOERUN_RANK0_PIDFILE"] = str(pidfile)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        code = proc.wait(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        print(f"[moerun] job exceeded --timeout {args.timeout} s; stopping it", file=sys.stderr, flush=True)
-        _stop(proc)
-        return 124
-    except KeyboardInterrupt as exc:
-        signum = exc.args[0] if exc.args else signal.SIGINT
-        print(f"[moerun] {signal.Signals(signum).name}: stopping all ranks", file=sys.stderr, flush=True)
-        _stop(proc)
-        return 128 + signum
+        try:
+            code = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"[moerun] job exceeded --timeout {args.timeout} s; stopping it", file=sys.stderr, flush=True)
+            _stop(proc)
+            return 124
+        except KeyboardInterrupt as exc:
+            signum = exc.args[0] if exc.args else signal.SIGINT
+            code = _stop_gracefully(proc, signum, pidfile)
+            if code is None:
+                return 128 + signum
     finally:
         signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(pidfile.parent, ignore_errors=True)
     if code != 0:
         print(f"[moerun] job failed: mpirun exited with status {code}", file=sys.stderr, flush=True)
     return 1 if code < 0 else code
+
+
+GRACE_S = 120  # how long a graceful stop may take (the step in flight and a checkpoint) before all ranks are stopped
+
+
+def _stop_gracefully(proc: subprocess.Popen, signum: int, pidfile: Path) -> int | None:
+    """Signal rank 0 only and wait for the job to end by itself; its exit status, or None when it had to be
+    stopped (no rank 0 pid, a second signal, or GRACE_S passed)."""
+    name = signal.Signals(signum).name
+    try:
+        pid = int(pidfile.read_text())
+        os.kill(pid, signum)
+    except (OSError, ValueError):
+        print(f"[moerun] {name}: stopping all ranks", file=sys.stderr, flush=True)
+        _stop(proc)
+        return None
+    print(f"[moerun] {name}: asking rank 0 (pid {pid}) to stop the job gracefully; signal again to stop all "
+          f"ranks at once", file=sys.stderr, flush=True)
+    try:
+        return proc.wait(timeout=GRACE_S)
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+        print(f"[moerun] {name}: stopping all ranks", file=sys.stderr, flush=True)
+        _stop(proc)
+        return None
 
 
 def _raise_interrupt(signum, frame) -> None:

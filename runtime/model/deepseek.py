@@ -147,11 +147,13 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B,T,H] -> (topk_weights [B*T,k] fp32, topk_idx [B*T,k])."""
         c = self.cfg
-        logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())
+        x2, w = x.reshape(-1, x.shape[-1]), self.weight
+        logits = F.linear(x2 if x2.dtype == torch.float32 else x2.float(), w if w.dtype == torch.float32 else w.float())
         bias = self.e_score_correction_bias
         w, idx, scores = route(
             logits, top_k=c.num_experts_per_tok, scoring=c.scoring_func, topk_method=c.topk_method,
-            n_group=c.n_group, topk_group=c.topk_group, bias=None if bias is None else bias.float(),
+            n_group=c.n_group, topk_group=c.topk_group,
+            bias=bias if bias is None or bias.dtype == torch.float32 else bias.float(),
             norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor,
             expert_mask=self.expert_mask)
         with torch.no_grad():  # expert loads for the balancer (scatter_add: bincount would sync on CUDA)
@@ -295,12 +297,13 @@ class MTPLayer(DecoderLayer):
         self.shared_head = SharedHead(cfg)
 
     def predict(
-        self, h_prev: torch.Tensor, next_emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, h_prev: torch.Tensor, next_emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn=None
     ) -> torch.Tensor:
         """The block output h' (what the next module chains on; `shared_head.norm` then the LM head give its
-        logits)."""
+        logits). `attn`: the attention context, as for a decoder layer (None: causal over these tokens;
+        serving's speculative drafts pass its paged cache)."""
         h = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h_prev)], dim=-1))
-        return self(h, cos, sin)
+        return self(h, cos, sin, attn)
 
 
 class Backbone(nn.Module):

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RLBatch", "group_advantages", "token_logprobs", "grpo_token_loss", "masked_ce", "batch_loss"]
+__all__ = ["RLBatch", "group_advantages", "token_logprobs", "grpo_token_terms", "grpo_token_loss", "masked_ce",
+           "batch_loss"]
 
 
 @dataclass
@@ -28,6 +29,12 @@ class RLBatch:
     old_logprobs: torch.Tensor | None = None
     loss: str = "ce"
     kl_coef: float = 0.0  # grpo: weight of the KL term to the frozen reference (0: off)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the batch's tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.input_ids, self.loss_mask, self.advantages,
+                                                          self.old_logprobs) if t is not None)
 
     @property
     def tokens(self) -> int:
@@ -82,11 +89,12 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip_eps: float = 0.2, ref_logprobs: torch.Tensor | None = None,
-                    kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped-ratio policy loss, token-level mean over the mask (every token weighs the same, so long
-    answers are not down-weighted), optional k3 KL estimate to a frozen reference (off when kl_coef = 0).
+def grpo_token_terms(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                     clip_eps: float = 0.2, ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per token [B, T]: the GRPO loss term, whether the ratio was clipped (0/1, detached), and the k3 KL
+    estimate to the reference (detached; None without a KL term). Masking and averaging are the caller's:
+    `grpo_token_loss` in one piece, a pipeline's last stage micro-batch by micro-batch.
 
     loss_t = -min(r_t A, clip(r_t, 1-eps, 1+eps) A) + kl_coef * (exp(ref - lp) - (ref - lp) - 1),
     r_t = exp(lp_t - old_t); A is the row's advantage."""
@@ -94,17 +102,28 @@ def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     adv = advantages[:, None].to(logprobs.dtype)
     surr = torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv)
     per_token = -surr
-    stats: dict[str, float] = {}
+    kl = None
     if ref_logprobs is not None and kl_coef > 0:
         d = ref_logprobs - logprobs
-        kl = torch.exp(d) - d - 1.0
-        per_token = per_token + kl_coef * kl
-        stats["kl"] = float(_masked_mean(kl.detach(), mask))
-    loss = _masked_mean(per_token, mask)
+        kl_t = torch.exp(d) - d - 1.0
+        per_token = per_token + kl_coef * kl_t
+        kl = kl_t.detach()
     with torch.no_grad():
-        clipped = ((ratio - 1.0).abs() > clip_eps).float()
-        stats["clip_frac"] = float(_masked_mean(clipped, mask))
-    return loss, stats
+        clipped = ((ratio - 1.0).abs() > clip_eps).to(logprobs.dtype)
+    return per_token, clipped, kl
+
+
+def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip_eps: float = 0.2, ref_logprobs: torch.Tensor | None = None,
+                    kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped-ratio policy loss, token-level mean over the mask (every token weighs the same, so long
+    answers are not down-weighted), optional k3 KL estimate to a frozen reference (off when kl_coef = 0);
+    the terms are `grpo_token_terms`'."""
+    per_token, clipped, kl = grpo_token_terms(logprobs, old_logprobs, advantages, clip_eps, ref_logprobs, kl_coef)
+    stats: dict[str, float] = {"clip_frac": float(_masked_mean(clipped, mask))}
+    if kl is not None:
+        stats["kl"] = float(_masked_mean(kl, mask))
+    return _masked_mean(per_token, mask), stats
 
 
 def masked_ce(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Kinds of step: a serving step (one engine batch), a training micro-step's forward and, as its own step,
 its backward (`split_backward`, on by default: a request waits at most for one half), an optimizer step
-(gradient reductions, clip, AdamW, weight version + 1). The driver decides with a `Policy`, broadcasts a
+(gradient reductions, clip, AdamW, weight version + 1), a checkpoint (a `save` op, or a stopping server with
+updates not yet saved; before anything else). The driver decides with a `Policy`, broadcasts a
 small fixed-size int64 header over the job's CPU control group (no pickle), then any payload as int64 /
 fp32 CPU tensors (a serving step's `StepPlan`, an RL batch), and all ranks run the step, so their
 collectives (EP all-to-all, gradient all-reduce) line up. With no training work it is a serving loop.
@@ -28,7 +29,7 @@ from enum import IntEnum
 __all__ = ["Kind", "POLICIES", "SchedulerConfig", "Policy", "Scheduler", "HEADER_LEN", "scheduler_config"]
 
 POLICIES = ("serve_first", "time_share", "train_first")
-HEADER_LEN = 8
+HEADER_LEN = 10
 
 
 class Kind(IntEnum):
@@ -38,6 +39,7 @@ class Kind(IntEnum):
     OPTIM = 3
     STOP = 4
     TRAIN_BWD = 5  # the backward half of a training micro-step (its forward ran in an earlier step)
+    SAVE = 6  # a checkpoint of the weights as they are (a `save` op, or the server stopping)
 
 
 @dataclass
@@ -110,9 +112,11 @@ class StepStats:
 
 
 # --- the header -------------------------------------------------------------------------------------------
-# [kind, a, b, c, d, e, f, g]. SERVE: a = 1 when a StepPlan follows (0: the engine had nothing to run).
-# TRAIN_MICRO: a = source (0 job, 1 rl), job: b = optimizer step index, c = micro index, d = micros;
-# rl: b = rows, c = columns, d = loss (0 ce, 1 grpo), e = has advantages, f = has old_logprobs, g = has kl.
+# [kind, a, b, ... ] (HEADER_LEN ints). SERVE: a StepPlan follows (maybe the empty one).
+# TRAIN_MICRO: a = source. 0 (job): b = optimizer step index, c = micro-batch (or pipelined slice) index,
+# d = micro-batches (slices); 1 (rl, its first item: the batch follows): b = rows, c = columns, d = loss
+# (0 ce, 1 grpo), e = has advantages, f = has old_logprobs, g = has kl, h = slices; 2 (a later slice of a
+# pipelined rl op): b = slice index, c = slices.
 
 
 class Scheduler:
@@ -120,10 +124,12 @@ class Scheduler:
 
     Driver (`is_driver`): call `step()` in a loop; it returns (kind, serving outputs). Other ranks: call
     `follow()` until it returns False. `group` is the job's CPU control group (`mesh.group("control")`,
-    gloo) over which headers, step plans and train-op payloads travel as CPU tensors; None: one process."""
+    gloo) over which headers, step plans and train-op payloads travel as CPU tensors; None: one process.
+    `progress` (e.g. `mesh.tick`) is called once per step, keepalive and followed step: the health
+    watchdog's sign that this rank's loop moves (a hung rank is named from it)."""
 
     def __init__(self, engine, work=None, cfg: SchedulerConfig | None = None, weights=None, *, group=None,
-                 src: int = 0, rank: int = 0) -> None:
+                 src: int = 0, rank: int = 0, progress=None) -> None:
         from runtime.sched.weights import WeightVersions
 
         self.engine, self.work = engine, work
@@ -132,6 +138,7 @@ class Scheduler:
         if work is not None:
             work.weights = self.weights
         self.group, self.src, self.rank = group, src, rank
+        self.progress = progress or (lambda: None)
         self.is_driver = group is None or rank == src
         self.stats = StepStats()
         self._plan_sent = False
@@ -142,7 +149,7 @@ class Scheduler:
 
     def has_work(self) -> bool:
         """Whether a step would run something (serving requests, or queued / job training)."""
-        return self.engine.has_work() or (self.work is not None and self.work.has_work())
+        return self.engine.has_work() or (self.work is not None and (bool(self.work.saves) or self.work.has_work()))
 
     # --- broadcast ------------------------------------------------------------------------------------
     def bcast(self, t):
@@ -175,6 +182,12 @@ class Scheduler:
 
     def step(self) -> tuple[Kind, list]:
         """Decide, broadcast and run one step; (kind, serving outputs). IDLE runs nothing on any rank."""
+        self.progress()
+        if self.work is not None and self.work.saves:  # `save` ops go first: a checkpoint of the weights now
+            t0 = time.perf_counter()
+            self.save()
+            self.stats.add(Kind.SAVE, time.perf_counter() - t0)
+            return Kind.SAVE, []
         train_kind = self._train_ready()
         if train_kind == Kind.OPTIM and self.weights.drained:
             kind = Policy.TRAIN  # pinned: the update that requests were drained for, before new ones start
@@ -196,13 +209,7 @@ class Scheduler:
 
                 StepPlan.broadcast_none(self.bcast)
         elif kind == Kind.TRAIN_MICRO:
-            item = self.work.peek()
-            if self.group is not None:
-                self._header(Kind.TRAIN_MICRO, *item.header())
-                self.work.broadcast_payload(item, self.bcast)
-            self.work.run_micro(self.work.pop(), backward=False)
-            if not self.policy.cfg.split_backward and self.work.pending_backward():
-                self._backward()
+            self._micro()
         elif kind == Kind.TRAIN_BWD:
             self._backward()
         elif kind == Kind.OPTIM:
@@ -214,14 +221,41 @@ class Scheduler:
             self._publish()
         return kind, outputs
 
+    def _micro(self) -> None:
+        item = self.work.peek()
+        if self.group is not None:
+            self._header(Kind.TRAIN_MICRO, *item.header())
+            self.work.broadcast_payload(item, self.bcast)
+        self.work.run_micro(self.work.pop(), backward=False)
+        if not self.policy.cfg.split_backward and self.work.pending_backward():
+            self._backward()
+
     def _backward(self) -> None:
         if self.group is not None:
             self._header(Kind.TRAIN_BWD)
         self.work.run_backward()
 
+    def save(self) -> dict:
+        """Driver: checkpoint on every rank now (a SAVE step); the result names it."""
+        if self.group is not None:
+            self._header(Kind.SAVE)
+        return self.work.save()
+
+    def shut_down(self, message: str) -> dict | None:
+        """Driver, when the server stops (before `stop()`): answer queued training and `save` ops with
+        `unavailable` / `message`, then checkpoint if an update was applied since the newest checkpoint.
+        Returns that save's result (None: nothing to save)."""
+        if self.work is None:
+            return None
+        while self.work.step_in_flight is not None and self.work.next_kind() == Kind.TRAIN_MICRO:
+            self._micro()  # a pipelined step between slices: every rank runs its rest (its update is dropped)
+        self.work.fail_all(message, code="unavailable")
+        return self.save() if self.work.unsaved() else None
+
     def keepalive(self, every_s: float = 5.0) -> None:
         """Driver, while idle: an IDLE header every `every_s` seconds, so the other ranks' waiting
         broadcast never reaches the collective timeout."""
+        self.progress()
         if self.group is not None and self.is_driver and time.monotonic() - self._last_bcast > every_s:
             self._header(Kind.IDLE)
 
@@ -248,6 +282,7 @@ class Scheduler:
     # --- other ranks ----------------------------------------------------------------------------------
     def follow(self) -> bool:
         """Receive and run one step; False once the driver sent STOP."""
+        self.progress()
         head = self._header(Kind.IDLE)
         kind = Kind(head[0])
         if kind == Kind.STOP:
@@ -265,4 +300,6 @@ class Scheduler:
             self.work.run_backward()
         elif kind == Kind.OPTIM:
             self.work.run_optim(self.work.receive_optim(head[1:]))
+        elif kind == Kind.SAVE:
+            self.work.save()
         return True

@@ -38,12 +38,13 @@ def param_storages(model: nn.Module) -> set[int]:
 
 
 class WeightVersions:
-    """The version of the shared weights: 0 at load, +1 per optimizer step.
+    """The version of the shared weights: `version` at load (0, or where a resumed server left off), +1 per
+    optimizer step.
 
     `engine` (optional) is the serving engine whose derived state is refreshed on every bump."""
 
-    def __init__(self, engine=None, pin: bool = False) -> None:
-        self.version = 0
+    def __init__(self, engine=None, pin: bool = False, version: int = 0) -> None:
+        self.version = version
         self.engine = engine
         self.pin = pin
         self._cap: int | None = None  # the engine's max_batch while a pinned drain holds admission

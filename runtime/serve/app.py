@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable
 
-__all__ = ["announce", "load_tokenizer_or_none", "pipe_stage", "serve", "version"]
+__all__ = ["announce", "bind_warning", "load_tokenizer_or_none", "pipe_stage", "serve", "version"]
 
 
 def version() -> str:
@@ -50,28 +49,47 @@ def pipe_stage(mesh, model, schedule: str):
 
     pp = mesh.size("pp")
     sched = forward_only(build(schedule, pp, 2 * pp if schedule in ("dualpipe", "dualpipev") else pp))
-    executor = PipelineExecutor(build_stages(model, sched, mesh.coord("pp")), sched, mesh)
-    return PipeStage(executor, mesh.group("pp"), engine_pipe=mesh.ranks("pp")[0] == 0)
+    group = mesh.twin("pp")  # its own p2p stream: a training step may be between slices, receives posted
+    executor = PipelineExecutor(build_stages(model, sched, mesh.coord("pp")), sched, pp_group=group,
+                                pp_ranks=mesh.ranks("pp"), pp_rank=mesh.coord("pp"))
+    return PipeStage(executor, group, engine_pipe=mesh.ranks("pp")[0] == 0)
 
 
-def announce(server, config: dict, training: str = "") -> None:
-    """The start-up line (endpoint, pid, cache size, training); a warning on stderr when the bind is not
-    loopback."""
+def bind_warning(endpoint: str, curve: bool) -> str | None:
+    """The warning for a server reachable beyond this host without CurveZMQ (None: loopback, IPC, or Curve)."""
+    local = endpoint.startswith(("ipc://", "inproc://")) or any(
+        f"://{h}" in endpoint for h in ("127.", "localhost", "[::1]"))
+    if local or curve:
+        return None
+    return (f"moerun serve: WARNING: {endpoint} is not loopback and CurveZMQ is off: anyone who can reach it "
+            "can generate, read every reply and (with --train) change the weights, unauthenticated and "
+            "unencrypted; set serve.curve_secret_key_file and serve.curve_authorized_dir (docs/protocol.md), "
+            "or bind 127.0.0.1")
+
+
+def announce(server, config: dict, training: str = "", metrics_url: str | None = None) -> None:
+    """The start-up line (endpoint, pid, cache size, metrics page, training); a warning on stderr when the
+    server is reachable beyond this host without CurveZMQ."""
     e = server.engine
-    ep = server.endpoint
-    if not (ep.startswith(("ipc://", "inproc://")) or "://127." in ep or "://localhost" in ep or "://[::1]" in ep):
-        print(f"moerun serve: WARNING: {ep} is not loopback; the protocol has no authentication, expose it "
-              "only on a trusted network", file=sys.stderr, flush=True)
+    warning = bind_warning(server.endpoint, server.curve)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
     print(f"moerun serve: listening on {server.endpoint} pid={os.getpid()} model={config['model']['path']} "
           f"kv_cache={e.cache.num_pages}x{e.page_size} tokens "
           f"({e.cache.bytes_per_token_per_layer} B/token/layer) max_batch={e.max_batch} "
-          f"tokenizer={'yes' if server.tokenizer is not None else 'no (send prompt_ids)'}{training}", flush=True)
+          f"{f'speculative=mtp x{e.spec.tokens} ' if e.spec is not None else ''}"
+          f"{'cuda_graphs=on ' if e.graphs is not None else ''}"
+          f"tokenizer={'yes' if server.tokenizer is not None else 'no (send prompt_ids)'}"
+          f"{f' metrics={metrics_url}' if metrics_url else ''}{' curve=on' if server.curve else ''}{training}",
+          flush=True)
 
 
 def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int = 1 << 20, bind: str | None = None,
-          ready: Callable | None = None) -> int:
+          ready: Callable | None = None, on_start: Callable | None = None, on_exit: Callable | None = None) -> int:
     """Serve `config`'s model (and train it, with `train`) until SIGINT / SIGTERM (or `server.stop()`);
-    `ready(server)` is called on the driver once the socket is bound. Returns the exit code."""
+    `ready(server)` is called on the driver once the socket is bound. For a program that embeds moerun:
+    `on_start(scheduler)` and `on_exit(scheduler)` run on every rank before the loop and after it (the
+    scheduler holds the engine, and the training work with its Trainer). Returns the exit code."""
     from cluster.mesh import default_device
     from runtime.sched.scheduler import Scheduler, scheduler_config
     from runtime.sched.weights import WeightVersions
@@ -99,8 +117,13 @@ def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int 
     if train:
         work = TrainWork(trainer, job_steps=max(0, config["train"]["steps"] - trainer.step),
                          reference=bool(config["scheduler"].get("kl_reference", False)), record=True)
-    sched = Scheduler(engine, work, scheduler_config(config), WeightVersions(engine, pin=bool(sv["pin_weights"])),
-                      group=group, rank=mesh.rank if mesh is not None else 0)
+    # a server resumed from a checkpoint it wrote goes on counting weight versions from where it stopped
+    resumed = int(trainer.resume_manifest.get("serving", {}).get("weight_version", 0)) if train else 0
+    weights = WeightVersions(engine, pin=bool(sv["pin_weights"]), version=resumed)
+    sched = Scheduler(engine, work, scheduler_config(config), weights, group=group,
+                      rank=mesh.rank if mesh is not None else 0, progress=mesh.tick if mesh is not None else None)
+    if on_start is not None:
+        on_start(sched)
     if not sched.is_driver:
         # A launcher's SIGTERM reaches every rank; the others leave on the driver's STOP instead, so a
         # signalled job ends cleanly (a dead driver is caught by the mesh's watchdog).
@@ -108,21 +131,55 @@ def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int 
             signal.signal(sig, signal.SIG_IGN)
         while sched.follow():
             pass
+        if on_exit is not None:
+            on_exit(sched)
         return 0
     info = {"model": config["model"]["path"], "version": version()}
     if mesh is not None:
         info["layout"] = {d: mesh.size(d) for d in ("tp", "pp", "ep", "dp")} | {"world": mesh.world_size}
-    server = Server(sched, bind=bind or sv["bind"], max_queue=sv["max_queue"], max_frame_bytes=max_frame_bytes,
-                    tokenizer=load_tokenizer_or_none(config["model"]["path"]), info=info)
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: server.request_stop())
+    import zmq
+
+    from runtime.stopping import StopRequest
+
+    ctx = zmq.Context()  # its own: terminating it at the end waits for the last replies to leave
+    server = Server.from_config(sched, sv, bind=bind or sv["bind"], max_frame_bytes=max_frame_bytes,
+                                tokenizer=load_tokenizer_or_none(config["model"]["path"]), info=info, context=ctx)
+    # SIGTERM / SIGINT: finish the step in flight, answer what waits, save what is not saved, exit 0
+    StopRequest("moerun serve", on_request=server.request_stop).install()
     training = ""
     if work is not None:
         training = f" training: policy {sched.policy.cfg.policy}, {work.job_left} job steps"
-    announce(server, config, training)
+    endpoint = None
+    if sv["metrics_bind"]:
+        from runtime.serve.metrics_http import MetricsEndpoint
+
+        endpoint = MetricsEndpoint(sv["metrics_bind"], engine.metrics.prometheus).start()
+    announce(server, config, training, endpoint.url if endpoint is not None else None)
     if ready is not None:
         ready(server)
-    server.serve_forever()
-    print("moerun serve: stopped", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+        ctx.term()
+    if on_exit is not None:
+        on_exit(sched)
+    print(stopped_line(server), flush=True)
     return 0
+
+
+def stopped_line(server) -> str:
+    """The last line of a server: why it stopped, how many requests it refused, what it saved."""
+    sd = server.shutdown
+    line = f"moerun serve: stopped ({server.stop_reason or 'asked to'}) at weight_version {server.weight_version}"
+    if sd:
+        line += f"; {sd['refused']} waiting request(s) answered unavailable"
+    if server.scheduler.work is not None:
+        saved = sd.get("saved")
+        if saved and "error" in saved:  # e.g. a full disk: the applied updates are in memory only
+            line += f"; {saved['error']}"
+        else:
+            line += (f"; saved checkpoint {saved['path']} (step {saved['step']})" if saved
+                     else "; no update since the last checkpoint, nothing to save")
+    return line

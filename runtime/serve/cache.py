@@ -11,11 +11,12 @@ used first, when the allocator runs dry).
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 
 import torch
 
-__all__ = ["PageAllocator", "PrefixCache", "PagedLatentCache", "page_hashes"]
+__all__ = ["BlockTable", "PageAllocator", "PrefixCache", "PagedLatentCache", "page_hashes", "tokens_from_free_memory"]
 
 
 class PageAllocator:
@@ -125,11 +126,51 @@ class PrefixCache:
         self.evict(len(self.pages))
 
 
-class PagedLatentCache:
-    """The page pool for every layer plus its allocator and prefix cache.
+class BlockTable:
+    """The page ids of the running sequences, one row each, as one persistent int32 tensor on the pool's device
+    ([rows, max pages per sequence], grown on demand). Steps only write what changed: the pages a sequence
+    gained since the last step, or a whole row when the row changed hands (`update`, one indexed write)."""
 
-    `kv` is one tensor [num_layers, num_pages, page_size, width]; `layer(l)` is a view of one layer in the
-    layout the paged-attention kernel reads.
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.table = torch.zeros(0, 0, dtype=torch.int32, device=self.device)
+        self._free: list[int] = []  # rows given back, handed out again first
+        self._rows = 0
+
+    def take_row(self) -> int:
+        """A row for a sequence that starts holding pages (the driver's engine hands rows out; other ranks
+        take theirs from the plans)."""
+        if self._free:
+            return self._free.pop()
+        self._rows += 1
+        return self._rows - 1
+
+    def give_row(self, row: int) -> None:
+        self._free.append(row)
+
+    def reserve(self, rows: int, cols: int) -> None:
+        """Grow the table to at least rows x cols (new entries 0)."""
+        r, c = self.table.shape
+        if rows > r or cols > c:
+            grown = torch.zeros(max(rows, 2 * r), max(cols, 2 * c), dtype=torch.int32, device=self.device)
+            grown[:r, :c] = self.table
+            self.table = grown
+
+    def update(self, rows: list[int], cols: list[int], pages: list[int]) -> None:
+        """table[rows[i], cols[i]] = pages[i] for every i (growing the table to fit)."""
+        if not rows:
+            return
+        self.reserve(max(rows) + 1, max(cols) + 1)
+        at = torch.tensor([rows, cols, pages], dtype=torch.long, device=self.device)
+        self.table.index_put_((at[0], at[1]), at[2].to(torch.int32))
+
+
+class PagedLatentCache:
+    """The page pool for every layer plus its allocator, prefix cache and block table.
+
+    `kv` is one tensor [num_layers, num_pages + 1, page_size, width]; `layer(l)` is a view of one layer in the
+    layout the paged-attention kernel reads. The last page (`scratch_page`) is never handed out: padding rows
+    of fixed-shape steps (runtime/serve/graphs.py) write there.
     """
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_lora_rank: int, rope_dim: int,
@@ -139,9 +180,11 @@ class PagedLatentCache:
         self.page_size = page_size
         self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
         self.width = kv_lora_rank + rope_dim
-        self.kv = torch.zeros(num_layers, num_pages, page_size, self.width, dtype=dtype, device=device)
+        self.kv = torch.zeros(num_layers, num_pages + 1, page_size, self.width, dtype=dtype, device=device)
+        self.scratch_page = num_pages
         self.allocator = PageAllocator(num_pages)
         self.prefix = PrefixCache(self.allocator)
+        self.block_table = BlockTable(device)
 
     @property
     def num_pages(self) -> int:
@@ -180,3 +223,24 @@ class PagedLatentCache:
         """The first `length` rows of a sequence whose pages are `pages`: [length, width]."""
         idx = torch.as_tensor(pages, dtype=torch.long, device=self.kv.device)
         return self.kv[layer].index_select(0, idx).reshape(-1, self.width)[:length]
+
+
+def tokens_from_free_memory(bytes_per_token: int, device: torch.device, cap: int, group=None) -> int:
+    """KV capacity when serve.kv_cache_tokens = 0: half the free accelerator memory, or on CPU a tenth of
+    the available RAM, never more than max_batch * max_model_len tokens; the minimum over `group`."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free // 2
+    else:
+        try:
+            budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 10
+        except (ValueError, OSError, AttributeError):
+            budget = 1 << 30
+    n = max(1, min(cap, budget // max(1, bytes_per_token)))
+    if group is not None:
+        import torch.distributed as dist
+
+        t = torch.tensor([n], dtype=torch.int64, device="cpu")  # over the control group
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+        n = int(t[0])
+    return n

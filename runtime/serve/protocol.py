@@ -17,12 +17,12 @@ from typing import Any
 import msgpack
 
 __all__ = [
-    "ERROR_CODES", "OPS", "MAX_FRAME_BYTES", "MAX_TRAIN_ROWS", "ProtocolError", "GenerateRequest", "TrainRequest",
-    "decode_frame", "encode", "error_reply", "validate_request",
+    "ERROR_CODES", "OPS", "MAX_FRAME_BYTES", "MAX_TRAIN_ROWS", "ProtocolError", "AbortRequest", "GenerateRequest",
+    "TrainLimits", "TrainRequest", "decode_frame", "encode", "error_reply", "validate_request",
 ]
 
-ERROR_CODES = ("bad_request", "too_long", "queue_full", "unknown_op", "internal")
-OPS = ("generate", "abort", "health", "info", "metrics", "train")
+ERROR_CODES = ("bad_request", "too_long", "queue_full", "unknown_op", "internal", "unavailable")
+OPS = ("generate", "abort", "health", "info", "metrics", "train", "save")
 MAX_FRAME_BYTES = 1 << 20  # default bound on one request frame
 MAX_ID_CHARS = 256
 MAX_STOP_IDS = 64
@@ -36,8 +36,9 @@ TRAIN_FIELDS = {"op", "id", "input_ids", "loss_mask", "advantages", "old_logprob
                 "kl_coef"}
 GENERATE_FIELDS = {
     "op", "id", "prompt", "prompt_ids", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_ids",
-    "stream", "logprobs", "priority", "ignore_eos",
+    "stream", "logprobs", "priority", "ignore_eos", "abort_key",
 }
+ABORT_FIELDS = {"op", "id", "abort_key"}
 
 
 class ProtocolError(ValueError):
@@ -63,6 +64,13 @@ class GenerateRequest:
     logprobs: int = 0
     priority: int = 0
     ignore_eos: bool = False
+    abort_key: str | None = None  # lets another connection abort this request (with the same key)
+
+
+@dataclass
+class AbortRequest:
+    id: str
+    abort_key: str | None = None
 
 
 def encode(msg: dict) -> bytes:
@@ -118,6 +126,15 @@ def _float(msg: dict, key: str, default: float, lo: float, hi: float, req_id: st
     return v
 
 
+def _key(msg: dict, req_id: str | None) -> str | None:
+    """The optional `abort_key`: a non-empty string of bounded length."""
+    v = msg.get("abort_key")
+    if v is not None and not (isinstance(v, str) and 0 < len(v) <= MAX_ID_CHARS):
+        raise ProtocolError("bad_request", f"abort_key must be a non-empty string of at most {MAX_ID_CHARS} "
+                            "characters", req_id)
+    return v
+
+
 def _bool(msg: dict, key: str, req_id: str | None) -> bool:
     v = msg.get(key, False)
     if not isinstance(v, bool):
@@ -140,7 +157,8 @@ def _ids(v: Any, key: str, vocab: int, max_len: int, req_id: str | None, code_lo
 
 
 def validate_request(msg: dict, *, vocab_size: int, max_model_len: int) -> tuple[str, Any]:
-    """(op, payload): a GenerateRequest for generate, a TrainRequest for train, the id (or None) otherwise."""
+    """(op, payload): a GenerateRequest for generate, an AbortRequest for abort, a TrainRequest for train, the
+    id (or None) otherwise."""
     req_id = request_id_of(msg)
     op = msg.get("op")
     if not isinstance(op, str):
@@ -150,12 +168,16 @@ def validate_request(msg: dict, *, vocab_size: int, max_model_len: int) -> tuple
     raw_id = msg.get("id")
     if raw_id is not None and req_id is None:
         raise ProtocolError("bad_request", f"id must be a non-empty string of at most {MAX_ID_CHARS} characters")
-    if op in ("health", "info", "metrics"):
+    if op in ("health", "info", "metrics", "save"):
         return op, req_id
     if req_id is None:
         raise ProtocolError("bad_request", f"op {op!r} needs an 'id' (a string, unique per connection)")
     if op == "abort":
-        return op, req_id
+        unknown = sorted(str(k)[:64] for k in msg if k not in ABORT_FIELDS)
+        if unknown:
+            raise ProtocolError("bad_request", f"unknown field(s) {', '.join(unknown)}; valid: "
+                                f"{', '.join(sorted(ABORT_FIELDS))}", req_id)
+        return op, AbortRequest(req_id, _key(msg, req_id))
     if op == "train":
         return op, _validate_train(msg, req_id, vocab_size, max_model_len)
     unknown = sorted(str(k)[:64] for k in msg if k not in GENERATE_FIELDS)
@@ -192,6 +214,7 @@ def validate_request(msg: dict, *, vocab_size: int, max_model_len: int) -> tuple
         logprobs=_int(msg, "logprobs", 0, 0, MAX_LOGPROBS, req_id),
         priority=_int(msg, "priority", 0, -INT32, INT32 - 1, req_id),
         ignore_eos=_bool(msg, "ignore_eos", req_id),
+        abort_key=_key(msg, req_id),
     )
     if req.max_tokens > max_model_len:
         raise ProtocolError("too_long", f"max_tokens {req.max_tokens} exceeds serve.max_model_len {max_model_len}",
@@ -214,6 +237,38 @@ class TrainRequest:
     loss: str = "ce"
     optimizer_step: bool = True
     kl_coef: float = 0.0
+
+
+@dataclass
+class TrainLimits:
+    """What one `train` op may become (`serve.max_train_*`): rows, tokens (the sum of row lengths) and the
+    bytes of its padded batch (every row padded to the longest: int64 ids, fp32 mask, fp32 old_logprobs
+    when given), so a small frame cannot turn into a huge batch."""
+
+    max_rows: int = 1024
+    max_tokens: int = 65536
+    max_batch_bytes: int = 32 << 20
+
+    @staticmethod
+    def batch_bytes(rows: int, cols: int, old_logprobs: bool) -> int:
+        return rows * cols * (8 + 4 + (4 if old_logprobs else 0)) + rows * 4
+
+    def check(self, req: TrainRequest) -> int:
+        """The padded batch's bytes, or ProtocolError("too_long") naming the bound it exceeds."""
+        rows = len(req.input_ids)
+        if rows > self.max_rows:
+            raise ProtocolError("too_long", f"{rows} rows exceed serve.max_train_rows = {self.max_rows}", req.id)
+        tokens = sum(len(r) for r in req.input_ids)
+        if tokens > self.max_tokens:
+            raise ProtocolError("too_long", f"{tokens} tokens exceed serve.max_train_tokens = {self.max_tokens}",
+                                req.id)
+        cols = max(len(r) for r in req.input_ids)
+        size = self.batch_bytes(rows, cols, req.old_logprobs is not None)
+        if size > self.max_batch_bytes:
+            raise ProtocolError("too_long", f"{rows} rows padded to the longest ({cols} tokens) make a batch of "
+                                f"{size} bytes, more than serve.max_train_batch_bytes = {self.max_batch_bytes}; "
+                                "send rows of similar length together", req.id)
+        return size
 
 
 def _number(x: Any) -> bool:

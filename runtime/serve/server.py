@@ -2,11 +2,17 @@
 
 There is one serving loop for every way of serving: the server always drives a `runtime.sched.Scheduler`,
 whose training side is empty unless the job trains (`moerun serve --train`), on one rank or on the driver
-rank of many. Loopback by default. Frames are msgpack maps (never pickle), validated by
-`runtime.serve.protocol` before they reach the engine; every problem gets an `error` reply and the loop goes
-on. Memory stays bounded: frames above the soft bound get `bad_request` (above a hard bound ZeroMQ drops the
-sender), at most `serve.max_queue` requests wait, a request's outputs are bounded by its max_tokens, and
-socket queues have high-water marks.
+rank of many. Loopback by default; CurveZMQ (runtime.serve.curve) authenticates and encrypts beyond it.
+Frames are msgpack maps (never pickle), validated by `runtime.serve.protocol` before they reach the engine;
+every problem gets an `error` reply and the loop goes on. Memory stays bounded: frames above the soft bound
+get `bad_request` (above a hard bound ZeroMQ drops the sender), at most `serve.max_queue` requests wait and
+one connection holds at most `serve.max_queue_per_client`, a request's outputs are bounded by its
+max_tokens, `train` ops by `serve.max_train_*`, and socket queues have high-water marks.
+
+No client can hurt another's requests: priorities are capped below the health check's, each connection
+gets a fair share of the running slots (the engine's `owner`), only the connection that sent a request
+(or one holding the `abort_key` it chose) can abort it, a request whose sampling fails ends alone, and a
+client that goes away has its requests ended and its pages freed (runtime.serve.peers).
 
 Request ids are per connection: the wire `id` is the client's `request_id`; the engine is keyed by
 `key` = connection identity + ":" + request_id. Every token reply carries the weight version that computed
@@ -15,6 +21,7 @@ it (`done` also lists `weight_versions`, one per generated token).
 
 from __future__ import annotations
 
+import hmac
 import platform
 import threading
 import time
@@ -23,10 +30,15 @@ from typing import Any
 
 import zmq
 
+from runtime.serve.detok import StreamText
+from runtime.serve.healthcheck import HealthChecks
+from runtime.serve.peers import Peers
 from runtime.serve.protocol import (
     MAX_FRAME_BYTES,
+    AbortRequest,
     GenerateRequest,
     ProtocolError,
+    TrainLimits,
     TrainRequest,
     decode_frame,
     encode,
@@ -34,12 +46,12 @@ from runtime.serve.protocol import (
     request_id_of,
     validate_request,
 )
+from runtime.serve.trainops import TrainOps
 
-__all__ = ["Server", "MAX_TRAIN_QUEUE"]
+__all__ = ["Server"]
 
 MAX_RECV_PER_TURN = 512  # frames taken per loop turn before the scheduler steps again
-MAX_TRAIN_QUEUE = 256  # queued train ops at most (each holds its batch)
-HEALTH_PRIORITY = 2**31 - 1
+SHUTDOWN_LINGER_MS = 2000  # how long the last replies (errors after a failed step included) may take to leave
 
 
 @dataclass
@@ -51,13 +63,15 @@ class _Active:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
     versions: list[int] = field(default_factory=list)  # weight version of each generated token
+    text: StreamText | None = None  # streamed text of a prompt request (runtime/serve/detok.py)
 
 
 class Server:
     """`Server(scheduler, bind=...)`; `serve_forever()` or `start()` in a thread; `endpoint` is the bound address.
 
     `scheduler` is a `runtime.sched.Scheduler` (its engine serves; its work, if any, trains); `tokenizer`
-    (optional) turns `prompt` strings into ids and generated ids into `text`.
+    (optional) turns `prompt` strings into ids and generated ids into `text`. The limits are the `[serve]`
+    keys of the same names (docs/config.md); `Server.from_config` takes them from a job config.
     """
 
     def __init__(
@@ -70,28 +84,70 @@ class Server:
         tokenizer=None,
         info: dict | None = None,
         context: zmq.Context | None = None,
+        max_queue_per_client: int = 256,
+        max_priority: int = 1000,
+        health_timeout_s: float = 30.0,
+        client_timeout_s: float = 10.0,
+        train_limits: TrainLimits | None = None,
+        max_train_queue_bytes: int = 256 << 20,
+        curve_secret_key_file: str = "",
+        curve_authorized_dir: str = "",
     ) -> None:
         self.scheduler = scheduler
         self.engine = scheduler.engine
-        self.max_queue = max_queue
+        self.max_queue, self.max_queue_per_client = max_queue, max_queue_per_client
+        self.max_priority = max_priority
         self.max_frame_bytes = max_frame_bytes
+        self.train_ops = TrainOps(train_limits or TrainLimits(), max_train_queue_bytes)
         self.tokenizer = tokenizer
         self.extra_info = info or {}
-        self.ctx = context or zmq.Context.instance()
+        # Curve's ZAP handler is per context: a Curve server gets a context of its own
+        self._own_ctx = context is None and bool(curve_secret_key_file)
+        self.ctx = zmq.Context() if self._own_ctx else (context or zmq.Context.instance())
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 8 * max_frame_bytes + 4096)  # hard bound: peer is dropped
         self.sock.setsockopt(zmq.RCVHWM, 10000)
         self.sock.setsockopt(zmq.SNDHWM, 100000)
-        self.sock.bind(bind)
+        if client_timeout_s > 0:  # ZMTP pings: a peer silent for client_timeout_s is disconnected
+            half = max(1, int(client_timeout_s * 500))
+            self.sock.setsockopt(zmq.HEARTBEAT_IVL, half)
+            self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, half)
+        self.auth = self.peers = None
+        self.curve = bool(curve_secret_key_file)
+        try:
+            if self.curve:
+                from runtime.serve.curve import secure_server
+
+                self.auth = secure_server(self.sock, self.ctx, curve_secret_key_file, curve_authorized_dir)
+            self.peers = Peers(self.sock)
+            self.sock.bind(bind)
+        except Exception:  # a bad key file, an address in use: nothing left open
+            self._close(0)
+            raise
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.active: dict[str, _Active] = {}  # by engine key
-        self._health_waiters: list[tuple[list[bytes], str | None, float]] = []
-        self._health_key: str | None = None
-        self._health_n = 0
+        self.by_conn: dict[bytes, set[str]] = {}  # connection identity -> its engine keys
+        self._frame: zmq.Frame | None = None  # the frame being handled (its connection is watched)
+        self.health = HealthChecks(self.engine, self._send, self._health_status, timeout_s=health_timeout_s,
+                                   max_waiting=max_queue, max_per_connection=max_queue_per_client)
         self._stop = threading.Event()
+        self.stop_reason: str | None = None
+        self.shutdown: dict[str, Any] = {}  # after a requested stop: what was refused, what was saved
         self._thread: threading.Thread | None = None
         self.started = time.time()
+
+    @classmethod
+    def from_config(cls, scheduler, serve: dict, **kw) -> Server:
+        """A server with the limits of a job config's `[serve]` section (`kw`: bind, tokenizer, info, ...)."""
+        limits = TrainLimits(serve["max_train_rows"], serve["max_train_tokens"], serve["max_train_batch_bytes"])
+        kw.setdefault("bind", serve["bind"])
+        return cls(scheduler, max_queue=serve["max_queue"], max_queue_per_client=serve["max_queue_per_client"],
+                   max_priority=serve["max_priority"], health_timeout_s=serve["health_timeout_s"],
+                   client_timeout_s=serve["client_timeout_s"], train_limits=limits,
+                   max_train_queue_bytes=serve["max_train_queue_bytes"],
+                   curve_secret_key_file=serve["curve_secret_key_file"],
+                   curve_authorized_dir=serve["curve_authorized_dir"], **kw)
 
     @property
     def weight_version(self) -> int:
@@ -103,8 +159,9 @@ class Server:
         self._thread.start()
         return self
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str | None = None) -> None:
         """Ask the loop to end after the current turn (safe from a signal handler or another thread)."""
+        self.stop_reason = self.stop_reason or reason
         self._stop.set()
 
     def stop(self) -> None:
@@ -115,41 +172,87 @@ class Server:
     def serve_forever(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.peers.monitor, zmq.POLLIN)
+        failed = False
         try:
             while not self._stop.is_set():
                 busy = self.scheduler.has_work()
                 if dict(poller.poll(0 if busy else 50)).get(self.sock):
                     for _ in range(MAX_RECV_PER_TURN):
                         try:
-                            parts = self.sock.recv_multipart(zmq.NOBLOCK)
+                            parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self._handle(parts)
+                for conn in self.peers.departed(time.monotonic()):
+                    self._drop_connection(conn)
+                self.health.expire()
                 if self.scheduler.has_work():
                     self._step()
                 else:
                     self.scheduler.keepalive()
+            self._shut_down()
+        except BaseException:
+            failed = True  # the other ranks may be mid-step: no STOP header, the mesh ends the job
+            raise
         finally:
             try:
-                self.scheduler.stop()
+                if not failed:
+                    self.scheduler.stop()
             finally:
-                self.sock.close(0)
+                self._close(SHUTDOWN_LINGER_MS)
+
+    def _close(self, linger_ms: int) -> None:
+        """Close the socket (`linger_ms` lets the replies already queued leave)."""
+        if self.peers is not None:
+            self.peers.close()
+        self.sock.close(linger=linger_ms)
+        if self.auth is not None:
+            self.auth.stop()
+        if self._own_ctx:
+            self.ctx.term()
+
+    def _shut_down(self) -> None:
+        """After a requested stop (the step in flight has ended): answer every request still waiting
+        (generate, health, queued training and `save` ops, frames not read yet) with `unavailable`, then
+        let the scheduler checkpoint any update not yet saved, on every rank."""
+        msg = (f"the server is stopping ({self.stop_reason or 'asked to'}); this request was not completed: "
+               "retry on a running server")
+        n = len(self.active) + len(self.health)
+        self._fail_in_flight(msg, "unavailable")
+        if self.scheduler.work is not None:
+            n += len(self.scheduler.work.saves) + sum(i.on_done is not None for i in self.scheduler.work.queue)
+        self.shutdown = {"refused": n, "saved": self.scheduler.shut_down(msg)}
+        for _ in range(MAX_RECV_PER_TURN):
+            try:
+                parts = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                request_id = request_id_of(decode_frame(parts[-1], self.max_frame_bytes))
+            except ProtocolError:
+                request_id = None
+            envelope = parts[:2] if len(parts) == 3 and parts[1] == b"" else parts[:1]
+            self._send(envelope, error_reply("unavailable", msg, request_id))
+            self.shutdown["refused"] += 1
 
     # --- requests -------------------------------------------------------------------------------------
     def _send(self, envelope: list[bytes], msg: dict) -> None:
         self.sock.send_multipart([*envelope, encode(msg)])
 
-    def _handle(self, parts: list[bytes]) -> None:
+    def _handle(self, parts: list[zmq.Frame]) -> None:
         if len(parts) == 2:
-            envelope, frame = parts[:1], parts[1]
-        elif len(parts) == 3 and parts[1] == b"":  # a REQ peer's envelope
-            envelope, frame = parts[:2], parts[2]
+            envelope, frame = [parts[0].bytes], parts[1]
+        elif len(parts) == 3 and parts[1].bytes == b"":  # a REQ peer's envelope
+            envelope, frame = [parts[0].bytes, b""], parts[2]
         else:
-            self._send(parts[:1], error_reply("bad_request", f"expected one frame per message, got {len(parts) - 1}"))
+            self._send([parts[0].bytes], error_reply("bad_request",
+                                                     f"expected one frame per message, got {len(parts) - 1}"))
             return
         request_id = None
+        self._frame = frame
         try:
-            msg = decode_frame(frame, self.max_frame_bytes)
+            msg = decode_frame(frame.bytes, self.max_frame_bytes)
             request_id = request_id_of(msg)
             op, payload = validate_request(
                 msg, vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len
@@ -175,6 +278,15 @@ class Server:
         if key in self.active:
             raise ProtocolError("bad_request", f"request id {req.id!r} is already active on this connection",
                                 req.id)
+        if abs(req.priority) > self.max_priority:
+            raise ProtocolError("bad_request", f"priority {req.priority} is outside [-{self.max_priority}, "
+                                f"{self.max_priority}] (serve.max_priority)", req.id)
+        conn = envelope[0]
+        mine = len(self.by_conn.get(conn, ()))
+        if mine >= self.max_queue_per_client:
+            raise ProtocolError("queue_full", f"this connection has {mine} requests in flight "
+                                f"(serve.max_queue_per_client = {self.max_queue_per_client}); wait for some to "
+                                "finish", req.id)
         if len(self.engine.waiting) >= self.max_queue:
             raise ProtocolError("queue_full", f"{len(self.engine.waiting)} requests are waiting "
                                 f"(serve.max_queue = {self.max_queue}); retry later", req.id)
@@ -188,40 +300,53 @@ class Server:
             seed=req.seed, stop_ids=list(req.stop_ids), logprobs=req.logprobs, ignore_eos=req.ignore_eos,
         )
         try:
-            self.engine.add_request(key, ids, params, req.priority)
+            self.engine.add_request(key, ids, params, req.priority, owner=conn.hex())
         except EngineError as e:
             raise ProtocolError(e.code, str(e), req.id) from None
-        self.active[key] = _Active(envelope, req.id, req)
+        if not self.peers.watch(conn, self._frame):  # the client left before its request was read
+            self.engine.abort(key)
+            return
+        text = StreamText(self.tokenizer) if req.stream and req.prompt is not None and self.tokenizer else None
+        self.active[key] = _Active(envelope, req.id, req, text=text)
+        self.by_conn.setdefault(conn, set()).add(key)
 
-    def _op_abort(self, envelope: list[bytes], request_id: str) -> None:
-        key = self._key(envelope, request_id)
+    def _op_abort(self, envelope: list[bytes], req: AbortRequest) -> None:
+        """Abort a request of this connection, or of another one when `abort_key` matches the key its
+        generate chose. Any other case gets the same answer as an unknown id (nothing is confirmed)."""
+        key = self._key(envelope, req.id)
+        if key not in self.active and req.abort_key is not None:
+            given = req.abort_key.encode()
+            for k, a in self.active.items():
+                if a.request_id == req.id and a.req.abort_key is not None and \
+                        hmac.compare_digest(a.req.abort_key.encode(), given):
+                    key = k
+                    self._send(envelope, {"op": "aborted", "id": req.id})
+                    break
         if key not in self.active:
-            # Another connection's request (e.g. `moerun client abort`): only when the id is unambiguous.
-            others = [k for k, a in self.active.items() if a.request_id == request_id]
-            if len(others) != 1:
-                why = "no active request" if not others else f"{len(others)} active requests"
-                raise ProtocolError("bad_request", f"{why} with id {request_id!r}", request_id)
-            key = others[0]
-            if envelope != self.active[key].envelope:
-                self._send(envelope, {"op": "aborted", "id": request_id})
+            raise ProtocolError("bad_request", f"no active request with id {req.id!r} on this connection", req.id)
         out = self.engine.abort(key)
         if out is not None:
             self._deliver(out)
 
-    def _op_health(self, envelope: list[bytes], request_id: str | None) -> None:
-        """A real one-token generation through the engine; replies when it is done."""
-        from runtime.serve.step import SamplingParams
+    def _untrack(self, key: str, conn: bytes) -> None:
+        keys = self.by_conn.get(conn)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self.by_conn[conn]
+                self.peers.forget(conn)
 
-        if len(self._health_waiters) >= self.max_queue:
-            raise ProtocolError("queue_full", "too many health checks in flight", request_id)
-        self._health_waiters.append((envelope, request_id, time.perf_counter()))
-        if self._health_key is None:
-            self._health_n += 1
-            self._health_key = f"health:{self._health_n}"
-            bos = self.engine.model.config.bos_token_id
-            prompt = [bos if isinstance(bos, int) and 0 <= bos < self.engine.vocab_size else 0]
-            self.engine.add_request(self._health_key, prompt, SamplingParams(max_tokens=1, ignore_eos=True),
-                                    priority=HEALTH_PRIORITY)
+    def _drop_connection(self, conn: bytes) -> None:
+        """A client went away: end its requests (no reply: nobody reads it) and give their pages back."""
+        for key in self.by_conn.pop(conn, set()):
+            self.active.pop(key, None)
+            self.engine.abort(key)
+        self.peers.forget(conn)
+        self.engine.metrics.inc("clients_departed_total")
+
+    def _op_health(self, envelope: list[bytes], request_id: str | None) -> None:
+        """A real one-token generation through the engine; replies when it is done (runtime.serve.healthcheck)."""
+        self.health.add(envelope, request_id)
 
     def _op_info(self, envelope: list[bytes], request_id: str | None) -> None:
         self._send(envelope, self._with_id({"op": "info", **self.info()}, request_id))
@@ -232,27 +357,10 @@ class Server:
             {"op": "metrics", "metrics": m.as_dict(), "prometheus": m.prometheus()}, request_id))
 
     def _op_train(self, envelope: list[bytes], req: TrainRequest) -> None:
-        from runtime.sched.rl import RLBatch
+        self.train_ops.submit(self.scheduler.work, envelope, req, self._send)
 
-        work = self.scheduler.work
-        if work is None:
-            raise ProtocolError("bad_request", "this server does not train: start it with `moerun serve "
-                                "--train` (or give the Scheduler a TrainWork)", req.id)
-        why = work.supports(req.loss, req.kl_coef)
-        if why is not None:
-            raise ProtocolError("bad_request", why, req.id)
-        if len(work.queue) >= MAX_TRAIN_QUEUE:
-            raise ProtocolError("queue_full", f"{len(work.queue)} training steps are queued; retry later", req.id)
-        batch = RLBatch.from_lists(req.input_ids, req.loss_mask, req.advantages, req.old_logprobs, req.loss,
-                                   req.kl_coef)
-
-        def done(result: dict) -> None:
-            if "error" in result:
-                self._send(envelope, error_reply("internal", result["error"], req.id))
-            else:
-                self._send(envelope, {"op": "trained", "id": req.id, **result})
-
-        work.submit(batch, req.optimizer_step, done)
+    def _op_save(self, envelope: list[bytes], request_id: str | None) -> None:
+        self.train_ops.save(self.scheduler.work, envelope, request_id, self._send, max_waiting=self.max_queue)
 
     @staticmethod
     def _with_id(msg: dict, request_id: str | None) -> dict:
@@ -279,6 +387,8 @@ class Server:
             "max_model_len": e.max_model_len,
             "max_batch": e.max_batch,
             "max_queue": self.max_queue,
+            "max_queue_per_client": self.max_queue_per_client,
+            "max_priority": self.max_priority,
             "max_prefill_tokens": e.max_prefill_tokens,
             "kv_cache": {
                 "page_size": e.page_size, "pages": e.cache.num_pages,
@@ -289,6 +399,7 @@ class Server:
             },
             "tokenizer": self.tokenizer is not None,
             "training": self.scheduler.work is not None,
+            "curve": self.curve,
             "weight_version": self.weight_version,
             "uptime_s": time.time() - self.started,
         }
@@ -311,29 +422,34 @@ class Server:
             for out in outputs:
                 self._deliver(out)
 
-    def _fail_in_flight(self, msg: str) -> None:
-        """After a failed step: end every request in the engine and every waiting health check with an
-        `internal` error carrying `msg`. State first, replies after: whoever reads a reply finds the server
-        already clean."""
+    def _fail_in_flight(self, msg: str, code: str = "internal") -> None:
+        """After a failed step (or when stopping): end every request in the engine and every waiting health
+        check with an error `code` carrying `msg`. State first, replies after: whoever reads a reply finds
+        the server already clean."""
         ended = []
         for key in list(self.engine.requests):
             self.engine.abort(key)
             act = self.active.pop(key, None)
             if act is not None:
                 ended.append((act.envelope, act.request_id))
-        waiters, self._health_waiters, self._health_key = self._health_waiters, [], None
+        for conn in self.by_conn:
+            self.peers.forget(conn)
+        self.by_conn.clear()
+        self.health.fail(code, msg)
         for envelope, request_id in ended:
-            self._send(envelope, error_reply("internal", msg, request_id))
-        for envelope, request_id, _ in waiters:
-            self._send(envelope, self._with_id(error_reply("internal", msg), request_id))
+            self._send(envelope, error_reply(code, msg, request_id))
 
     def _deliver(self, out) -> None:
-        if out.key == self._health_key:
-            if out.finished:
-                self._answer_health(len(out.ids) == 1 or out.completion_tokens == 1)
+        if self.health.deliver(out):
             return
         act = self.active.get(out.key)
         if act is None:
+            return
+        if out.error is not None:  # this request alone failed (e.g. its sampling)
+            del self.active[out.key]
+            self._untrack(out.key, act.envelope[0])
+            self.engine.metrics.inc("errors_total")
+            self._send(act.envelope, error_reply("internal", out.error, act.request_id))
             return
         version = self.weight_version
         act.ids.extend(out.ids)
@@ -342,15 +458,19 @@ class Server:
         if lp and out.logprobs:
             act.logprobs.extend(out.logprobs)
             act.top_logprobs.extend(out.top_logprobs)
-        if act.req.stream and out.ids:
+        text = None
+        if act.text is not None:  # never a split character; the chunks add up to done's text
+            text = act.text.push(out.ids) + (act.text.finish() if out.finished else "")
+        if act.req.stream and (out.ids or text):
             msg = {"op": "token", "id": act.request_id, "ids": out.ids, "weight_version": version}
             if lp:
                 msg["logprobs"], msg["top_logprobs"] = out.logprobs, out.top_logprobs
-            if act.req.prompt is not None and self.tokenizer is not None:
-                msg["text"] = self.tokenizer.decode(out.ids)
+            if text is not None:
+                msg["text"] = text
             self._send(act.envelope, msg)
         if out.finished:
             del self.active[out.key]
+            self._untrack(out.key, act.envelope[0])
             done = {
                 "op": "done", "id": act.request_id, "ids": act.ids, "finish_reason": out.finish_reason,
                 "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(act.ids),
@@ -359,15 +479,12 @@ class Server:
             }
             if lp:
                 done["logprobs"], done["top_logprobs"] = act.logprobs, act.top_logprobs
-            if act.req.prompt is not None and self.tokenizer is not None:
+            if act.text is not None:
+                done["text"] = act.text.text
+            elif act.req.prompt is not None and self.tokenizer is not None:
                 done["text"] = self.tokenizer.decode(act.ids)
             self._send(act.envelope, done)
 
-    def _answer_health(self, ok: bool) -> None:
-        now = time.perf_counter()
-        waiters, self._health_waiters, self._health_key = self._health_waiters, [], None
-        for envelope, request_id, t0 in waiters:
-            self._send(envelope, self._with_id(
-                {"op": "health", "ok": ok, "status": "ok" if ok else "degraded", "latency_s": now - t0,
-                 "running": len(self.engine.running), "waiting": len(self.engine.waiting),
-                 "weight_version": self.weight_version}, request_id))
+    def _health_status(self) -> dict:
+        return {"running": len(self.engine.running), "waiting": len(self.engine.waiting),
+                "weight_version": self.weight_version}

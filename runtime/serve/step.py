@@ -1,16 +1,16 @@
-"""One serving step: its plan, its forward over the paged latent cache, and the sampling of its tokens.
+"""One serving step: its plan and its forward over the paged latent cache.
 
 The step is described by a `StepPlan` of plain integers (token ids, positions, cache slots, per-sequence
-segments and block tables), so the driver rank can broadcast it (one wire encoding: a flat int64 tensor over
-the control group) and every rank runs the same forward on its own copy of the page pool. The forward is the
-model's own decoder layers (`DecoderLayer.forward`) with a `PagedAttention` context: token-wise work
-(embedding, projections, norms, MoE with its all-to-all) runs once over all the step's tokens; attention
-splits by segment: decode tokens (one new token after a cached prefix) use the absorbed form straight over
-the paged latent cache (`ops.kernels.mla_decode_paged`: Triton on CUDA, the torch reference elsewhere);
-prefill chunks use the expanded form over their sequence's gathered latents, causal from their offset.
+segments, page lists and block-table rows), so the driver rank can broadcast it (one wire encoding: a flat
+int64 tensor over the control group) and every rank runs the same forward on its own copy of the page pool.
+The forward is the model's own decoder layers (`DecoderLayer.forward`, through the model's one-stage
+`PipelineStage` view, or this rank's stages of the job's pipeline schedule made forward-only) with the
+`PagedAttention` context of `runtime/serve/attention.py`: token-wise work (embedding, projections, norms, MoE
+with its all-to-all) runs once over all the step's tokens; attention splits by segment (decode rows over the
+paged cache in the absorbed form, prefill chunks batched over sequences in the expanded form), from index
+tensors built once per step (once per micro-batch under a pipeline).
 
-Sampling (greedy, temperature, top-k, top-p, with a per-request generator so a seed reproduces the samples
-whatever else is in the batch) and log-probabilities of the model's own distribution run on the driver.
+Sampling lives in `runtime/serve/sampling.py` (re-exported here): on the logits' device, batched over rows.
 """
 
 from __future__ import annotations
@@ -20,81 +20,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ops.kernels import mla_decode_paged
-from ops.mla import absorb_query, mla_expanded, split_kv_b
-from ops.paged_attention import gather_kv, write_kv_slots
+from runtime.serve.attention import PagedAttention, StepIndex
+from runtime.serve.sampling import MAX_LOGPROBS, SamplingParams, logprobs_of, make_generator, sample
 
-__all__ = ["MAX_PLAN_INTS", "PagedAttention", "PipeStage", "SamplingParams", "StepPlan", "logprobs_of",
-           "make_generator", "run_plan", "sample"]
+__all__ = ["MAX_LOGPROBS", "MAX_PLAN_INTS", "PagedAttention", "PipeStage", "SamplingParams", "StepIndex",
+           "StepPlan", "decoder_forward", "logprobs_of", "make_generator", "run_plan", "sample"]
 
-MAX_LOGPROBS = 20
 MAX_PLAN_INTS = 8 << 20  # one broadcast plan: a few integers per scheduled token and page
-
-
-# --- sampling -------------------------------------------------------------------------------------------------
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    seed: int | None = None
-    stop_ids: list[int] = field(default_factory=list)
-    logprobs: int = 0  # 0: none; k in 1..20: chosen token's logprob + the k best
-    ignore_eos: bool = False
-
-    def validate(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not (self.temperature >= 0.0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not (0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
-
-
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(int(seed))
-    return g
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from a logits row [V] (fp32)."""
-    if params.temperature == 0.0:
-        return int(torch.argmax(logits))
-    scores = logits.float() / params.temperature
-    if params.top_k > 0 and params.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, params.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        probs = torch.softmax(sorted_scores, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = (probs.cumsum(-1) - probs) >= params.top_p
-        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-        scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def logprobs_of(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[list[float]]]:
-    """(log p(token), [[id, logprob] x k best]) under log_softmax of the raw logits (before temperature)."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    top = torch.topk(lp, k) if k > 0 else None
-    best = [] if top is None else [[int(i), float(v)] for v, i in zip(top.values, top.indices)]
-    return float(lp[token]), best
 
 
 # --- the plan --------------------------------------------------------------------------------------------------
 _TOKEN_FIELDS = ("ids", "positions", "slots")
-_SEGMENT_FIELDS = ("starts", "lens", "offsets")
+_SEGMENT_FIELDS = ("starts", "lens", "offsets", "rows", "table_from")
 
 
 @dataclass
@@ -102,8 +39,11 @@ class StepPlan:
     """Segments in order; segment i covers tokens [starts[i], starts[i] + lens[i]) of the flat token list.
 
     `offsets[i]` is the number of tokens of that sequence already cached (its first position), `pages[i]`
-    the sequence's page ids, `want_logits[i]` whether its last token's logits are needed (the chunk ends
-    the known tokens, so a new token is sampled).
+    the sequence's page ids, `want_logits[i]` how many of its last tokens need logits (0 or 1 = True for a
+    chunk that ends the known tokens, so a new token is sampled; all of them for tokens a speculative step
+    verifies). `rows[i]` is the sequence's row in the cache's persistent block table and `table_from[i]`
+    the first of its pages that row does not hold yet (0: write them all, e.g. the row changed hands): a
+    step writes only those. Without a row from the caller a segment gets row i, written whole.
     """
 
     ids: list[int] = field(default_factory=list)
@@ -112,25 +52,27 @@ class StepPlan:
     starts: list[int] = field(default_factory=list)
     lens: list[int] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    table_from: list[int] = field(default_factory=list)
     pages: list[list[int]] = field(default_factory=list)
-    want_logits: list[bool] = field(default_factory=list)
+    want_logits: list[int] = field(default_factory=list)
 
-    def add(self, tokens: list[int], offset: int, pages: list[int], page_size: int, want: bool) -> None:
+    def add(self, tokens: list[int], offset: int, pages: list[int], page_size: int, want: bool | int,
+            row: int | None = None, table_from: int = 0) -> None:
         self.starts.append(len(self.ids))
         self.lens.append(len(tokens))
         self.offsets.append(offset)
+        self.rows.append(len(self.rows) if row is None else row)
+        self.table_from.append(0 if row is None else table_from)
         self.pages.append(list(pages))
-        self.want_logits.append(want)
+        self.want_logits.append(int(want))
         self.ids.extend(tokens)
-        for p in range(offset, offset + len(tokens)):
-            self.positions.append(p)
-            self.slots.append(pages[p // page_size] * page_size + p % page_size)
+        end = offset + len(tokens)
+        self.positions.extend(range(offset, end))
+        self.slots.extend(pages[p // page_size] * page_size + p % page_size for p in range(offset, end))
 
     def __len__(self) -> int:
         return len(self.starts)
-
-    def is_decode(self, i: int) -> bool:
-        return self.lens[i] == 1 and self.offsets[i] > 0
 
     def select(self, segments: list[int]) -> StepPlan:
         """The plan of these segments (in this order)."""
@@ -138,7 +80,7 @@ class StepPlan:
         for i in segments:
             s, n = self.starts[i], self.lens[i]
             out.starts.append(len(out.ids))
-            for name in ("lens", "offsets", "pages", "want_logits"):
+            for name in ("lens", "offsets", "rows", "table_from", "pages", "want_logits"):
                 getattr(out, name).append(getattr(self, name)[i])
             for name in _TOKEN_FIELDS:
                 getattr(out, name).extend(getattr(self, name)[s : s + n])
@@ -179,7 +121,7 @@ class StepPlan:
             n = n_tok if name in _TOKEN_FIELDS else n_seg
             vals[name] = flat[pos : pos + n]
             pos += n
-        want = [bool(w) for w in flat[pos : pos + n_seg]]
+        want = flat[pos : pos + n_seg]
         counts = flat[pos + n_seg : pos + 2 * n_seg]
         pos += 2 * n_seg
         pages = []
@@ -216,52 +158,6 @@ class StepPlan:
         return cls.decode(bcast(torch.zeros(n, dtype=torch.int64, device="cpu")).tolist())
 
 
-# --- attention over the page pool ------------------------------------------------------------------------------
-class PagedAttention:
-    """The attention context of one serving step (see `runtime.model.deepseek.MLA.forward`): writes the
-    step's latents into the page pool and attends each segment over its cached prefix. `layer_slots` maps a
-    decoder layer id to its index in the pool (a pipeline stage's pool holds only its layers)."""
-
-    def __init__(self, cache, plan: StepPlan, layer_slots: dict[int, int], device: torch.device) -> None:
-        self.cache, self.plan, self.layer_slots = cache, plan, layer_slots
-        self.slots = torch.tensor(plan.slots, dtype=torch.long, device=device)
-        self.decode = [i for i in range(len(plan)) if plan.is_decode(i)]
-        self.prefill = [i for i in range(len(plan)) if not plan.is_decode(i)]
-        self.dec_rows = torch.tensor([plan.starts[i] for i in self.decode], dtype=torch.long, device=device)
-        if self.decode:
-            width = max(len(plan.pages[i]) for i in self.decode)
-            self.table = torch.zeros(len(self.decode), width, dtype=torch.int32, device=device)
-            for j, i in enumerate(self.decode):
-                self.table[j, : len(plan.pages[i])] = torch.tensor(plan.pages[i], dtype=torch.int32, device=device)
-            self.seq_lens = torch.tensor([plan.offsets[i] + 1 for i in self.decode], dtype=torch.int32,
-                                         device=device)
-            self.max_len = max(plan.offsets[i] + 1 for i in self.decode)
-        self.page_rows = {i: torch.tensor(plan.pages[i], dtype=torch.long, device=device) for i in self.prefill}
-
-    def attend(self, layer_idx: int, attn, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
-               k_pe: torch.Tensor) -> torch.Tensor:
-        """q_nope [1,N,h,dn], q_pe [1,N,h,dr], latent [1,N,r], k_pe [1,N,dr] -> out [1,N,h,dv]."""
-        plan, r = self.plan, self.cache.kv_lora_rank
-        kv_pages = self.cache.layer(self.layer_slots[layer_idx])
-        write_kv_slots(kv_pages, self.slots, latent[0], k_pe[0])
-        n, heads, dn = q_nope.shape[1], q_nope.shape[2], q_nope.shape[3]
-        w = attn.kv_b_proj.weight
-        out = q_nope.new_empty(n, heads, w.shape[0] // heads - dn)
-        if self.decode:
-            w_uk, w_uv = split_kv_b(w, heads, dn)
-            q_lat = absorb_query(q_nope[:, self.dec_rows], w_uk)[0]  # [B, H, r]
-            o_lat = mla_decode_paged(q_lat, q_pe[0, self.dec_rows], kv_pages, self.table, self.seq_lens,
-                                     attn.scale, max_seq_len=self.max_len)
-            out[self.dec_rows] = torch.einsum("bhr,hvr->bhv", o_lat, w_uv)
-        for i in self.prefill:
-            s, t, off = plan.starts[i], plan.lens[i], plan.offsets[i]
-            lat, kpe = gather_kv(kv_pages, self.page_rows[i], off + t, r)
-            o = mla_expanded(q_nope[:, s : s + t], q_pe[:, s : s + t], lat[None], kpe[None], w, attn.scale,
-                             q_offset=off)
-            out[s : s + t] = o[0]
-        return out[None]
-
-
 # --- the forward ------------------------------------------------------------------------------------------------
 class PipeStage:
     """This rank's part of a pipelined serving forward, driven by the job's pipeline schedule made
@@ -289,19 +185,38 @@ def run_plan(model, cache, plan: StepPlan, pipe: PipeStage | None = None, stage=
     if pipe is None:
         n = len(model.model.layers)
         stage = stage or model.pipeline_stage(0, 1, range(n))
-        return _stage_forward(stage, cache, plan, {li: li for li in range(n)}, None, dev)
+        return _stage_forward(stage, cache, StepIndex(plan, cache, dev), {li: li for li in range(n)}, None)
     slots = {li: i for i, li in enumerate(pipe.layer_ids)}
     groups = _microbatches(plan, pipe.executor.schedule.directions)
     subs = [plan.select(g) for g in groups]
+    indexes: dict[int, StepIndex] = {}  # one per micro-batch, shared by this rank's stages (two under DualPipeV)
+
+    def forward(stage, mb: int, x: torch.Tensor | None) -> torch.Tensor:
+        if mb not in indexes:
+            indexes[mb] = StepIndex(subs[mb], cache, dev)
+        return _stage_forward(stage, cache, indexes[mb], slots, x)
+
     hidden = model.config.hidden_size
-    outputs = pipe.executor.run_forward_with(
-        lambda stage, mb, x: _stage_forward(stage, cache, subs[mb], slots, x, dev),
-        lambda mb: (1, len(subs[mb].ids), hidden), model.lm_head.weight.dtype, dev)
+    outputs = pipe.executor.run_forward_with(forward, lambda mb: (1, len(subs[mb].ids), hidden),
+                                             model.lm_head.weight.dtype, dev)
     logits = _deliver_logits(pipe, outputs, subs, model.config.vocab_size, dev)
-    if logits.shape[0]:  # back to the plan's segment order (DualPipe's micro-batches regroup segments)
-        wanted = [i for g in groups for i in g if plan.want_logits[i]]
-        logits = logits[torch.tensor(sorted(range(len(wanted)), key=wanted.__getitem__), device=dev)]
+    if logits.shape[0]:  # back to the plan's row order (DualPipe's micro-batches regroup segments)
+        wanted = [(i, k) for g in groups for i in g for k in range(int(plan.want_logits[i]))]
+        order = sorted(range(len(wanted)), key=wanted.__getitem__)
+        logits = logits.index_select(0, torch.tensor(order, dtype=torch.long, device=dev))
     return logits
+
+
+def decoder_forward(model, index: StepIndex, ctx: PagedAttention, layer_ids: list[int],
+                    h: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder layers `layer_ids` of the whole model over the step's tokens ([1, N, H]; embedded from
+    `index.ids` when `h` is None), with the step's attention context (speculative decoding's forward)."""
+    if h is None:
+        h = model.model.embed_tokens(index.ids[None])
+    cos, sin = index.rope(model, h.dtype)
+    for li in layer_ids:
+        h = model.model.layers[li](h, cos, sin, ctx)
+    return h
 
 
 def _microbatches(plan: StepPlan, directions: tuple[int, ...]) -> list[list[int]]:
@@ -319,28 +234,27 @@ def _microbatches(plan: StepPlan, directions: tuple[int, ...]) -> list[list[int]
     return groups
 
 
-def _stage_forward(stage, cache, plan: StepPlan, layer_slots: dict[int, int], h: torch.Tensor | None,
-                   dev: torch.device) -> torch.Tensor:
-    """One pipeline stage (parallel.pipeline.stages.PipelineStage) over one plan: the decoder layers with
-    the paged attention context; on the last stage the wanted rows' fp32 logits. An empty micro-batch (a step
-    with fewer sequences than the schedule's micro-batches) runs nothing: it is empty on every rank alike, so
-    no collective is skipped on one rank only."""
-    if not plan.ids:
+def _stage_forward(stage, cache, index: StepIndex, layer_slots: dict[int, int], h: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """One pipeline stage (parallel.pipeline.stages.PipelineStage) over one plan's `StepIndex`: the decoder
+    layers with the paged attention context; on the last stage the wanted rows' fp32 logits. An empty
+    micro-batch (a step with fewer sequences than the schedule's micro-batches) runs nothing: it is empty on
+    every rank alike, so no collective is skipped on one rank only."""
+    dev = index.ids.device
+    if not index.n:
         if stage.is_last:
             return torch.zeros(0, 0, dtype=torch.float32, device=dev)  # no rows wanted: never delivered
         return h if h is not None else torch.zeros(1, 0, stage.embed_tokens.weight.shape[1], device=dev,
                                                    dtype=stage.embed_tokens.weight.dtype)
-    ctx = PagedAttention(cache, plan, layer_slots, dev)
+    ctx = PagedAttention(cache, index, layer_slots)
     if stage.is_first:
-        h = stage.embed_tokens(torch.tensor(plan.ids, dtype=torch.long, device=dev)[None])
-    cos, sin = stage.rotary(torch.tensor(plan.positions, dtype=torch.long, device=dev), h.dtype)
+        h = stage.embed_tokens(index.ids[None])
+    cos, sin = index.rope(stage, h.dtype)
     for layer in stage.layers.values():
         h = layer(h, cos, sin, ctx)
     if not stage.is_last:
         return h
-    rows = torch.tensor([plan.starts[i] + plan.lens[i] - 1 for i in range(len(plan)) if plan.want_logits[i]],
-                        dtype=torch.long, device=dev)
-    return stage.lm_head(stage.norm(h[0, rows])).float()
+    return stage.lm_head(stage.norm(h[0].index_select(0, index.want_rows))).float()
 
 
 def _deliver_logits(pipe: PipeStage, outputs: dict[int, torch.Tensor], subs: list[StepPlan], vocab: int,

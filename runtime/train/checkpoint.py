@@ -12,13 +12,20 @@ A checkpoint `<out>/ckpt/step-N/` holds
 Atomicity: everything goes to `ckpt/.tmp-step-N/` (each file fsynced), then rank 0 writes the manifest,
 fsyncs, renames the directory to `step-N` and only then replaces the `latest` pointer (write + fsync +
 os.replace). A kill at any moment leaves either the previous `latest` or the new one, never a half
-checkpoint under a `step-N` name. Requires a file system all writers share (one writer per pipeline stage).
-Nothing is ever unpickled: tensors are safetensors, the rest JSON.
+checkpoint under a `step-N` name. Re-saving an existing step moves the old one aside (`.old-step-N`) and
+deletes it only once the new one is in place; a failed rename puts it back, and readers fall back to it.
+Requires a file system all writers share (one writer per pipeline stage). Nothing is ever unpickled:
+tensors are safetensors, the rest JSON.
+
+A save that fails on any rank (a full disk, a permission) fails on every rank alike: each phase ends with
+an agreement over the control group, so all ranks raise `CheckpointSaveError` at the same point and stay in
+step; the half-written `.tmp-step-N` is removed and nothing that existed before is lost.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from parallel.shard import to_full, to_local
 from runtime.model.hf_checkpoint import INDEX_NAME, CheckpointError, chmod_as_umask, hf_tensors
@@ -41,6 +49,10 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 # Keys that may change between a run and its resumption without changing what is being trained.
 _HASH_SKIP = {"train": ("steps", "resume", "save_every", "out")}
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (on this rank or another); raised on every rank alike."""
 
 
 def config_hash(config: dict) -> str:
@@ -104,7 +116,14 @@ def save_checkpoint(out: str, step: int, *, params: list[tuple[str, torch.Tensor
                     manifest: dict[str, Any], mesh=None, tokenizer_source: str | None = None) -> str:
     """Write `<out>/ckpt/step-N` atomically. Collective: every rank calls it (optim_state comes from
     ZeroAdamW.full_state(), itself collective). Returns the checkpoint directory."""
-    world = mesh.group("world") if mesh is not None and mesh.world_size > 1 else None
+    quiet = getattr(mesh, "quiet", None)  # writing may keep a rank out of collectives for long: not hung
+    with quiet(f"writing checkpoint step-{step}") if quiet is not None else contextlib.nullcontext():
+        return _save(out, step, params, buffers, marks, optim_state, model_config, manifest, mesh,
+                     tokenizer_source)
+
+
+def _save(out, step, params, buffers, marks, optim_state, model_config, manifest, mesh, tokenizer_source) -> str:
+    control = mesh.group("control") if mesh is not None and mesh.world_size > 1 else None
     tp_group = mesh.group("tp") if mesh is not None else None
     ep_group = mesh.group("ep") if mesh is not None else None
     rank = mesh.rank if mesh is not None else 0
@@ -113,14 +132,14 @@ def save_checkpoint(out: str, step: int, *, params: list[tuple[str, torch.Tensor
     root = os.path.join(out, "ckpt")
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f".tmp-step-{step}")
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        for stale in os.listdir(root):  # torn writes of a killed run (never read: no manifest)
-            if stale.startswith(".tmp-step-"):
-                shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
-        os.makedirs(tmp)
-    if world is not None:
-        dist.barrier(group=world)
+    agree = _Agreement(control, rank, step, tmp)
+    with agree.phase():
+        if rank == 0:
+            os.makedirs(root, exist_ok=True)
+            for stale in os.listdir(root):  # torn writes of a killed run (never read: no manifest)
+                if stale.startswith(".tmp-step-"):
+                    shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+            os.makedirs(tmp)
 
     # Gather to full shapes (collective over tp / ep), then one writer per pipeline stage writes.
     full_params = [(n, to_full(t.detach(), marks.get(n, {}), tp_group, ep_group)) for n, t in params]
@@ -129,23 +148,48 @@ def save_checkpoint(out: str, step: int, *, params: list[tuple[str, torch.Tensor
         info = marks.get(name, {})
         for kind in OPT_KINDS:
             opt[f"{kind}.{name}"] = to_full(kinds[kind], info, tp_group, ep_group)
-    if writer:
-        tensors = {k: t.clone() for k, t in hf_tensors(full_params + [(n, b.detach()) for n, b in buffers],
-                                                       model_config.num_hidden_layers,
-                                                       model_config.tie_word_embeddings)}  # no shared storage
-        _save_tensors(tensors, os.path.join(tmp, f"model-pp{pp_rank:03d}-of-{pp:03d}.safetensors"))
-        _save_tensors(opt, os.path.join(tmp, f"optim-pp{pp_rank:03d}.safetensors"))
-    if world is not None:
-        dist.barrier(group=world)
-    if rank == 0:
-        _crash_hook(step, "mid-write")
-        from runtime.model.tokenizer_files import copy_tokenizer_files
+    with agree.phase():
+        if writer:
+            tensors = {k: t.clone() for k, t in hf_tensors(full_params + [(n, b.detach()) for n, b in buffers],
+                                                           model_config.num_hidden_layers,
+                                                           model_config.tie_word_embeddings)}  # no shared storage
+            _save_tensors(tensors, os.path.join(tmp, f"model-pp{pp_rank:03d}-of-{pp:03d}.safetensors"))
+            _save_tensors(opt, os.path.join(tmp, f"optim-pp{pp_rank:03d}.safetensors"))
+    with agree.phase():
+        if rank == 0:
+            _crash_hook(step, "mid-write")
+            from runtime.model.tokenizer_files import copy_tokenizer_files
 
-        copy_tokenizer_files(tokenizer_source, tmp)
-        _finish(tmp, final, root, step, model_config, manifest)
-    if world is not None:
-        dist.barrier(group=world)
+            copy_tokenizer_files(tokenizer_source, tmp)
+            _finish(tmp, final, root, step, model_config, manifest)
     return final
+
+
+class _Agreement:
+    """Ends each phase of a save with every rank knowing whether any rank failed in it (a MAX all-reduce of
+    a flag over the control group, which also synchronises the ranks like a barrier). On a failure every
+    rank raises CheckpointSaveError, and rank 0 removes the half-written directory."""
+
+    def __init__(self, group, rank: int, step: int, tmp: str) -> None:
+        self.group, self.rank, self.step, self.tmp = group, rank, step, tmp
+
+    @contextlib.contextmanager
+    def phase(self):
+        error: BaseException | None = None
+        try:
+            yield
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+            error = e
+        failed = error is not None
+        if self.group is not None:
+            flag = torch.tensor([int(failed)], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            failed = bool(flag.item())
+        if failed:
+            if self.rank == 0:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            why = f"{type(error).__name__}: {error}" if error is not None else "another rank could not write its part"
+            raise CheckpointSaveError(f"checkpoint step-{self.step} not saved (rank {self.rank}: {why})") from error
 
 
 def _finish(tmp: str, final: str, root: str, step: int, model_config: Any, manifest: dict) -> None:
@@ -160,9 +204,17 @@ def _finish(tmp: str, final: str, root: str, step: int, model_config: Any, manif
     _write_json(os.path.join(tmp, "config.json"), with_mtp_held(model_config.to_hf_dict(), weight_map))
     _write_json(os.path.join(tmp, MANIFEST), {"format": FORMAT, "step": step, **manifest})
     _fsync_dir(tmp)
-    if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    old = None
+    if os.path.exists(final):  # re-saving the same step (e.g. after a resume): the old one stays until replaced
+        old = os.path.join(root, f".old-step-{step}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if old is not None:
+            os.rename(old, final)
+        raise
     _fsync_dir(root)
     pointer = os.path.join(root, f".{LATEST}.tmp")
     with open(pointer, "w") as f:
@@ -171,6 +223,8 @@ def _finish(tmp: str, final: str, root: str, step: int, model_config: Any, manif
         os.fsync(f.fileno())
     os.replace(pointer, os.path.join(root, LATEST))
     _fsync_dir(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- reading -----------------------------------------------------------------------------------------------
@@ -190,6 +244,8 @@ def latest_checkpoint(out: str) -> str | None:
             name = f.read().strip()
         if _STEP_RE.match(name) and is_complete(os.path.join(root, name)):
             return os.path.join(root, name)
+        if _STEP_RE.match(name) and is_complete(os.path.join(root, f".old-{name}")):
+            return os.path.join(root, f".old-{name}")  # killed while re-saving that step: the old copy
     steps = sorted((int(m.group(1)), d) for d in os.listdir(root) if (m := _STEP_RE.match(d))
                    and is_complete(os.path.join(root, d)))
     return os.path.join(root, steps[-1][1]) if steps else None

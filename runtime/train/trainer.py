@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -86,7 +87,7 @@ class Trainer:
         for g in self.gates:
             g.aux_loss_coef = tr["aux_loss_coef"]
         self.marks = shard_marks(self.model)
-        self.stages, self.executor, self._chunk0 = {}, None, set()
+        self.stages, self.executor, self._chunk0, self.slices = {}, None, set(), []
         if self.pp > 1:
             self._build_pipeline(par)
         self.gates = [g for g in self.gates if self._holds_module(g)]
@@ -102,6 +103,7 @@ class Trainer:
         for g in self.gates:
             g.register_forward_hook(self._gate_hook(layer_of.get(id(g))))
         self.step = 0
+        self.resume_manifest: dict[str, Any] = {}  # the manifest of the checkpoint this run resumed from
         if resume_from is not None:
             self._load_state(resume_from)
 
@@ -110,11 +112,13 @@ class Trainer:
         from parallel.pipeline import build
         from parallel.pipeline.executor import PipelineExecutor
         from parallel.pipeline.stages import build_stages
+        from parallel.pipeline.validate import slices
 
         self.schedule = build(par["schedule"], self.pp, self.microbatches)
         self.stages = build_stages(self.model, self.schedule, self.mesh.coord("pp"))
         self._chunk0 = {n for n, _ in self.stages[0].full_named_parameters()}
         self.executor = PipelineExecutor(self.stages, self.schedule, self.mesh)
+        self.slices = slices(self.executor.schedule)  # consistent cuts, for stepping in slices
 
     def _holds_module(self, module: nn.Module) -> bool:
         if not self.stages:
@@ -238,10 +242,20 @@ class Trainer:
     def pipelined(self) -> bool:
         return self.executor is not None
 
-    def pipeline_step(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Forward and backward of the pipeline schedule over these (input_ids, labels) micro-batches
-        (gradients accumulate); the step's loss (collective over the pipeline)."""
-        return float(self.executor.run_step(microbatches))
+    @property
+    def slice_count(self) -> int:
+        """How many slices a pipelined step runs in (the shared scheduler serves between them)."""
+        return len(self.slices)
+
+    def forward_pipeline(self, model: nn.Module):
+        """A forward-only executor of this job's schedule over another model's stages on this rank (a frozen
+        reference): same stage placement, so its last stage is where the training loss is computed."""
+        from parallel.pipeline import forward_only
+        from parallel.pipeline.executor import PipelineExecutor
+        from parallel.pipeline.stages import build_stages
+
+        sched = forward_only(self.schedule)
+        return PipelineExecutor(build_stages(model, sched, self.mesh.coord("pp")), sched, self.mesh)
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor,
                          chunks: list[slice]) -> dict[str, float]:
@@ -300,12 +314,15 @@ class Trainer:
             "model_dtype": self.config["model"]["dtype"],
         }
 
-    def save(self) -> str:
+    def save(self, extra: dict[str, Any] | None = None) -> str:
+        """Write `<train.out>/ckpt/step-N` (collective); `extra` goes into its manifest (e.g. a server's
+        weight version, as `serving`), and comes back as `resume_manifest` when a run resumes from it."""
         state = self.optimizer.full_state()
+        manifest = self.manifest() | ({"serving": extra} if extra else {})
         return ckpt.save_checkpoint(
             self.config["train"]["out"], self.step, params=self.named_parameters(),
             buffers=self.named_buffers(), marks=self.marks, optim_state=state,
-            model_config=self.model.config, manifest=self.manifest(), mesh=self.mesh,
+            model_config=self.model.config, manifest=manifest, mesh=self.mesh,
             tokenizer_source=self.resume_from or self.config["model"]["path"])
 
     def _load_state(self, path: str) -> None:
@@ -317,20 +334,27 @@ class Trainer:
         reader = ckpt.OptimizerStateReader(path, self.marks, shapes)
         self.optimizer.load_state(lambda n, k: reader(n, k).to(self.device), manifest["optimizer_steps"])
         self.step = int(manifest["data"]["next_step"])
+        self.resume_manifest = manifest
         ckpt.set_rng_state(manifest.get("rng", {}))
         was = manifest["layout"]
         self.log(f"resumed from {path} at step {self.step} (written at pp={was['pp']} dp={was['dp']} "
                  f"tp={was['tp']} ep={was['ep']})")
 
     # --- a whole run -----------------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
+    def fit(self, stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Train to train.steps. `stop()` (collective when it is runtime.stopping's `agreed`) is asked after
+        every step: when it says so, the run ends there and saves a checkpoint unless the last step is
+        already in one. The summary says whether it `stopped` and names the newest `checkpoint`."""
         tr = self.config["train"]
         total, out = tr["steps"], tr["out"]
         metrics = MetricsFile(out, self.step) if self.rank == 0 else None
         first_step, t_start, n_done = self.step + 1, time.perf_counter(), 0
         first_loss = last_loss = float("nan")
         die_after = os.environ.get("MOERUN_TEST_EXIT_AFTER_STEP")
+        tick = getattr(self.mesh, "tick", None) or (lambda: None)  # the watchdog's progress counter
+        saved_step, checkpoint, stopped = self.step, self.resume_from, False
         while self.step < total:
+            tick()
             m = self.train_step(self.batch(self.step))
             n_done += 1
             last_loss = m["loss"]
@@ -341,17 +365,24 @@ class Trainer:
                 elapsed = time.perf_counter() - t_start
                 self.log(progress_line(m, total, elapsed / n_done * (total - self.step)))
             if tr["save_every"] and (self.step % tr["save_every"] == 0 or self.step == total):
-                path = self.save()
-                self.log(f"saved checkpoint {path}")
+                checkpoint, saved_step = self.save(), self.step
+                self.log(f"saved checkpoint {checkpoint}")
             if die_after is not None and self.step == int(die_after):
                 sys.stdout.flush()
                 os._exit(19)  # test hook: a kill right after this step (and its checkpoint, if any)
+            if stop is not None and self.step < total and stop():
+                stopped = True
+                break
+        if stopped and self.step != saved_step:  # nothing applied is lost
+            checkpoint = self.save()
+            self.log(f"saved checkpoint {checkpoint}")
         elapsed = time.perf_counter() - t_start
         tokens = n_done * self.data.global_batch * self.data.seq_len
         summary = {"steps": n_done, "first_step": first_step, "last_step": self.step, "tokens": tokens,
                    "time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
                    "first_loss": first_loss, "last_loss": last_loss,
-                   "peak_memory_bytes": peak_memory_bytes(self.device)}
+                   "peak_memory_bytes": peak_memory_bytes(self.device), "stopped": stopped,
+                   "checkpoint": checkpoint}
         if self.rank == 0 and n_done:
             print_summary(summary)
         return summary
