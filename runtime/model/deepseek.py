@@ -341,10 +341,9 @@ class DeepseekModel(nn.Module):
                         else NotHeld("the LM head (last pipeline stage)"))
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # the whole model's MTP depth (every pipeline rank knows it; only the last stage's rank builds them)
-        self.mtp_depth = cfg.num_nextn_predict_layers if mtp else 0
-        n_mtp = self.mtp_depth if self.parts.last else 0
-        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k, dispatcher) for k in range(n_mtp))
+        self.mtp_depth = cfg.num_nextn_predict_layers if mtp else 0  # known on every pp rank; the last builds
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k, dispatcher)
+                                 for k in range(self.mtp_depth if self.parts.last else 0))
         self.rotary = Rotary(cfg)
         self.mtp_loss_coef = 0.3
 
