@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "talk to a running server: generate, health, info, metrics, abort, save, keygen"),
     "schedule": ("launch.commands.schedule", "build and simulate a pipeline schedule (bubbles, timeline)"),
     "plan": ("launch.commands.plan", "rank parallel layouts by predicted memory and step time"),
+    "dryrun": ("launch.commands.dryrun", "one rank of an N-rank training step on fake tensors: its memory"),
 }
 
 EPILOG = """\

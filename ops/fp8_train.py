@@ -79,18 +79,17 @@ class _Fp8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        wq = fake_quant_weight(weight)
-        ctx.save_for_backward(x, wq)
+        ctx.save_for_backward(x, weight)  # the weight is held anyway: re-quantised in the backward, not kept
         ctx.dtypes = (x.dtype, weight.dtype)
-        return (fake_quant_act(x) @ wq.T).to(x.dtype)
+        return (fake_quant_act(x) @ fake_quant_weight(weight).T).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: D102
-        x, wq = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = (fake_quant_act(dy) @ wq).to(x_dtype)
+            dx = (fake_quant_act(dy) @ fake_quant_weight(weight)).to(x_dtype)
         if ctx.needs_input_grad[1]:
             dw = (fake_quant_act(dy.T) @ fake_quant_act(x.T).T).to(w_dtype)
         return dx, dw

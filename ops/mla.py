@@ -39,14 +39,17 @@ def mla_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
     k_nope, v = kv[..., :dn], kv[..., dn:]
     k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, s, h, k_pe.shape[-1])], dim=-1)
     q = torch.cat([q_nope, q_pe], dim=-1)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     dv = v.shape[-1]
-    if dv < q.shape[-1] and q.dtype == torch.float32 and q.device.type == "cpu" and not torch.is_grad_enabled():
-        # fp32 inference on CPU: values zero-padded to the query/key head dim let torch's fused attention
-        # kernel run (it needs one head dim; otherwise SDPA takes its unfused math path); the same output
-        # columns within 1e-5. bf16 keeps the math path: the fused kernel rounds differently, which moves a
-        # served bf16 generation across router near-ties (tests/test_bf16.py checks it against fp32)
+    fp32_cpu_inference = q.dtype == torch.float32 and q.device.type == "cpu" and not torch.is_grad_enabled()
+    if dv < q.shape[-1] and (q.requires_grad or fp32_cpu_inference):
+        # The fused attention kernels (flash on CPU) need one head dim for q, k and v; without it SDPA takes
+        # its unfused math path. Zero columns appended to v leave the first dv output columns as they were.
+        # Training pads always: the math path keeps every [T, S] score matrix for the backward (CUDA's
+        # memory-efficient kernel takes dv < dq as is). fp32 inference on CPU pads for speed (the same output
+        # within 1e-5); bf16 inference keeps the math path: the fused kernel rounds differently, which moves
+        # a served bf16 generation across router near-ties (tests/test_bf16.py checks it against fp32).
         v = F.pad(v, (0, q.shape[-1] - dv))
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if mask is not None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     elif q_offset == 0 and s == t:

@@ -28,6 +28,8 @@ Semantics (DeepEP normal mode):
   `handle.wait()` finishes it. Every transfer can be held behind an emulated link (parallel/link.py):
   `transfer.delay(link, nbytes)`, or a `Dispatcher(link=...)` that delays each of its transfers by its
   off-rank bytes.
+- Dry runs (`moerun dryrun`, fake tensors): the counts cannot be read, so each rank takes the balanced
+  expectation of uniform routing (`expected_counts`); everything else runs as written.
 - Dropless by default. With `capacity_factor`, each rank keeps at most
   ceil(capacity_factor * tokens * top_k / num_experts) of its own (token, expert) pairs per expert, in
   token order; the rest are dropped (they contribute nothing) and counted in `handle.num_dropped`.
@@ -44,11 +46,12 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from cluster import group_rank, group_size
+from cluster.fake import is_fake, no_fake_mode
 from parallel.routing import NodeLimit
 from parallel.tensor import gather_from_tp, scatter_rows_to_tp, shard
 
 __all__ = ["Transfer", "DispatchHandle", "Dispatcher", "dispatch_async", "dispatch", "combine_async", "combine",
-           "global_expert_counts", "experts_per_rank"]
+           "global_expert_counts", "experts_per_rank", "expected_counts"]
 
 
 class Transfer:
@@ -190,7 +193,12 @@ class DispatchHandle:
             order = torch.argsort(experts, stable=True)
             pairs, self.recv_expert = pairs[order], experts[order]
             self.recv_rows, self.recv_slots = pairs // self.top_k, pairs % self.top_k
-            self.tokens_per_expert = _count(self.recv_expert, self.experts_per_rank)
+            if is_fake(self.recv_expert):  # a dry run: the balanced split, as values the host can read
+                with no_fake_mode():
+                    per, extra = divmod(self.recv_pairs, self.experts_per_rank)
+                    self.tokens_per_expert = torch.tensor([per + (e < extra) for e in range(self.experts_per_rank)])
+            else:
+                self.tokens_per_expert = _count(self.recv_expert, self.experts_per_rank)
             self.recv_weights = recv_w[self.recv_rows, self.recv_slots]
             self._result = recv_x.index_select(0, self.recv_rows)
         return self._result
@@ -306,14 +314,17 @@ def dispatch_async(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.
     to_rank = hits.any(1)                                                               # [N, ep]
     sent = torch.stack([to_rank.sum(0), hits.sum((0, 1))])                              # [2, ep] tokens, pairs
     if group is None:
-        recv_pairs = int(sent[1, 0])  # the one host sync of a dispatch
+        recv_pairs = n * k if is_fake(sent) else int(sent[1, 0])  # the one host sync of a dispatch
         handle = DispatchHandle(None, num_experts, epr, n, k, [n], [n], recv_pairs,
                                 torch.arange(n, device=x.device), expert_counts, dropped_per_expert, link)
         handle._recv = (routed, x, topk_weights)
         return handle
     got = torch.empty_like(sent.t().contiguous())
     dist.all_to_all_single(got, sent.t().contiguous(), group=group)                     # [ep, 2] from each
-    counts = torch.cat([sent[0], got[:, 0], got[:, 1]]).tolist()  # the one host sync of a dispatch
+    if is_fake(got):  # a dry run (moerun dryrun): no values to read; every rank routes as expected
+        counts = expected_counts(n, k, ep, num_experts)
+    else:
+        counts = torch.cat([sent[0], got[:, 0], got[:, 1]]).tolist()  # the one host sync of a dispatch
     send_counts, recv_counts, recv_pairs = counts[:ep], counts[ep:2 * ep], sum(counts[2 * ep:])
     # rows to send, by destination rank then token (an argsort where nonzero would sync again)
     order = torch.argsort((~to_rank.t().reshape(-1)).to(torch.int8), stable=True)[: sum(send_counts)]
@@ -394,6 +405,17 @@ def global_expert_counts(handle: DispatchHandle) -> torch.Tensor:
     if handle.group is not None:
         dist.all_reduce(counts, group=handle.group)
     return counts
+
+
+def expected_counts(n: int, k: int, ep: int, num_experts: int) -> list[int]:
+    """A dispatch's counts when routing is uniform and every rank alike (what a dry run assumes: fake
+    tensors carry no routes): [tokens sent to each rank] + [tokens received from each] + [pairs received
+    from each]. A token reaches a rank when one of its k distinct experts (of E) lies in that rank's E/ep:
+    probability 1 - C(E - E/ep, k) / C(E, k); each rank receives n*k/ep pairs from every source."""
+    epr = num_experts // ep
+    p = 1.0 - math.comb(num_experts - epr, k) / math.comb(num_experts, k) if k <= num_experts else 1.0
+    tokens, pairs = round(n * p), round(n * k / ep)
+    return [tokens] * ep + [tokens] * ep + [pairs] * ep
 
 
 class Dispatcher:

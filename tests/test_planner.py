@@ -22,7 +22,7 @@ from parallel.planner.hardware import (
     fp8_gemm_tflops,
     get_gpu,
 )
-from parallel.planner.models import BUILTIN, from_hf_config, load_model
+from parallel.planner.models import BUILTIN, from_hf_config, load_model, with_overrides
 from parallel.planner.pipeline_time import pipeline_time
 from parallel.planner.search import Candidate, Planner, parse_layout, partition, ramp_seconds, rank_stages
 
@@ -109,17 +109,17 @@ def test_fp8_gemm_kernels_cutlass36_is_deepgemm_over_speedup():
         for nk in DEEPGEMM_DENSE:
             assert fp8_gemm_tflops(H800, m, *nk) <= fp8_gemm_tflops(H800, m, *nk, kernels="deepgemm") + 1e-9
     par = Par(tp=1, ep=64)
-    a, b = CostModel(V3, H800), CostModel(V3, H800, Setup(gemm_kernels="deepgemm"))
+    a, b = CostModel(V3, H800, Setup(kernels_of="2024-12")), CostModel(V3, H800, Setup(kernels_of="2025-02"))
     assert a.head(par).f == pytest.approx(b.head(par).f)
     assert a.layer(True, par).f > b.layer(True, par).f
-    bf_a = CostModel(V3, H800, Setup(precision="bf16")).layer(True, par)
-    bf_b = CostModel(V3, H800, Setup(precision="bf16", gemm_kernels="deepgemm")).layer(True, par)
+    bf_a = CostModel(V3, H800, Setup(precision="bf16", kernels_of="2024-12")).layer(True, par)
+    bf_b = CostModel(V3, H800, Setup(precision="bf16", kernels_of="2025-02")).layer(True, par)
     assert bf_a.f == pytest.approx(bf_b.f) and bf_a.b == pytest.approx(bf_b.b)
     # unknown kernels: a clear error naming the valid values
     with pytest.raises(ValueError, match="cutlass36, deepgemm"):
         fp8_gemm_tflops(H800, 4096, 4096, 7168, kernels="cublas")
-    with pytest.raises(ValueError, match="gemm_kernels"):
-        Setup(gemm_kernels="cutlass")
+    with pytest.raises(ValueError, match="YYYY-MM"):
+        Setup(kernels_of="2024")
 
 
 def test_selective_recompute_pays_norms_and_swiglu():
@@ -265,21 +265,21 @@ V3_CHECK = ["plan", "--model", "deepseek-v3", "--nodes", "256", "--gpus-per-node
 
 
 def test_cli_deepseek_v3_check_against_published_cost():
-    """The report's layout on 2048 H800 with the default kernels (cutlass36, V3's 2024 run predates DeepGEMM)
-    lands within 15% of the published 180K GPU-hours per trillion tokens and fits in 80 GB; DeepGEMM's faster
-    kernels predict strictly fewer GPU-hours."""
-    rc, out, _ = _run_cli(V3_CHECK)
+    """The report's layout on 2048 H800 with the kernels of the report's date (2024-12: CUTLASS 3.6-based FP8
+    GEMMs, DeepGEMM not yet released; FlashAttention-3) lands within 15% of the published 180K GPU-hours per
+    trillion tokens and fits in 80 GB; today's kernels (DeepGEMM) predict strictly fewer GPU-hours."""
+    rc, out, _ = _run_cli(V3_CHECK + ["--kernels-of", "2024-12"])
     assert rc == 0
     doc = json.loads(out)
-    assert doc["setup"]["gemm_kernels"] == "cutlass36"
+    assert doc["setup"]["kernels"] == {"fp8_gemm": "cutlass36", "attention": "fa3"}
     best = doc["best"]
     assert (best["tp"], best["pp"], best["ep"], best["dp"]) == (1, 16, 64, 128)
     assert best["fits"] and best["memory_gb_per_gpu"] <= 80
     assert best["gpu_hours_per_trillion_tokens"] == pytest.approx(180_000, rel=0.15)
-    rc, out, _ = _run_cli(V3_CHECK + ["--gemm-kernels", "deepgemm"])
+    rc, out, _ = _run_cli(V3_CHECK)
     assert rc == 0
     fast = json.loads(out)
-    assert fast["setup"]["gemm_kernels"] == "deepgemm"
+    assert fast["setup"]["kernels"] == {"fp8_gemm": "deepgemm", "attention": "fa3"}
     fb = fast["best"]
     assert fb["fits"] and (fb["tp"], fb["pp"], fb["ep"], fb["dp"]) == (1, 16, 64, 128)
     assert fb["gpu_hours_per_trillion_tokens"] < best["gpu_hours_per_trillion_tokens"]
@@ -299,11 +299,9 @@ def test_cli_errors_and_table():
     assert rc == 1 and "ep=3 must divide" in err
     rc, out, _ = _run_cli(["plan", "--model", "deepseek-v2-lite", "--nodes", "1", "--gpu", "h200",
                            "--global-batch", "256", "--top", "2"])
-    assert rc == 0 and "best:" in out and "GPU-h/1T" in out and "cutlass36" in out
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):  # argparse: invalid choice
-        cli_main(["plan", "--model", "deepseek-v3", "--nodes", "1", "--gemm-kernels", "cublas"])
-    assert "--gemm-kernels" in err.getvalue() and "'cutlass36', 'deepgemm'" in err.getvalue()
+    assert rc == 0 and "best:" in out and "GPU-h/1T" in out and "kernels of latest: deepgemm, fa3" in out
+    rc, _, err = _run_cli(["plan", "--model", "deepseek-v3", "--nodes", "1", "--kernels-of", "2024"])
+    assert rc == 2 and "YYYY-MM" in err
 
 
 def test_cli_experts(tmp_path):
@@ -349,3 +347,56 @@ def test_layout_filter_lists_every_matching_layout(capsys):
     assert len(json.loads(capsys.readouterr().out)["layouts"]) == 3
     assert main(argv[:-3] + ["--json"]) == 0  # no --layout: the best 10
     assert len(json.loads(capsys.readouterr().out)["layouts"]) == 10
+
+
+def test_plan_prints_the_train_flags_of_its_layout(capsys):
+    """The recommended layout comes with the `moerun train` flags (and TOML) that run it: the job config they
+    make holds the layout, its micro-batches and the batch the planner assumed."""
+    import tomllib
+
+    from launch.cli import main
+    from runtime.jobconfig import load_config
+
+    argv = ["plan", "--model", "deepseek-v3", "--nodes", "256", "--gpus-per-node", "8", "--gpu", "h800",
+            "--layout", "pp=16,ep=64,tp=1", "--top", "1"]
+    assert main([*argv, "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["best"]
+    items = best["train_flags"].split()
+    assert items[::2] == ["--set"] * (len(items) // 2)
+    cfg = load_config(None, items[1::2])
+    par = cfg["parallel"]
+    assert (par["tp"], par["pp"], par["ep"], par["dp"]) == (best["tp"], best["pp"], best["ep"], best["dp"])
+    assert par["schedule"] == best["schedule"] and par["microbatches"] == best["microbatches"]
+    assert cfg["train"]["global_batch"] == 15360 and cfg["data"]["seq_len"] == 4096 and cfg["train"]["fp8"]
+    assert par["tp"] * par["pp"] * par["dp"] == 2048
+    assert main([*argv, "--toml"]) == 0
+    toml = tomllib.loads(capsys.readouterr().out)
+    assert toml["parallel"] == {k: par[k] for k in toml["parallel"]} and toml["train"]["global_batch"] == 15360
+    assert main(argv) == 0
+    assert f"moerun launch -n 2048 -- train JOB.toml {best['train_flags']}" in capsys.readouterr().out
+
+
+def test_published_runs_differ_only_in_stated_inputs():
+    """One cost model: V2's run and V3's differ by inputs that are facts of each run. The kernels of a date
+    are the newest released by then; FlashAttention-2 (before 2024-07) runs at 35% of peak ([FA3]'s abstract);
+    device-limited routing (V2: 3 of 8 groups at EP8, one group per GPU) bounds the GPUs a token reaches;
+    token dropping caps the routed rows at the capacity."""
+    from parallel.planner.hardware import ATTENTION_EFFICIENCY, kernels_of
+
+    assert kernels_of("2024-05") == {"fp8_gemm": "cutlass36", "attention": "fa2"}
+    assert kernels_of("2024-12") == {"fp8_gemm": "cutlass36", "attention": "fa3"}
+    assert kernels_of("2025-03") == kernels_of("latest") == {"fp8_gemm": "deepgemm", "attention": "fa3"}
+    assert ATTENTION_EFFICIENCY["fa2"][0] == 0.35
+    v2 = BUILTIN["deepseek-v2"]
+    old = CostModel(v2, H800, Setup(precision="bf16", kernels_of="2024-05"))
+    new = CostModel(v2, H800, Setup(precision="bf16", kernels_of="2024-12"))
+    assert old._attn_core(4096, Par())[0] == pytest.approx(new._attn_core(4096, Par())[0] * 0.585 / 0.35, rel=0.01)
+    limited = old.ep_alltoall(4096, Par(ep=8))[1]["ep_copies_per_token"]
+    free = CostModel(with_overrides(v2, topk_group=8), H800, Setup(precision="bf16")).ep_alltoall(
+        4096, Par(ep=8))[1]["ep_copies_per_token"]
+    assert limited == pytest.approx(3 * (1 - (2 / 3) ** 6) * 7 / 8)
+    assert free == pytest.approx(8 * (1 - (7 / 8) ** 6) * 7 / 8)
+    skewed = Setup(precision="bf16", load_imbalance=1.3)
+    dropped = Setup(precision="bf16", load_imbalance=1.3, capacity_factor=1.0)
+    assert (skewed.routed_load, dropped.routed_load) == (1.3, 1.0)
+    assert CostModel(v2, H800, dropped).layer(True, Par(ep=8)).f < CostModel(v2, H800, skewed).layer(True, Par(ep=8)).f

@@ -18,8 +18,17 @@ are in docs/tuning.md. Step time comes from the same pipeline simulator as `moer
   moerun plan --model deepseek-v3 --nodes 256 --gpus-per-node 8 --gpu h800
   moerun plan --model deepseek-v3 --nodes 256 --gpus-per-node 8 --gpu h800 --layout pp=16,ep=64,tp=1 --json
   moerun plan --model deepseek-v3 --nodes 256 --gpus-per-node 8 --gpu h800 --layout pp=16,ep=64,tp=1 \
-      --gemm-kernels deepgemm
+      --kernels-of 2024-12
   moerun plan --model path/to/config.json --nodes 4 --gpus-per-node 8 --gpu h100 --top 5
+
+The recommended layout ends with the `moerun train` flags that run it (`--toml`: the same as a TOML job
+config). The planner's default recipe is DeepSeek-V3's published one (selective recompute, FP8 caching);
+`--recipe moerun` plans for moerun's own trainer (no recompute; the memory `moerun dryrun` measures).
+
+This machine: measure it, then predict `moerun train` step times on it (imports torch):
+
+  moerun plan --calibrate --ranks 4 --machine-out machine.json
+  moerun plan --machine machine.json --job job.toml --set parallel.pp=2 --set parallel.ep=2
 
 Expert placement for serving with redundant experts (loads: .npy of shape (experts,) or (layers, experts)):
 
@@ -61,16 +70,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "TOKENS tokens (default 3072,469B as DeepSeek-V3; 'none' = off); affects only the "
                         "totals over --tokens, not the steady-state GPU-hours per trillion tokens")
     g.add_argument("--precision", choices=("fp8", "bf16"), default="fp8", help="GEMM precision (default fp8)")
-    g.add_argument("--gemm-kernels", choices=("cutlass36", "deepgemm"), default="cutlass36",
-                   help="FP8 GEMM throughputs. cutlass36: DeepSeek's internal CUTLASS 3.6-based FP8 GEMMs, the "
-                        "baseline of DeepGEMM's README = the kernels of V3's 2024 training run (default: the "
-                        "configuration checked against V3's published cost); deepgemm: DeepGEMM's "
-                        "first-release figures, up to 1.2x faster at M=4096")
+    g.add_argument("--kernels-of", default="latest", metavar="YYYY-MM",
+                   help="when the run trains: the FP8 GEMM and attention kernels it has are the newest released "
+                        "by then (2024-12, V3's report: CUTLASS 3.6-based FP8 GEMMs, FlashAttention-3; 2024-05, "
+                        "V2's: FlashAttention-2; default latest: DeepGEMM, FlashAttention-3)")
+    g.add_argument("--capacity-factor", type=float, default=0.0,
+                   help="token dropping: each expert keeps at most this x its balanced share of rows (V2 "
+                        "trained with 1.0; default 0: dropless, as V3)")
     g.add_argument("--load-imbalance", type=float, default=1.0,
                    help="max/mean routed tokens per GPU (default 1.0 = balanced)")
     g.add_argument("--reserve-gb", type=float, default=4.0,
                    help="memory kept for CUDA context, comm buffers, fragmentation (default 4)")
+    g.add_argument("--recipe", choices=("v3", "moerun"), default="v3",
+                   help="what training keeps in memory: v3 = DeepSeek-V3's published recipe (default), moerun = "
+                        "moerun's own trainer (model-dtype weights and gradients, fp32 AdamW state, no recompute)")
+    g.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="--recipe moerun: the model's dtype (default bfloat16)")
+    g.add_argument("--toml", action="store_true", help="print the recommended layout as a TOML job config")
     g.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c = p.add_argument_group("this machine (imports torch)")
+    c.add_argument("--calibrate", action="store_true",
+                   help="measure matmul, attention, memory, op cost, all-to-all, all-reduce, all-gather and p2p "
+                        "with --ranks local ranks at once")
+    c.add_argument("--ranks", type=int, default=4, help="local ranks for --calibrate and --job (default 4)")
+    c.add_argument("--machine", help="a machine profile written by --calibrate --machine-out")
+    c.add_argument("--machine-out", help="write the measured machine profile (JSON) here")
+    c.add_argument("--job", metavar="CONFIG",
+                   help="predict the step time of this `moerun train` job config on --ranks local ranks of the "
+                        "measured machine (with --set overrides)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="--job: override a job config key (repeatable)")
     e = p.add_argument_group("experts")
     e.add_argument("--load", help=".npy with per-expert loads, shape (experts,) or (layers, experts)")
     e.add_argument("--gpus", type=int, help="GPUs serving the experts")
@@ -83,6 +112,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.what == "experts":
             return _run_experts(args)
+        if args.calibrate or args.machine:
+            from launch.commands.plan_machine import run_machine
+
+            return run_machine(args)
+        if args.job or args.overrides:
+            raise ValueError("--job and --set need a machine: --calibrate or --machine PROFILE")
         return _run_layouts(args)
     except ValueError as e:
         print(f"moerun plan: error: {e}", file=sys.stderr)
@@ -105,9 +140,11 @@ def _run_layouts(args: argparse.Namespace) -> int:
     gpu = get_gpu(args.gpu)
     ramp_start, ramp_tokens = _batch_ramp(args.batch_ramp, args.global_batch)
     setup = Setup(seq_len=args.seq_len, global_batch=args.global_batch, precision=args.precision,
-                  gemm_kernels=args.gemm_kernels, gpus_per_node=args.gpus_per_node, reserve_gb=args.reserve_gb,
+                  kernels_of=args.kernels_of, capacity_factor=args.capacity_factor,
+                  gpus_per_node=args.gpus_per_node, reserve_gb=args.reserve_gb,
                   load_imbalance=args.load_imbalance,
-                  batch_ramp_start=ramp_start, batch_ramp_tokens=ramp_tokens)
+                  batch_ramp_start=ramp_start, batch_ramp_tokens=ramp_tokens, recipe=args.recipe,
+                  dtype_bytes=4 if args.dtype == "float32" else 2)
     planner = Planner(model, gpu, args.nodes, args.gpus_per_node, setup, tokens=args.tokens)
     fixed = parse_layout(args.layout) if args.layout else {}
     top = args.top if args.top is not None else (1 << 30 if fixed else 10)  # --layout: every match
@@ -120,12 +157,21 @@ def _run_layouts(args: argparse.Namespace) -> int:
         "model": model.name, "gpu": gpu.name, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
         "world": planner.world, "tokens": args.tokens,
         "setup": {"seq_len": setup.seq_len, "global_batch": setup.global_batch, "precision": setup.precision,
-                  "gemm_kernels": setup.gemm_kernels,
+                  "kernels_of": setup.kernels_of, "kernels": setup.kernels,
+                  "capacity_factor": setup.capacity_factor,
                   "load_imbalance": setup.load_imbalance, "reserve_gb": setup.reserve_gb,
                   "batch_ramp": {"start": setup.batch_ramp_start, "tokens": setup.batch_ramp_tokens}},
         "layout_filter": fixed, "candidates": res["candidates"], "fit_memory": res["fit_memory"],
         "elapsed_s": round(res["elapsed_s"], 3), "layouts": rows, "best": best,
     }
+    if best:
+        best["train_flags"] = train_flags(best, setup, args.dtype if args.recipe == "moerun" else None)
+        best["train_toml"] = train_toml(best, setup, args.dtype if args.recipe == "moerun" else None)
+    if args.toml:
+        if not best:
+            raise ValueError("no layout to print")
+        print(best["train_toml"], end="")
+        return 0
     if args.json:
         print(json.dumps(out, indent=2))
         return 0 if best else 1
@@ -140,6 +186,37 @@ def _run_layouts(args: argparse.Namespace) -> int:
         return 1
     _print_table(out)
     return 0
+
+
+def _train_settings(row: dict, setup, dtype: str | None) -> dict[str, dict]:
+    """The job config keys of a planned layout: moerun's names for the planner's layout and batch."""
+    par = {"tp": row["tp"], "pp": row["pp"], "ep": row["ep"], "dp": row["dp"], "schedule": row["schedule"],
+           "microbatches": row["microbatches"]}
+    out = {"parallel": par, "train": {"global_batch": setup.global_batch}, "data": {"seq_len": setup.seq_len}}
+    if dtype:
+        out["model"] = {"dtype": dtype}
+    elif setup.precision == "fp8":
+        out["model"], out["train"]["fp8"] = {"dtype": "bfloat16"}, True
+    return out
+
+
+def train_flags(row: dict, setup, dtype: str | None = None) -> str:
+    """`--set` flags of `moerun train` that run the planned layout (world = tp * pp * dp ranks)."""
+    items = _train_settings(row, setup, dtype)
+    return " ".join(f"--set {sec}.{k}={str(v).lower() if isinstance(v, bool) else v}"
+                    for sec, d in items.items() for k, v in d.items())
+
+
+def train_toml(row: dict, setup, dtype: str | None = None) -> str:
+    """The planned layout as a TOML job config (merge with the model and data of the job)."""
+    lines = [f"# {row['tp'] * row['pp'] * row['dp']} ranks; planner: step {row['step_time_s']:.3g} s, "
+             f"{row['memory_gb_per_gpu']:.1f} GB per GPU (recompute {row['recompute']} assumed)"]
+    for sec, d in _train_settings(row, setup, dtype).items():
+        lines.append(f"\n[{sec}]")
+        for k, v in d.items():
+            lines.append(f"{k} = " + (str(v).lower() if isinstance(v, bool) else f'"{v}"' if isinstance(v, str)
+                                      else str(v)))
+    return "\n".join(lines) + "\n"
 
 
 def _batch_ramp(text: str, global_batch: int) -> tuple[int, float]:
@@ -171,9 +248,11 @@ def _why_not(planner, fixed: dict) -> str | None:
 
 
 def _print_table(out: dict) -> None:
+    st = out["setup"]
+    kernels = ", ".join(v for k, v in st["kernels"].items() if k != "fp8_gemm" or st["precision"] == "fp8")
     print(f"{out['model']} on {out['nodes']} x {out['gpus_per_node']} {out['gpu']} ({out['world']} GPUs), "
           f"seq {out['setup']['seq_len']}, batch {out['setup']['global_batch']} seqs, {out['setup']['precision']}"
-          f"{' (' + out['setup']['gemm_kernels'] + ' GEMMs)' if out['setup']['precision'] == 'fp8' else ''}; "
+          f" (kernels of {st['kernels_of']}: {kernels}); "
           f"{out['candidates']} layouts, {out['fit_memory']} fit in memory ({out['elapsed_s']:.2f} s)")
     head = ("#", "tp", "pp", "ep", "dp", "schedule", "mb", "mbs", "recompute", "mem GB", "step s", "bubble",
             "tok/s", "MFU", "GPU-h/1T")
@@ -191,6 +270,11 @@ def _print_table(out: dict) -> None:
               f"{b['gpu_hours_per_trillion_tokens']:,.0f} GPU-hours per trillion tokens, "
               f"{b['gpu_hours_total']:,.0f} GPU-hours / {b['days_total']} days for {out['tokens']:.3g} tokens"
               f" (batch ramp included)")
+    if b:
+        print(f"run it: moerun launch -n {b['tp'] * b['pp'] * b['dp']} -- train JOB.toml {b['train_flags']}")
+        if b["recompute"] != "none":
+            print(f"  (the planner assumed {b['recompute']} recompute, DeepSeek-V3's recipe; moerun's trainer does "
+                  "not recompute: --recipe moerun plans its memory)")
     if any(not r["fits"] for r in out["layouts"]):
         print("! does not fit in GPU memory")
     print("MFU against the BF16 dense peak; mb = micro-batches per step, mbs = sequences per micro-batch")

@@ -20,6 +20,7 @@ from .schedule import (
     dualpipev,
     forward_only,
     gpipe,
+    layer_split,
     one_f_one_b,
     phase_steps,
     zb1p,
@@ -29,7 +30,6 @@ from .validate import validate
 
 __all__ = [
     "BUILDERS", "SCHEDULE_KINDS", "Action", "Costs", "RankStats", "Schedule", "ScheduleError", "SimResult",
-    "Span", "bubble_formula", "build", "dualpipe", "dualpipev", "forward_only", "gpipe", "lower", "one_f_one_b",
-    "phase_steps",
-    "simulate", "validate", "zb1p",
+    "Span", "bubble_formula", "build", "dualpipe", "dualpipev", "forward_only", "gpipe", "layer_split", "lower",
+    "one_f_one_b", "phase_steps", "simulate", "validate", "zb1p",
 ]

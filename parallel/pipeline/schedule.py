@@ -52,6 +52,23 @@ class ScheduleError(ValueError):
     """An invalid schedule or invalid builder arguments; the message names the problem."""
 
 
+def layer_split(num_layers: int, num_stages: int) -> list[range]:
+    """Layer ranges of each stage: L // S each, the L % S extra layers on interior stages first.
+
+    Stages may be empty when L < S (an empty interior stage passes activations through unchanged)."""
+    if num_stages < 1 or num_layers < 0:
+        raise ValueError(f"need num_stages >= 1 and num_layers >= 0, got {num_stages}, {num_layers}")
+    counts = [num_layers // num_stages] * num_stages
+    order = list(range(1, num_stages - 1)) + [num_stages - 1, 0] if num_stages > 2 else list(range(num_stages))
+    for i in range(num_layers % num_stages):
+        counts[order[i]] += 1
+    out, start = [], 0
+    for c in counts:
+        out.append(range(start, start + c))
+        start += c
+    return out
+
+
 @dataclass(frozen=True)
 class Action:
     """One step of one rank's program. Fields that do not apply to a kind keep their default (-1 / "")."""

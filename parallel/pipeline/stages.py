@@ -14,6 +14,7 @@ rotary embedding, and the names of those parts in the model), so nothing here kn
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,24 +22,38 @@ from torch import nn
 
 from cluster import p2p
 
-from .schedule import Schedule, ScheduleError
+from .schedule import Schedule, ScheduleError, layer_split
+
+__all__ = ["HeldParts", "PipelineStage", "build_stages", "held_parts", "layer_split", "sum_mirrored_grads"]
 
 
-def layer_split(num_layers: int, num_stages: int) -> list[range]:
-    """Layer ranges of each stage: L // S each, the L % S extra layers on interior stages first.
+@dataclass(frozen=True)
+class HeldParts:
+    """What one pipeline rank builds of a model: its stages' decoder layers, and whether it holds the first
+    stage (token embedding) and the last (final norm, LM head, MTP). `layers` None: every layer (no pipeline)."""
 
-    Stages may be empty when L < S (an empty interior stage passes activations through unchanged)."""
-    if num_stages < 1 or num_layers < 0:
-        raise ValueError(f"need num_stages >= 1 and num_layers >= 0, got {num_stages}, {num_layers}")
-    counts = [num_layers // num_stages] * num_stages
-    order = list(range(1, num_stages - 1)) + [num_stages - 1, 0] if num_stages > 2 else list(range(num_stages))
-    for i in range(num_layers % num_stages):
-        counts[order[i]] += 1
-    out, start = [], 0
-    for c in counts:
-        out.append(range(start, start + c))
-        start += c
-    return out
+    layers: tuple[int, ...] | None = None
+    first: bool = True
+    last: bool = True
+
+    def holds_layer(self, i: int) -> bool:
+        return self.layers is None or i in self.layers
+
+
+def held_parts(num_layers: int, kind: str, pp: int, pp_rank: int) -> HeldParts:
+    """The parts pipeline rank `pp_rank` of a `kind` schedule over `pp` ranks holds (both stages under
+    DualPipe(V)), with the layers of `layer_split`. The placement does not depend on the micro-batch count."""
+    from .schedule import build
+
+    if pp == 1:
+        return HeldParts()
+    if not 0 <= pp_rank < pp:
+        raise ScheduleError(f"pp_rank {pp_rank} out of range for {pp} pipeline ranks")
+    sched = build(kind, pp, 2 * pp, check=False)
+    split = layer_split(num_layers, sched.num_stages)
+    stages = sorted(sched.stages_of(pp_rank).values())
+    layers = tuple(i for s in stages for i in split[s])
+    return HeldParts(tuple(sorted(layers)), 0 in stages, sched.num_stages - 1 in stages)
 
 
 class PipelineStage(nn.Module):

@@ -6,7 +6,7 @@ FP8 dispatch and BF16 combine, node-limited routing bounding the InfiniBand copi
 collectives; parameters held; activation bytes kept until the backward; and model FLOPs (for MFU).
 
 Compute time is FLOPs / achievable TFLOPS of the kernel that runs it (hardware.py: FP8 figures per GEMM shape
-from DeepGEMM's README, by default those of its CUTLASS 3.6-based baseline (Setup.gemm_kernels),
+from DeepGEMM's README, or those of its CUTLASS 3.6-based baseline before DeepGEMM's release (Setup.kernels_of),
 FlashAttention-3 for the attention core, a BF16 efficiency for BF16 GEMMs) scaled by the share of SMs left to
 compute (DualPipe-style overlap gives 20 of 132 SMs to communication), plus memory-bound
 element-wise work (norms, SwiGLU, FP8 casts, residual adds, rope) as bytes / achievable HBM bandwidth.
@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from . import runtime_memory as rm
 from .hardware import (
-    ATTN_BWD_EFFICIENCY,
-    ATTN_FWD_EFFICIENCY,
+    ATTENTION_EFFICIENCY,
     COMM_SMS,
-    GEMM_KERNELS,
     GPU,
     HBM_EFFICIENCY,
     bf16_gemm_tflops,
@@ -28,43 +27,9 @@ from .hardware import (
     fp8_gemm_tflops,
 )
 from .models import ModelSpec
+from .setup import PRECISIONS, RECIPES, RECOMPUTE, Setup
 
-RECOMPUTE = ("selective", "full", "none")
-PRECISIONS = ("fp8", "bf16")
-
-
-@dataclass(frozen=True)
-class Setup:
-    """What the layout does not decide: training shape, precision, and the cluster's node size."""
-
-    seq_len: int = 4096            # DeepSeek-V3 pre-training sequence length
-    global_batch: int = 15360      # sequences per optimizer step (V3's batch schedule ends at 15360)
-    precision: str = "fp8"         # GEMM precision: fp8 (V3's recipe) or bf16
-    # FP8 GEMM kernels (hardware.py [DeepGEMM]): cutlass36 = DeepSeek's internal CUTLASS 3.6-based ones, the
-    # baseline of DeepGEMM's README (V3 was trained in 2024, before DeepGEMM); deepgemm = DeepGEMM's figures
-    gemm_kernels: str = "cutlass36"
-    gpus_per_node: int = 8
-    reserve_gb: float = 4.0        # CUDA context, NCCL / DeepEP buffers, allocator slack (assumption)
-    load_imbalance: float = 1.0    # max/mean routed tokens per GPU (1.0: balanced, as aux-loss-free aims)
-    # V3 report 4.2: "the batch size is gradually increased from 3072 to 15360 in the training of the first
-    # 469B tokens, and then keeps 15360". The shape of the increase is not published: linear in tokens is
-    # assumed. Used only for totals over --tokens (batch_ramp_tokens=0 turns it off).
-    batch_ramp_start: int = 3072   # sequences per step at the start of training
-    batch_ramp_tokens: float = 469e9
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.gemm_kernels not in GEMM_KERNELS:
-            raise ValueError(f"gemm_kernels must be one of {GEMM_KERNELS}, got {self.gemm_kernels!r}")
-        for f in ("seq_len", "global_batch", "gpus_per_node"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
-        if self.batch_ramp_start < 1 or self.batch_ramp_tokens < 0:
-            raise ValueError(f"batch ramp needs start >= 1 sequence and tokens >= 0, got "
-                             f"{self.batch_ramp_start}, {self.batch_ramp_tokens}")
-        if self.load_imbalance < 1.0:
-            raise ValueError(f"load_imbalance is max/mean and must be >= 1, got {self.load_imbalance}")
+__all__ = ["PRECISIONS", "RECIPES", "RECOMPUTE", "CostModel", "Par", "Setup", "UnitCost", "param_counts"]
 
 
 @dataclass
@@ -152,16 +117,20 @@ class CostModel:
 
     # -- kernels
     def _sm(self, par: Par) -> float:
+        if self.gpu.measured is not None:  # a measured machine: no SMs set aside
+            return 1.0
         return (self.gpu.sms - COMM_SMS) / self.gpu.sms if par.overlap else 1.0
 
     def _gemm(self, tokens: float, n: int, k: int, par: Par, grouped: bool = False, bf16: bool = False) -> float:
         """Seconds of one forward GEMM (tokens x k) @ (k x n); dgrad and wgrad take the same each."""
         if tokens <= 0:
             return 0.0
+        if self.gpu.measured is not None:
+            return self.gpu.measured.gemm_s(tokens, n, k, self._dtype(), grouped)
         if bf16 or self.s.precision == "bf16":
             tf = bf16_gemm_tflops(self.gpu, tokens, n, k)
         else:
-            tf = fp8_gemm_tflops(self.gpu, tokens, n, k, grouped=grouped, kernels=self.s.gemm_kernels)
+            tf = fp8_gemm_tflops(self.gpu, tokens, n, k, grouped=grouped, kernels=self.s.kernels["fp8_gemm"])
         return 2.0 * tokens * n * k / (tf * 1e12 * self._sm(par))
 
     def _fdw(self, tokens: float, n: int, k: int, par: Par, grouped: bool = False,
@@ -182,7 +151,12 @@ class CostModel:
             return 0.0
         return self._mem(tokens * (2.0 * k + 4.0 * n), par)
 
+    def _dtype(self) -> str:
+        return "float32" if self.s.dtype_bytes == 4 else "bfloat16"
+
     def _mem(self, nbytes: float, par: Par) -> float:
+        if self.gpu.measured is not None:  # counted from the code's own ops instead (Setup.overhead_*)
+            return 0.0
         return nbytes / (self.gpu.hbm_tbps * 1e12 * HBM_EFFICIENCY)
 
     def _attn_core(self, tokens: float, par: Par) -> tuple[float, float, float]:
@@ -190,8 +164,15 @@ class CostModel:
         m, s = self.m, self.s
         ctx = (s.seq_len + 1) / 2.0
         flops = 2.0 * tokens * ctx * (m.heads / par.tp) * (m.qk_nope + m.qk_rope + m.v_head)
+        if self.gpu.measured is not None:  # moerun pads v to the q/k head dim for the fused kernel (ops/mla.py)
+            qk = m.qk_nope + m.qk_rope
+            run = 2.0 * tokens * ctx * (m.heads / par.tp) * (qk + max(qk, m.v_head))
+            mp = self.gpu.measured
+            return (mp.attention_s(tokens, run, self._dtype()), mp.attention_s(tokens, 2.5 * run, self._dtype(), True),
+                    flops)
         peak = self.gpu.bf16_tflops * 1e12 * self._sm(par)
-        return flops / (peak * ATTN_FWD_EFFICIENCY), 2.5 * flops / (peak * ATTN_BWD_EFFICIENCY), flops
+        fwd_eff, bwd_eff = ATTENTION_EFFICIENCY[self.s.kernels["attention"]]
+        return flops / (peak * fwd_eff), 2.5 * flops / (peak * bwd_eff), flops
 
     # -- pieces of a layer
     def _attention(self, T: float, par: Par) -> UnitCost:
@@ -231,6 +212,10 @@ class CostModel:
         u.act_bytes = T * self._attn_act_per_token(par)
         if tp > 1:
             u.tp_f = u.tp_b = 2 * self._tp_collective(T, par)  # all-gather in, reduce-scatter out
+            if self.gpu.measured is not None:  # moerun: the q and kv latents' gradients are summed over TP
+                ar = self.gpu.measured.link("all_reduce", tp)
+                u.tp_b += ar.seconds(T * self.s.dtype_bytes * (m.q_lora_rank + m.kv_lora_rank + m.qk_rope),
+                                     calls=2 if m.q_lora_rank else 1)
         return u
 
     def _attn_act_per_token(self, par: Par) -> float:
@@ -259,6 +244,8 @@ class CostModel:
 
     def _tp_collective(self, T: float, par: Par) -> float:
         tp = par.tp
+        if self.gpu.measured is not None:  # moerun: an all-reduce of the block's [T, h] output (or its gradient)
+            return self.gpu.measured.link("all_reduce", tp).seconds(T * self.s.dtype_bytes * self.m.hidden) / 2
         return T * 2 * self.m.hidden * (tp - 1) / tp / (self.gpu.nvlink_gbps * 1e9)
 
     def ep_alltoall(self, T: float, par: Par) -> tuple[float, dict]:
@@ -266,6 +253,8 @@ class CostModel:
         m, s = self.m, self.s
         if par.ep <= 1 or not m.moe_layers:
             return 0.0, {"ep_bytes_per_token": 0.0}
+        if self.gpu.measured is not None:
+            return self.gpu.measured.moerun_alltoall(T * s.routed_load, par.ep, m.topk, m.hidden, s.dtype_bytes)
         G = s.gpus_per_node
         bw, internode = ep_bandwidth_gbps(self.gpu, par.ep, G)
         h = m.hidden
@@ -279,10 +268,13 @@ class CostModel:
             touched = reach * (1 - (1 - 1 / reach) ** m.topk)
             copies = touched * (1 - 1 / nodes)  # copies that cross InfiniBand, one per remote node
         else:
-            touched = par.ep * (1 - (1 - 1 / par.ep) ** m.topk)
+            reach = par.ep  # device-limited routing (V2's M=3 at EP8): the groups a token may use are on
+            if m.n_group > 1 and m.topk_group < m.n_group:  # at most this many GPUs
+                reach = max(1, min(par.ep, round(m.topk_group * max(par.ep, m.n_group) / m.n_group)))
+            touched = reach * (1 - (1 - 1 / reach) ** m.topk)
             copies = touched * (1 - 1 / par.ep)  # copies that leave this GPU over NVLink
         per_token = copies * (disp + comb)
-        t = T * per_token * s.load_imbalance / (bw * 1e9)
+        t = T * per_token * s.routed_load / (bw * 1e9)
         return t, {"ep_bytes_per_token": per_token, "ep_copies_per_token": copies, "ep_gbps": bw,
                    "ep_internode": internode}
 
@@ -299,12 +291,14 @@ class CostModel:
         mem_common = self._mem(T * (3 * h + 6 * h + 4 * h) / tp, par)  # norm + cast, residual add, BF16 copy
         if moe:
             tok_ep = T / tp  # sequence-parallel: each tp rank dispatches its share of the tokens
-            routed_rows = tok_ep * m.topk * self.s.load_imbalance  # expert rows computed on this GPU
+            if self.s.recipe == "moerun" and par.ep == 1:
+                tok_ep = T  # moerun without EP: every TP rank routes all tokens through all experts
+            routed_rows = tok_ep * m.topk * self.s.routed_load  # expert rows computed on this GPU
             per_expert = routed_rows * par.ep / m.n_routed
             up = self._fdw(per_expert, 2 * m.moe_intermediate, h, par, True)
             down = self._fdw(per_expert, h, m.moe_intermediate, par, True)
             g_r = tuple((m.n_routed / par.ep) * (a + b) for a, b in zip(up, down, strict=True))
-            fl_r = 2.0 * routed_rows * 3 * h * m.moe_intermediate / self.s.load_imbalance
+            fl_r = 2.0 * routed_rows * 3 * h * m.moe_intermediate / self.s.routed_load
             # SwiGLU of every routed row, and the permutation of rows to / from the expert-contiguous
             # layout of the grouped GEMM (FP8 in, BF16 out, each read and written once)
             mem_r = self._mem(routed_rows * (5 * m.moe_intermediate + 2 * h + 4 * h), par)
@@ -350,8 +344,19 @@ class CostModel:
             u.a2a_b += u.a2a_f
             u.tp_b += u.tp_f
         self._accumulate(u, u.params_dense + u.params_expert, par)
+        if self.s.recipe == "moerun":
+            u.act_bytes = T * self._moerun_layer_act(moe, par)
         self._cache[key] = u
         return u
+
+    def _moerun_layer_act(self, moe: bool, par: Par) -> float:
+        """Bytes per token moerun keeps for one decoder layer (runtime_memory.py). Under EP the pipeline's
+        overlap engine cuts a MoE layer into compute segments at its all-to-alls and keeps two more
+        activations per token: the attention block's residual output and the combined expert output, which
+        end segments (parallel/pipeline/overlap.py)."""
+        b = self.s.dtype_bytes
+        extra = 2 * b * self.m.hidden if moe and par.ep > 1 else 0.0
+        return rm.layer(self.m, moe, b, par.tp) + extra
 
     def _accumulate(self, u: UnitCost, params: float, par: Par) -> None:
         """Every micro-batch's weight gradient is added into the FP32 gradient buffer (V3 keeps gradients in
@@ -385,6 +390,10 @@ class CostModel:
         u.f = self._mem(T * 2 * m.hidden, par)
         u.b = 2 * u.f
         u.params_dense = m.vocab * m.hidden / par.tp
+        if self.s.recipe == "moerun":
+            u.act_bytes = T * rm.embedding()
+        if self.gpu.measured is not None and par.tp > 1:  # vocabulary-split lookup: its output summed over TP
+            u.tp_f = u.tp_b = 2 * self._tp_collective(T, par)
         return u
 
     def head(self, par: Par, shares_weights: bool = False) -> UnitCost:
@@ -401,6 +410,11 @@ class CostModel:
         self._accumulate(u, V * m.hidden, par)  # the MTP head shares the weights but adds its own gradient
         u.act_bytes = T * 2 * m.hidden
         u.transient_bytes = T * V * 6.0  # BF16 logits and their FP32 softmax
+        if self.s.recipe == "moerun":
+            u.act_bytes = T * rm.head(m, self.s.dtype_bytes)
+        if self.gpu.measured is not None and par.tp > 1:  # the logits gathered over TP
+            u.tp_f = self.gpu.measured.link("all_gather", par.tp).seconds(T * m.vocab * self.s.dtype_bytes)
+            u.transient_bytes = T * rm.logits_transient(m, self.s.dtype_bytes)
         return u
 
     def mtp(self, par: Par) -> UnitCost:
@@ -417,6 +431,10 @@ class CostModel:
         u.add(self.embedding(par))
         u.params_dense -= m.vocab * m.hidden / par.tp  # embedding shared with the main model
         u.name = "mtp"
+        if self.s.recipe == "moerun":
+            moe = m.moe_layers > 0
+            u.act_bytes = T * (rm.mtp(m, self.s.dtype_bytes, par.tp) - rm.layer(m, moe, self.s.dtype_bytes, par.tp)
+                               + self._moerun_layer_act(moe, par))
         return u
 
     def units(self, par: Par) -> list[UnitCost]:

@@ -54,6 +54,7 @@ class GPU:
     nvlink_gbps: float          # achievable intra-node all-to-all bandwidth per GPU, GB/s
     ib_gbps: float              # InfiniBand line rate per GPU, GB/s
     ep_internode_gbps: tuple[tuple[int, float], ...]  # (EP size, achievable RDMA GB/s per GPU) [DeepEP]
+    measured: object = None     # a machine.MachineProfile: every figure measured on this machine instead
 
 
 GPUS: dict[str, GPU] = {
@@ -145,6 +146,35 @@ CUTLASS36_GROUPED: dict[tuple[int, int], float] = {
 # assumption; "deepgemm" = DeepGEMM's first-release figures.
 GEMM_KERNELS: tuple[str, ...] = ("cutlass36", "deepgemm")
 _FP8_TABLES = {"cutlass36": (CUTLASS36_DENSE, CUTLASS36_GROUPED), "deepgemm": (DEEPGEMM_DENSE, DEEPGEMM_GROUPED)}
+
+
+# The kernels a run had, by public release (YYYY-MM): `Setup.kernels_of` (the date the run trained) takes the
+# newest of each kind released by then. A stated input of the run, not a per-run switch: V3's report is dated
+# 2024-12 (FA3 out, DeepGEMM not yet), V2's 2024-05 (neither). Kernels older than the oldest listed are not
+# modelled: the oldest stands in for them.
+KERNEL_RELEASES: dict[str, tuple[tuple[str, str], ...]] = {
+    # [DeepGEMM] first release 2025-02; before it, the FP8 GEMMs its README compares against (DeepSeek's own
+    # CUTLASS 3.6-based ones, which V3's FP8 training ran on by assumption)
+    "fp8_gemm": (("deepgemm", "2025-02"), ("cutlass36", "0000-00")),
+    # FlashAttention-3 (arXiv 2407.08608) 2024-07; FlashAttention-2 (arXiv 2307.08691) 2023-07
+    "attention": (("fa3", "2024-07"), ("fa2", "2023-07")),
+}
+# Attention core: fraction of the BF16 dense peak, forward and backward. fa3: [FA3]'s measurements (above).
+# fa2: [FA3]'s abstract, "FlashAttention-2 achieving only 35% utilization on H100", for the forward; its
+# backward takes FA3's own backward/forward ratio (derived, not measured).
+ATTENTION_EFFICIENCY: dict[str, tuple[float, float]] = {
+    "fa3": (ATTN_FWD_EFFICIENCY, ATTN_BWD_EFFICIENCY),
+    "fa2": (0.35, 0.35 * ATTN_BWD_EFFICIENCY / ATTN_FWD_EFFICIENCY),
+}
+
+
+def kernels_of(date: str) -> dict[str, str]:
+    """{kind: kernel} available at `date` ("YYYY-MM", or "latest")."""
+    if date != "latest" and (len(date) != 7 or date[4] != "-" or not (date[:4] + date[5:]).isdigit()
+                             or not 1 <= int(date[5:]) <= 12):
+        raise ValueError(f"kernels_of must be YYYY-MM (the date the run trained) or 'latest', got {date!r}")
+    return {kind: next((k for k, when in rows if date == "latest" or when <= date), rows[-1][0])
+            for kind, rows in KERNEL_RELEASES.items()}
 
 
 def check_gemm_kernels(kernels: str) -> str:

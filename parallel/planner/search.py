@@ -9,18 +9,39 @@ and stops when the bound exceeds the K-th best time found (branch and bound: the
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 
 import numpy as np
 
-from .costmodel import RECOMPUTE, CostModel, Par, Setup, UnitCost, param_counts
+from parallel.pipeline.schedule import SEND, layer_split
+
+from . import runtime_memory as rm
+from .costmodel import RECOMPUTE, CostModel, Par, Setup, param_counts
 from .hardware import GPU, HBM_EFFICIENCY, P2P_LATENCY_S
 from .models import ModelSpec
-from .pipeline_time import SIM_KINDS, PipelineError, pipeline_time, valid_chunks
+from .pipeline_time import SIM_KINDS, PipelineError, min_chunks, pipeline_time, valid_chunks
+from .rank_memory import rank_actions, rank_peak
+from .stage_split import (
+    AB,
+    ACT,
+    AF,
+    B_,
+    F_,
+    PD,
+    PE,
+    TB,
+    TF,
+    TIME,
+    TR,
+    W_,
+    partition,
+    rank_stages,
+    stage_matrix,
+    unit_matrix,
+    visit_weight,
+)
 
 OVERLAP_KINDS = ("dualpipe", "dualpipev")
 W_BYTES, G_BYTES, OPT_BYTES = 2, 4, 8  # BF16 weights, FP32 gradients, FP32 master + BF16 AdamW moments (V3)
@@ -128,75 +149,6 @@ def ramp_seconds(step_s: float, per_seq_s: float, setup: Setup, tokens: float) -
     return per_seq_s * tokens / S + fixed * inv_b / S
 
 
-# ------------------------------------------------------------------------------------------ stages
-
-# Columns of a unit / stage cost row.
-FIELDS = ("f", "b", "w", "a2a_f", "a2a_b", "tp_f", "tp_b", "params_dense", "params_expert", "act_bytes",
-          "transient_bytes")
-F_, B_, W_, AF, AB, TF, TB, PD, PE, ACT, TR = range(len(FIELDS))
-TIME = slice(0, 7)
-
-
-@lru_cache(maxsize=64)
-def rank_stages(kind: str, pp: int) -> list[list[int]]:
-    """Stages held by each pipeline rank: the schedule builders' own placement."""
-    from parallel.pipeline.schedule import build
-
-    sched = build(kind, pp, 2 * pp, check=False)  # the placement does not depend on the micro-batch count
-    return [list(sched.stages_of(r).values()) for r in range(pp)]
-
-
-def _weight(row, overlap: bool) -> float:
-    """What the stage balancer equalises: a micro-batch's time on the rank. With F&B overlap the all-to-all
-    hides behind compute (counted only where it exceeds it); without, it adds up."""
-    comp = row[F_] + row[B_]
-    comm = row[AF] + row[AB]
-    return float((max(comp, comm) if overlap else comp + comm) + row[TF] + row[TB])
-
-
-def unit_matrix(units: list[UnitCost]) -> np.ndarray:
-    return np.array([[getattr(u, f) for f in FIELDS] for u in units], dtype=float)
-
-
-def partition(extra_first: float, extra_last: float, layer_w: float, n_layers: int, kind: str, pp: int) -> list[int]:
-    """Layers per stage: embedding fixed on the first stage, head and MTP on the last; each layer goes,
-    in turn, to a stage of the least-loaded rank (water-filling, optimal for identical layers)."""
-    lw = layer_w if layer_w > 0 else 1.0
-    return list(_partition(round(extra_first / lw, 3), round(extra_last / lw, 3), n_layers, kind, pp))
-
-
-@lru_cache(maxsize=8192)
-def _partition(extra_first: float, extra_last: float, n_layers: int, kind: str, pp: int) -> tuple[int, ...]:
-    n_stages = 2 * pp if kind == "dualpipev" else pp
-    # ranks holding the same stages (DualPipe's mirrored pairs) form one group with one load
-    groups = sorted({tuple(sorted(ss)) for ss in rank_stages(kind, pp)})
-    extra = [0.0] * n_stages
-    extra[0] += extra_first
-    extra[-1] += extra_last
-    counts = [0] * n_stages
-    heap = [(sum(extra[st] for st in g), i) for i, g in enumerate(groups)]
-    heapq.heapify(heap)
-    for _ in range(n_layers):
-        load, i = heapq.heappop(heap)
-        st = min(groups[i], key=lambda x: (counts[x], x))
-        counts[st] += 1
-        heapq.heappush(heap, (load + 1.0, i))
-    return tuple(counts)
-
-
-def stage_matrix(U: np.ndarray, counts: list[int]) -> np.ndarray:
-    """Stage rows from unit rows: stage 0 adds the embedding (row 0), the last stage the tail (head, MTP)."""
-    bounds = [0, 1 + counts[0]]
-    for c in counts[1:]:
-        bounds.append(bounds[-1] + c)
-    bounds[-1] = len(U)
-    C = np.vstack([np.zeros(U.shape[1]), np.cumsum(U, axis=0)])
-    lo, hi = np.array(bounds[:-1]), np.array(bounds[1:])
-    S = C[hi] - C[lo]
-    S[:, TR] = [U[a:b, TR].max(initial=0.0) for a, b in zip(lo, hi, strict=True)]
-    return S
-
-
 # ------------------------------------------------------------------------------------------ evaluation
 
 class Planner:
@@ -255,7 +207,7 @@ class Planner:
             units = self.cm.units(par)
             U = unit_matrix(units)
             n = self.m.layers
-            w = [_weight(r, par.overlap) for r in U]
+            w = [visit_weight(r, par.overlap) for r in U]
             ep_bytes = max((u.detail.get("ep_bytes_per_token", 0.0) for u in units), default=0.0)
             self._units[par] = (U, w[0], sum(w[1 + n:]), sum(w[1:1 + n]) / max(1, n), ep_bytes)
         return self._units[par]
@@ -263,12 +215,22 @@ class Planner:
     def _stages(self, lay: Candidate):
         par = self._par(lay)
         U, first, last, layer_w, _ = self._unit_rows(par)
-        counts = partition(first, last, layer_w, self.m.layers, lay.schedule, lay.pp)
+        if self.s.recipe == "moerun":  # moerun splits layers its own way (parallel.pipeline.layer_split)
+            n_stages = 2 * lay.pp if lay.schedule == "dualpipev" else lay.pp
+            counts = [len(r) for r in layer_split(self.m.layers, n_stages)]
+        else:
+            counts = partition(first, last, layer_w, self.m.layers, lay.schedule, lay.pp)
         S = stage_matrix(U, counts)
         held = np.array(rank_stages(lay.schedule, lay.pp))
         return par, counts, S, held
 
-    def memory(self, lay: Candidate, S: np.ndarray, held: np.ndarray, peak_acts: int) -> tuple[float, dict]:
+    def memory(self, lay: Candidate, S: np.ndarray, held: np.ndarray, peak_acts: int,
+               exact: bool = False) -> tuple[float, dict]:
+        """GB on the most loaded GPU and its parts (bytes); `exact`: see _moerun_rank."""
+        if self.s.recipe == "moerun":
+            ranks = [self._moerun_rank(lay, S, held, r, exact) for r in range(lay.pp)]
+            worst = max(ranks, key=lambda d: d["total"])
+            return worst["total"] / 1e9, {k: v for k, v in worst.items() if k != "total"}
         edp = max(1, lay.dp * lay.tp // lay.ep)
         pd = S[held, PD].sum(axis=1)
         pe = S[held, PE].sum(axis=1)
@@ -285,6 +247,50 @@ class Planner:
         r = int(np.argmax(tot))
         return float(tot[r]) / 1e9, {k: float(v[r]) for k, v in parts.items()}
 
+    def rank_memory(self, lay: Candidate, pp_rank: int) -> dict[str, float]:
+        """Bytes of pipeline rank `pp_rank` under `lay` ("moerun" recipe: weights, gradients, optimizer,
+        activations, transient and reserve at its peak; peak_forward_backward, peak_optimizer_step, total)."""
+        if self.s.recipe != "moerun":
+            raise ValueError("rank_memory needs the moerun recipe (the v3 recipe models the most loaded rank)")
+        why = self.check(lay)
+        if why:
+            raise ValueError(f"layout {lay.label()}: {why}")
+        _, _, S, held = self._stages(lay)
+        return self._moerun_rank(lay, S, held, pp_rank, exact=True)
+
+    def _moerun_rank(self, lay: Candidate, S: np.ndarray, held: np.ndarray, pp_rank: int,
+                     exact: bool = False) -> dict[str, float]:
+        """`exact`: walk every micro-batch of the step; else (the search's memory prune) at most 2pp + 6 of
+        them, past the warm-up, with the sends of the rest added (they stay to the step's end)."""
+        mb = self.s.global_batch // (lay.dp * lay.mbs)
+        chunks = mb if exact or lay.pp == 1 else min(mb, max(min_chunks(lay.schedule, lay.pp), 2 * lay.pp) + 6)
+        chunks += chunks % 2 if lay.schedule == "dualpipe" else 0
+        n = len(S)
+        T, b = lay.mbs * self.s.seq_len, self.s.dtype_bytes
+        carry = self.m.mtp_layers > 0 and n > 1
+        act = {s: S[s, ACT] + T * rm.stage_boundary(self.m, b, s == 0, s == n - 1, carry) for s in range(n)}
+        stages = sorted(set(int(x) for x in held[pp_rank]))
+        counts = self._stages(lay)[1]
+        first_layer = [sum(counts[:s]) for s in range(n)]
+        recv = T * rm.receive_buffers(self.m, b, carry) if lay.pp > 1 else 0.0
+        transient = {}
+        for s in range(n):
+            kinds = {i >= self.m.dense_layers for i in range(first_layer[s], first_layer[s] + counts[s])}
+            bwd = max((rm.backward_transient(self.m, b, moe, lay.tp) for moe in kinds), default=0.0)
+            transient[s] = max(S[s, TR], T * bwd) + recv
+        actions = rank_actions(lay.schedule, lay.pp, chunks, pp_rank)
+        sent = T * (2 if carry else 1) * b * self.m.hidden
+        out = rank_peak(stages, act, transient, {s: S[s, PD] for s in range(n)},
+                        {s: S[s, PE] for s in range(n)}, b, lay.dp, max(1, lay.dp * lay.tp // lay.ep), actions, sent)
+        if chunks < mb:  # the sends of the micro-batches not walked
+            more = sum(a.kind == SEND for a in actions) * (mb - chunks) / chunks * sent
+            out["activations"] += more
+            out["peak_forward_backward"] += more
+            out["peak"] = max(out["peak_forward_backward"], out["peak_optimizer_step"])
+        out["reserve"] = self.s.reserve_gb * 1e9
+        out["total"] = out["peak"] + out["reserve"]
+        return {k: float(v) for k, v in out.items()}
+
     def _sync(self, lay: Candidate, S: np.ndarray, held: np.ndarray) -> tuple[float, float]:
         """ZeRO-1 step end: gradient reduce-scatter (FP32) + parameter all-gather (BF16) over the data-parallel
         copies (DualPipe's mirrored stage copies join the group), and the AdamW update on this GPU's shard."""
@@ -293,6 +299,8 @@ class Planner:
         ib, nvl = self.gpu.ib_gbps * 1e9, self.gpu.nvlink_gbps * 1e9
         pd = float(S[held, PD].sum(axis=1).max())
         pe = float(S[held, PE].sum(axis=1).max())
+        if self.gpu.measured is not None:
+            return self._sync_measured(lay, pd, pe, edp)
         sync = 0.0
         for p, n, stride in ((pd, lay.dp * mirror, lay.tp), (pe, edp * mirror, lay.ep)):
             if n > 1 and p > 0:
@@ -302,17 +310,39 @@ class Planner:
         opt = shard * 24.0 / (self.gpu.hbm_tbps * 1e12 * HBM_EFFICIENCY)  # read/write master, moments, grad
         return sync, opt
 
+    def _sync_measured(self, lay: Candidate, pd: float, pe: float, edp: int) -> tuple[float, float]:
+        """moerun's step end on a measured machine: an all-reduce per gradient tensor over dp (experts over
+        edp), the gradient norm's all-reduce and the all-gather of the fp32 master weights into the
+        parameters; the AdamW update is the step-end overhead (Setup.overhead_step_s: its ops and bytes)."""
+        mp, b = self.gpu.measured, self.s.dtype_bytes
+        layers = max(self._stages(lay)[1]) * (2 if lay.schedule in OVERLAP_KINDS else 1)
+        sync = mp.link("all_reduce", self.world).latency_s if self.world > 1 else 0.0
+        for p, n, tensors in ((pd, lay.dp, layers * rm.DENSE_TENSORS_PER_LAYER), (pe, edp, layers * 3)):
+            if n > 1 and p > 0:
+                sync += mp.link("all_reduce", n).seconds(p * b, calls=tensors) + mp.link("all_gather", n).seconds(4 * p)
+        if lay.tp > 1:  # replicated weights that saw a part of the heads (MLA's latent down-projections and
+            m = self.m  # their norms) get their gradients summed over TP
+            part = m.hidden * (m.q_lora_rank + m.kv_lora_rank + m.qk_rope) + m.q_lora_rank + m.kv_lora_rank
+            sync += mp.link("all_reduce", lay.tp).seconds(layers * part * b, calls=layers * 4)
+        opt = self.s.overhead_step_s  # the update's ops and memory traffic, counted from the code (a dry run)
+        return sync, opt
+
     def sim_costs(self, lay: Candidate, S: np.ndarray, held: np.ndarray) -> dict:
         """The simulator's per-action costs (seconds): the per-stage-visit average of the bottleneck rank."""
         avg = S[held, TIME].mean(axis=1)           # ranks x time fields
-        wt = [_weight(row, lay.schedule in OVERLAP_KINDS) for row in avg]
+        wt = [visit_weight(row, lay.schedule in OVERLAP_KINDS) for row in avg]
         a = avg[int(np.argmax(wt))]
         act = self.s.seq_len * lay.mbs * 2 * self.m.hidden / lay.tp
         bw = self.gpu.ib_gbps if lay.dp * lay.tp >= self.G else self.gpu.nvlink_gbps
-        d = {"f": a[F_] + a[TF], "b": a[B_] + a[TB], "w": min(a[W_], a[B_]), "a2a_f": a[AF], "a2a_b": a[AB],
-             "comm": act / (bw * 1e9) + P2P_LATENCY_S if lay.pp > 1 else 0.0}
+        comm = act / (bw * 1e9) + P2P_LATENCY_S if lay.pp > 1 else 0.0
+        if self.gpu.measured is not None and lay.pp > 1:  # moerun sends [hidden | embeddings] with MTP
+            width = (2 if self.m.mtp_layers else 1) * self.s.dtype_bytes * self.m.hidden / lay.tp
+            comm = self.gpu.measured.link("p2p", 2).seconds(self.s.seq_len * lay.mbs * width)
+        of, ob = self.s.overhead_f_s, self.s.overhead_b_s
+        d = {"f": a[F_] + a[TF] + of, "b": a[B_] + a[TB] + ob, "w": min(a[W_], a[B_]), "a2a_f": a[AF],
+             "a2a_b": a[AB], "comm": comm if lay.pp > 1 else 0.0}
         if lay.schedule in OVERLAP_KINDS:  # F&B: each chunk's all-to-all runs behind the other's compute
-            d["fb"] = max(a[F_] + a[B_], a[AF] + a[AB]) + a[TF] + a[TB]
+            d["fb"] = max(a[F_] + a[B_], a[AF] + a[AB]) + a[TF] + a[TB] + of + ob
         return {k: float(v) for k, v in d.items()}
 
     def lower_bound(self, lay: Candidate, S: np.ndarray, held: np.ndarray) -> float:
@@ -350,7 +380,7 @@ class Planner:
                 raise ValueError(f"layout {lay.label()}: {e}") from None
             makespan, bubble, peak, sims = pr.makespan, pr.bubble, pr.peak_activations, pr.simulated_chunks
         per_seq = self._per_sequence(lay, mb, c, makespan)
-        mem_gb, mem = self.memory(lay, S, held, peak)
+        mem_gb, mem = self.memory(lay, S, held, peak, exact=True)
         sync, opt = self._sync(lay, S, held)
         return Evaluation(
             layout=lay, microbatches=mb, fits=mem_gb <= self.gpu.hbm_gb, memory_gb=mem_gb, memory=mem,
@@ -384,7 +414,7 @@ class Planner:
                 for ep in eps:
                     for sched in (("1f1b",) if pp == 1 else SIM_KINDS):
                         for mbs in (1, 2, 4):
-                            for rc in RECOMPUTE:
+                            for rc in (("none",) if self.s.recipe == "moerun" else RECOMPUTE):
                                 lay = Candidate(tp, pp, ep, dp, sched, mbs, rc)
                                 if any(getattr(lay, k) != v for k, v in fixed.items()):
                                     continue

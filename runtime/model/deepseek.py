@@ -35,6 +35,7 @@ from parallel.pipeline.stages import PipelineStage
 from parallel.shard import mark_expert_shard
 from runtime.model.config import ModelConfig
 from runtime.model.latent_cache import LatentCache
+from runtime.model.parts import HeldParts, LayerStack, NotHeld, holds
 
 
 class Rotary:
@@ -306,28 +307,43 @@ class MTPLayer(DecoderLayer):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, dispatcher: Dispatcher) -> None:
+    """Embedding, decoder layers, final norm: the held ones (`parts`; None: all), NotHeld stand-ins else."""
+
+    def __init__(self, cfg: ModelConfig, dispatcher: Dispatcher, parts: HeldParts | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dispatcher) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        parts = parts or HeldParts()
+        self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size) if parts.first
+                             else NotHeld("the token embedding (first pipeline stage)"))
+        self.layers = LayerStack((i, DecoderLayer(cfg, i, dispatcher)) for i in range(cfg.num_hidden_layers)
+                                 if parts.holds_layer(i))
+        self.norm = (RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if parts.last
+                     else NotHeld("the final norm (last pipeline stage)"))
 
 
 class DeepseekModel(nn.Module):
     """Embedding, decoder layers, final norm, LM head, optional MTP. See module docstring for names.
 
-    `dispatcher` (default: one process, every expert here) decides which experts this rank holds."""
+    `dispatcher` (default: one process, every expert here) decides which experts this rank holds; `parts`
+    (default: everything) which pipeline stages' parts it builds (runtime/model/parts.py): layers of other
+    stages are absent, and the embedding / final norm / LM head / MTP of a stage held elsewhere are NotHeld
+    stand-ins, so a rank materialises only what it owns."""
 
-    def __init__(self, cfg: ModelConfig, mtp: bool = True, dispatcher: Dispatcher | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, mtp: bool = True, dispatcher: Dispatcher | None = None,
+                 parts: HeldParts | None = None) -> None:
         super().__init__()
         self.config = cfg
+        self.parts = parts or HeldParts()
+        if cfg.tie_word_embeddings and self.parts.layers is not None:
+            raise ValueError("pipeline stages do not support tied embeddings (tie_word_embeddings=True)")
         dispatcher = dispatcher or Dispatcher(cfg.n_routed_experts)
-        self.model = Backbone(cfg, dispatcher)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.model = Backbone(cfg, dispatcher, self.parts)
+        self.lm_head = (nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.parts.last
+                        else NotHeld("the LM head (last pipeline stage)"))
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        n_mtp = cfg.num_nextn_predict_layers if mtp else 0
-        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k, dispatcher) for k in range(n_mtp))
+        self.mtp_depth = cfg.num_nextn_predict_layers if mtp else 0  # known on every pp rank; the last builds
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k, dispatcher)
+                                 for k in range(self.mtp_depth if self.parts.last else 0))
         self.rotary = Rotary(cfg)
         self.mtp_loss_coef = 0.3
 
@@ -373,8 +389,13 @@ class DeepseekModel(nn.Module):
             elif isinstance(m, MLP):
                 plan[f"{name}.gate_proj"] = plan[f"{name}.up_proj"] = "colwise"
                 plan[f"{name}.down_proj"] = "rowwise"
-        plan["lm_head"] = "colwise_gather"
+        if isinstance(self.lm_head, nn.Linear):  # held here (a NotHeld stand-in has nothing to split)
+            plan["lm_head"] = "colwise_gather"
         return plan
+
+    def holds(self, name: str) -> bool:
+        """Whether parameter `name` of the whole model is built on this rank (its pipeline stages)."""
+        return holds(self.parts, name)
 
     def pipeline_stage(self, stage: int, num_stages: int, layers: range) -> PipelineStage:
         """Pipeline stage `stage` of `num_stages`: decoder layers `layers`, the embedding on the first stage,

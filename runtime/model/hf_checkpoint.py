@@ -1,9 +1,12 @@
 """HF safetensors checkpoints -> DeepseekModel, tensor by tensor.
 
 * Single `model.safetensors` or sharded with `model.safetensors.index.json`; every shard the index names must
-  exist before anything is read. One tensor is in memory at a time (plus its FP8 scale).
-* FP8 e4m3 weights with 128x128 `weight_scale_inv` are dequantized on load (ops.fp8.block_dequantize), then
-  cast to the parameter's dtype (`e_score_correction_bias` stays fp32).
+  exist before anything is read. Tensors are read into the model's parameters in bands of rows (at most
+  BAND_BYTES of checkpoint data at a time), only the part this rank owns.
+* FP8 e4m3 weights with 128x128 `weight_scale_inv` are dequantized on load (ops.fp8.block_dequantize), block
+  row by block row and only the blocks covering the owned rows and columns, then cast to the parameter's
+  dtype (`e_score_correction_bias` stays fp32).
+* A model built with only some pipeline stages (`model.holds(name)` False for the rest) skips the others.
 * Name mapping (see runtime/model/deepseek.py): per-expert tensors go into slot e of the stacked expert parameters;
   layer index `num_hidden_layers + k` is MTP module k; the MTP copies of embed_tokens / shared_head.head are
   skipped (the model shares its own). A checkpoint without MTP weights (transformers writes none) loads with
@@ -151,7 +154,7 @@ def load_checkpoint(model: nn.Module, path: str, select: Select | None = None) -
     files = checkpoint_files(path)
     report = LoadReport(files=sorted(set(files.values())))
     has_mtp = any(_is_mtp(n, n_layers) for n in files)
-    if len(model.mtp) and not has_mtp:
+    if getattr(model, "mtp_depth", len(model.mtp)) and not has_mtp:  # the same decision on every pp rank
         msg = (
             f"{path}: checkpoint has no MTP weights (layer {n_layers}); multi-token prediction is off "
             "for this model"
@@ -159,8 +162,10 @@ def load_checkpoint(model: nn.Module, path: str, select: Select | None = None) -
         log.warning(msg)
         report.notes.append(msg)
         model.mtp = nn.ModuleList()
+        model.mtp_depth = 0
     report.mtp_loaded = bool(len(model.mtp))
     targets = _targets(model)
+    holds = getattr(model, "holds", lambda name: True)  # pipeline: only this rank's stages are built
     filled: dict[int, set] = {}  # id(tensor) -> filled slots (None for whole tensor)
 
     by_file: dict[str, list[str]] = {}
@@ -184,8 +189,8 @@ def load_checkpoint(model: nn.Module, path: str, select: Select | None = None) -
                     report.tensors_skipped += 1
                     continue
                 pname, expert = mapped
-                if pname.startswith("mtp.") and not len(model.mtp):
-                    report.tensors_skipped += 1
+                if (pname.startswith("mtp.") and not len(model.mtp)) or not holds(pname):
+                    report.tensors_skipped += 1  # MTP off, or a part another pipeline rank holds
                     continue
                 if pname not in targets:
                     unexpected.append(f"{name!r} in {fp}")
@@ -216,9 +221,8 @@ def load_checkpoint(model: nn.Module, path: str, select: Select | None = None) -
                         f"tensor {name!r} in {fp}: shape {want} does not match parameter "
                         f"{pname}{'' if expert is None else f'[{sel.slot}]'} {tuple(dst_view.shape)}"
                     )
-                tensor = _read(f, sl, name, fp, files, sel.index)
                 with torch.no_grad():
-                    dst_view.copy_(tensor)
+                    _fill(dst_view, f, sl, name, fp, files, sel.index, full_shape)
                 filled.setdefault(id(dst), set()).add(sel.slot if expert is not None else None)
                 report.tensors_loaded += 1
     if unexpected:
@@ -233,28 +237,67 @@ def _is_mtp(name: str, n_layers: int) -> bool:
     return bool(m) and int(m.group(1)) >= n_layers
 
 
-def _read(f, sl, name: str, fp: str, files: dict[str, str], index: tuple) -> torch.Tensor:
-    from safetensors import safe_open
+BAND_BYTES = 64 << 20  # what one read holds at a time beside its destination (checkpoint bytes)
+FP8_BLOCK = 128
 
+
+def _fill(dst: torch.Tensor, f, sl, name: str, fp: str, files: dict[str, str], index: tuple,
+          shape: tuple) -> None:
+    """Copy the part `index` (slices of the full tensor of `shape`) of checkpoint tensor `name` into `dst`,
+    reading it in bands of rows of at most BAND_BYTES, so nothing beyond the owned part is read and no
+    copy of the whole owned part is made; FP8 tensors are dequantised 128x128 block by block, only the
+    blocks that cover the owned rows and columns."""
     try:
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        bounds = [ix.indices(n)[:2] for ix, n in zip(index, shape, strict=True)]
         if sl.get_dtype() in ("F8_E4M3", "F8_E4M3FN"):
-            scale_name = name + "_scale_inv"
-            if scale_name not in files:
-                raise CheckpointError(f"tensor {name!r} in {fp} is float8 but {scale_name!r} is missing")
-            if files[scale_name] == fp:
-                scale = f.get_tensor(scale_name)
-            else:
-                with safe_open(files[scale_name], framework="pt") as g:
-                    scale = g.get_tensor(scale_name)
-            w = block_dequantize(f.get_tensor(name), scale)
-            return w[index] if index else w
-        return sl[index] if index else f.get_tensor(name)
+            _fill_fp8(dst, f, sl, name, fp, files, bounds, shape)
+            return
+        if len(shape) < 2:
+            dst.copy_(sl[index] if index else f.get_tensor(name))
+            return
+        (r0, r1), rest = bounds[0], tuple(slice(a, b) for a, b in bounds[1:])
+        row_bytes = max(1, dst[0].numel() * _itemsize(sl.get_dtype())) if r1 > r0 else 1
+        band = max(1, BAND_BYTES // row_bytes)
+        for r in range(r0, r1, band):
+            e = min(r1, r + band)
+            dst[r - r0:e - r0].copy_(sl[(slice(r, e), *rest)])
     except CheckpointError:
         raise
     except Exception as e:
         raise CheckpointError(
             f"tensor {name!r} in {fp}: cannot read (truncated or corrupt file?): {e}"
         ) from None
+
+
+def _fill_fp8(dst: torch.Tensor, f, sl, name: str, fp: str, files: dict[str, str], bounds: list,
+              shape: tuple) -> None:
+    from safetensors import safe_open
+
+    scale_name = name + "_scale_inv"
+    if scale_name not in files:
+        raise CheckpointError(f"tensor {name!r} in {fp} is float8 but {scale_name!r} is missing")
+    if len(shape) != 2:
+        raise CheckpointError(f"tensor {name!r} in {fp}: float8 block scales need a 2-D tensor, got {shape}")
+    if files[scale_name] == fp:
+        scale = f.get_tensor(scale_name)
+    else:
+        with safe_open(files[scale_name], framework="pt") as g:
+            scale = g.get_tensor(scale_name)
+    (r0, r1), (c0, c1) = bounds
+    blk = FP8_BLOCK
+    cb0, cb1 = c0 // blk, -(-c1 // blk)
+    ca, cb = cb0 * blk, min(shape[1], cb1 * blk)
+    band = max(1, BAND_BYTES // max(1, (cb - ca) * blk * 4))  # block rows per band (fp32 after dequant)
+    for b in range(r0 // blk, -(-r1 // blk), band):
+        qa, qb = b * blk, min(shape[0], (b + band) * blk)
+        w = block_dequantize(sl[qa:qb, ca:cb], scale[b:b + band, cb0:cb1])
+        a, e = max(r0, qa), min(r1, qb)
+        dst[a - r0:e - r0].copy_(w[a - qa:e - qa, c0 - ca:c1 - ca])
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2}.get(dtype, 1)
 
 
 def checkpoint_name(pname: str, num_hidden_layers: int, expert: int | None = None) -> str:

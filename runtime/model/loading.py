@@ -1,9 +1,13 @@
 """`runtime.load_model`: an HF checkpoint directory or a builtin name -> a ready DeepseekModel.
 
-One path for every layout: build on the meta device with the mesh's expert dispatcher (so each MoE layer
-holds only this rank's experts), split for tensor parallelism by the model's own plan (`tp_plan()`), then
-allocate and fill: a seeded init for builtin models, or each rank reading only its slices and experts of
-every checkpoint tensor (`parallel.shard.sharded_select`).
+One path for every layout: build on the meta device only what this rank owns (under pp > 1 its pipeline
+stages' layers, both stages under DualPipe(V), and the embedding / final norm / LM head where its stages
+have them), with the mesh's expert dispatcher (so each MoE layer holds only this rank's experts), split for
+tensor parallelism by the model's own plan (`tp_plan()`), then allocate and fill: a seeded init for builtin
+models that draws only the rows a rank holds, or each rank reading only its slices and experts of every
+checkpoint tensor it owns (`parallel.shard.sharded_select`; FP8 blocks dequantised for the owned rows
+only). No full model and no full tensor of a sharded weight is ever allocated. Under `FakeTensorMode` (a dry
+run) nothing is read: the tensors are fake.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import os
 
 import torch
 
+from cluster.fake import no_fake_mode
 from parallel.expert import Dispatcher
+from parallel.pipeline.stages import HeldParts, held_parts
 from parallel.shard import apply_tp_plan
 from runtime.model.config import ModelConfig
 from runtime.model.deepseek import DeepseekModel
@@ -28,13 +34,14 @@ def build_model(
     materialize: bool = True,
     dispatcher: Dispatcher | None = None,
     tp_group=None,
+    parts: HeldParts | None = None,
 ) -> DeepseekModel:
-    """Construct without initializing (meta device, split by `tp_group`, then empty storage unless
-    `materialize` is False), so building a big model is cheap."""
-    with torch.device("meta"):
-        model = DeepseekModel(cfg, mtp=mtp, dispatcher=dispatcher)
+    """Construct without initializing (meta device, only `parts`, split by `tp_group`, then empty storage
+    unless `materialize` is False), so building a big model is cheap."""
+    with no_fake_mode(), torch.device("meta"):  # plain meta tensors, also in a dry run
+        model = DeepseekModel(cfg, mtp=mtp, dispatcher=dispatcher, parts=parts)
         apply_tp_plan(model, model.tp_plan(), tp_group)
-    model = model.to(dtype)
+        model = model.to(dtype)
     if materialize:
         model = model.to_empty(device=device)
         _fp32_router_bias(model)
@@ -57,18 +64,19 @@ def load_model(
     mtp: bool = True,
     select=None,
     max_nodes_per_token: int = 0,
-    all_layers: bool = False,
+    schedule: str | None = None,
     link=None,
 ) -> DeepseekModel:
-    """Load an HF-format model directory (config.json + safetensors) or `builtin:tiny` (seeded init).
+    """Load an HF-format model directory (config.json + safetensors) or `builtin:NAME` (seeded init).
 
     `mesh` is the parallel layout (None: single process, the whole model here); see the module docstring.
+    Under pp > 1, `schedule` (the job's `parallel.schedule`) says which stages this rank holds; the caller
+    cuts them with `parallel.pipeline.stages.build_stages` (the trainer and multi-rank serving do).
     `max_nodes_per_token` > 0 limits each token's experts to that many nodes of the EP group (the mesh's
     node map; `MOERUN_RANKS_PER_NODE` emulates nodes on one host). `link`: an emulated interconnect
-    (parallel.link) that delays every expert all-to-all. A mesh with pp > 1 is refused unless `all_layers`:
-    then every rank gets every layer (TP/EP-sharded as above) and the caller cuts out its pipeline stages,
-    as the trainer and multi-rank serving do.
+    (parallel.link) that delays every expert all-to-all.
     """
+    from cluster.fake import fake_mode_active
     from parallel.shard import sharded_select
     from runtime.model.builtin import builtin_config, init_weights
     from runtime.model.hf_checkpoint import load_checkpoint
@@ -78,11 +86,10 @@ def load_model(
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     dtype = dtype or torch.float32
-    if mesh is not None and mesh.size("pp") > 1 and not all_layers:
-        raise NotImplementedError(
-            "load_model builds whole-model or TP/EP shards; pipeline stages (pp > 1) are built by "
-            "parallel.pipeline.stages from a model loaded with all_layers=True"
-        )
+    pp = mesh.size("pp") if mesh is not None else 1
+    if pp > 1 and schedule is None:
+        raise ValueError("load_model under pp > 1 needs the pipeline schedule (parallel.schedule): it decides "
+                         "which stages this rank builds")
     device = device or (str(mesh.device) if mesh is not None else "cpu")
     tp_group = mesh.group("tp") if mesh is not None and mesh.size("tp") > 1 else None
     if path.startswith("builtin:"):
@@ -93,17 +100,13 @@ def load_model(
     else:
         cfg = ModelConfig.from_file(path)
     dispatcher = Dispatcher.from_mesh(mesh, cfg.n_routed_experts, max_nodes_per_token, link)
+    parts = held_parts(cfg.num_hidden_layers, schedule, pp, mesh.coord("pp")) if pp > 1 else None
+    model = build_model(cfg, dtype, device, mtp=mtp, dispatcher=dispatcher, tp_group=tp_group, parts=parts)
     if path.startswith("builtin:"):
-        # seeded init in fp32 of every full tensor, of which this rank keeps its shard: every layout gets
-        # the same weights
-        model = build_model(cfg, torch.float32, "cpu", mtp=mtp, dispatcher=dispatcher, tp_group=tp_group)
-        init_weights(model, seed)
-        model = model.to(device=device, dtype=dtype)
-        _fp32_router_bias(model)
-        return model.eval()
-    model = build_model(cfg, dtype, device, mtp=mtp, dispatcher=dispatcher, tp_group=tp_group)
-    sharded = tp_group is not None or dispatcher.group is not None
-    load_checkpoint(model, path, select=select or (sharded_select(model) if sharded else None))
+        init_weights(model, seed)  # per-row seeded streams: every layout gets the same weights
+    elif not fake_mode_active():
+        sharded = tp_group is not None or dispatcher.group is not None
+        load_checkpoint(model, path, select=select or (sharded_select(model) if sharded else None))
     return model.eval()
 
 

@@ -110,7 +110,8 @@ def serve(config: dict, mesh=None, *, train: bool = False, max_frame_bytes: int 
         from runtime.model.loading import load_model
 
         model = load_model(config["model"]["path"], mesh, dtype=config["model"]["dtype"], device=str(device),
-                           all_layers=True, max_nodes_per_token=par["max_nodes_per_token"], mtp=par["pp"] == 1)
+                           schedule=par["schedule"], max_nodes_per_token=par["max_nodes_per_token"],
+                           mtp=par["pp"] == 1)
     pipe = pipe_stage(mesh, model, par["schedule"])
     engine = Engine.from_config(model, sv, pipe, group)
     if train:

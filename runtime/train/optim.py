@@ -154,6 +154,7 @@ class ZeroAdamW:
             if grad_scale != 1.0:
                 g.mul_(grad_scale)
             b.update(g, lr, self.betas, self.eps, self.steps)
+            del g  # not held through the next bucket's update nor the all-gathers below
         for b in self.buckets:
             b.write_params()
 

@@ -72,10 +72,10 @@ class Trainer:
                              f"do not split into parallel.microbatches = {self.microbatches} equal micro-batches")
         mtp = tr["mtp_loss_coef"] > 0  # under pp the MTP modules sit on the last stage (the executor)
         path = resume_from or config["model"]["path"]
-        # This rank's TP/EP shard of every layer (an HF dir, a training checkpoint or builtin:NAME); under pp
-        # `_build_pipeline` keeps only this rank's stages.
+        # This rank's part of the model (an HF dir, a training checkpoint or builtin:NAME): its pipeline
+        # stages (both under DualPipe(V)), its TP slices, its experts; nothing else is built.
         self.model = load_model(path, mesh, dtype=self.dtype, device=str(self.device), seed=tr["seed"], mtp=mtp,
-                                all_layers=True, max_nodes_per_token=par["max_nodes_per_token"],
+                                schedule=par["schedule"], max_nodes_per_token=par["max_nodes_per_token"],
                                 link=EmulatedLink.from_config(par["emulate_link"]))
         if tr.get("fp8"):
             from ops.fp8_train import convert_to_fp8_training
@@ -230,9 +230,8 @@ class Trainer:
         ops = [dist.P2POp(dist.isend, mine, peer, group), dist.P2POp(dist.irecv, theirs, peer, group)]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
-        experts = torch.arange(theirs.shape[1], device=self.device)
         for layer, counts in enumerate(theirs):
-            self.balancer.record(layer, torch.repeat_interleave(experts, counts))
+            self.balancer.record_counts(layer, counts)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This data-parallel rank's share (inputs, labels) of optimizer step `step`'s data, on its device."""
@@ -272,7 +271,7 @@ class Trainer:
             keys = sorted(parts_sum)
             return dict(zip(keys, torch.stack([parts_sum[k] for k in keys]).tolist()))
         tr = self.config["train"]
-        mtp_coef = tr["mtp_loss_coef"] if len(self.model.mtp) else 0.0
+        mtp_coef = tr["mtp_loss_coef"] if self.model.mtp_depth else 0.0  # every pp rank: the same
         self.executor.run_step([(inputs[sl], labels[sl]) for sl in chunks], mtp_coef=mtp_coef)
         return self.pipeline_parts()
 
@@ -281,7 +280,7 @@ class Trainer:
         the model's forward gives it) and aux when they are on."""
         tr, parts = self.config["train"], self.executor.last_parts
         out = {"ce": parts["ce"]}
-        if len(self.model.mtp) and tr["mtp_loss_coef"] > 0:
+        if self.model.mtp_depth and tr["mtp_loss_coef"] > 0:
             out["mtp"] = parts["mtp"] / tr["mtp_loss_coef"]
         if tr["aux_loss_coef"] > 0:
             out["aux"] = parts["aux"]
