@@ -16,9 +16,9 @@ DESCRIPTION = """\
 Run `moerun SUBCOMMAND ...` on N ranks of this host with the environment's mpirun (Open MPI or MPICH;
 the one next to this Python first, then PATH). Adds --allow-run-as-root when running as root and
 --oversubscribe when N exceeds the cores (Open MPI). The exit code is the job's: non-zero when any rank
-fails, and a dead rank stops all the others within seconds. A first Ctrl-C / SIGTERM goes to rank 0 alone
-(`train` and `serve` stop gracefully: the step in flight ends, a checkpoint is saved, every rank exits 0);
-a second one, or a job still running 120 s later, stops every rank at once.
+fails, and a dead rank stops all the others within seconds. For train and serve, a first Ctrl-C / SIGTERM
+goes to rank 0 alone (they stop gracefully: the step in flight ends, a checkpoint is saved, every rank
+exits 0); a second one, a job still running 120 s later, or any other subcommand stops every rank at once.
 
 examples:
   moerun launch -n 4 -- selftest
@@ -105,10 +105,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(" ".join(cmd))
         return 0
-    # mpirun runs in its own session so that stopping it reaches every rank it started. A first SIGTERM
-    # (scancel, kill) or SIGINT (Ctrl-C) goes to rank 0 alone (its pid from MOERUN_RANK0_PIDFILE): `train`
-    # and `serve` then stop gracefully on every rank (finish the step, save, exit 0). A second signal, or
-    # a job still running GRACE_S later, stops the whole session.
+    # mpirun runs in its own session so that stopping it reaches every rank it started. For `train` and
+    # `serve`, a first SIGTERM (scancel, kill) or SIGINT (Ctrl-C) goes to rank 0 alone as a SIGTERM (its pid
+    # from MOERUN_RANK0_PIDFILE): they stop gracefully on every rank (finish the step, save, exit 0). A
+    # second signal, a job still running GRACE_S later, or any other subcommand stops the whole session.
     pidfile = Path(tempfile.mkdtemp(prefix="moerun-launch-")) / "rank0.pid"
     env["MOERUN_RANK0_PIDFILE"] = str(pidfile)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
@@ -122,8 +122,11 @@ def run(args: argparse.Namespace) -> int:
             return 124
         except KeyboardInterrupt as exc:
             signum = exc.args[0] if exc.args else signal.SIGINT
-            code = _stop_gracefully(proc, signum, pidfile)
+            code = _stop_gracefully(proc, signum, pidfile) if sub[0] in GRACEFUL else None
             if code is None:
+                if sub[0] not in GRACEFUL:
+                    print(f"[moerun] {signal.Signals(signum).name}: stopping all ranks", file=sys.stderr, flush=True)
+                    _stop(proc)
                 return 128 + signum
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -134,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 GRACE_S = 120  # how long a graceful stop may take (the step in flight and a checkpoint) before all ranks are stopped
+GRACEFUL = ("train", "serve")  # subcommands that stop gracefully on rank 0's SIGTERM; others stop at once
 
 
 def _stop_gracefully(proc: subprocess.Popen, signum: int, pidfile: Path) -> int | None:
@@ -142,7 +146,7 @@ def _stop_gracefully(proc: subprocess.Popen, signum: int, pidfile: Path) -> int 
     name = signal.Signals(signum).name
     try:
         pid = int(pidfile.read_text())
-        os.kill(pid, signum)
+        os.kill(pid, signal.SIGTERM)  # SIGTERM whatever we got: a rank started in the background may ignore SIGINT
     except (OSError, ValueError):
         print(f"[moerun] {name}: stopping all ranks", file=sys.stderr, flush=True)
         _stop(proc)
