@@ -196,7 +196,8 @@ class DispatchHandle:
             if is_fake(self.recv_expert):  # a dry run: the balanced split, as values the host can read
                 with no_fake_mode():
                     per, extra = divmod(self.recv_pairs, self.experts_per_rank)
-                    self.tokens_per_expert = torch.tensor([per + (e < extra) for e in range(self.experts_per_rank)])
+                    self.tokens_per_expert = torch.tensor([per + (e < extra) for e in range(self.experts_per_rank)],
+                                                          device="cpu")  # host values: the split
             else:
                 self.tokens_per_expert = _count(self.recv_expert, self.experts_per_rank)
             self.recv_weights = recv_w[self.recv_rows, self.recv_slots]

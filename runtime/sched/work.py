@@ -295,7 +295,7 @@ class TrainWork:
 
         t = self.trainer
         ref = load_model(t.config["model"]["path"], t.mesh, dtype=t.dtype, device=str(t.device),
-                         seed=t.config["train"]["seed"], mtp=False, all_layers=True,
+                         seed=t.config["train"]["seed"], mtp=False, schedule=t.config["parallel"]["schedule"],
                          max_nodes_per_token=t.config["parallel"]["max_nodes_per_token"])
         res = ref.load_state_dict(self.model.state_dict(), strict=False)  # the weights as they are now
         if res.missing_keys:
