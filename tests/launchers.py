@@ -26,6 +26,10 @@ def base_env(**extra: str) -> dict[str, str]:
     # every job a test starts checks its torch.distributed calls against the Mesh's device discipline
     # (cluster/devicecheck.py): a CPU tensor handed to a device group fails the test here, not on GPUs
     env["MOERUN_CHECK_DEVICES"] = "1"
+    # `MOERUN_TEST_P2P=nccl-emulated make test`: every job the tests start posts its pipeline p2p through the
+    # NCCL emulation (cluster/p2p.py), not only the jobs whose tests ask for it
+    if os.environ.get("MOERUN_TEST_P2P"):
+        env["MOERUN_P2P"] = os.environ["MOERUN_TEST_P2P"]
     env.update(extra)
     return env
 
