@@ -15,13 +15,13 @@ Backends (environment variable MOERUN_P2P):
   PyTorch runs batched p2p on the group's own communicator and single isend / irecv on a separate one per
   rank pair, and the two never match each other; posting everything batched keeps every op of the group
   on one communicator, in posting order.
-- `nccl-emulated` (gloo groups only): NCCL's semantics at their strictest, as parallel/pipeline/p2p_model.py
-  states them. Per rank pair, posted groups run one at a time in posting order; a group with ops to
-  several peers waits until it is first in line with each of them; its ops progress together; a send
-  completes only after the peer's matching receive has started (a receiver announces a started receive
-  with a small token; the sender moves its data only then: no eager buffering). Each pair has a worker
-  thread that does this over gloo with tags of its own. A deadlock shows as `P2PTimeout` naming the
-  ranks and messages after MOERUN_P2P_TIMEOUT seconds (default 300), never as a hang. The emulation also
+- `nccl-emulated` (gloo groups; a dry run's fake group gets the torch channel): NCCL's semantics at their
+  strictest, as parallel/pipeline/p2p_model.py states them. Per rank pair, posted groups run one at a time in
+  posting order; a group with ops to several peers waits until it is first in line with each of them; its ops
+  progress together; a send completes only after the peer's matching receive has started (a receiver announces
+  a started receive with a small token; the sender moves its data only then: no eager buffering). Each pair
+  has a worker thread that does this over gloo with tags of its own. A deadlock shows as `P2PTimeout` naming
+  the ranks and messages after MOERUN_P2P_TIMEOUT seconds (default 300), never as a hang. The emulation also
   checks what NCCL would not: a send and the receive it meets must carry the same element count and name.
 """
 
@@ -100,8 +100,8 @@ def channel(group=None, backend: str | None = None, timeout_s: float | None = No
         raise ValueError(f"unknown p2p backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise ValueError(f"p2p channel needs a process group this rank belongs to, got {group!r}")
-    if backend == "torch":
-        return TorchChannel(group)
+    if backend == "torch" or dist.get_backend(group) == "fake":
+        return TorchChannel(group)  # a fake group (a dry run) moves no messages: nothing to emulate
     return EmulatedChannel.of(group, timeout_s if timeout_s is not None else timeout_from_env())
 
 

@@ -36,6 +36,18 @@ def test_backend_and_timeout_from_env() -> None:
         p2p.Op("isend", torch.zeros(1), 0)
 
 
+def test_a_dry_runs_fake_group_gets_the_torch_channel_under_the_emulation() -> None:
+    """`MOERUN_P2P=nccl-emulated moerun dryrun ...` (the variable exported for a whole session): the fake
+    process group moves no messages, so its channel is torch's; the emulation would refuse it (not gloo)."""
+    from cluster.fake import fake_mesh
+
+    with fake_mesh(4, 1, pp=2, ep=2) as mesh:
+        chan = p2p.channel(mesh.group("pp"), backend="nccl-emulated")
+        assert isinstance(chan, p2p.TorchChannel)
+        works = chan.post([p2p.Op("send", torch.ones(3), 3, "act"), p2p.Op("recv", torch.zeros(3), 3, "grad")])
+        assert all(w.wait() for w in works)
+
+
 def _cross(rank: int, backend: str, grouped: bool) -> str:
     """Ranks 0 and 1 each send one message to the other and then receive the other's: posted alone, each
     rank's first op is a send whose receive the peer posts behind its own send."""
