@@ -169,7 +169,7 @@ def test_old_posting_order_hangs_under_nccl_emulation_only() -> None:
     if mpirun_path() is None:
         pytest.skip("mpirun not found")
     args = ["tests/executor_cases.py", "1f1b:2:1:4:per-op"]
-    res = mpirun(2, [], python_args=args, timeout=120)
+    res = mpirun(2, [], env=base_env(MOERUN_P2P="torch"), python_args=args, timeout=120)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert sorted(re.findall(r"PASS 1f1b pp=2 ep=1 chunks=4 rank=(\d) per-op", res.stdout)) == ["0", "1"]
     # both ranks time out together; each first waits MOERUN_DEAD_AFTER_S for a root cause from the other
