@@ -113,8 +113,11 @@ COMMON = ["train.steps=1", "train.global_batch=8", "train.save_every=1", "schedu
 @pytest.mark.timeout(300)
 def test_serve_and_train_on_dualpipev_pp2_ep2(tmp_path):
     """dualpipev pp=2 x ep=2: each rank holds the first and the last stage's layers (the V); serving goes down
-    the stages and back up on the same schedule data the job step uses (forward only)."""
-    _check(tmp_path, [*COMMON, "parallel.ep=2", "parallel.schedule=dualpipev", "parallel.microbatches=4"])
+    the stages and back up on the same schedule data the job step uses (forward only). The job step trains the
+    MTP module too (as `make demo` does): only the rank with the last stage holds it, yet every rank must agree
+    that the activations carry the embeddings along (a rank that did not sent or expected half the bytes)."""
+    _check(tmp_path, [*COMMON, "parallel.ep=2", "parallel.schedule=dualpipev", "parallel.microbatches=4",
+                      "train.mtp_loss_coef=0.3"])
 
 
 @pytest.mark.mpi

@@ -56,7 +56,7 @@ class PipelinedStep:
         loss = None
         if batch is not None and batch.loss == "grpo":
             loss = self._grpo(batch, microbatches, clip_eps, reference)
-        mtp = trainer.config["train"]["mtp_loss_coef"] if batch is None and len(trainer.model.mtp) else 0.0
+        mtp = trainer.config["train"]["mtp_loss_coef"] if batch is None and trainer.model.mtp_depth else 0.0
         self.ex.start_step(microbatches, loss, mtp)
         self.batch = batch
 
