@@ -63,8 +63,10 @@ def parse_info(stdout: str) -> dict[int, dict[str, str]]:
 
     out = {}
     # a line may follow another process's output that lacked its newline (ranks share the pipe): find
-    # every "rank=N world=..." record wherever it starts, up to the next record or the line's end
-    for m in re.finditer(r"\brank=\d+ world=[^\n]*?(?=\brank=\d+ world=|\n|$)", stdout):
+    # every "rank=N world=..." record wherever it starts, up to the next record or the line's end. No \b
+    # before "rank": a record glued to one ending in a digit ("...ep:0/1rank=2 world=3") has none there;
+    # "local_rank=N" is never followed by " world=", so it cannot start a record
+    for m in re.finditer(r"rank=\d+ world=[^\n]*?(?=rank=\d+ world=|\n|$)", stdout):
         fields = dict(part.split("=", 1) for part in m.group(0).split() if "=" in part)
         out[int(fields["rank"])] = fields
     return out

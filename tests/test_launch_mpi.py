@@ -243,7 +243,7 @@ def test_info_under_torchrun():
                          env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = parse_info(out.stdout)
-    assert sorted(ranks) == [0, 1, 2]
+    assert sorted(ranks) == [0, 1, 2], out.stdout + out.stderr[-3000:]
     assert all(f["launcher"] == "torchrun" and f["world"] == "3" and f["local_rank"] == str(r)
                for r, f in ranks.items())
 
