@@ -295,7 +295,8 @@ def dispatch_async(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.
     its combine and backward) is delayed by its off-rank bytes on that emulated link. `check_ids` checks
     the ids' range (a host read of them; the model's Dispatcher skips it).
     """
-    group = group if group_size(group) > 1 else None
+    if group is not None and group_size(group) == 1:
+        group = None
     if group is None and capacity_factor is None and not torch.is_grad_enabled():
         return _dispatch_local(x, topk_idx, topk_weights, num_experts, link)
     ep = group_size(group)

@@ -186,7 +186,8 @@ class Server:
                         self._handle(parts)
                 for conn in self.peers.departed(time.monotonic()):
                     self._drop_connection(conn)
-                self.health.expire()
+                if self.health.waiters:  # a health check is in flight
+                    self.health.expire()
                 if self.scheduler.has_work():
                     self._step()
                 else:
@@ -440,7 +441,7 @@ class Server:
             self._send(envelope, error_reply(code, msg, request_id))
 
     def _deliver(self, out) -> None:
-        if self.health.deliver(out):
+        if self.health.key is not None and self.health.deliver(out):
             return
         act = self.active.get(out.key)
         if act is None:

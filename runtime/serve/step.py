@@ -183,9 +183,8 @@ def run_plan(model, cache, plan: StepPlan, pipe: PipeStage | None = None, stage=
     schedule says; the engine's rank gets every micro-batch's logits (other ranks return an empty tensor)."""
     dev = model.lm_head.weight.device
     if pipe is None:
-        n = len(model.model.layers)
-        stage = stage or model.pipeline_stage(0, 1, range(n))
-        return _stage_forward(stage, cache, StepIndex(plan, cache, dev), {li: li for li in range(n)}, None)
+        stage = stage or model.pipeline_stage(0, 1, range(len(model.model.layers)))
+        return _stage_forward(stage, cache, StepIndex(plan, cache, dev), {li: li for li in stage.layer_ids}, None)
     slots = {li: i for i, li in enumerate(pipe.layer_ids)}
     groups = _microbatches(plan, pipe.executor.schedule.directions)
     subs = [plan.select(g) for g in groups]
