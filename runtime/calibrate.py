@@ -29,7 +29,7 @@ import multiprocessing.connection
 import os
 import statistics
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 GEMM_M = (64, 256, 1024)
 GEMM_NK = ((128, 256), (256, 256), (256, 1024), (1024, 256), (1024, 1024))
@@ -40,7 +40,19 @@ ATTN_HEADS, ATTN_DIM = 4, 48
 SIZES = (4 << 10, 1 << 20, 8 << 20)  # message sizes (bytes) the links are measured at
 
 
-def _seconds(fn, min_s: float = 0.05, reps: int = 5) -> float:
+class Timing(NamedTuple):
+    """How long each figure is timed: `reps` repetitions of at least `min_s` seconds (the op cost: `op_min_s`)."""
+
+    min_s: float
+    reps: int
+    op_min_s: float
+
+
+FULL = Timing(0.05, 5, 0.3)
+QUICK = Timing(0.01, 3, 0.05)  # `--quick`: the same grid, timed about 5x shorter (noisier figures)
+
+
+def _seconds(fn, min_s: float, reps: int) -> float:
     """Median seconds of one call of `fn` (after one warm-up), each repetition running it >= min_s."""
     fn()
     out = []
@@ -55,7 +67,7 @@ def _seconds(fn, min_s: float = 0.05, reps: int = 5) -> float:
     return statistics.median(out)
 
 
-def _gemm(dtype) -> list[list[float]]:
+def _gemm(dtype, timing: Timing) -> list[list[float]]:
     """A linear layer's forward and backward (the three GEMMs of training, as autograd runs them), per shape."""
     import torch
     import torch.nn.functional as F
@@ -70,11 +82,11 @@ def _gemm(dtype) -> list[list[float]]:
             def step(x=x, w=w, g=g):
                 x.grad = w.grad = None
                 F.linear(x, w).backward(g)
-            rows.append([m, n, k, 6.0 * m * n * k / _seconds(step) / 1e9])
+            rows.append([m, n, k, 6.0 * m * n * k / _seconds(step, *timing[:2]) / 1e9])
     return rows
 
 
-def _grouped(dtype) -> list[list[float]]:
+def _grouped(dtype, timing: Timing) -> list[list[float]]:
     """The experts' grouped GEMM (ops.moe.grouped_linear) forward and backward over GROUPS experts of m rows."""
     import torch
 
@@ -91,11 +103,11 @@ def _grouped(dtype) -> list[list[float]]:
             def step(x=x, w=w, g=g, counts=counts):
                 x.grad = w.grad = None
                 grouped_linear(x, w, counts).backward(g)
-            rows.append([m, n, k, 6.0 * GROUPS * m * n * k / _seconds(step) / 1e9])
+            rows.append([m, n, k, 6.0 * GROUPS * m * n * k / _seconds(step, *timing[:2]) / 1e9])
     return rows
 
 
-def _attention(dtype) -> dict[str, list[list[float]]]:
+def _attention(dtype, timing: Timing) -> dict[str, list[list[float]]]:
     import torch
     import torch.nn.functional as F
 
@@ -111,20 +123,20 @@ def _attention(dtype) -> dict[str, list[list[float]]]:
         def both(q=q, k=k, v=v):
             F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
-        tf, tb = _seconds(fwd), _seconds(both)
+        tf, tb = _seconds(fwd, *timing[:2]), _seconds(both, *timing[:2])
         out["fwd"].append([t, flops / tf / 1e9])
         out["bwd"].append([t, 2.5 * flops / max(tb - tf, 1e-9) / 1e9])
     return out
 
 
-def _memory() -> float:
+def _memory(timing: Timing) -> float:
     import torch
 
     x, y, z = (torch.ones(4 << 20) for _ in range(3))
-    return 3 * x.numel() * 4 / _seconds(lambda: torch.add(x, y, out=z)) / 1e9
+    return 3 * x.numel() * 4 / _seconds(lambda: torch.add(x, y, out=z), *timing[:2]) / 1e9
 
 
-def _op_cost() -> tuple[float, int]:
+def _op_cost(timing: Timing) -> tuple[float, int]:
     """Seconds per dispatched op of a training forward + backward where arithmetic is negligible."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -146,10 +158,10 @@ def _op_cost() -> tuple[float, int]:
 
     with Count():
         step()
-    return _seconds(step, min_s=0.3) / Count.ops, Count.ops
+    return _seconds(step, timing.op_min_s, timing.reps) / Count.ops, Count.ops
 
 
-def _seconds_together(fn, min_s: float = 0.05, reps: int = 5) -> float:
+def _seconds_together(fn, min_s: float, reps: int) -> float:
     """`_seconds` for a collective: every rank runs the same number of calls (agreed from the slowest
     rank's first call), or the ranks would wait on each other's missing calls forever."""
     import torch
@@ -169,18 +181,18 @@ def _seconds_together(fn, min_s: float = 0.05, reps: int = 5) -> float:
     return statistics.median(out)
 
 
-def _link(make, sizes: tuple[int, ...], counted) -> dict[str, float]:
+def _link(make, sizes: tuple[int, ...], counted, timing: Timing) -> dict[str, float]:
     """latency + bytes / bandwidth, least squares over the message sizes (`counted(size)`: the bytes the cost
     model charges for a call of that size); bandwidth and latency kept positive."""
     xs = [float(counted(n)) for n in sizes]
-    ts = [_seconds_together(make(n)) for n in sizes]
+    ts = [_seconds_together(make(n), *timing[:2]) for n in sizes]
     mx, mt = statistics.fmean(xs), statistics.fmean(ts)
     slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sum((x - mx) ** 2 for x in xs)
     slope = max(slope, 1e-13)  # at most 10 TB/s: a flat line is noise, not an infinitely fast link
     return {"latency_s": max(0.0, mt - slope * mx), "gbps": 1.0 / slope / 1e9}
 
 
-def _links(rank: int, world: int) -> dict[str, dict[str, dict[str, float]]]:
+def _links(rank: int, world: int, timing: Timing) -> dict[str, dict[str, dict[str, float]]]:
     import torch
     import torch.distributed as dist
 
@@ -207,9 +219,9 @@ def _links(rank: int, world: int) -> dict[str, dict[str, dict[str, float]]]:
             return lambda: dist.all_gather(parts, x, group=group)
 
         dist.barrier()
-        out["all_to_all"][str(g)] = _link(a2a, SIZES, lambda n, g=g: n * (g - 1))  # bytes leaving the rank
-        out["all_reduce"][str(g)] = _link(reduce, SIZES, lambda n: n)
-        out["all_gather"][str(g)] = _link(gather, SIZES, lambda n: n)  # the gathered bytes
+        out["all_to_all"][str(g)] = _link(a2a, SIZES, lambda n, g=g: n * (g - 1), timing)  # bytes leaving the rank
+        out["all_reduce"][str(g)] = _link(reduce, SIZES, lambda n: n, timing)
+        out["all_gather"][str(g)] = _link(gather, SIZES, lambda n: n, timing)  # the gathered bytes
     if world > 1:
         peer = rank ^ 1 if (rank ^ 1) < world else rank
 
@@ -224,11 +236,11 @@ def _links(rank: int, world: int) -> dict[str, dict[str, dict[str, float]]]:
             return go
 
         dist.barrier()
-        out["p2p"] = {"2": _link(p2p, SIZES, lambda n: n)}
+        out["p2p"] = {"2": _link(p2p, SIZES, lambda n: n, timing)}
     return out
 
 
-def measure_rank(rank: int, world: int, dtypes: tuple[str, ...], log=None) -> dict[str, Any]:
+def measure_rank(rank: int, world: int, dtypes: tuple[str, ...], log=None, timing: Timing = FULL) -> dict[str, Any]:
     """Everything one rank measures (collectives with the others; the caller set up the process group)."""
     import torch
     import torch.distributed as dist
@@ -242,22 +254,22 @@ def measure_rank(rank: int, world: int, dtypes: tuple[str, ...], log=None) -> di
         sync()
         log(f"linear layers and grouped experts, forward + backward ({name}): "
             f"{len(GEMM_M) * len(GEMM_NK) + len(GROUPED_M) * len(GROUPED_NK)} shapes")
-        res["gemm"][name] = _gemm(dtype)
-        res["gemm"][name + "/grouped"] = _grouped(dtype)
+        res["gemm"][name] = _gemm(dtype, timing)
+        res["gemm"][name + "/grouped"] = _grouped(dtype, timing)
         sync()
         log(f"causal attention ({name}) at {', '.join(map(str, ATTN_T))} tokens")
-        res["attention"][name] = _attention(dtype)
+        res["attention"][name] = _attention(dtype, timing)
     sync()
     log("memory bandwidth, cost of one op")
-    res["mem_gbps"] = _memory()
+    res["mem_gbps"] = _memory(timing)
     sync()
-    res["op_s"], res["ops_counted"] = _op_cost()
+    res["op_s"], res["ops_counted"] = _op_cost(timing)
     log("all-to-all, all-reduce, all-gather, p2p")
-    res["links"] = _links(rank, world)
+    res["links"] = _links(rank, world, timing)
     return res
 
 
-def _child(rank: int, world: int, port: int, dtypes: tuple[str, ...], conn) -> None:
+def _child(rank: int, world: int, port: int, dtypes: tuple[str, ...], conn, timing: Timing) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch.distributed as dist
 
@@ -265,7 +277,7 @@ def _child(rank: int, world: int, port: int, dtypes: tuple[str, ...], conn) -> N
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=120))
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
         log = (lambda msg: conn.send(("log", msg))) if rank == 0 else None
-        conn.send(("ok", measure_rank(rank, world, dtypes, log)))
+        conn.send(("ok", measure_rank(rank, world, dtypes, log, timing)))
         dist.destroy_process_group()
     except BaseException:  # noqa: B036 - the parent reports it
         import traceback
@@ -282,8 +294,10 @@ def _median_of(results: list[Any]) -> Any:
     return statistics.median(results)
 
 
-def measure(ranks: int = 4, dtypes: tuple[str, ...] = ("float32",), timeout: float = 900.0, log=None):
-    """A MachineProfile measured by `ranks` local processes at once (gloo over loopback)."""
+def measure(ranks: int = 4, dtypes: tuple[str, ...] = ("float32",), timeout: float = 900.0, log=None,
+            quick: bool = False):
+    """A MachineProfile measured by `ranks` local processes at once (gloo over loopback); `quick`: each
+    figure timed about 5x shorter (the same grid, noisier figures)."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -301,7 +315,8 @@ def measure(ranks: int = 4, dtypes: tuple[str, ...] = ("float32",), timeout: flo
     try:
         for r in range(ranks):
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_child, args=(r, ranks, store.port, dtypes, child), daemon=True)
+            p = ctx.Process(target=_child, args=(r, ranks, store.port, dtypes, child, QUICK if quick else FULL),
+                            daemon=True)
             p.start()
             child.close()
             procs.append(p)
@@ -340,7 +355,7 @@ def measure(ranks: int = 4, dtypes: tuple[str, ...] = ("float32",), timeout: flo
     med = _median_of(results)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
     notes = {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.perf_counter() - t0, 1),
-             "load_average": [round(x, 2) for x in load], "cpus": os.cpu_count(), "threads_per_rank": 1,
+             "load_average": [round(x, 2) for x in load], "cpus": os.cpu_count(), "threads_per_rank": 1, "quick": quick,
              "ops_counted": med.pop("ops_counted")}
     return MachineProfile.from_dict({"name": f"this machine ({ranks} ranks)", "ranks": ranks, **med,
                                      "notes": notes})

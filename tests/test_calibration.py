@@ -71,10 +71,10 @@ def test_profile_round_trips_and_rejects_junk(tmp_path):
 
 @pytest.mark.timeout(240)
 def test_calibrate_cli_measures_and_predicts(tmp_path):
-    """`moerun plan --calibrate --ranks 2 --job ...`: every figure measured, positive and finite; the
+    """`moerun plan --calibrate --quick --ranks 2 --job ...`: every figure measured, positive and finite; the
     prediction of a pp=2 job adds up (step = pipeline + sync + optimizer) and carries the framework
     overhead of the ops its dry runs counted."""
-    out = subprocess.run([sys.executable, "-m", "launch", "plan", "--calibrate", "--ranks", "2", "--json",
+    out = subprocess.run([sys.executable, "-m", "launch", "plan", "--calibrate", "--quick", "--ranks", "2", "--json",
                           "--machine-out", str(tmp_path / "m.json"), "--set", "parallel.pp=2",
                           "--set", "train.global_batch=4", "--set", "data.seq_len=32", "--set",
                           "parallel.microbatches=4"], env=base_env(), cwd=ROOT, capture_output=True, text=True,
@@ -83,6 +83,7 @@ def test_calibrate_cli_measures_and_predicts(tmp_path):
     doc = json.loads(out.stdout)
     mach = MachineProfile.from_dict(doc["machine"])
     assert MachineProfile.load(str(tmp_path / "m.json")) == mach
+    assert mach.notes["quick"] is True  # a quick profile says so
     rates = [r[3] for r in mach.gemm["float32"]] + [g for rows in mach.attention["float32"].values() for _, g in rows]
     assert all(0 < x < 1e5 and math.isfinite(x) for x in rates), rates
     assert 0 < mach.mem_gbps < 1e4 and 0 < mach.op_s < 1e-2
@@ -93,3 +94,10 @@ def test_calibrate_cli_measures_and_predicts(tmp_path):
     assert p["step_time_s"] == pytest.approx(p["makespan_s"] + p["dp_sync_s"] + p["optimizer_s"], rel=1e-6)
     assert p["overhead_ms"]["forward"] > 0 and p["overhead_ms"]["backward"] > 0
     assert len(p["ops"]) == 2 and all(o["ops_forward"] > 0 for o in p["ops"])  # one dry run per pp rank
+
+
+@pytest.mark.parametrize("args", [["--quick"], ["--quick", "--machine", "m.json"]])
+def test_quick_without_calibrate_is_refused(args, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "launch", "plan", *args], env=base_env(), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--quick applies to --calibrate" in out.stderr, (out.returncode, out.stderr)

@@ -92,6 +92,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--calibrate", action="store_true",
                    help="measure matmul, attention, memory, op cost, all-to-all, all-reduce, all-gather and p2p "
                         "with --ranks local ranks at once")
+    c.add_argument("--quick", action="store_true",
+                   help="--calibrate: time each figure about 5x shorter (a first look in seconds; the figures are "
+                        "noisier, so write a profile to plan with from a full calibration)")
     c.add_argument("--ranks", type=int, default=4, help="local ranks for --calibrate and --job (default 4)")
     c.add_argument("--machine", help="a machine profile written by --calibrate --machine-out")
     c.add_argument("--machine-out", help="write the measured machine profile (JSON) here")
@@ -118,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
             return run_machine(args)
         if args.job or args.overrides:
             raise ValueError("--job and --set need a machine: --calibrate or --machine PROFILE")
+        if args.quick:
+            raise ValueError("--quick applies to --calibrate")
         return _run_layouts(args)
     except ValueError as e:
         print(f"moerun plan: error: {e}", file=sys.stderr)

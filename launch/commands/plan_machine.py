@@ -12,7 +12,7 @@ def print_profile(profile) -> None:
     n = profile.notes
     print(f"{profile.name}: measured {n.get('measured_at', '?')} in {n.get('seconds', '?')} s, load average "
           f"{n.get('load_average', '?')}, {n.get('cpus', '?')} CPUs, {n.get('threads_per_rank', '?')} thread(s) "
-          "per rank")
+          "per rank" + (" (--quick: noisier figures)" if n.get("quick") else ""))
     for dtype, rows in profile.gemm.items():
         rates = sorted(r[3] for r in rows)
         what = "grouped experts" if dtype.endswith("/grouped") else "linear layers"
@@ -40,7 +40,7 @@ def run_machine(args: argparse.Namespace) -> int:
         raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
     if args.calibrate:
         try:
-            profile = measure(args.ranks, log=log)
+            profile = measure(args.ranks, log=log, quick=args.quick)
         except RuntimeError as exc:
             print(f"moerun plan: calibration failed: {exc}", file=sys.stderr)
             return 1
@@ -49,6 +49,8 @@ def run_machine(args: argparse.Namespace) -> int:
                 fh.write(profile.to_json())
             log(f"machine profile written to {args.machine_out}")
     else:
+        if args.quick:
+            raise ValueError("--quick applies to --calibrate, not to a loaded --machine profile")
         profile = MachineProfile.load(args.machine)
     out: dict = {"machine": json.loads(profile.to_json())}
     if args.job or args.overrides:
