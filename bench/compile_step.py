@@ -49,19 +49,14 @@ def main() -> int:
     ops.moe.grouped_linear = lambda x, w, tpe, force_loop=False: grouped_linear(x, w, tpe)
 
     from hf_models import make_hf_model
-    from serve import PRESETS
+    from serve import PRESETS, hf_config
 
     import runtime
     from runtime.serve import Engine, SamplingParams
     from runtime.serve.graphs import DecodeGraphs
 
     s = PRESETS[a.preset]
-    h = s["hidden"]
-    cfg = dict(vocab_size=s["vocab"], hidden_size=h, intermediate_size=2 * h, moe_intermediate_size=h // 2,
-               num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
-               n_routed_experts=s["experts"], num_experts_per_tok=4, n_group=4, topk_group=2, q_lora_rank=h // 2,
-               kv_lora_rank=s["kv_lora_rank"], qk_nope_head_dim=s["nope_dim"], qk_rope_head_dim=s["rope_dim"],
-               v_head_dim=s["v_dim"], max_position_embeddings=1024)
+    cfg = hf_config(**s)
     path, _ = make_hf_model(tempfile.mkdtemp(prefix="moerun-bench-"), "deepseek_v3", seed=0, max_shard_size="50MB",
                             **cfg)
     model = runtime.load_model(path)

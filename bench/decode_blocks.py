@@ -71,19 +71,14 @@ def main() -> int:
     torch.set_num_threads(a.threads)
 
     from hf_models import make_hf_model
-    from serve import PRESETS
+    from serve import PRESETS, hf_config
 
     import runtime
     import runtime.model.deepseek as ds
     from runtime.serve import Engine, SamplingParams
 
     s = PRESETS[a.preset]
-    h = s["hidden"]
-    cfg = dict(vocab_size=s["vocab"], hidden_size=h, intermediate_size=2 * h, moe_intermediate_size=h // 2,
-               num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
-               n_routed_experts=s["experts"], num_experts_per_tok=4, n_group=4, topk_group=2, q_lora_rank=h // 2,
-               kv_lora_rank=s["kv_lora_rank"], qk_nope_head_dim=s["nope_dim"], qk_rope_head_dim=s["rope_dim"],
-               v_head_dim=s["v_dim"], max_position_embeddings=1024)
+    cfg = hf_config(**s)
     path, _ = make_hf_model(tempfile.mkdtemp(prefix="moerun-bench-"), "deepseek_v3", seed=0, **cfg)
     model = runtime.load_model(path)
     g = torch.Generator().manual_seed(0)
@@ -110,8 +105,8 @@ def main() -> int:
         return timed_experts(self, rows, tokens_per_expert, weights)
 
     moe_layers = sum(model.config.is_moe_layer(i) for i in range(s["layers"]))
-    print(f"preset {a.preset}: hidden {h}, {s['layers']} layers ({moe_layers} MoE, {s['experts']} experts top-4), "
-          f"{a.batch} sequences decoding, {a.threads} thread(s)")
+    print(f"preset {a.preset}: hidden {s['hidden']}, {s['layers']} layers ({moe_layers} MoE, {s['experts']} experts "
+          f"top-4), {a.batch} sequences decoding, {a.threads} thread(s)")
     flush = torch.ones(24 << 20)  # 96 MB: more than this machine's last-level cache
     for run in range(1, a.runs + 1):
         e = decoding_engine()

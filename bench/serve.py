@@ -51,6 +51,16 @@ PRESETS = {
 }
 
 
+def hf_config(hidden: int, layers: int, heads: int, kv_lora_rank: int, rope_dim: int, nope_dim: int, v_dim: int,
+              experts: int, vocab: int) -> dict:
+    """transformers DeepseekV3Config keys of a bench model (a PRESETS entry, or the flags that override one)."""
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                n_routed_experts=experts, num_experts_per_tok=4, n_group=4, topk_group=2, q_lora_rank=hidden // 2,
+                kv_lora_rank=kv_lora_rank, qk_nope_head_dim=nope_dim, qk_rope_head_dim=rope_dim, v_head_dim=v_dim,
+                max_position_embeddings=1024)
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="v3-attn",
@@ -132,11 +142,7 @@ def main() -> int:
     from runtime.serve import Engine, SamplingParams
     from runtime.serve.server import Server
 
-    cfg = dict(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=2 * a.hidden,
-               moe_intermediate_size=a.hidden // 2, num_hidden_layers=a.layers, num_attention_heads=a.heads,
-               num_key_value_heads=a.heads, n_routed_experts=a.experts, num_experts_per_tok=4, n_group=4,
-               topk_group=2, q_lora_rank=a.hidden // 2, kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.nope_dim,
-               qk_rope_head_dim=a.rope_dim, v_head_dim=a.v_dim, max_position_embeddings=1024)
+    cfg = hf_config(**{k: getattr(a, k) for k in PRESETS[a.preset]})
     tmp = tempfile.mkdtemp(prefix="moerun-bench-")
     path, hf = make_hf_model(tmp, "deepseek_v3", seed=0, max_shard_size="50MB", **cfg)
     hf.generation_config.eos_token_id = None
