@@ -1,4 +1,4 @@
-"""Suite-wide rules.
+"""Suite-wide rules, and the fixtures many files share.
 
 Under `CI=true` a skipped test marked `slurm` or `mpi` (real Slurm daemons, real mpirun / MPICH mpiexec) is
 turned into a failure that carries the skip's reason: CI installs Slurm (.ci/install-slurm.sh), Open MPI
@@ -15,6 +15,14 @@ import pytest
 pytest_plugins = ["pytester"]
 
 MUST_RUN_IN_CI = ("slurm", "mpi")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """builtin:tiny with its default seed, built once per test module (a module may define its own)."""
+    import runtime
+
+    return runtime.load_model("builtin:tiny")
 
 
 def in_ci() -> bool:

@@ -10,11 +10,6 @@ import runtime
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return runtime.load_model("builtin:tiny")
-
-
-@pytest.fixture(scope="module")
 def hf_loaded(tmp_path_factory):
     path, _ = make_hf_model(
         tmp_path_factory.mktemp("v3dec"), "deepseek_v3", seed=7, q_lora_rank=None, rope_parameters=YARN

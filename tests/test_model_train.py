@@ -11,11 +11,6 @@ import runtime
 from runtime.model.deepseek import MoE
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return runtime.load_model("builtin:tiny")
-
-
 def test_builtin_tiny_shape_and_determinism(tiny):
     cfg = tiny.config
     assert cfg.model_type == "deepseek_v3" and cfg.first_k_dense_replace == 1 and 8 <= cfg.n_routed_experts <= 16

@@ -5,15 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import runtime
 from runtime.serve import Engine, EngineError, PagedLatentCache, SamplingParams
 from runtime.serve.cache import PageAllocator, page_hashes
 from runtime.serve.step import sample
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return runtime.load_model("builtin:tiny")
 
 
 def _prompts(vocab: int, lens=(5, 13, 29, 8), seed=0) -> list[list[int]]:

@@ -16,11 +16,6 @@ from runtime.serve.sampling import logprobs_of, logprobs_rows, sample, sample_ro
 from runtime.serve.step import StepPlan, run_plan
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return runtime.load_model("builtin:tiny")
-
-
 def _prompts(vocab: int, lens=(5, 13, 29, 8), seed=0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
