@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -256,19 +257,36 @@ def test_signal_to_launcher_stops_every_rank(sig):
     proc = subprocess.Popen(
         [sys.executable, "-m", "launch", "launch", "-n", "2", "--", "selftest", "--size-mb", "0.01",
          "--iters", "10000000"],
-        env=base_env(MOERUN_TEST_TAG=tag), cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # Wait until the ranks exist (their environment carries the tag), then signal the launcher.
-    deadline = time.monotonic() + 60
-    while len(leftover_pids(tag)) < 4 and time.monotonic() < deadline:  # launcher + mpirun + 2 ranks
-        time.sleep(0.2)
-    assert len(leftover_pids(tag)) >= 4, "ranks did not start"
-    t0 = time.monotonic()
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + sig, err[-2000:]
-    assert time.monotonic() - t0 < END_AFTER_FAILURE_S  # timed from the signal, not from start-up
-    assert signal.Signals(sig).name in err
-    deadline = time.monotonic() + 10
-    while leftover_pids(tag) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert leftover_pids(tag) == []
+        env=base_env(MOERUN_TEST_TAG=tag), cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=_as_in_a_terminal)
+    try:
+        # Wait until the ranks exist (their environment carries the tag), then signal the launcher.
+        deadline = time.monotonic() + 60
+        while len(leftover_pids(tag)) < 4 and time.monotonic() < deadline:  # launcher + mpirun + 2 ranks
+            time.sleep(0.2)
+        assert len(leftover_pids(tag)) >= 4, "ranks did not start"
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + sig, err[-2000:]
+        assert time.monotonic() - t0 < END_AFTER_FAILURE_S  # timed from the signal, not from start-up
+        assert signal.Signals(sig).name in err
+        deadline = time.monotonic() + 10
+        while leftover_pids(tag) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert leftover_pids(tag) == []
+    finally:  # a failed run must not leave a 10-million-iteration job eating the suite's cores
+        for pid in leftover_pids(tag):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _as_in_a_terminal() -> None:
+    """The launcher's SIGINT and SIGQUIT at their defaults, as for a job started at a terminal (Ctrl-C). A
+    suite started as a background job inherits them ignored, and the launcher rightly keeps an inherited
+    ignore (as `nohup` and `&` intend), so without this the SIGINT case would test how the suite was run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
