@@ -52,8 +52,10 @@ FULL = Timing(0.05, 5, 0.3)
 QUICK = Timing(0.01, 3, 0.05)  # `--quick`: the same grid, timed about 5x shorter (noisier figures)
 
 
-def _seconds(fn, min_s: float, reps: int) -> float:
-    """Median seconds of one call of `fn` (after one warm-up), each repetition running it >= min_s."""
+def _seconds(fn, timing: Timing, min_s: float | None = None) -> float:
+    """Median seconds of one call of `fn` (after one warm-up) over `timing.reps` repetitions, each running it
+    >= `min_s` (default `timing.min_s`)."""
+    min_s, reps = min_s or timing.min_s, timing.reps
     fn()
     out = []
     for _ in range(reps):
@@ -82,7 +84,7 @@ def _gemm(dtype, timing: Timing) -> list[list[float]]:
             def step(x=x, w=w, g=g):
                 x.grad = w.grad = None
                 F.linear(x, w).backward(g)
-            rows.append([m, n, k, 6.0 * m * n * k / _seconds(step, *timing[:2]) / 1e9])
+            rows.append([m, n, k, 6.0 * m * n * k / _seconds(step, timing) / 1e9])
     return rows
 
 
@@ -103,7 +105,7 @@ def _grouped(dtype, timing: Timing) -> list[list[float]]:
             def step(x=x, w=w, g=g, counts=counts):
                 x.grad = w.grad = None
                 grouped_linear(x, w, counts).backward(g)
-            rows.append([m, n, k, 6.0 * GROUPS * m * n * k / _seconds(step, *timing[:2]) / 1e9])
+            rows.append([m, n, k, 6.0 * GROUPS * m * n * k / _seconds(step, timing) / 1e9])
     return rows
 
 
@@ -123,7 +125,7 @@ def _attention(dtype, timing: Timing) -> dict[str, list[list[float]]]:
         def both(q=q, k=k, v=v):
             F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
-        tf, tb = _seconds(fwd, *timing[:2]), _seconds(both, *timing[:2])
+        tf, tb = _seconds(fwd, timing), _seconds(both, timing)
         out["fwd"].append([t, flops / tf / 1e9])
         out["bwd"].append([t, 2.5 * flops / max(tb - tf, 1e-9) / 1e9])
     return out
@@ -133,7 +135,7 @@ def _memory(timing: Timing) -> float:
     import torch
 
     x, y, z = (torch.ones(4 << 20) for _ in range(3))
-    return 3 * x.numel() * 4 / _seconds(lambda: torch.add(x, y, out=z), *timing[:2]) / 1e9
+    return 3 * x.numel() * 4 / _seconds(lambda: torch.add(x, y, out=z), timing) / 1e9
 
 
 def _op_cost(timing: Timing) -> tuple[float, int]:
@@ -158,10 +160,10 @@ def _op_cost(timing: Timing) -> tuple[float, int]:
 
     with Count():
         step()
-    return _seconds(step, timing.op_min_s, timing.reps) / Count.ops, Count.ops
+    return _seconds(step, timing, timing.op_min_s) / Count.ops, Count.ops
 
 
-def _seconds_together(fn, min_s: float, reps: int) -> float:
+def _seconds_together(fn, timing: Timing) -> float:
     """`_seconds` for a collective: every rank runs the same number of calls (agreed from the slowest
     rank's first call), or the ranks would wait on each other's missing calls forever."""
     import torch
@@ -171,9 +173,9 @@ def _seconds_together(fn, min_s: float, reps: int) -> float:
     fn()
     first = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
     dist.all_reduce(first, op=dist.ReduceOp.MAX)
-    n = int(min(200, max(1, min_s / max(float(first), 1e-6))))
+    n = int(min(200, max(1, timing.min_s / max(float(first), 1e-6))))
     out = []
-    for _ in range(reps):
+    for _ in range(timing.reps):
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
@@ -185,7 +187,7 @@ def _link(make, sizes: tuple[int, ...], counted, timing: Timing) -> dict[str, fl
     """latency + bytes / bandwidth, least squares over the message sizes (`counted(size)`: the bytes the cost
     model charges for a call of that size); bandwidth and latency kept positive."""
     xs = [float(counted(n)) for n in sizes]
-    ts = [_seconds_together(make(n), *timing[:2]) for n in sizes]
+    ts = [_seconds_together(make(n), timing) for n in sizes]
     mx, mt = statistics.fmean(xs), statistics.fmean(ts)
     slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sum((x - mx) ** 2 for x in xs)
     slope = max(slope, 1e-13)  # at most 10 TB/s: a flat line is noise, not an infinitely fast link
